@@ -1,0 +1,509 @@
+// SPDX-License-Identifier: MIT
+/*
+ * merge.c - write_protect_page, try_to_merge_one_page and break_cow, by runs.
+ *
+ * The scanner hands over a batch of merge decisions; this file carries them
+ * out under pool->lock and re-checks everything the scanner believed, since
+ * the user may have written, freed or COW-broken any of those pages since
+ * it looked: the keyhole of a stable node, the page states, and the page
+ * contents themselves, compared again after write-protecting.
+ */
+#include "uksm_internal.h"
+
+#include <string.h>
+#include <sys/mman.h>
+
+static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writable)
+{
+	if (mprotect(page_addr(pool, vpn), n * PG,
+		     PROT_READ | (writable ? PROT_WRITE : 0)))
+		return -errno;
+	return 0;
+}
+
+/*
+ * Each mprotect or mmap of a part of a mapping may split it: charge two
+ * VMAs against the caller's budget, refuse when it is spent.
+ */
+static int vma_charge(int64_t *budget)
+{
+	if (*budget < 2)
+		return 0;
+	*budget -= 2;
+	return 1;
+}
+
+/*
+ * uksm_break_cow - give each of @n pages from @vpn (KSM or ZERO) a private
+ * frame again: copy the KSM frame through the direct map (a fresh frame is
+ * already zero for a ZERO page), map it read-write, drop the old mapping.
+ * A KSM frame with no other mapper is simply made writable again: nothing
+ * to copy.  Consecutive pages get consecutive frames when free ones allow,
+ * so the run stays one mapping.  Frames come from below @limit.
+ * Returns pages done (< @n when frames ran out) or -errno from mmap.
+ * Caller holds pool->lock, and flushes.  Async-signal-safe.
+ */
+int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		struct uksm_pte *pte = &pool->ptes[vpn + done];
+		size_t m, got, pfn;
+		int err;
+
+		if (pte->state == UKSM_PTE_NORMAL || pte->state == UKSM_PTE_NONE) {
+			done++;
+			continue;
+		}
+		if (pte->state == UKSM_PTE_KSM && pool->frames[pte->pfn].mapcount == 1) {
+			struct uksm_frame *f = &pool->frames[pte->pfn];
+
+			err = protect_run(pool, vpn + done, 1, 1);
+			if (err)
+				return err;
+			f->flags &= ~UKSM_FRAME_KSM;
+			f->key = ++pool->next_key;
+			pool->st.ksm_frames--;
+			pool->st.ksm_mappings--;
+			pool->st.cow_reuse++;
+			pte->state = UKSM_PTE_NORMAL;
+			done++;
+			continue;
+		}
+		m = 1;
+		while (done + m < n) {
+			struct uksm_pte *next = &pool->ptes[vpn + done + m];
+
+			if (next->state == UKSM_PTE_ZERO ||
+			    (next->state == UKSM_PTE_KSM &&
+			     pool->frames[next->pfn].mapcount > 1))
+				m++;
+			else
+				break;
+		}
+		got = uksm_frame_alloc_run(pool, m, limit, &pfn);
+		if (!got)
+			return (int)done;
+		for (size_t k = 0; k < got; k++) {
+			struct uksm_pte *p = &pool->ptes[vpn + done + k];
+
+			if (p->state == UKSM_PTE_KSM)
+				memcpy(frame_addr(pool, pfn + k),
+				       frame_addr(pool, p->pfn), PG);
+		}
+		err = uksm_map_frames(pool, vpn + done, got, pfn, 1);
+		if (err) {
+			for (size_t k = 0; k < got; k++) {
+				pool->frames[pfn + k].mapcount = 1;
+				uksm_frame_put(pool, pfn + k);
+			}
+			return err;
+		}
+		for (size_t k = 0; k < got; k++) {
+			struct uksm_pte *p = &pool->ptes[vpn + done + k];
+
+			if (p->state == UKSM_PTE_KSM) {
+				pool->st.ksm_mappings--;
+				pool->st.cow_breaks++;
+				uksm_frame_put(pool, p->pfn);
+			} else {
+				pool->st.zero_pages--;
+				pool->st.zero_cow++;
+			}
+			pool->frames[pfn + k].mapcount = 1;
+			p->pfn = (uint32_t)(pfn + k);
+			p->state = UKSM_PTE_NORMAL;
+		}
+		done += got;
+	}
+	return (int)done;
+}
+
+/*
+ * uksm_unmerge - MADV_UNMERGEABLE for @npages from @vpn: break COW on every
+ * KSM or ZERO page, within the API's capacity.  *unmerged counts the pages
+ * given a private frame.  -ENOMEM if capacity ran out part way: the pages
+ * done stay done, the rest stay merged, nothing is lost.
+ */
+int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
+		 size_t *unmerged)
+{
+	size_t done = 0;
+	int err = 0;
+
+	*unmerged = 0;
+	if (vpn + npages > pool->va_pages)
+		return -EINVAL;
+	while (done < npages && !err) {
+		size_t n = npages - done, need = 0;
+		int r;
+
+		if (n > UKSM_RUN_MAX)
+			n = UKSM_RUN_MAX;
+		uksm_lock(pool);
+		for (size_t i = 0; i < n; i++) {
+			uint8_t s = pool->ptes[vpn + done + i].state;
+
+			need += s == UKSM_PTE_KSM || s == UKSM_PTE_ZERO;
+		}
+		if (need && pool->st.frames_used + need > pool->capacity_frames)
+			r = -ENOMEM;
+		else
+			r = need ? uksm_break_cow(pool, vpn + done, n,
+						  pool->capacity_frames) : (int)n;
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		if (r < 0)
+			err = r;
+		else if ((size_t)r < n)
+			err = -ENOMEM;
+		else
+			*unmerged += need;
+		done += n;
+	}
+	return err;
+}
+
+struct run_ctx {
+	struct uksm_pool *pool;
+	size_t n;
+	const int64_t *src;
+	int64_t target[UKSM_RUN_MAX];	/* frame each src would map, or -1 */
+	uint8_t promoted[UKSM_RUN_MAX];	/* anchor upgraded in place here */
+	uint8_t wp[UKSM_RUN_MAX];	/* src write-protected here */
+	uint8_t *result;
+};
+
+/*
+ * uksm_merge - carry out @n merge decisions, sorted by src_vpn.  Entry i
+ * merges page src_vpn[i] into either a stable node's frame (dst_vpn[i] < 0:
+ * dst_pfn[i] seen through the keyhole dst_key[i]) or the frame of another
+ * page found equal in the unstable tree (dst_vpn[i] >= 0), which is upgraded
+ * in place to a KSM frame first, allocating nothing (patch 5).
+ *
+ * Runs of entries whose sources and targets both advance by one page cost
+ * one mprotect of the anchors, one of the sources, one mmap, one punch.
+ * result[i] is UKSM_MERGE_*; for merged entries out_pfn[i], out_key[i] name
+ * the KSM frame, for the scanner's stable node.  *vma_budget is charged two
+ * per protection change or remap that could split a mapping; entries beyond
+ * it are skipped with UKSM_MERGE_NOVMA, never failing anyone's mmap later.
+ */
+int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
+	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
+	       const uint32_t *dst_key, uint32_t max_sharing,
+	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
+	       uint8_t *result)
+{
+	static __thread struct run_ctx ctx;
+	size_t i = 0;
+
+	if (max_sharing < 2)
+		max_sharing = 2;
+	for (size_t k = 0; k < n; k++) {
+		if (src_vpn[k] < 0 || (size_t)src_vpn[k] >= pool->va_pages ||
+		    dst_vpn[k] >= (int64_t)pool->va_pages ||
+		    (k && src_vpn[k] <= src_vpn[k - 1]))
+			return -EINVAL;
+		result[k] = UKSM_MERGE_BUSY;
+	}
+
+	while (i < n) {
+		size_t j = i + 1, r, len;
+		int stable = dst_vpn[i] < 0;
+
+		while (j < n && j - i < UKSM_RUN_MAX && src_vpn[j] == src_vpn[j - 1] + 1 &&
+		       (dst_vpn[j] < 0) == stable &&
+		       (stable ? dst_pfn[j] == dst_pfn[j - 1] + 1 :
+				 dst_vpn[j] == dst_vpn[j - 1] + 1))
+			j++;
+		len = j - i;
+
+		uksm_lock(pool);
+		/* 1: resolve targets; check the keyholes and the page states */
+		for (r = 0; r < len; r++) {
+			size_t k = i + r;
+			struct uksm_pte *src = &pool->ptes[src_vpn[k]];
+
+			ctx.target[r] = -1;
+			ctx.promoted[r] = 0;
+			ctx.wp[r] = 0;
+			if (src->state != UKSM_PTE_NORMAL)
+				continue;		/* BUSY */
+			if (stable) {
+				struct uksm_frame *f;
+
+				if (dst_pfn[k] >= pool->nr_frames) {
+					result[k] = UKSM_MERGE_STALE;
+					continue;
+				}
+				f = &pool->frames[dst_pfn[k]];
+				if (!(f->flags & UKSM_FRAME_KSM) || f->key != dst_key[k] ||
+				    !f->mapcount) {
+					result[k] = UKSM_MERGE_STALE;
+					continue;
+				}
+				ctx.target[r] = dst_pfn[k];
+			} else {
+				struct uksm_pte *anchor = &pool->ptes[dst_vpn[k]];
+
+				if (dst_vpn[k] == src_vpn[k])
+					continue;
+				if (anchor->state == UKSM_PTE_KSM)
+					ctx.target[r] = anchor->pfn;
+				else if (anchor->state == UKSM_PTE_NORMAL)
+					ctx.target[r] = -2;	/* promote first */
+			}
+			if (ctx.target[r] == (int64_t)src->pfn) {
+				ctx.target[r] = -1;
+				result[k] = UKSM_MERGE_SELF;
+			}
+		}
+
+		/* 2: upgrade unstable anchors in place: write-protect, mark KSM */
+		for (r = 0; r < len;) {
+			size_t e = r + 1;
+
+			if (ctx.target[r] != -2) {
+				r++;
+				continue;
+			}
+			while (e < len && ctx.target[e] == -2 &&
+			       dst_vpn[i + e] == dst_vpn[i + e - 1] + 1)
+				e++;
+			if (!vma_charge(vma_budget) ||
+			    protect_run(pool, dst_vpn[i + r], e - r, 0)) {
+				for (; r < e; r++) {
+					ctx.target[r] = -1;
+					result[i + r] = UKSM_MERGE_NOVMA;
+				}
+				continue;
+			}
+			for (; r < e; r++) {
+				struct uksm_pte *anchor = &pool->ptes[dst_vpn[i + r]];
+				struct uksm_frame *f = &pool->frames[anchor->pfn];
+
+				f->flags |= UKSM_FRAME_KSM;
+				f->key = ++pool->next_key;
+				pool->st.ksm_frames++;
+				pool->st.ksm_mappings++;
+				anchor->state = UKSM_PTE_KSM;
+				ctx.target[r] = anchor->pfn;
+				ctx.promoted[r] = 1;
+			}
+		}
+
+		/* 3: write_protect_page on the sources, then compare again */
+		for (r = 0; r < len;) {
+			size_t e = r + 1;
+
+			if (ctx.target[r] < 0) {
+				r++;
+				continue;
+			}
+			while (e < len && ctx.target[e] >= 0)
+				e++;
+			if (!vma_charge(vma_budget) ||
+			    protect_run(pool, src_vpn[i + r], e - r, 0)) {
+				for (; r < e; r++) {
+					ctx.target[r] = -1;
+					result[i + r] = UKSM_MERGE_NOVMA;
+				}
+				continue;
+			}
+			for (; r < e; r++) {
+				struct uksm_pte *src = &pool->ptes[src_vpn[i + r]];
+				struct uksm_frame *kf = &pool->frames[ctx.target[r]];
+
+				ctx.wp[r] = 1;
+				if (src->state != UKSM_PTE_NORMAL) {
+					/* it was upgraded as an anchor in step 2 */
+					ctx.wp[r] = 0;
+					ctx.target[r] = -1;
+				} else if (kf->mapcount >= max_sharing) {
+					result[i + r] = UKSM_MERGE_FULL;
+					ctx.target[r] = -1;
+				} else if (memcmp(frame_addr(pool, src->pfn),
+						  frame_addr(pool, ctx.target[r]), PG)) {
+					result[i + r] = UKSM_MERGE_DIFFER;
+					ctx.target[r] = -1;
+				} else {
+					kf->mapcount++;	/* taken now: max_sharing holds within the run */
+				}
+			}
+		}
+
+		/* 4: replace_page: remap runs of sources onto runs of frames */
+		for (r = 0; r < len;) {
+			size_t e = r + 1;
+			int err;
+
+			if (ctx.target[r] < 0) {
+				r++;
+				continue;
+			}
+			while (e < len && ctx.target[e] == ctx.target[e - 1] + 1 &&
+			       src_vpn[i + e] == src_vpn[i + e - 1] + 1)
+				e++;
+			err = vma_charge(vma_budget) ?
+			      uksm_map_frames(pool, src_vpn[i + r], e - r,
+					      ctx.target[r], 0) : -ENOMEM;
+			for (; r < e; r++) {
+				size_t k = i + r;
+				struct uksm_pte *src = &pool->ptes[src_vpn[k]];
+				struct uksm_frame *kf = &pool->frames[ctx.target[r]];
+
+				if (err) {
+					kf->mapcount--;
+					result[k] = UKSM_MERGE_NOVMA;
+					ctx.target[r] = -1;
+					continue;
+				}
+				uksm_frame_put(pool, src->pfn);
+				src->pfn = (uint32_t)ctx.target[r];
+				src->state = UKSM_PTE_KSM;
+				pool->st.ksm_mappings++;
+				pool->st.pages_merged++;
+				ctx.wp[r] = 0;
+				result[k] = UKSM_MERGE_OK;
+				out_pfn[k] = src->pfn;
+				out_key[k] = kf->key;
+			}
+			pool->st.merge_runs++;
+		}
+
+		/*
+		 * 5: undo.  Sources write-protected but not merged get their
+		 * write access back; anchors upgraded for nothing go back to
+		 * being ordinary pages, with a new key.  Should mprotect fail
+		 * here, the page stays NORMAL but read-only and the fault
+		 * handler makes it writable on the first write.
+		 */
+		for (r = 0; r < len;) {
+			size_t e = r + 1;
+
+			if (!ctx.wp[r]) {
+				r++;
+				continue;
+			}
+			while (e < len && ctx.wp[e])
+				e++;
+			protect_run(pool, src_vpn[i + r], e - r, 1);
+			r = e;
+		}
+		for (r = 0; r < len; r++) {
+			struct uksm_pte *anchor;
+			struct uksm_frame *f;
+
+			if (!ctx.promoted[r])
+				continue;
+			anchor = &pool->ptes[dst_vpn[i + r]];
+			f = &pool->frames[anchor->pfn];
+			if (anchor->state != UKSM_PTE_KSM || f->mapcount != 1)
+				continue;
+			protect_run(pool, dst_vpn[i + r], 1, 1);
+			f->flags &= ~UKSM_FRAME_KSM;
+			f->key = ++pool->next_key;
+			pool->st.ksm_frames--;
+			pool->st.ksm_mappings--;
+			anchor->state = UKSM_PTE_NORMAL;
+		}
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		i = j;
+	}
+	return 0;
+}
+
+static int page_is_zero(const char *p)
+{
+	const uint64_t *w = (const uint64_t *)p;
+
+	for (size_t i = 0; i < PG / 8; i += 8)
+		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3] |
+		    w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7])
+			return 0;
+	return 1;
+}
+
+/*
+ * uksm_merge_zero - use_zero_pages: map each of @n pages (sorted) that is
+ * still all zeroes under write-protect onto the kernel's zero page, through
+ * a private anonymous read-only mapping, and free its frame.  A write later
+ * faults and gets a fresh frame, which is zero already: no copy.
+ */
+int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
+		    int64_t *vma_budget, uint8_t *result)
+{
+	static __thread uint8_t ok[UKSM_RUN_MAX];
+	size_t i = 0;
+
+	for (size_t k = 0; k < n; k++) {
+		if (vpns[k] < 0 || (size_t)vpns[k] >= pool->va_pages ||
+		    (k && vpns[k] <= vpns[k - 1]))
+			return -EINVAL;
+		result[k] = UKSM_MERGE_BUSY;
+	}
+	while (i < n) {
+		size_t j = i + 1, r;
+
+		while (j < n && j - i < UKSM_RUN_MAX && vpns[j] == vpns[j - 1] + 1)
+			j++;
+		uksm_lock(pool);
+		for (r = i; r < j;) {
+			size_t e = r + 1;
+
+			if (pool->ptes[vpns[r]].state != UKSM_PTE_NORMAL) {
+				r++;
+				continue;
+			}
+			while (e < j && pool->ptes[vpns[e]].state == UKSM_PTE_NORMAL)
+				e++;
+			if (!vma_charge(vma_budget) || protect_run(pool, vpns[r], e - r, 0)) {
+				for (; r < e; r++)
+					result[r] = UKSM_MERGE_NOVMA;
+				continue;
+			}
+			for (size_t k = r; k < e; k++)
+				ok[k - i] = page_is_zero(frame_addr(pool, pool->ptes[vpns[k]].pfn));
+			while (r < e) {
+				size_t z = r + 1;
+				void *p;
+
+				if (!ok[r - i]) {
+					result[r] = UKSM_MERGE_DIFFER;
+					protect_run(pool, vpns[r], 1, 1);
+					r++;
+					continue;
+				}
+				while (z < e && ok[z - i])
+					z++;
+				p = vma_charge(vma_budget) ?
+				    mmap(page_addr(pool, vpns[r]), (z - r) * PG, PROT_READ,
+					 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) :
+				    MAP_FAILED;
+				if (p == MAP_FAILED) {
+					protect_run(pool, vpns[r], z - r, 1);
+					for (; r < z; r++)
+						result[r] = UKSM_MERGE_NOVMA;
+					continue;
+				}
+				for (; r < z; r++) {
+					struct uksm_pte *pte = &pool->ptes[vpns[r]];
+
+					uksm_frame_put(pool, pte->pfn);
+					pte->state = UKSM_PTE_ZERO;
+					pte->pfn = 0;
+					pool->st.zero_pages++;
+					pool->st.pages_merged++;
+					result[r] = UKSM_MERGE_OK;
+				}
+				pool->st.merge_runs++;
+			}
+		}
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		i = j;
+	}
+	return 0;
+}

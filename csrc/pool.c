@@ -1,0 +1,589 @@
+// SPDX-License-Identifier: MIT
+/*
+ * pool.c - the backing store: the memfd and its direct map, the frame and
+ * page tables, the frame and virtual-page allocators, buffers, and fork.
+ */
+#include "uksm_internal.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+
+struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
+
+/* The memfd grows by at least this much, so ftruncate is rare. */
+#define GROW_FRAMES	4096
+
+static int bit_test(const uint64_t *map, size_t i)
+{
+	return (map[i >> 6] >> (i & 63)) & 1;
+}
+
+static void bit_set(uint64_t *map, size_t i)
+{
+	map[i >> 6] |= 1ULL << (i & 63);
+}
+
+static void bit_clear(uint64_t *map, size_t i)
+{
+	map[i >> 6] &= ~(1ULL << (i & 63));
+}
+
+/* First clear bit at or after @from, below @limit; @limit if none. */
+static size_t find_zero_bit(const uint64_t *map, size_t from, size_t limit)
+{
+	size_t i = from;
+
+	while (i < limit) {
+		uint64_t w = map[i >> 6] | ((1ULL << (i & 63)) - 1);
+
+		if (w != ~0ULL) {
+			i = (i & ~(size_t)63) + (size_t)__builtin_ctzll(~w);
+			return i < limit ? i : limit;
+		}
+		i = (i & ~(size_t)63) + 64;
+	}
+	return limit;
+}
+
+static int grow_file(struct uksm_pool *pool, size_t end)
+{
+	size_t want;
+
+	if (end <= pool->file_frames)
+		return 0;
+	want = end + GROW_FRAMES;
+	if (want > pool->nr_frames)
+		want = pool->nr_frames;
+	if (ftruncate(pool->fd, (off_t)(want * PG)))
+		return -errno;
+	pool->file_frames = want;
+	pool->st.frames_file = want;
+	return 0;
+}
+
+/*
+ * uksm_frame_alloc_run - take up to @want free frames below @limit, as one
+ * run starting at the lowest free pfn.  Returns how many were taken (0 when
+ * none is free), *pfn_out the first.  The frames read as zeroes (every freed
+ * frame was punched) and carry a fresh key.  Caller holds pool->lock and sets
+ * the mapcounts.  Async-signal-safe: the fault handler uses it.
+ */
+size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
+			    size_t *pfn_out)
+{
+	size_t pfn, n = 0;
+
+	if (limit > pool->nr_frames)
+		limit = pool->nr_frames;
+	pfn = find_zero_bit(pool->frame_map, pool->frame_hint, limit);
+	if (pfn >= limit)
+		return 0;
+	pool->frame_hint = pfn;
+	while (n < want && pfn + n < limit && !bit_test(pool->frame_map, pfn + n))
+		n++;
+	if (grow_file(pool, pfn + n))
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		struct uksm_frame *f = &pool->frames[pfn + i];
+
+		bit_set(pool->frame_map, pfn + i);
+		f->key = ++pool->next_key;
+		f->flags = 0;
+		f->mapcount = 0;
+	}
+	pool->frame_hint = pfn + n;
+	pool->st.frames_used += n;
+	*pfn_out = pfn;
+	return n;
+}
+
+/* Punch the pending run of freed frames and only then mark them free. */
+void uksm_frames_flush(struct uksm_pool *pool)
+{
+	size_t start = pool->punch_start, len = pool->punch_len;
+
+	if (!len)
+		return;
+	/*
+	 * Punching is what gives the memory back, and what makes the next
+	 * owner of these frames read zeroes: a frame must never be reused
+	 * before its hole is punched.  If the punch fails, the frames are
+	 * zeroed by hand instead, so the guarantee holds anyway.
+	 */
+	if (fallocate(pool->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		      (off_t)(start * PG), (off_t)(len * PG)))
+		memset(frame_addr(pool, start), 0, len * PG);
+	for (size_t i = 0; i < len; i++)
+		bit_clear(pool->frame_map, start + i);
+	if (start < pool->frame_hint)
+		pool->frame_hint = start;
+	pool->punch_len = 0;
+}
+
+/*
+ * uksm_frame_put - one mapping of @pfn is gone.  The last one frees the
+ * frame: its key changes (so stable nodes see through the keyhole that it is
+ * gone) and it joins the run to be punched by uksm_frames_flush(), which the
+ * caller must call before dropping pool->lock.
+ */
+void uksm_frame_put(struct uksm_pool *pool, size_t pfn)
+{
+	struct uksm_frame *f = &pool->frames[pfn];
+
+	if (--f->mapcount)
+		return;
+	if (f->flags & UKSM_FRAME_KSM)
+		pool->st.ksm_frames--;
+	f->flags = 0;
+	f->key = ++pool->next_key;
+	pool->st.frames_used--;
+	if (pool->punch_len && pool->punch_start + pool->punch_len == pfn) {
+		pool->punch_len++;
+		return;
+	}
+	uksm_frames_flush(pool);
+	pool->punch_start = pfn;
+	pool->punch_len = 1;
+}
+
+/* Map @n virtual pages from @vpn onto the frames from @pfn: one mmap call. */
+int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
+		    int writable)
+{
+	void *p = mmap(page_addr(pool, vpn), n * PG,
+		       PROT_READ | (writable ? PROT_WRITE : 0),
+		       MAP_SHARED | MAP_FIXED, pool->fd, (off_t)(pfn * PG));
+
+	return p == MAP_FAILED ? -errno : 0;
+}
+
+static int map_none(struct uksm_pool *pool, size_t vpn, size_t n)
+{
+	void *p = mmap(page_addr(pool, vpn), n * PG, PROT_NONE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+		       -1, 0);
+
+	return p == MAP_FAILED ? -errno : 0;
+}
+
+static void uksm_atfork_prepare(void);
+static void uksm_atfork_parent(void);
+static void uksm_atfork_child(void);
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void)
+{
+	pthread_atfork(uksm_atfork_prepare, uksm_atfork_parent, uksm_atfork_child);
+}
+
+static size_t bitmap_bytes(size_t bits)
+{
+	return ((bits + 63) / 64) * 8;
+}
+
+/*
+ * uksm_pool_create - a pool of @capacity_frames frames for the API, plus
+ * @reserve_frames only the COW fault may take, and @va_pages of virtual
+ * space for buffers.  Reserving address space and table space costs nothing
+ * until touched: all of it is MAP_NORESERVE anonymous memory.
+ */
+int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
+		     size_t va_pages, struct uksm_pool **out)
+{
+	struct uksm_pool *pool;
+	size_t nr_frames = capacity_frames + reserve_frames;
+	size_t off, slot;
+	char *meta;
+	int err;
+
+	if (!capacity_frames || !va_pages || nr_frames >= UINT32_MAX ||
+	    va_pages >= ((size_t)1 << 35))
+		return -EINVAL;
+	pthread_once(&atfork_once, register_atfork);
+
+	pool = mmap(NULL, sizeof(*pool), PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (pool == MAP_FAILED)
+		return -ENOMEM;
+	memset(pool, 0, sizeof(*pool));
+	pool->nr_frames = nr_frames;
+	pool->capacity_frames = capacity_frames;
+	pool->va_pages = va_pages;
+	pool->fd = -1;
+	pool->va = MAP_FAILED;
+	pool->direct = MAP_FAILED;
+	pool->meta = MAP_FAILED;
+
+	pool->meta_bytes = nr_frames * sizeof(struct uksm_frame) +
+			   va_pages * sizeof(struct uksm_pte) +
+			   bitmap_bytes(nr_frames) + bitmap_bytes(va_pages);
+	meta = mmap(NULL, pool->meta_bytes, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (meta == MAP_FAILED)
+		goto out_errno;
+	pool->meta = meta;
+	off = 0;
+	pool->frames = (struct uksm_frame *)(meta + off);
+	off += nr_frames * sizeof(struct uksm_frame);
+	pool->ptes = (struct uksm_pte *)(meta + off);
+	off += va_pages * sizeof(struct uksm_pte);
+	pool->frame_map = (uint64_t *)(meta + off);
+	off += bitmap_bytes(nr_frames);
+	pool->va_map = (uint64_t *)(meta + off);
+
+	pool->fd = memfd_create("uksm", MFD_CLOEXEC);
+	if (pool->fd < 0)
+		goto out_errno;
+	pool->direct = mmap(NULL, nr_frames * PG, PROT_READ | PROT_WRITE,
+			    MAP_SHARED | MAP_NORESERVE, pool->fd, 0);
+	if (pool->direct == MAP_FAILED)
+		goto out_errno;
+	pool->va = mmap(NULL, va_pages * PG, PROT_NONE,
+			MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (pool->va == MAP_FAILED)
+		goto out_errno;
+
+	for (slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		struct uksm_pool *expected = NULL;
+
+		if (atomic_compare_exchange_strong(&uksm_pools[slot], &expected, pool))
+			break;
+	}
+	if (slot == UKSM_MAX_POOLS) {
+		err = -EMFILE;
+		goto out;
+	}
+	*out = pool;
+	return 0;
+
+out_errno:
+	err = -errno;
+out:
+	uksm_pool_destroy(pool);
+	return err;
+}
+
+/* Caller guarantees no buffer of the pool is still in use. */
+void uksm_pool_destroy(struct uksm_pool *pool)
+{
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		struct uksm_pool *expected = pool;
+
+		atomic_compare_exchange_strong(&uksm_pools[slot], &expected, NULL);
+	}
+	if (pool->va != MAP_FAILED)
+		munmap(pool->va, pool->va_pages * PG);
+	if (pool->direct != MAP_FAILED)
+		munmap(pool->direct, pool->nr_frames * PG);
+	if (pool->fd >= 0)
+		close(pool->fd);
+	if (pool->meta != MAP_FAILED)
+		munmap(pool->meta, pool->meta_bytes);
+	munmap(pool, sizeof(*pool));
+}
+
+char *uksm_pool_va(struct uksm_pool *pool)
+{
+	return pool->va;
+}
+
+int uksm_pool_fd(struct uksm_pool *pool)
+{
+	return pool->fd;
+}
+
+size_t uksm_pool_va_pages(struct uksm_pool *pool)
+{
+	return pool->va_pages;
+}
+
+void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st)
+{
+	uksm_lock(pool);
+	*st = pool->st;
+	uksm_unlock(pool);
+}
+
+/* First-fit run of @n free virtual pages; caller holds pool->lock. */
+static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
+{
+	size_t start = find_zero_bit(pool->va_map, pool->va_hint, pool->va_pages);
+	size_t first = start;
+
+	while (start + n <= pool->va_pages) {
+		size_t len = 0;
+
+		while (len < n && !bit_test(pool->va_map, start + len))
+			len++;
+		if (len == n) {
+			for (size_t i = 0; i < n; i++)
+				bit_set(pool->va_map, start + i);
+			if (start == first)
+				pool->va_hint = start + n;
+			*vpn_out = start;
+			return 0;
+		}
+		start = find_zero_bit(pool->va_map, start + len, pool->va_pages);
+	}
+	return -ENOSPC;
+}
+
+void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	uksm_lock(pool);
+	for (size_t i = 0; i < npages; i++)
+		bit_clear(pool->va_map, vpn + i);
+	if (vpn < pool->va_hint)
+		pool->va_hint = vpn;
+	uksm_unlock(pool);
+}
+
+/*
+ * uksm_alloc - a new buffer of @npages: virtual pages and fresh frames, in
+ * as few runs as the free frames allow, mapped read-write.  The frames are
+ * allocated in the memfd at once with fallocate, so that the kernel's
+ * accounting (st_blocks) equals frames_used, and so that a full tmpfs
+ * fails here, cleanly, rather than with SIGBUS on a later touch.
+ * Returns -ENOMEM when capacity is exhausted (nothing changed), -ENOSPC
+ * when the virtual range is full.
+ */
+int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
+{
+	size_t vpn, done = 0;
+	int err;
+
+	uksm_lock(pool);
+	if (pool->st.frames_used + npages > pool->capacity_frames) {
+		uksm_unlock(pool);
+		return -ENOMEM;
+	}
+	err = va_alloc(pool, npages, &vpn);
+	if (err) {
+		uksm_unlock(pool);
+		return err;
+	}
+	while (done < npages) {
+		size_t pfn, n;
+
+		n = uksm_frame_alloc_run(pool, npages - done,
+					 pool->capacity_frames, &pfn);
+		if (!n) {
+			err = -ENOMEM;
+			break;
+		}
+		if (fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
+			err = -errno;
+		} else {
+			err = uksm_map_frames(pool, vpn + done, n, pfn, 1);
+		}
+		if (err) {
+			/* give this run back, then unwind the ones mapped */
+			for (size_t i = 0; i < n; i++) {
+				pool->frames[pfn + i].mapcount = 1;
+				uksm_frame_put(pool, pfn + i);
+			}
+			break;
+		}
+		for (size_t i = 0; i < n; i++) {
+			pool->frames[pfn + i].mapcount = 1;
+			pool->ptes[vpn + done + i].pfn = (uint32_t)(pfn + i);
+			pool->ptes[vpn + done + i].state = UKSM_PTE_NORMAL;
+		}
+		done += n;
+	}
+	pool->st.pages_mapped += done;
+	if (err) {
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		uksm_release(pool, vpn, done);
+		map_none(pool, vpn, npages);
+		uksm_va_free(pool, vpn, npages);
+		return err;
+	}
+	uksm_frames_flush(pool);
+	uksm_unlock(pool);
+	*vpn_out = vpn;
+	return 0;
+}
+
+/*
+ * uksm_release - a buffer is gone: make its virtual pages PROT_NONE first,
+ * so nothing can reach its frames any more, then drop its frame mappings.
+ * The virtual range stays reserved until uksm_va_free(): the scanner must
+ * forget the pages before the range can belong to another buffer.
+ */
+int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	int err = 0;
+
+	for (size_t done = 0; done < npages;) {
+		size_t n = npages - done;
+
+		if (n > 8 * UKSM_RUN_MAX)
+			n = 8 * UKSM_RUN_MAX;
+		uksm_lock(pool);
+		if (map_none(pool, vpn + done, n))
+			err = -errno;
+		for (size_t i = vpn + done; i < vpn + done + n; i++) {
+			struct uksm_pte *pte = &pool->ptes[i];
+
+			switch (pte->state) {
+			case UKSM_PTE_KSM:
+				pool->st.ksm_mappings--;
+				/* fall through */
+			case UKSM_PTE_NORMAL:
+				uksm_frame_put(pool, pte->pfn);
+				break;
+			case UKSM_PTE_ZERO:
+				pool->st.zero_pages--;
+				break;
+			default:
+				continue;
+			}
+			pool->st.pages_mapped--;
+			pte->state = UKSM_PTE_NONE;
+			pte->pfn = 0;
+		}
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		done += n;
+	}
+	return err;
+}
+
+int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
+		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount)
+{
+	if (vpn + npages > pool->va_pages)
+		return -EINVAL;
+	uksm_lock(pool);
+	for (size_t i = 0; i < npages; i++) {
+		struct uksm_pte *pte = &pool->ptes[vpn + i];
+
+		state[i] = pte->state;
+		pfn[i] = pte->pfn;
+		mapcount[i] = (pte->state == UKSM_PTE_NORMAL ||
+			       pte->state == UKSM_PTE_KSM) ?
+			      pool->frames[pte->pfn].mapcount : 0;
+	}
+	uksm_unlock(pool);
+	return 0;
+}
+
+int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
+		     uint32_t *mapcount, uint32_t *key, uint32_t *flags)
+{
+	uksm_lock(pool);
+	for (size_t i = 0; i < n; i++) {
+		if (pfns[i] >= pool->nr_frames) {
+			mapcount[i] = key[i] = flags[i] = 0;
+			continue;
+		}
+		mapcount[i] = pool->frames[pfns[i]].mapcount;
+		key[i] = pool->frames[pfns[i]].key;
+		flags[i] = pool->frames[pfns[i]].flags;
+	}
+	uksm_unlock(pool);
+	return 0;
+}
+
+/*
+ * Fork.  prepare takes every pool->lock so that no table is half-changed in
+ * the child; the parent just drops them again.  The child cannot keep
+ * sharing the memfd with its parent (the MAP_SHARED trap: each would see
+ * the other's writes), so it copies every frame in use into a memfd of its
+ * own and remaps all its pages there.  Only syscalls and memcpy: a forked
+ * child of a threaded process may do nothing else.
+ */
+static void uksm_atfork_prepare(void)
+{
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		struct uksm_pool *pool = uksm_pools[slot];
+
+		if (pool)
+			uksm_lock(pool);
+	}
+}
+
+static void uksm_atfork_parent(void)
+{
+	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
+		struct uksm_pool *pool = uksm_pools[slot];
+
+		if (pool)
+			uksm_unlock(pool);
+	}
+}
+
+static void fork_die(const char *why)
+{
+	static const char msg[] = "uksm: forked child cannot copy its pool: ";
+
+	(void)!write(2, msg, sizeof(msg) - 1);
+	(void)!write(2, why, strlen(why));
+	(void)!write(2, "\n", 1);
+	_exit(70);
+}
+
+static void remap_child(struct uksm_pool *pool)
+{
+	size_t vpn = 0;
+
+	while (vpn < pool->va_pages) {
+		struct uksm_pte *pte = &pool->ptes[vpn];
+		size_t n = 1;
+
+		if (pte->state != UKSM_PTE_NORMAL && pte->state != UKSM_PTE_KSM) {
+			vpn++;
+			continue;
+		}
+		while (vpn + n < pool->va_pages &&
+		       pool->ptes[vpn + n].state == pte->state &&
+		       pool->ptes[vpn + n].pfn == pte->pfn + n)
+			n++;
+		if (uksm_map_frames(pool, vpn, n, pte->pfn,
+				    pte->state == UKSM_PTE_NORMAL))
+			fork_die("mmap failed");
+		vpn += n;
+	}
+}
+
+static void uksm_atfork_child(void)
+{
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		struct uksm_pool *pool = uksm_pools[slot];
+		size_t bytes, pfn;
+		char *copy;
+		int fd;
+
+		if (!pool)
+			continue;
+		bytes = pool->file_frames * PG;
+		fd = memfd_create("uksm", MFD_CLOEXEC);
+		if (fd < 0 || ftruncate(fd, (off_t)bytes))
+			fork_die("memfd_create/ftruncate failed");
+		copy = mmap(NULL, bytes ? bytes : PG, PROT_READ | PROT_WRITE,
+			    MAP_SHARED, fd, 0);
+		if (copy == MAP_FAILED)
+			fork_die("mmap failed");
+		for (pfn = 0; pfn < pool->file_frames; pfn++)
+			if (pool->frames[pfn].mapcount)
+				memcpy(copy + pfn * PG, frame_addr(pool, pfn), PG);
+		munmap(copy, bytes ? bytes : PG);
+		if (dup3(fd, pool->fd, O_CLOEXEC) < 0)
+			fork_die("dup3 failed");
+		close(fd);
+		if (mmap(pool->direct, pool->nr_frames * PG, PROT_READ | PROT_WRITE,
+			 MAP_SHARED | MAP_FIXED | MAP_NORESERVE, pool->fd, 0) == MAP_FAILED)
+			fork_die("mmap of the direct map failed");
+		remap_child(pool);
+		atomic_store(&pool->lock, 0);
+	}
+}

@@ -1,0 +1,72 @@
+/* Declarations for cffi's cdef: no preprocessor lines allowed here.  The
+ * real definitions, with their documentation, are in uksm.h; API mode makes
+ * the C compiler check that both agree. */
+#define UKSM_PAGE_SIZE ...
+#define UKSM_RUN_MAX ...
+#define UKSM_PTE_NONE ...
+#define UKSM_PTE_NORMAL ...
+#define UKSM_PTE_KSM ...
+#define UKSM_PTE_ZERO ...
+#define UKSM_FRAME_KSM ...
+#define UKSM_CSUM_JHASH2 ...
+#define UKSM_CSUM_XXHASH ...
+#define UKSM_MERGE_OK ...
+#define UKSM_MERGE_STALE ...
+#define UKSM_MERGE_DIFFER ...
+#define UKSM_MERGE_BUSY ...
+#define UKSM_MERGE_FULL ...
+#define UKSM_MERGE_NOVMA ...
+#define UKSM_MERGE_SELF ...
+
+struct uksm_stats {
+	uint64_t frames_used;
+	uint64_t frames_file;
+	uint64_t ksm_frames;
+	uint64_t ksm_mappings;
+	uint64_t zero_pages;
+	uint64_t pages_mapped;
+	uint64_t cow_breaks;
+	uint64_t cow_reuse;
+	uint64_t zero_cow;
+	uint64_t pages_merged;
+	uint64_t merge_runs;
+	uint64_t frames_reserve_used;
+	uint64_t fault_waits;
+};
+
+struct uksm_pool;
+
+int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
+		     size_t va_pages, struct uksm_pool **out);
+void uksm_pool_destroy(struct uksm_pool *pool);
+char *uksm_pool_va(struct uksm_pool *pool);
+int uksm_pool_fd(struct uksm_pool *pool);
+size_t uksm_pool_va_pages(struct uksm_pool *pool);
+void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st);
+int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out);
+int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages);
+void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages);
+int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
+		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount);
+int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
+		     uint32_t *mapcount, uint32_t *key, uint32_t *flags);
+
+uint32_t uksm_jhash2(const uint32_t *k, uint32_t length, uint32_t initval);
+uint64_t uksm_xxhash(const void *page);
+uint64_t uksm_calc_checksum(const void *page, int algo);
+int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
+			int algo, uint64_t *sums, uint8_t *state);
+int uksm_memcmp_pages(struct uksm_pool *pool, size_t vpn_a, size_t vpn_b);
+
+int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
+	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
+	       const uint32_t *dst_key, uint32_t max_sharing,
+	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
+	       uint8_t *result);
+int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
+		    int64_t *vma_budget, uint8_t *result);
+int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
+		 size_t *unmerged);
+
+int uksm_install_handler(void);
+int uksm_handler_installed(void);

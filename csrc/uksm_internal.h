@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * uksm_internal.h - the pool structure, pool->lock and the frame allocator,
+ * shared by pool.c, merge.c and fault.c.  Everything here may be called from
+ * the SIGSEGV handler, so it must stay async-signal-safe: syscalls, atomics,
+ * plain memory; no malloc, no stdio, no locks but pool->lock.
+ */
+#ifndef UKSM_INTERNAL_H
+#define UKSM_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uksm.h"
+
+#define PG		UKSM_PAGE_SIZE
+
+struct uksm_pool {
+	int fd;				/* the backing memfd */
+	char *va;			/* user virtual range, va_pages long */
+	size_t va_pages;
+	char *direct;			/* linear rw map of the whole memfd */
+	size_t nr_frames;		/* frame table size: capacity + reserve */
+	size_t capacity_frames;		/* what uksm_alloc() may use */
+	size_t file_frames;		/* current ftruncate()d size, in frames */
+
+	struct uksm_frame *frames;	/* nr_frames entries */
+	uint64_t *frame_map;		/* bit set = frame in use */
+	size_t frame_hint;		/* no free frame below this pfn */
+
+	struct uksm_pte *ptes;		/* va_pages entries */
+	uint64_t *va_map;		/* bit set = vpn reserved by a buffer */
+	size_t va_hint;
+
+	uint32_t next_key;
+	size_t punch_start;		/* run of freed frames not yet punched */
+	size_t punch_len;
+	_Atomic int lock;		/* 0 free, 1 held, 2 held with waiters */
+	struct uksm_stats st;
+	size_t meta_bytes;		/* size of the tables mapping below */
+	void *meta;			/* one mapping holds all the tables */
+};
+
+/*
+ * pool->lock: Drepper's three-state futex mutex.  Taking it is a few atomics
+ * and, under contention, the futex syscall: both fine in a signal handler.
+ */
+static inline void uksm_lock(struct uksm_pool *pool)
+{
+	int c = 0;
+	int i;
+
+	if (atomic_compare_exchange_strong(&pool->lock, &c, 1))
+		return;
+	for (i = 0; i < 200; i++) {
+		c = 0;
+		if (atomic_compare_exchange_weak(&pool->lock, &c, 1))
+			return;
+		__builtin_ia32_pause();
+	}
+	if (c != 2)
+		c = atomic_exchange(&pool->lock, 2);
+	while (c != 0) {
+		syscall(SYS_futex, &pool->lock, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+		c = atomic_exchange(&pool->lock, 2);
+	}
+}
+
+static inline int uksm_trylock(struct uksm_pool *pool)
+{
+	int c = 0;
+
+	return atomic_compare_exchange_strong(&pool->lock, &c, 1);
+}
+
+static inline void uksm_unlock(struct uksm_pool *pool)
+{
+	if (atomic_exchange(&pool->lock, 0) == 2)
+		syscall(SYS_futex, &pool->lock, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static inline char *frame_addr(struct uksm_pool *pool, size_t pfn)
+{
+	return pool->direct + (pfn << UKSM_PAGE_SHIFT);
+}
+
+static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
+{
+	return pool->va + (vpn << UKSM_PAGE_SHIFT);
+}
+
+/* The registry the signal handler and the fork hooks walk. */
+extern struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
+
+/* pool.c: frame allocator; caller holds pool->lock */
+size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
+			    size_t *pfn_out);
+void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
+void uksm_frames_flush(struct uksm_pool *pool);
+/* merge.c; caller holds pool->lock */
+int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit);
+int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
+		    int writable);
+
+#endif /* UKSM_INTERNAL_H */
