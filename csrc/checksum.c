@@ -79,14 +79,16 @@ uint64_t uksm_calc_checksum(const void *page, int algo)
 
 /*
  * uksm_checksum_range - the scanner's batch step: for @npages virtual pages
- * from @vpn, report each page's state and, for NORMAL pages, the checksum of
- * its frame.  pool->lock is held across the hash of a few pages at a time:
- * long enough that a frame cannot be freed under us (a read of a punched
- * hole through the direct map would allocate a page in the memfd again),
- * short enough that a faulting writer waits microseconds.
+ * from @vpn, report each page's state and, for NORMAL pages not marked in
+ * @skip (smart_scan; may be NULL), the checksum of its frame.  pool->lock
+ * is held across the hash of a few pages at a time: long enough that a
+ * frame cannot be freed under us (a read of a punched hole through the
+ * direct map would allocate a page in the memfd again), short enough
+ * that a faulting writer waits microseconds.
  */
 int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
-			int algo, uint64_t *sums, uint8_t *state)
+			int algo, const uint8_t *skip, uint64_t *sums,
+			uint8_t *state)
 {
 	if (vpn + npages > pool->va_pages)
 		return -EINVAL;
@@ -96,7 +98,7 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 		if ((i & 7) == 0)
 			uksm_lock(pool);
 		state[i] = pte->state;
-		sums[i] = pte->state == UKSM_PTE_NORMAL ?
+		sums[i] = pte->state == UKSM_PTE_NORMAL && !(skip && skip[i]) ?
 			  uksm_calc_checksum(frame_addr(pool, pte->pfn), algo) : 0;
 		if ((i & 7) == 7 || i + 1 == npages)
 			uksm_unlock(pool);

@@ -27,6 +27,7 @@
 #include "uksm_internal.h"
 
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 

@@ -1,0 +1,210 @@
+"""The only module that touches the compiled core, uksm._native.
+
+It validates what goes in, calls, and turns the core's -errno returns into
+OSError or uksm exceptions; the pool and the scanner deal in numpy arrays
+and never see ffi or lib.  cffi releases the GIL around every call into the
+core, which is what lets the SIGSEGV handler (which may run in a thread that
+holds the GIL) wait on pool->lock without deadlock: a thread inside the core
+never needs the GIL to finish.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+
+from .errors import PoolFullError, VirtualSpaceError
+
+try:
+    from ._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised by the smoke test
+    raise ImportError(
+        "uksm's C core (uksm._native) is not built: install the package with "
+        "`pip install -e .` (needs a C compiler and libxxhash-dev)"
+    ) from exc
+
+PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
+RUN_MAX: int = lib.UKSM_RUN_MAX
+
+PTE_NONE: int = lib.UKSM_PTE_NONE
+PTE_NORMAL: int = lib.UKSM_PTE_NORMAL
+PTE_KSM: int = lib.UKSM_PTE_KSM
+PTE_ZERO: int = lib.UKSM_PTE_ZERO
+
+MERGE_OK: int = lib.UKSM_MERGE_OK
+MERGE_STALE: int = lib.UKSM_MERGE_STALE
+MERGE_DIFFER: int = lib.UKSM_MERGE_DIFFER
+MERGE_BUSY: int = lib.UKSM_MERGE_BUSY
+MERGE_FULL: int = lib.UKSM_MERGE_FULL
+MERGE_NOVMA: int = lib.UKSM_MERGE_NOVMA
+MERGE_SELF: int = lib.UKSM_MERGE_SELF
+
+FRAME_KSM: int = lib.UKSM_FRAME_KSM
+
+CHECKSUMS = {"jhash2": lib.UKSM_CSUM_JHASH2, "xxhash": lib.UKSM_CSUM_XXHASH}
+
+# Bytes of C table per tracked page: a uksm_pte per virtual page and a
+# uksm_frame per frame; counted in the metadata figure.
+PTE_BYTES: int = ffi.sizeof("uint32_t") * 2
+FRAME_BYTES: int = ffi.sizeof("uint32_t") * 4
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret
+        raise OSError(err, f"uksm: {what}: {os.strerror(err)}")
+    return ret
+
+
+def _ptr(ctype: str, arr: np.ndarray):
+    return ffi.from_buffer(ctype, arr, require_writable=False)
+
+
+def install_handler() -> bool:
+    """Make ours the SIGSEGV handler again if someone replaced it."""
+    return _check(lib.uksm_install_handler(), "sigaction") == 1
+
+
+def handler_installed() -> bool:
+    return bool(lib.uksm_handler_installed())
+
+
+def calc_checksum(page: bytes, algo: str) -> int:
+    """Checksum of one page of bytes (tests and benchmarks)."""
+    if len(page) != PAGE_SIZE:
+        raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+    return int(lib.uksm_calc_checksum(ffi.from_buffer(page), CHECKSUMS[algo]))
+
+
+def jhash2(words: bytes, initval: int) -> int:
+    """include/linux/jhash.h jhash2 over a whole number of 32-bit words."""
+    if len(words) % 4:
+        raise ValueError("jhash2 hashes 32-bit words: length must be a multiple of 4")
+    return int(lib.uksm_jhash2(ffi.cast("uint32_t *", ffi.from_buffer(words)),
+                               len(words) // 4, initval & 0xFFFFFFFF))
+
+
+class NativePool:
+    """One struct uksm_pool: the memfd, the tables, the user virtual range."""
+
+    def __init__(self, capacity_frames: int, reserve_frames: int, va_pages: int):
+        out = ffi.new("struct uksm_pool **")
+        _check(lib.uksm_pool_create(capacity_frames, reserve_frames, va_pages, out),
+               "pool_create")
+        self._pool = out[0]
+        self.va = int(ffi.cast("uintptr_t", lib.uksm_pool_va(self._pool)))
+        self.va_pages = va_pages
+        self.capacity_frames = capacity_frames
+        self.nr_frames = capacity_frames + reserve_frames
+        self._stats = ffi.new("struct uksm_stats *")
+        self._vpn = ffi.new("size_t *")
+        self.closed = False
+
+    @property
+    def fd(self) -> int:
+        return lib.uksm_pool_fd(self._pool)
+
+    def destroy(self) -> None:
+        if not self.closed:
+            self.closed = True
+            lib.uksm_pool_destroy(self._pool)
+
+    def alloc(self, npages: int) -> int:
+        vpn = ffi.new("size_t *")
+        ret = lib.uksm_alloc(self._pool, npages, vpn)
+        if ret == -errno.ENOMEM:
+            raise PoolFullError(
+                f"uksm pool full: {npages} pages wanted, capacity is "
+                f"{self.capacity_frames} frames")
+        if ret == -errno.ENOSPC:
+            raise VirtualSpaceError(
+                f"uksm pool's virtual range ({self.va_pages} pages) has no free "
+                f"run of {npages} pages")
+        _check(ret, "alloc")
+        return int(vpn[0])
+
+    def buffer(self, vpn: int, nbytes: int, on_release):
+        """A cffi buffer over the pages from @vpn; on_release runs at GC."""
+        p = ffi.cast("char *", self.va + vpn * PAGE_SIZE)
+        p = ffi.gc(p, on_release)
+        return ffi.buffer(p, nbytes)
+
+    def release(self, vpn: int, npages: int) -> None:
+        _check(lib.uksm_release(self._pool, vpn, npages), "release")
+
+    def va_free(self, vpn: int, npages: int) -> None:
+        lib.uksm_va_free(self._pool, vpn, npages)
+
+    def checksum_range(self, vpn: int, skip, sums: np.ndarray, states: np.ndarray,
+                       algo: int) -> None:
+        skip_p = ffi.NULL if skip is None else _ptr("uint8_t[]", skip)
+        _check(lib.uksm_checksum_range(self._pool, vpn, len(sums), algo, skip_p,
+                                       _ptr("uint64_t[]", sums),
+                                       _ptr("uint8_t[]", states)), "checksum_range")
+
+    def merge(self, src: np.ndarray, dst_vpn: np.ndarray, dst_pfn: np.ndarray,
+              dst_key: np.ndarray, max_sharing: int, vma_budget: int):
+        n = len(src)
+        out_pfn = np.zeros(n, np.uint32)
+        out_key = np.zeros(n, np.uint32)
+        result = np.zeros(n, np.uint8)
+        budget = ffi.new("int64_t *", vma_budget)
+        src = np.ascontiguousarray(src, np.int64)
+        dst_vpn = np.ascontiguousarray(dst_vpn, np.int64)
+        dst_pfn = np.ascontiguousarray(dst_pfn, np.uint32)
+        dst_key = np.ascontiguousarray(dst_key, np.uint32)
+        _check(lib.uksm_merge(self._pool, n, _ptr("int64_t[]", src),
+                              _ptr("int64_t[]", dst_vpn), _ptr("uint32_t[]", dst_pfn),
+                              _ptr("uint32_t[]", dst_key), max_sharing, budget,
+                              _ptr("uint32_t[]", out_pfn), _ptr("uint32_t[]", out_key),
+                              _ptr("uint8_t[]", result)), "merge")
+        return result, out_pfn, out_key, int(budget[0])
+
+    def merge_zero(self, vpns: np.ndarray, vma_budget: int):
+        vpns = np.ascontiguousarray(vpns, np.int64)
+        result = np.zeros(len(vpns), np.uint8)
+        budget = ffi.new("int64_t *", vma_budget)
+        _check(lib.uksm_merge_zero(self._pool, len(vpns), _ptr("int64_t[]", vpns),
+                                   budget, _ptr("uint8_t[]", result)), "merge_zero")
+        return result, int(budget[0])
+
+    def unmerge(self, vpn: int, npages: int) -> int:
+        done = ffi.new("size_t *")
+        ret = lib.uksm_unmerge(self._pool, vpn, npages, done)
+        if ret == -errno.ENOMEM:
+            raise PoolFullError(
+                f"uksm pool full: unmerging needs a frame per merged page; "
+                f"{int(done[0])} pages were unmerged before capacity ran out")
+        _check(ret, "unmerge")
+        return int(done[0])
+
+    def pages_info(self, vpn: int, npages: int):
+        state = np.zeros(npages, np.uint8)
+        pfn = np.zeros(npages, np.uint32)
+        mapcount = np.zeros(npages, np.uint32)
+        _check(lib.uksm_pages_info(self._pool, vpn, npages, _ptr("uint8_t[]", state),
+                                   _ptr("uint32_t[]", pfn), _ptr("uint32_t[]", mapcount)),
+               "pages_info")
+        return state, pfn, mapcount
+
+    def frames_info(self, pfns: np.ndarray):
+        pfns = np.ascontiguousarray(pfns, np.uint32)
+        n = len(pfns)
+        mapcount = np.zeros(n, np.uint32)
+        key = np.zeros(n, np.uint32)
+        flags = np.zeros(n, np.uint32)
+        lib.uksm_frames_info(self._pool, _ptr("uint32_t[]", pfns), n,
+                             _ptr("uint32_t[]", mapcount), _ptr("uint32_t[]", key),
+                             _ptr("uint32_t[]", flags))
+        return mapcount, key, flags
+
+    def memcmp_pages(self, vpn_a: int, vpn_b: int) -> bool:
+        """True if the frames behind the two pages hold the same bytes."""
+        return _check(lib.uksm_memcmp_pages(self._pool, vpn_a, vpn_b), "memcmp") == 0
+
+    def stats(self) -> dict:
+        lib.uksm_pool_stats(self._pool, self._stats)
+        s = self._stats
+        return {name: int(getattr(s, name)) for name, _ in ffi.typeof("struct uksm_stats").fields}

@@ -1,0 +1,29 @@
+"""Exceptions raised by uksm.
+
+Each one is also a built-in exception a caller may already catch: running
+out of pool capacity is a MemoryError, using a closed pool a ValueError.
+"""
+
+
+class UksmError(Exception):
+    """Base class of every error uksm raises on its own account."""
+
+
+class PoolFullError(UksmError, MemoryError):
+    """The pool's capacity (its frames) is exhausted; nothing stored was lost."""
+
+
+class VirtualSpaceError(UksmError, MemoryError):
+    """The pool's reserved virtual range has no free run long enough."""
+
+
+class PoolClosedError(UksmError, ValueError):
+    """The pool was closed: it takes no new work."""
+
+
+class ForeignArrayError(UksmError, ValueError):
+    """The array's memory does not belong to this pool."""
+
+
+class BufferInUseError(UksmError, BufferError):
+    """A buffer cannot be freed while views of it are alive."""

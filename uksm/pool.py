@@ -1,0 +1,603 @@
+"""uksm.Pool: numpy arrays whose identical pages share memory.
+
+A pool hands out ordinary, writeable, C-contiguous numpy arrays whose
+memory lives in the pool's backing memfd.  Its scanner (the userspace
+ksmd, uksm.scanner) merges pages of equal content onto one frame; a write
+into a merged page faults and the C core gives the writer its own copy
+again.  Nothing else about the arrays changes.
+
+Kernel access.  The SIGSEGV handler only sees faults from user code.  When
+the kernel itself writes into a merged (read-only) page, as read(2),
+readinto() and recv_into() do, the syscall fails with EFAULT instead; see
+``Pool.unmerge`` (and the README) for handing a buffer to such I/O.
+
+Fork.  A forked child copies the pool's live frames into a memfd of its
+own at fork time (csrc/pool.c), so parent and child never see each
+other's writes; the child's pool has no scanner thread running.
+"""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import math
+import os
+import re
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
+                     PoolFullError)
+from .scanner import Scanner
+
+PAGE_SIZE = _core.PAGE_SIZE
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10,
+          "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """Bytes from an int or a "512MiB"-style string (K/M/G/T, KiB.., KB..)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int or a size string, not bool")
+    if isinstance(value, (int, np.integer)):
+        size = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what}: cannot parse {value!r} as a size "
+                             "(examples: 4096, '64MiB', '1GiB')")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise TypeError(f"{what} must be an int or a size string, "
+                        f"not {type(value).__name__}")
+    if size <= 0:
+        raise ValueError(f"{what} must be positive, got {size}")
+    return size
+
+
+def _int_knob(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _bool_knob(name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, not {value!r}")
+
+
+# --- the SIGSEGV handler must stay first in line -----------------------------
+#
+# faulthandler installed after our handler sees every COW fault first and
+# turns it into "Fatal Python error"; faulthandler.disable() puts back the
+# handler it found, which may not be ours.  pytest does both around a run.
+# So every enable/disable is followed by putting ours back on top (chaining to
+# faulthandler for the faults that are not ours), and the pool also checks
+# at every entry point and in the scanner loop.
+
+_fh_enable = faulthandler.enable
+_fh_disable = faulthandler.disable
+
+
+def _enable_then_reinstall(*args, **kwargs):
+    result = _fh_enable(*args, **kwargs)
+    if _live_pools:
+        _core.install_handler()
+    return result
+
+
+def _disable_then_reinstall(*args, **kwargs):
+    result = _fh_disable(*args, **kwargs)
+    if _live_pools:
+        _core.install_handler()
+    return result
+
+
+_enable_then_reinstall.__wrapped__ = _fh_enable  # type: ignore[attr-defined]
+_disable_then_reinstall.__wrapped__ = _fh_disable  # type: ignore[attr-defined]
+faulthandler.enable = _enable_then_reinstall
+faulthandler.disable = _disable_then_reinstall
+
+_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for pool in list(_live_pools):
+        pool._lock.acquire()
+
+
+def _after_fork_parent() -> None:
+    for pool in list(_live_pools):
+        pool._lock.release()
+
+
+def _after_fork_child() -> None:
+    # The C core has already moved the child onto a memfd of its own; the
+    # scanner thread did not survive the fork.
+    for pool in list(_live_pools):
+        pool._thread = None
+        pool._stop_event = threading.Event()
+        pool._lock.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                    after_in_child=_after_fork_child)
+
+
+class _Buffer:
+    """One allocation: a run of virtual pages (no per-page objects)."""
+
+    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "__weakref__")
+
+    def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
+        self.vpn = vpn
+        self.npages = npages
+        self.nbytes = nbytes
+        self.mergeable = True
+        self.released = False
+
+
+class Pool:
+    """A pool of page-deduplicated numpy buffers.
+
+    capacity: the most memory (frames) the pool's buffers may use, in bytes
+    or as a size string; allocation beyond it raises PoolFullError.
+    The knobs keep the names and meanings of /sys/kernel/mm/ksm:
+
+    pages_to_scan     how many pages to scan before the scanner sleeps
+    sleep_millisecs   how many milliseconds the scanner sleeps between batches
+    max_page_sharing  maximum sharing allowed for each KSM page
+    use_zero_pages    merge empty pages with the kernel zero page (no frame)
+    smart_scan        skip pages that repeatedly fail to merge
+    checksum          "jhash2" (the seed's calc_checksum) or "xxhash" (XXH3)
+    advisor_mode      "none" or "scan-time": retune pages_to_scan so a full
+                      scan takes advisor_target_scan_time seconds
+
+    virtual_size      address space reserved for buffers (default 4 x
+                      capacity: merged buffers need no frames)
+    cow_reserve       frames beyond capacity kept for COW faults, which
+                      cannot be refused (default capacity/64, >= 1 MiB)
+    """
+
+    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
+                 sleep_millisecs: int = 20, max_page_sharing: int = 256,
+                 use_zero_pages: bool = True, smart_scan: bool = True,
+                 checksum: str = "jhash2", advisor_mode: str = "none",
+                 advisor_target_scan_time: float = 200.0,
+                 advisor_min_pages_to_scan: int = 500,
+                 advisor_max_pages_to_scan: int = 30000,
+                 advisor_max_cpu: int = 70,
+                 virtual_size: Any = None, cow_reserve: Any = None) -> None:
+        self._closed = True     # until fully built, for __del__/close
+        cap = parse_size(capacity, "capacity")
+        if cap % PAGE_SIZE:
+            raise ValueError(f"capacity must be a multiple of the page size "
+                             f"({PAGE_SIZE}), got {cap}")
+        if not isinstance(checksum, str):
+            raise TypeError(f"checksum must be a str, not {type(checksum).__name__}")
+        if checksum not in _core.CHECKSUMS:
+            raise ValueError(f"unknown checksum {checksum!r}: choose one of "
+                             f"{sorted(_core.CHECKSUMS)}")
+        if advisor_mode not in ("none", "scan-time"):
+            raise ValueError(f"unknown advisor_mode {advisor_mode!r}: "
+                             "'none' or 'scan-time'")
+        if not isinstance(advisor_target_scan_time, (int, float)) or \
+                isinstance(advisor_target_scan_time, bool) or advisor_target_scan_time <= 0:
+            raise ValueError("advisor_target_scan_time must be a positive number of seconds")
+        knobs = {
+            "pages_to_scan": _int_knob("pages_to_scan", pages_to_scan, 1),
+            "sleep_millisecs": _int_knob("sleep_millisecs", sleep_millisecs, 0),
+            "max_page_sharing": _int_knob("max_page_sharing", max_page_sharing, 2),
+            "use_zero_pages": _bool_knob("use_zero_pages", use_zero_pages),
+            "smart_scan": _bool_knob("smart_scan", smart_scan),
+            "checksum": checksum,
+            "advisor_mode": advisor_mode,
+            "advisor_target_scan_time": float(advisor_target_scan_time),
+            "advisor_min_pages_to_scan": _int_knob("advisor_min_pages_to_scan",
+                                                   advisor_min_pages_to_scan, 1),
+            "advisor_max_pages_to_scan": _int_knob("advisor_max_pages_to_scan",
+                                                   advisor_max_pages_to_scan, 1),
+            "advisor_max_cpu": _int_knob("advisor_max_cpu", advisor_max_cpu, 1),
+        }
+        frames = cap // PAGE_SIZE
+        va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 4 * cap
+        va_pages = -(-va // PAGE_SIZE)
+        if va_pages < frames:
+            raise ValueError("virtual_size must be at least capacity")
+        if cow_reserve is None:
+            reserve = max(frames // 64, (1 << 20) // PAGE_SIZE)
+        else:
+            reserve = -(-parse_size(cow_reserve, "cow_reserve") // PAGE_SIZE)
+
+        self.capacity = cap
+        self._native = _core.NativePool(frames, reserve, va_pages)
+        self._knobs = knobs
+        self._scanner = Scanner(self._native, knobs)
+        self._buffers: Dict[int, _Buffer] = {}
+        self._pending: "collections.deque[Tuple[_Buffer, bool]]" = collections.deque()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._pid = os.getpid()
+        _live_pools.add(self)
+        _core.install_handler()
+
+    # -- knobs, as attributes (the sysfs files) ---------------------------------
+
+    def _knob_property(name, check):  # type: ignore[no-redef]
+        def get(self):
+            return self._knobs[name]
+
+        def set_(self, value):
+            self._knobs[name] = check(name, value)
+        return property(get, set_, doc=f"The {name} knob (as in /sys/kernel/mm/ksm).")
+
+    pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _int_knob(n, v, 1))
+    sleep_millisecs = _knob_property("sleep_millisecs", lambda n, v: _int_knob(n, v, 0))
+    max_page_sharing = _knob_property("max_page_sharing", lambda n, v: _int_knob(n, v, 2))
+    use_zero_pages = _knob_property("use_zero_pages", _bool_knob)
+    smart_scan = _knob_property("smart_scan", _bool_knob)
+    advisor_max_cpu = _knob_property("advisor_max_cpu", lambda n, v: _int_knob(n, v, 1))
+    del _knob_property
+
+    @property
+    def checksum(self) -> str:
+        return self._knobs["checksum"]
+
+    @property
+    def advisor_mode(self) -> str:
+        return self._knobs["advisor_mode"]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def fd(self) -> int:
+        """The backing memfd (for fstat: the kernel's view of our memory)."""
+        self._check_open()
+        return self._native.fd
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def __enter__(self) -> "Pool":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the scanner and take no more work.  Arrays still alive keep
+        working (reads, writes, COW); the memory goes back to the system when
+        the last of them is collected."""
+        if self._closed:
+            return
+        self.stop()
+        with self._lock:
+            self._closed = True
+            self._reap()
+            self._maybe_destroy()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    def _maybe_destroy(self) -> None:
+        # caller holds self._lock
+        if self._closed and not self._buffers and not self._native.closed:
+            self._native.destroy()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("uksm pool is closed")
+        if not _core.handler_installed():
+            _core.install_handler()
+
+    # -- allocation ---------------------------------------------------------------
+
+    def _new_array(self, shape, dtype) -> np.ndarray:
+        self._check_open()
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError("uksm pools hold plain data: object dtypes are not allowed")
+        if isinstance(shape, (int, np.integer)):
+            shape = (int(shape),)
+        try:
+            shape = tuple(int(d) for d in shape)
+        except TypeError:
+            raise TypeError(f"shape must be an int or a tuple of ints, not {shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimensions are not allowed: {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        npages = max(1, -(-nbytes // PAGE_SIZE))
+        with self._lock:
+            self._reap()
+            vpn = self._native.alloc(npages)
+            rec = _Buffer(vpn, npages, nbytes)
+            self._buffers[vpn] = rec
+            self._scanner.add_range(vpn, npages)
+        pending = self._pending
+        native = self._native
+        ref = weakref.ref(self)
+
+        def on_release(_cdata, rec=rec):
+            # Runs at garbage collection, in whatever thread, possibly one
+            # that holds self._lock: only the C core's own lock may be taken
+            # here.  The frames go back now; the scanner forgets the pages and
+            # the address range is reused at the next _reap().
+            if not rec.released:
+                rec.released = True
+                native.release(rec.vpn, rec.npages)
+            pending.append(rec)
+            pool = ref()
+            if pool is not None and pool._closed and pool._lock.acquire(blocking=False):
+                try:
+                    pool._reap()
+                    pool._maybe_destroy()
+                finally:
+                    pool._lock.release()
+
+        buf = native.buffer(vpn, max(nbytes, 1), on_release)
+        return np.ndarray(shape, dtype=dtype, buffer=buf)
+
+    def _reap(self) -> None:
+        """Finish the releases the garbage collector started (holds _lock)."""
+        while self._pending:
+            rec = self._pending.popleft()
+            self._scanner.remove_range(rec.vpn, rec.npages)
+            self._native.va_free(rec.vpn, rec.npages)
+            self._buffers.pop(rec.vpn, None)
+
+    def empty(self, shape, dtype=float) -> np.ndarray:
+        """A new array from the pool.  Its pages are fresh frames, so unlike
+        numpy.empty it reads as zeroes: no old contents ever show through."""
+        return self._new_array(shape, dtype)
+
+    def zeros(self, shape, dtype=float) -> np.ndarray:
+        """A new array of zeroes (fresh frames are zero: nothing is written)."""
+        return self._new_array(shape, dtype)
+
+    def full(self, shape, fill_value, dtype=None) -> np.ndarray:
+        if dtype is None:
+            dtype = np.array(fill_value).dtype
+        arr = self._new_array(shape, dtype)
+        arr.fill(fill_value)
+        return arr
+
+    def asarray(self, obj, dtype=None) -> np.ndarray:
+        """A copy of @obj in the pool (always a copy, even of a pool array)."""
+        src = np.asarray(obj, dtype=dtype)
+        arr = self._new_array(src.shape, src.dtype)
+        np.copyto(arr, src, casting="no")
+        return arr
+
+    def _record(self, arr) -> _Buffer:
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"expected a numpy.ndarray from this pool, not "
+                            f"{type(arr).__name__}")
+        addr = arr.__array_interface__["data"][0]
+        va = self._native.va
+        if not (va <= addr < va + self._native.va_pages * PAGE_SIZE):
+            raise ForeignArrayError("array does not belong to this uksm pool")
+        vpn = (addr - va) // PAGE_SIZE
+        rec = self._buffers.get(vpn)
+        if rec is None or rec.released or addr != va + vpn * PAGE_SIZE:
+            raise ForeignArrayError("array is not a live buffer of this pool "
+                                    "(pass the array the pool returned, not a view "
+                                    "into the middle of it)")
+        return rec
+
+    def free(self, arr: np.ndarray) -> None:
+        """Give @arr's memory back now.  @arr must be the array the pool
+        returned and no view of it may be alive; afterwards touching @arr
+        is a use-after-free (it is PROT_NONE: the process crashes)."""
+        self._check_open()
+        with self._lock:
+            self._reap()
+            rec = self._record(arr)
+            base = arr.base
+            # references to the buffer object: arr, this frame's `base`,
+            # getrefcount's argument; anything more is another view.
+            extra = sys.getrefcount(base) - 3
+            if extra > 0:
+                raise BufferInUseError(f"cannot free: {extra} other view(s) of this "
+                                       "buffer are alive")
+            rec.released = True
+            self._scanner.remove_range(rec.vpn, rec.npages)
+            self._native.release(rec.vpn, rec.npages)
+
+    # -- merging control ------------------------------------------------------------
+
+    def unmerge(self, arr: np.ndarray) -> int:
+        """MADV_UNMERGEABLE: give every merged page of @arr its own frame again
+        and stop scanning it.  Do this before handing @arr to read(2),
+        readinto() or recv_into(): the kernel cannot write into a merged
+        page (EFAULT).  Returns the pages unmerged; PoolFullError if capacity
+        runs out part way (the rest stay merged, nothing is lost)."""
+        self._check_open()
+        with self._lock:
+            self._reap()
+            rec = self._record(arr)
+            if rec.mergeable:
+                self._scanner.remove_range(rec.vpn, rec.npages)
+                rec.mergeable = False
+        return self._native.unmerge(rec.vpn, rec.npages)
+
+    def merge(self, arr: np.ndarray) -> None:
+        """MADV_MERGEABLE: scan @arr again (the default for new arrays)."""
+        self._check_open()
+        with self._lock:
+            self._reap()
+            rec = self._record(arr)
+            if not rec.mergeable:
+                self._scanner.add_range(rec.vpn, rec.npages)
+                rec.mergeable = True
+
+    # -- the scanner ------------------------------------------------------------------
+
+    def scan(self, full_scans: int = 1) -> dict:
+        """Run the scanner in the caller's thread until @full_scans more full
+        scans have completed; returns stats()."""
+        _int_knob("full_scans", full_scans, 0)
+        self._check_open()
+        target = self._scanner.full_scans + full_scans
+        batch = max(self._knobs["pages_to_scan"], 16384)
+        while self._scanner.full_scans < target:
+            with self._lock:
+                self._check_open()
+                self._reap()
+                self._scanner.scan_batch(batch)
+        return self.stats()
+
+    def start(self) -> None:
+        """Start the background scanner thread (ksmd's run=1)."""
+        self._check_open()
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_event = threading.Event()
+        self._thread = threading.Thread(target=self._ksmd, name="uksm-ksmd", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background scanner (run=0) and wait for it."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop_event.set()
+        if thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _ksmd(self) -> None:
+        stop = self._stop_event
+        while not stop.is_set():
+            with self._lock:
+                if self._closed:
+                    return
+                self._reap()
+                self._scanner.scan_batch(self._knobs["pages_to_scan"])
+            if not _core.handler_installed():
+                _core.install_handler()
+            ms = self._knobs["sleep_millisecs"]
+            if ms:
+                stop.wait(ms / 1000.0)
+            else:
+                time.sleep(0)   # let the other threads have the GIL
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
+        uksm's own memory figures.  pages_shared: KSM frames in use;
+        pages_sharing: how many more pages map them (the saving);
+        pages_unshared: pages in the unstable tree; pages_volatile: tracked
+        pages in neither tree (changing too fast, or not yet stable);
+        general_profit: (pages_sharing + ksm_zero_pages) * page size less the
+        scanner's metadata."""
+        if self._native.closed:
+            raise PoolClosedError("uksm pool is closed and its memory released")
+        with self._lock:
+            self._reap()
+            sc = self._scanner
+            c = self._native.stats()
+            chains, dups = sc.stable.chains()
+            meta = sc.metadata_bytes()
+            tracked = max(sc.rmap_items - c["zero_pages"], 0)
+            mapped = c["pages_mapped"]
+            st = os.fstat(self._native.fd)
+            meta_total = (meta + mapped * _core.PTE_BYTES + c["frames_used"] * _core.FRAME_BYTES
+                          + c["frames_used"] * sc.node_of_pfn.itemsize)
+            pages_shared = c["ksm_frames"]
+            pages_sharing = c["ksm_mappings"] - c["ksm_frames"]
+            unshared = sc.pages_unshared
+            out = {
+                "pages_shared": pages_shared,
+                "pages_sharing": pages_sharing,
+                "pages_unshared": unshared,
+                "pages_volatile": max(tracked - pages_shared - pages_sharing - unshared, 0),
+                "pages_scanned": sc.pages_scanned,
+                "pages_skipped": sc.pages_skipped,
+                "full_scans": sc.full_scans,
+                "stable_node_chains": chains,
+                "stable_node_dups": dups,
+                "ksm_zero_pages": c["zero_pages"],
+                "general_profit": (pages_sharing + c["zero_pages"]) * PAGE_SIZE - meta_total,
+                "bytes_resident": c["frames_used"] * PAGE_SIZE,
+                "bytes_mapped": mapped * PAGE_SIZE,
+                "memfd_bytes": st.st_blocks * 512,
+                "memfd_size": st.st_size,
+                "pages_tracked": tracked,
+                "pages_to_scan": self._knobs["pages_to_scan"],
+                "sleep_millisecs": self._knobs["sleep_millisecs"],
+                "max_page_sharing": self._knobs["max_page_sharing"],
+                "use_zero_pages": int(self._knobs["use_zero_pages"]),
+                "smart_scan": int(self._knobs["smart_scan"]),
+                "cow_breaks": c["cow_breaks"] + c["cow_reuse"],
+                "zero_page_cows": c["zero_cow"],
+                "pages_merged_total": c["pages_merged"],
+                "merge_runs": c["merge_runs"],
+                "merges_skipped_vma": sc.merges_skipped_vma,
+                "cow_reserve_used_max": c["frames_reserve_used"],
+                "fault_lock_waits": c["fault_waits"],
+                "buffers": len(self._buffers),
+                "capacity": self.capacity,
+                "metadata_bytes": meta_total,
+                "metadata_bytes_per_page": (meta_total / sc.rmap_items) if sc.rmap_items else 0.0,
+                "last_full_scan_seconds": sc.last_full_scan_seconds,
+                "max_map_count": sc.max_map_count,
+            }
+        return out
+
+    def buffer_stats(self, arr: np.ndarray) -> dict:
+        """For one buffer: its pages, how many are merged (KSM or zero page)
+        and the bytes that saves (a frame shared by n pages saves 1 - 1/n of
+        a page for each of them, as PSS counts it)."""
+        self._check_open()
+        with self._lock:
+            rec = self._record(arr)
+            state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
+        ksm = state == _core.PTE_KSM
+        zero = state == _core.PTE_ZERO
+        saved = float(np.sum(1.0 - 1.0 / mapcount[ksm])) * PAGE_SIZE if ksm.any() else 0.0
+        saved += int(np.count_nonzero(zero)) * PAGE_SIZE
+        return {
+            "pages": rec.npages,
+            "pages_merged": int(np.count_nonzero(ksm | zero)),
+            "pages_ksm": int(np.count_nonzero(ksm)),
+            "pages_zero": int(np.count_nonzero(zero)),
+            "bytes_saved": int(saved),
+            "mergeable": rec.mergeable,
+        }
+
+    def page_states(self, arr: np.ndarray):
+        """(state, pfn, mapcount) arrays for each page of @arr: the page table,
+        for tests and tools.  States: 1 normal, 2 KSM, 3 zero page."""
+        self._check_open()
+        with self._lock:
+            rec = self._record(arr)
+            return self._native.pages_info(rec.vpn, rec.npages)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.running else "idle")
+        return f"<uksm.Pool capacity={self.capacity} buffers={len(self._buffers)} {state}>"

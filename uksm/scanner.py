@@ -1,0 +1,566 @@
+"""uksm.scanner - the userspace ksmd: which pages to merge, and when.
+
+DOC: Overview
+
+This is mm/ksm.c's scanning policy, rewritten for one process and for
+numpy.  The C core (csrc/) owns the mechanism: frames, page tables, write
+protection, remapping, the COW fault.  This module owns the decisions, and
+keeps every per-page fact in numpy arrays indexed by virtual page number
+(vpn), never in a Python object per page: the arrays *are* the rmap items.
+
+rmap items.  For each virtual page of a mergeable buffer: ``oldchecksum``
+(its checksum at the previous visit), ``tag`` (nonzero while it sits in an
+unstable tree: which full scan put it there), ``age`` and ``skips`` (smart
+scan).  Together with the C tables that is well under the 64 bytes of the
+kernel's struct ksm_rmap_item; ``stats()["metadata_bytes_per_page"]`` gives
+the measured figure.
+
+The scan.  ksmd visits ``pages_to_scan`` pages per wake-up, in address
+order, buffer after buffer; a pass over all of them is a full scan.  For a
+batch of pages, as cmp_and_merge_page() does for one:
+
+ 1. the C core hashes each NORMAL page through the direct map (KSM and ZERO
+    pages are merged already: nothing to do; smart_scan's skipped pages
+    are not even hashed);
+ 2. stable tree search: a page equal to an existing KSM frame is merged into
+    it (the merge, write-protected, confirms equality with memcmp);
+ 3. the checksum gate: a page whose checksum changed since the previous
+    visit is volatile and goes no further this time;
+ 4. use_zero_pages: a stable page of zeroes is mapped to the kernel's zero
+    page and its frame freed;
+ 5. unstable tree search/insert: a stable page equal to one already seen in
+    this full scan is merged with it, the tree page's own frame upgraded in
+    place to the KSM frame (patch 5) and a stable node made for it;
+    otherwise the page joins the unstable tree.
+
+Everything is done for the whole batch at once: numpy sorts and searches,
+and the merges go down to C in one call, sorted by vpn, so that runs of
+adjacent pages merge with one mprotect and one mmap per run.
+
+The stable tree.  A stable node is (checksum, pfn, key) in flat arrays,
+with a sorted index on the checksum.  It holds no reference on its frame:
+lookups peep through the keyhole (the frame table's key and KSM flag) and
+a node whose frame has gone, been COW-broken by its last mapper or reused,
+is pruned on the spot (patches 4 and 8).  With max_page_sharing, a KSM
+frame takes at most that many mappers; a page finding every node of its
+content full goes on to the unstable tree and, merged there, becomes a new
+"dup" of the same content: nodes sharing a checksum form a chain
+(stable_node_chains, stable_node_dups).
+
+The unstable tree.  Pages stable for one scan, not write-protected, so its
+order "can rot": a sorted (checksum, vpn) index rebuilt every full scan and
+trusted only as far as the C core's compare under write-protect.  An entry
+is live while its page's tag is the current scan's and its oldchecksum is
+still the entry's.
+
+Smart scan (Linux 6.7): a page that keeps failing to merge is skipped for
+1, 2, 4, then 8 visits.  The advisor ("scan-time", Linux 6.8) retunes
+pages_to_scan after each full scan so a full scan takes about
+advisor_target_scan_time seconds, within advisor_max_cpu.
+
+VMA budget.  Every protection change or remap of part of a mapping can
+split it; the process dies at vm.max_map_count.  Merges draw on a budget of
+half of max_map_count less the maps already there, re-counted from
+/proc/self/maps when the estimate runs low; merges beyond it are skipped
+and counted (merges_skipped_vma), never forced.
+
+Locking: the caller holds the pool's Python lock around every method here;
+the C core takes its own lock inside each call.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from . import _core
+
+EWMA_WEIGHT = 30
+ADVISOR_MIN_CPU = 10
+VMA_SHARE = 0.5
+
+
+def _count_maps() -> int:
+    """Lines of /proc/self/maps: the VMAs the process has now."""
+    with open("/proc/self/maps", "rb") as f:
+        return f.read().count(b"\n")
+
+
+def _read_max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except OSError:
+        return 65530
+
+
+def _skip_age(age: np.ndarray) -> np.ndarray:
+    """mm/ksm.c skip_age(): how many visits to skip at a given age."""
+    out = np.full(age.shape, 8, np.uint8)
+    out[age <= 8] = 4
+    out[age <= 5] = 2
+    out[age <= 3] = 1
+    return out
+
+
+class StableTree:
+    """Stable nodes in flat arrays, indexed by checksum (a sorted index)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum = np.zeros(1024, np.uint64)
+        self.pfn = np.zeros(1024, np.uint32)
+        self.key = np.zeros(1024, np.uint32)
+        self.alive = np.zeros(1024, bool)
+        self.idx_sum = np.zeros(0, np.uint64)
+        self.idx_node = np.zeros(0, np.int32)
+        self.nr_alive = 0
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.sum)
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        for name in ("sum", "pfn", "key", "alive"):
+            old = getattr(self, name)
+            new = np.zeros(cap, old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+
+    def insert(self, sums: np.ndarray, pfns: np.ndarray, keys: np.ndarray) -> None:
+        k = len(sums)
+        if not k:
+            return
+        self._grow(self.n + k)
+        ids = np.arange(self.n, self.n + k, dtype=np.int32)
+        self.sum[ids] = sums
+        self.pfn[ids] = pfns
+        self.key[ids] = keys
+        self.alive[ids] = True
+        self.n += k
+        self.nr_alive += k
+        order = np.argsort(sums, kind="stable")
+        pos = np.searchsorted(self.idx_sum, sums[order], side="right")
+        self.idx_sum = np.insert(self.idx_sum, pos, sums[order])
+        self.idx_node = np.insert(self.idx_node, pos, ids[order])
+
+    def prune(self, nodes: np.ndarray) -> None:
+        nodes = np.unique(nodes)
+        nodes = nodes[self.alive[nodes]]
+        self.alive[nodes] = False
+        self.nr_alive -= len(nodes)
+
+    def compact(self) -> None:
+        """Drop pruned nodes once they are most of the arrays."""
+        if self.n - self.nr_alive <= max(1024, self.n // 2):
+            return
+        keep = np.flatnonzero(self.alive[: self.n])
+        k = len(keep)
+        sums, pfns, keys = self.sum[keep], self.pfn[keep], self.key[keep]
+        self.n = 0
+        self.nr_alive = 0
+        self.idx_sum = np.zeros(0, np.uint64)
+        self.idx_node = np.zeros(0, np.int32)
+        self.alive[:] = False
+        self.insert(sums, pfns, keys)
+        assert self.n == k
+
+    def chains(self) -> Tuple[int, int]:
+        """(stable_node_chains, stable_node_dups): contents with 2+ live dups."""
+        live = self.sum[: self.n][self.alive[: self.n]]
+        if not len(live):
+            return 0, 0
+        _, counts = np.unique(live, return_counts=True)
+        multi = counts[counts > 1]
+        return int(len(multi)), int(multi.sum())
+
+    def nbytes(self) -> int:
+        per_node = (self.sum.itemsize + self.pfn.itemsize + self.key.itemsize
+                    + self.alive.itemsize)
+        return self.n * per_node + self.idx_sum.nbytes + self.idx_node.nbytes
+
+
+class Scanner:
+    """ksm_scan: the cursor, the trees, the rmap items, and the counters."""
+
+    def __init__(self, native: "_core.NativePool", knobs: dict) -> None:
+        va_pages = native.va_pages
+        self.native = native
+        self.knobs = knobs
+        # rmap items, one slot per virtual page: np.zeros is calloc, so only
+        # the slots of pages ever used take memory.
+        self.oldchecksum = np.zeros(va_pages, np.uint64)
+        self.tag = np.zeros(va_pages, np.uint16)
+        self.age = np.zeros(va_pages, np.uint8)
+        self.skips = np.zeros(va_pages, np.uint8)
+        self.node_of_pfn = np.full(native.nr_frames, -1, np.int32)
+        self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
+        self.starts: List[int] = []
+        self.rmap_items = 0
+        self.cursor = 0
+        self.cur_tag = 1
+        self.u_sum = np.zeros(0, np.uint64)
+        self.u_vpn = np.zeros(0, np.uint32)
+        self.stable = StableTree()
+        self.algo = _core.CHECKSUMS[knobs["checksum"]]
+        self.zero_sum = np.uint64(_core.calc_checksum(bytes(_core.PAGE_SIZE),
+                                                      knobs["checksum"]))
+        # counters, named as in /sys/kernel/mm/ksm
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        self.pages_unshared = 0
+        self.full_scans = 0
+        self.merges_skipped_vma = 0
+        # VMA budget
+        self.max_map_count = _read_max_map_count()
+        self._maps = None
+        self._charged = 0
+        # advisor
+        self._scan_start = time.monotonic()
+        self._cpu_start = time.thread_time()
+        self._last_scan_time = 0.0
+        self._change = 100.0
+        self.last_full_scan_seconds = 0.0
+
+    # -- rmap items: buffers come and go ------------------------------------
+
+    def add_range(self, start: int, npages: int) -> None:
+        """MADV_MERGEABLE: the pages become rmap items, with clean state."""
+        sl = slice(start, start + npages)
+        self.oldchecksum[sl] = 0
+        self.tag[sl] = 0
+        self.age[sl] = 0
+        self.skips[sl] = 0
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.extents.insert(i, [start, npages])
+        self.rmap_items += npages
+
+    def remove_range(self, start: int, npages: int) -> bool:
+        """Forget a buffer's rmap items; False if it was not mergeable."""
+        i = bisect.bisect_left(self.starts, start)
+        if i >= len(self.starts) or self.starts[i] != start:
+            return False
+        del self.starts[i]
+        del self.extents[i]
+        sl = slice(start, start + npages)
+        self.pages_unshared -= int(np.count_nonzero(self.tag[sl]))
+        self.tag[sl] = 0
+        self.rmap_items -= npages
+        return True
+
+    # -- the scan -------------------------------------------------------------
+
+    def _next_ranges(self, want: int):
+        """The next @want pages in address order; True if a full scan ended."""
+        ranges = []
+        total = 0
+        i = bisect.bisect_right(self.starts, self.cursor) - 1
+        if i < 0 or self.cursor >= self.extents[i][0] + self.extents[i][1]:
+            i += 1
+        while total < want:
+            if i >= len(self.extents):
+                self.cursor = 0
+                return ranges, True
+            s, n = self.extents[i]
+            off = max(self.cursor - s, 0)
+            take = min(n - off, want - total)
+            ranges.append((s + off, take))
+            total += take
+            self.cursor = s + off + take
+            if off + take == n:
+                i += 1
+        return ranges, False
+
+    def scan_batch(self, want: int) -> int:
+        """ksm_do_scan(): visit up to @want pages; returns pages visited."""
+        ranges, wrapped = self._next_ranges(want)
+        n = sum(r[1] for r in ranges)
+        if n:
+            vpns = np.concatenate([np.arange(s, s + k, dtype=np.int64) for s, k in ranges])
+            skip = self._smart_skip(vpns) if self.knobs["smart_scan"] else None
+            sums = np.empty(n, np.uint64)
+            states = np.empty(n, np.uint8)
+            o = 0
+            for s, k in ranges:
+                self.native.checksum_range(
+                    s, None if skip is None else skip[o:o + k],
+                    sums[o:o + k], states[o:o + k], self.algo)
+                o += k
+            self._cmp_and_merge(vpns, sums, states, skip)
+        if wrapped:
+            self._end_full_scan()
+        return n
+
+    def _smart_skip(self, vpns: np.ndarray) -> np.ndarray:
+        """should_skip_rmap_item() for a batch: 1 where the page is skipped."""
+        age = self.age[vpns]
+        self.age[vpns] = np.minimum(age.astype(np.uint16) + 1, 255).astype(np.uint8)
+        eligible = age >= 3
+        rem = self.skips[vpns]
+        skip = eligible & (rem > 0)
+        refill = eligible & (rem == 0)
+        self.skips[vpns[refill]] = _skip_age(age[refill])
+        self.skips[vpns[skip]] = rem[skip] - 1
+        return skip.astype(np.uint8)
+
+    def _vma_budget(self) -> int:
+        limit = int(self.max_map_count * VMA_SHARE)
+        if self._maps is None or limit - self._maps - self._charged < 4 * _core.RUN_MAX:
+            self._maps = _count_maps()
+            self._charged = 0
+        return max(0, limit - self._maps - self._charged)
+
+    def _merge(self, src, dst_vpn, dst_pfn, dst_key):
+        budget = self._vma_budget()
+        res, opfn, okey, left = self.native.merge(src, dst_vpn, dst_pfn, dst_key,
+                                                  self.knobs["max_page_sharing"], budget)
+        self._charged += budget - left
+        self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
+        return res, opfn, okey
+
+    def _cmp_and_merge(self, vpns, sums, states, skip) -> None:
+        self.pages_scanned += len(vpns)
+        # remove_rmap_item_from_tree(): a visited page leaves the old tree
+        self.pages_unshared -= int(np.count_nonzero(self.tag[vpns]))
+        self.tag[vpns] = 0
+        merged = (states == _core.PTE_KSM) | (states == _core.PTE_ZERO)
+        if merged.any():
+            self.age[vpns[merged]] = 0
+            self.skips[vpns[merged]] = 0
+        normal = states == _core.PTE_NORMAL
+        if skip is not None:
+            skipped = normal & (skip != 0)
+            self.pages_skipped += int(np.count_nonzero(skipped))
+            normal &= ~skipped
+        v = vpns[normal]
+        s = sums[normal]
+        if not len(v):
+            return
+        done = np.zeros(len(v), bool)
+
+        # 2: stable tree search
+        node = self._stable_tree_search(s)
+        hit = np.flatnonzero(node >= 0)
+        if len(hit):
+            nodes = node[hit]
+            res, _, _ = self._merge(v[hit], np.full(len(hit), -1, np.int64),
+                                    self.stable.pfn[nodes], self.stable.key[nodes])
+            done[hit[res == _core.MERGE_OK]] = True
+            stale = res == _core.MERGE_STALE
+            if stale.any():
+                self.stable.prune(nodes[stale])
+
+        # 3: the checksum gate
+        rest = ~done
+        changed = s != self.oldchecksum[v]
+        self.oldchecksum[v] = s
+        gated = rest & ~changed
+
+        # 4: use_zero_pages
+        if self.knobs["use_zero_pages"]:
+            z = np.flatnonzero(gated & (s == self.zero_sum))
+            if len(z):
+                budget = self._vma_budget()
+                res, left = self.native.merge_zero(v[z], budget)
+                self._charged += budget - left
+                self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
+                ok = z[res == _core.MERGE_OK]
+                done[ok] = True
+                gated[ok] = False
+
+        # 5: unstable tree search/insert
+        u = np.flatnonzero(gated)
+        if len(u):
+            self._unstable_tree_search_insert(v[u], s[u])
+        if done.any():
+            self.age[v[done]] = 0
+            self.skips[v[done]] = 0
+
+    def _stable_tree_search(self, q: np.ndarray) -> np.ndarray:
+        """A live stable node with room for each checksum, or -1.
+
+        Walks the dups of each checksum in order, looking at every candidate's
+        frame through the keyhole; stale nodes are pruned as they are met.
+        """
+        st = self.stable
+        res = np.full(len(q), -1, np.int64)
+        if not st.nr_alive:
+            return res
+        L = len(st.idx_sum)
+        pos = np.searchsorted(st.idx_sum, q, side="left")
+        pending = np.ones(len(q), bool)
+        max_sharing = self.knobs["max_page_sharing"]
+        k = 0
+        while True:
+            p = pos + k
+            inr = pending & (p < L)
+            idx = np.flatnonzero(inr)
+            if not len(idx):
+                break
+            same = st.idx_sum[p[idx]] == q[idx]
+            idx = idx[same]
+            pending[np.flatnonzero(inr)[~same]] = False
+            if not len(idx):
+                break
+            nodes = st.idx_node[p[idx]]
+            alive = st.alive[nodes]
+            mc, key, flags = self.native.frames_info(st.pfn[nodes])
+            fits = (alive & (key == st.key[nodes]) & ((flags & _core.FRAME_KSM) != 0)
+                    & (mc > 0))
+            stale = alive & ~fits
+            if stale.any():
+                st.prune(nodes[stale])
+            room = fits & (mc < max_sharing)
+            res[idx[room]] = nodes[room]
+            pending[idx[room]] = False
+            k += 1
+        return res
+
+    def _unstable_search(self, q: np.ndarray) -> np.ndarray:
+        """The vpn of a live unstable tree page for each checksum, or -1."""
+        res = np.full(len(q), -1, np.int64)
+        L = len(self.u_sum)
+        if not L:
+            return res
+        pos = np.searchsorted(self.u_sum, q, side="left")
+        pending = np.ones(len(q), bool)
+        k = 0
+        while True:
+            p = pos + k
+            idx = np.flatnonzero(pending & (p < L))
+            if not len(idx):
+                break
+            same = self.u_sum[p[idx]] == q[idx]
+            pending[idx[~same]] = False
+            idx = idx[same]
+            if not len(idx):
+                break
+            cand = self.u_vpn[p[idx]].astype(np.int64)
+            live = (self.tag[cand] == self.cur_tag) & (self.oldchecksum[cand] == q[idx])
+            res[idx[live]] = cand[live]
+            pending[idx[live]] = False
+            k += 1
+        return res
+
+    def _unstable_tree_search_insert(self, v: np.ndarray, s: np.ndarray) -> None:
+        order = np.lexsort((v, s))
+        v, s = v[order], s[order]
+        first = np.ones(len(s), bool)
+        first[1:] = s[1:] != s[:-1]
+        group = np.cumsum(first) - 1
+        uniq = s[first]
+        tree_page = self._unstable_search(uniq)
+        anchor = np.where(tree_page >= 0, tree_page, v[first])[group]
+        is_src = v != anchor
+        created = 0
+        if is_src.any():
+            src, dst, ssum = v[is_src], anchor[is_src], s[is_src]
+            o = np.argsort(src, kind="stable")
+            src, dst, ssum = src[o], dst[o], ssum[o]
+            res, opfn, okey = self._merge(src, dst, np.zeros(len(src), np.uint32),
+                                          np.zeros(len(src), np.uint32))
+            ok = res == _core.MERGE_OK
+            if ok.any():
+                self.age[src[ok]] = 0
+                self.skips[src[ok]] = 0
+                # anchors upgraded in place leave the unstable tree ...
+                merged_anchors = np.unique(dst[ok])
+                self.pages_unshared -= int(np.count_nonzero(self.tag[merged_anchors]))
+                self.tag[merged_anchors] = 0
+                self.age[merged_anchors] = 0
+                self.skips[merged_anchors] = 0
+                # ... and their frames become stable nodes (one per frame)
+                pfns, first_ok = np.unique(opfn[ok], return_index=True)
+                keys = okey[ok][first_ok]
+                known = self.node_of_pfn[pfns]
+                has = known >= 0
+                has[has] = (self.stable.alive[known[has]]
+                            & (self.stable.key[known[has]] == keys[has]))
+                new = ~has
+                if new.any():
+                    base = self.stable.n
+                    self.stable.insert(ssum[ok][first_ok][new], pfns[new], keys[new])
+                    self.node_of_pfn[pfns[new]] = np.arange(base, self.stable.n,
+                                                            dtype=np.int32)
+                    created = int(np.count_nonzero(new))
+            anchor_merged = np.zeros(len(v), bool)
+            if ok.any():
+                anchor_merged = np.isin(v, dst[ok])
+        else:
+            anchor_merged = np.zeros(len(v), bool)
+        # pages that start a group and found no tree page join the tree
+        ins = first & ~is_src & ~anchor_merged
+        ins[first] &= tree_page < 0
+        if ins.any():
+            iv, isum = v[ins], s[ins]
+            self.tag[iv] = self.cur_tag
+            self.pages_unshared += len(iv)
+            pos = np.searchsorted(self.u_sum, isum, side="right")
+            self.u_sum = np.insert(self.u_sum, pos, isum)
+            self.u_vpn = np.insert(self.u_vpn, pos, iv.astype(np.uint32))
+        del created
+
+    def _end_full_scan(self) -> None:
+        """The cursor wrapped: the unstable tree is thrown away, stale stable
+        nodes are swept out, and the advisor retunes pages_to_scan."""
+        self.full_scans += 1
+        self.cur_tag = self.cur_tag % 65535 + 1
+        self.u_sum = np.zeros(0, np.uint64)
+        self.u_vpn = np.zeros(0, np.uint32)
+        self.prune_stable()
+        self._maps = None
+        now = time.monotonic()
+        cpu = time.thread_time()
+        scan_time = max(now - self._scan_start, 1e-3)
+        self.last_full_scan_seconds = scan_time
+        if self.knobs["advisor_mode"] == "scan-time":
+            self._scan_time_advisor(scan_time, cpu - self._cpu_start)
+        self._scan_start = now
+        self._cpu_start = cpu
+
+    def prune_stable(self) -> None:
+        """Sweep every stable node through its keyhole, prune the stale."""
+        st = self.stable
+        nodes = np.flatnonzero(st.alive[: st.n])
+        if len(nodes):
+            mc, key, flags = self.native.frames_info(st.pfn[nodes])
+            stale = (key != st.key[nodes]) | ((flags & _core.FRAME_KSM) == 0) | (mc == 0)
+            if stale.any():
+                st.prune(nodes[stale])
+        if st.n - st.nr_alive > max(1024, st.n // 2):
+            st.compact()
+            self.node_of_pfn[:] = -1
+            self.node_of_pfn[st.pfn[: st.n]] = np.arange(st.n, dtype=np.int32)
+
+    def _scan_time_advisor(self, scan_time: float, cpu_time: float) -> None:
+        """scan_time_advisor() of Linux 6.8, in float seconds."""
+        k = self.knobs
+        cpu_percent = max(cpu_time * 100.0 / scan_time, 1.0)
+        last = self._last_scan_time or scan_time
+        factor = max(k["advisor_target_scan_time"] * 100.0 / scan_time, 1.0)
+        change = max(scan_time * 100.0 / last, 1.0)
+        change = ((100 - EWMA_WEIGHT) * self._change + EWMA_WEIGHT * change) / 100.0
+        pages = k["pages_to_scan"] * 100.0 / factor
+        pages = pages * change / 100.0
+        per_page_cost = max(k["pages_to_scan"] / cpu_percent, 1.0)
+        pages = min(pages, per_page_cost * k["advisor_max_cpu"])
+        pages = max(pages, per_page_cost * ADVISOR_MIN_CPU)
+        pages = min(pages, k["advisor_max_pages_to_scan"])
+        pages = max(pages, k["advisor_min_pages_to_scan"])
+        self._change = change
+        self._last_scan_time = scan_time
+        k["pages_to_scan"] = int(pages)
+
+    # -- accounting -----------------------------------------------------------
+
+    def metadata_bytes(self) -> int:
+        """Bytes of scanner state in use (the arrays' used parts)."""
+        per_page = (self.oldchecksum.itemsize + self.tag.itemsize + self.age.itemsize
+                    + self.skips.itemsize)
+        return (self.rmap_items * per_page + self.u_sum.nbytes + self.u_vpn.nbytes
+                + self.stable.nbytes())
