@@ -64,6 +64,97 @@ uint32_t uksm_jhash2(const uint32_t *k, uint32_t length, uint32_t initval)
 	return c;
 }
 
+/*
+ * jhash2 of four pages at once, one page per 32-bit lane of an SSE2
+ * register.  jhash2 is one long dependency chain per page, so a page at a
+ * time leaves most of the CPU idle; four chains side by side run in the
+ * time of about two.  Words are loaded 4 x 4 and transposed so each lane
+ * gets its own page's words in order.  Same result as uksm_jhash2(..., 17):
+ * the tests check them against each other.
+ */
+#define LANES 4
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+
+static inline __m128i rolv(__m128i x, int k)
+{
+	return _mm_or_si128(_mm_slli_epi32(x, k), _mm_srli_epi32(x, 32 - k));
+}
+
+#define MIXV(a, b, c)								\
+do {										\
+	a = _mm_sub_epi32(a, c); a = _mm_xor_si128(a, rolv(c, 4));  c = _mm_add_epi32(c, b);	\
+	b = _mm_sub_epi32(b, a); b = _mm_xor_si128(b, rolv(a, 6));  a = _mm_add_epi32(a, c);	\
+	c = _mm_sub_epi32(c, b); c = _mm_xor_si128(c, rolv(b, 8));  b = _mm_add_epi32(b, a);	\
+	a = _mm_sub_epi32(a, c); a = _mm_xor_si128(a, rolv(c, 16)); c = _mm_add_epi32(c, b);	\
+	b = _mm_sub_epi32(b, a); b = _mm_xor_si128(b, rolv(a, 19)); a = _mm_add_epi32(a, c);	\
+	c = _mm_sub_epi32(c, b); c = _mm_xor_si128(c, rolv(b, 4));  b = _mm_add_epi32(b, a);	\
+} while (0)
+
+#define TRANSPOSE4(r0, r1, r2, r3)					\
+do {									\
+	__m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpacklo_epi32(r2, r3);	\
+	__m128i t2 = _mm_unpackhi_epi32(r0, r1), t3 = _mm_unpackhi_epi32(r2, r3);	\
+	r0 = _mm_unpacklo_epi64(t0, t1); r1 = _mm_unpackhi_epi64(t0, t1);	\
+	r2 = _mm_unpacklo_epi64(t2, t3); r3 = _mm_unpackhi_epi64(t2, t3);	\
+} while (0)
+
+static void jhash2_page_x4(const uint32_t *const k[LANES], uint64_t out[LANES])
+{
+	const uint32_t words = PG / 4;	/* 1024 = 85 * 12 + 3 + 1 */
+	__m128i a = _mm_set1_epi32((int)(JHASH_INITVAL + (words << 2) + 17));
+	__m128i b = a, c = a;
+	uint32_t A[LANES], B[LANES], C[LANES], i = 0;
+
+	for (; i + 12 <= words - 1; i += 12) {	/* 12 words: four rounds */
+		__m128i w[12];
+
+		for (int q = 0; q < 3; q++) {
+			__m128i r0 = _mm_loadu_si128((const __m128i *)(k[0] + i + 4 * q));
+			__m128i r1 = _mm_loadu_si128((const __m128i *)(k[1] + i + 4 * q));
+			__m128i r2 = _mm_loadu_si128((const __m128i *)(k[2] + i + 4 * q));
+			__m128i r3 = _mm_loadu_si128((const __m128i *)(k[3] + i + 4 * q));
+
+			TRANSPOSE4(r0, r1, r2, r3);
+			w[4 * q] = r0;
+			w[4 * q + 1] = r1;
+			w[4 * q + 2] = r2;
+			w[4 * q + 3] = r3;
+		}
+		for (int r = 0; r < 4; r++) {
+			a = _mm_add_epi32(a, w[3 * r]);
+			b = _mm_add_epi32(b, w[3 * r + 1]);
+			c = _mm_add_epi32(c, w[3 * r + 2]);
+			MIXV(a, b, c);
+		}
+	}
+	for (; i + 3 < words; i += 3) {
+		a = _mm_add_epi32(a, _mm_set_epi32((int)k[3][i], (int)k[2][i],
+						   (int)k[1][i], (int)k[0][i]));
+		b = _mm_add_epi32(b, _mm_set_epi32((int)k[3][i + 1], (int)k[2][i + 1],
+						   (int)k[1][i + 1], (int)k[0][i + 1]));
+		c = _mm_add_epi32(c, _mm_set_epi32((int)k[3][i + 2], (int)k[2][i + 2],
+						   (int)k[1][i + 2], (int)k[0][i + 2]));
+		MIXV(a, b, c);
+	}
+	_mm_storeu_si128((__m128i *)A, a);
+	_mm_storeu_si128((__m128i *)B, b);
+	_mm_storeu_si128((__m128i *)C, c);
+	for (int l = 0; l < LANES; l++) {
+		A[l] += k[l][i];	/* one word left: jhash2's "case 1" */
+		__jhash_final(A[l], B[l], C[l]);
+		out[l] = C[l];
+	}
+}
+#else
+static void jhash2_page_x4(const uint32_t *const k[LANES], uint64_t out[LANES])
+{
+	for (int l = 0; l < LANES; l++)
+		out[l] = uksm_jhash2(k[l], PG / 4, 17);
+}
+#endif
+
 uint64_t uksm_xxhash(const void *page)
 {
 	return XXH3_64bits(page, PG);
@@ -90,18 +181,42 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			int algo, const uint8_t *skip, uint64_t *sums,
 			uint8_t *state)
 {
+	_Static_assert(PG / 4 == 3 * 341 + 1, "jhash2_page_x4 assumes 4 KiB pages");
 	if (vpn + npages > pool->va_pages)
 		return -EINVAL;
-	for (size_t i = 0; i < npages; i++) {
-		struct uksm_pte *pte = &pool->ptes[vpn + i];
+	for (size_t i = 0; i < npages; i += 8) {
+		size_t end = i + 8 < npages ? i + 8 : npages;
+		const uint32_t *pages[8];
+		size_t idx[8], nr = 0;
 
-		if ((i & 7) == 0)
-			uksm_lock(pool);
-		state[i] = pte->state;
-		sums[i] = pte->state == UKSM_PTE_NORMAL && !(skip && skip[i]) ?
-			  uksm_calc_checksum(frame_addr(pool, pte->pfn), algo) : 0;
-		if ((i & 7) == 7 || i + 1 == npages)
-			uksm_unlock(pool);
+		uksm_lock(pool);
+		for (size_t j = i; j < end; j++) {
+			struct uksm_pte *pte = &pool->ptes[vpn + j];
+
+			state[j] = pte->state;
+			sums[j] = 0;
+			if (pte->state == UKSM_PTE_NORMAL && !(skip && skip[j])) {
+				pages[nr] = (const uint32_t *)frame_addr(pool, pte->pfn);
+				idx[nr++] = j;
+			}
+		}
+		if (algo == UKSM_CSUM_JHASH2) {
+			size_t g = 0;
+
+			for (; g + LANES <= nr; g += LANES) {
+				uint64_t out[LANES];
+
+				jhash2_page_x4(&pages[g], out);
+				for (int l = 0; l < LANES; l++)
+					sums[idx[g + l]] = out[l];
+			}
+			for (; g < nr; g++)
+				sums[idx[g]] = uksm_jhash2(pages[g], PG / 4, 17);
+		} else {
+			for (size_t g = 0; g < nr; g++)
+				sums[idx[g]] = XXH3_64bits(pages[g], PG);
+		}
+		uksm_unlock(pool);
 	}
 	return 0;
 }
