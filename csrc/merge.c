@@ -34,6 +34,38 @@ static int vma_charge(int64_t *budget)
 }
 
 /*
+ * Frames for @n pages from @vpn that will coalesce with a neighbour: the
+ * frame after the left neighbour's, or the run ending just before the
+ * right neighbour's, when free.  Sequential writes through a merged run
+ * (arr[:] = x) then fault page by page onto one growing run of frames, and
+ * the kernel merges the new mappings into one VMA instead of splitting the
+ * run into a VMA per page (vm.max_map_count).
+ */
+static size_t alloc_near(struct uksm_pool *pool, size_t vpn, size_t n,
+			 size_t limit, size_t *pfn_out)
+{
+	size_t want[2];
+	int nr = 0;
+
+	if (limit > pool->nr_frames)
+		limit = pool->nr_frames;
+	if (vpn > 0 && pool->ptes[vpn - 1].state == UKSM_PTE_NORMAL)
+		want[nr++] = (size_t)pool->ptes[vpn - 1].pfn + 1;
+	if (vpn + n < pool->va_pages && pool->ptes[vpn + n].state == UKSM_PTE_NORMAL &&
+	    pool->ptes[vpn + n].pfn >= n)
+		want[nr++] = (size_t)pool->ptes[vpn + n].pfn - n;
+	for (int i = 0; i < nr; i++) {
+		size_t got = uksm_frame_alloc_at(pool, want[i], n, limit);
+
+		if (got) {
+			*pfn_out = want[i];
+			return got;
+		}
+	}
+	return uksm_frame_alloc_run(pool, n, limit, pfn_out);
+}
+
+/*
  * uksm_break_cow - give each of @n pages from @vpn (KSM or ZERO) a private
  * frame again: copy the KSM frame through the direct map (a fresh frame is
  * already zero for a ZERO page), map it read-write, drop the old mapping.
@@ -82,7 +114,7 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
 			else
 				break;
 		}
-		got = uksm_frame_alloc_run(pool, m, limit, &pfn);
+		got = alloc_near(pool, vpn + done, m, limit, &pfn);
 		if (!got)
 			return (int)done;
 		for (size_t k = 0; k < got; k++) {

@@ -78,7 +78,7 @@ static int grow_file(struct uksm_pool *pool, size_t end)
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 			    size_t *pfn_out)
 {
-	size_t pfn, n = 0;
+	size_t pfn, n;
 
 	if (limit > pool->nr_frames)
 		limit = pool->nr_frames;
@@ -86,9 +86,28 @@ size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 	if (pfn >= limit)
 		return 0;
 	pool->frame_hint = pfn;
+	n = uksm_frame_alloc_at(pool, pfn, want, limit);
+	if (n) {
+		*pfn_out = pfn;
+		pool->frame_hint = pfn + n;
+	}
+	return n;
+}
+
+/*
+ * uksm_frame_alloc_at - take up to @want free frames starting exactly at
+ * @pfn (below @limit); 0 if @pfn itself is taken.  Caller holds pool->lock.
+ */
+size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
+			   size_t limit)
+{
+	size_t n = 0;
+
+	if (limit > pool->nr_frames)
+		limit = pool->nr_frames;
 	while (n < want && pfn + n < limit && !bit_test(pool->frame_map, pfn + n))
 		n++;
-	if (grow_file(pool, pfn + n))
+	if (!n || grow_file(pool, pfn + n))
 		return 0;
 	for (size_t i = 0; i < n; i++) {
 		struct uksm_frame *f = &pool->frames[pfn + i];
@@ -98,9 +117,7 @@ size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 		f->flags = 0;
 		f->mapcount = 0;
 	}
-	pool->frame_hint = pfn + n;
 	pool->st.frames_used += n;
-	*pfn_out = pfn;
 	return n;
 }
 

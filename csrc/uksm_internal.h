@@ -99,6 +99,8 @@ extern struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 /* pool.c: frame allocator; caller holds pool->lock */
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 			    size_t *pfn_out);
+size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
+			   size_t limit);
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
 void uksm_frames_flush(struct uksm_pool *pool);
 /* merge.c; caller holds pool->lock */

@@ -448,16 +448,36 @@ class Scanner:
         return res
 
     def _unstable_tree_search_insert(self, v: np.ndarray, s: np.ndarray) -> None:
+        """unstable_tree_search_insert() and try_to_merge_two_pages() for a
+        batch.  Pages of one checksum form a group; the group's anchor is the
+        live tree page if there is one, else its first page.  A KSM frame
+        takes at most max_page_sharing mappers, so a large group is cut into
+        chunks of that size, each with an anchor of its own: every chunk
+        becomes one dup of the same content, as a stable node chain."""
         order = np.lexsort((v, s))
         v, s = v[order], s[order]
-        first = np.ones(len(s), bool)
+        n = len(v)
+        first = np.ones(n, bool)
         first[1:] = s[1:] != s[:-1]
         group = np.cumsum(first) - 1
-        uniq = s[first]
-        tree_page = self._unstable_search(uniq)
-        anchor = np.where(tree_page >= 0, tree_page, v[first])[group]
-        is_src = v != anchor
-        created = 0
+        starts = np.flatnonzero(first)
+        tree_page = self._unstable_search(s[first])
+        has_tree = tree_page >= 0
+        # rank of each page in its group; a tree page, if any, holds rank 0
+        rank = np.arange(n) - starts[group] + has_tree[group]
+        chunk = rank // self.knobs["max_page_sharing"]
+        head = rank % self.knobs["max_page_sharing"] == 0     # a chunk's anchor
+        # the anchor page of each page's chunk: the tree page for chunk 0 of
+        # a group that has one, else the batch page holding the chunk's rank 0
+        head_pos = np.flatnonzero(head)
+        anchor = np.empty(n, np.int64)
+        anchor[head_pos] = v[head_pos]
+        last_head = np.maximum.accumulate(np.where(head, np.arange(n), -1))
+        in_tree_chunk = (chunk == 0) & has_tree[group]
+        anchor[last_head >= 0] = v[last_head[last_head >= 0]]
+        anchor[in_tree_chunk] = tree_page[group[in_tree_chunk]]
+        is_src = ~head
+        anchor_merged = np.zeros(n, bool)
         if is_src.any():
             src, dst, ssum = v[is_src], anchor[is_src], s[is_src]
             o = np.argsort(src, kind="stable")
@@ -474,7 +494,8 @@ class Scanner:
                 self.tag[merged_anchors] = 0
                 self.age[merged_anchors] = 0
                 self.skips[merged_anchors] = 0
-                # ... and their frames become stable nodes (one per frame)
+                anchor_merged = np.isin(v, merged_anchors)
+                # ... and their frames become stable nodes, one per frame
                 pfns, first_ok = np.unique(opfn[ok], return_index=True)
                 keys = okey[ok][first_ok]
                 known = self.node_of_pfn[pfns]
@@ -487,15 +508,8 @@ class Scanner:
                     self.stable.insert(ssum[ok][first_ok][new], pfns[new], keys[new])
                     self.node_of_pfn[pfns[new]] = np.arange(base, self.stable.n,
                                                             dtype=np.int32)
-                    created = int(np.count_nonzero(new))
-            anchor_merged = np.zeros(len(v), bool)
-            if ok.any():
-                anchor_merged = np.isin(v, dst[ok])
-        else:
-            anchor_merged = np.zeros(len(v), bool)
-        # pages that start a group and found no tree page join the tree
-        ins = first & ~is_src & ~anchor_merged
-        ins[first] &= tree_page < 0
+        # chunk anchors from this batch that merged nothing join the tree
+        ins = head & ~anchor_merged
         if ins.any():
             iv, isum = v[ins], s[ins]
             self.tag[iv] = self.cur_tag
@@ -503,7 +517,6 @@ class Scanner:
             pos = np.searchsorted(self.u_sum, isum, side="right")
             self.u_sum = np.insert(self.u_sum, pos, isum)
             self.u_vpn = np.insert(self.u_vpn, pos, iv.astype(np.uint32))
-        del created
 
     def _end_full_scan(self) -> None:
         """The cursor wrapped: the unstable tree is thrown away, stale stable

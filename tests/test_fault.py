@@ -1,0 +1,457 @@
+"""Copy-on-write and the SIGSEGV handler (csrc/fault.c), with real faults.
+
+A write into a merged (KSM or zero) page must give the writer its own copy
+and leave every other sharer as it was; faults from GIL-releasing numpy
+loops and from several threads racing the background scanner must all be
+served; and faults that are not the pool's (a wild pointer, a freed buffer,
+kill -SEGV) must still kill the process with SIGSEGV, through
+faulthandler's traceback when it is enabled.
+"""
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import uksm
+
+from conftest import memfd_bytes
+
+PAGE = uksm.PAGE_SIZE
+NORMAL, KSM, ZERO = 1, 2, 3
+
+
+def page(a: np.ndarray, i: int) -> np.ndarray:
+    """Page @i of @a as a writable uint8 view."""
+    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+
+
+def states(pool, a):
+    return pool.page_states(a)[0]
+
+
+def make_sharers(pool, nsharers: int, npages: int, seed: int):
+    """@nsharers arrays with identical contents: page i random but the same in
+    every array (and different from every other page), plus a numpy shadow."""
+    rng = np.random.default_rng(seed)
+    content = rng.integers(1, 256, npages * PAGE, dtype=np.uint8)
+    arrs = [pool.asarray(content) for _ in range(nsharers)]
+    shadows = [content.copy() for _ in range(nsharers)]
+    return arrs, shadows
+
+
+# --- single writes -----------------------------------------------------------------
+
+
+def test_cow_write_gives_writer_private_copy(pool):
+    arrs, shadows = make_sharers(pool, 3, 8, seed=1)
+    pool.scan(full_scans=2)
+    for a in arrs:
+        st_, pfn, mc = pool.page_states(a)
+        assert (st_ == KSM).all(), st_
+        assert (mc == 3).all(), mc
+    pfn_before = pool.page_states(arrs[0])[1].copy()
+    cow_before = pool.stats()["cow_breaks"]
+
+    page(arrs[1], 3)[100] ^= 0xFF
+    shadows[1][3 * PAGE + 100] ^= 0xFF
+
+    for a, s in zip(arrs, shadows):
+        assert np.array_equal(a, s)
+    st1, pfn1, mc1 = pool.page_states(arrs[1])
+    assert st1[3] == NORMAL and mc1[3] == 1
+    assert pfn1[3] != pfn_before[3], "writer still maps the shared frame"
+    assert (np.delete(st1, 3) == KSM).all()
+    for other in (arrs[0], arrs[2]):
+        st_, pfn, mc = pool.page_states(other)
+        assert (st_ == KSM).all()
+        assert np.array_equal(pfn, pfn_before), "other sharers were moved"
+        assert mc[3] == 2 and (np.delete(mc, 3) == 3).all()
+    assert pool.stats()["cow_breaks"] == cow_before + 1
+
+
+def test_last_sharer_gets_the_frame_back(pool):
+    arrs, shadows = make_sharers(pool, 2, 2, seed=2)
+    pool.scan(full_scans=2)
+    shared_pfn = pool.page_states(arrs[0])[1][0]
+    page(arrs[0], 0)[0] = 0
+    shadows[0][0] = 0
+    # arrs[1] is now the only mapper of the KSM frame: its write reuses it
+    page(arrs[1], 0)[1] = 0
+    shadows[1][1] = 0
+    st_, pfn, mc = pool.page_states(arrs[1])
+    assert st_[0] == NORMAL and pfn[0] == shared_pfn and mc[0] == 1
+    for a, s in zip(arrs, shadows):
+        assert np.array_equal(a, s)
+
+
+# --- the property: COW isolation against numpy shadows ------------------------------
+
+NSHARERS = 4
+NPAGES = 6
+
+
+@pytest.fixture(scope="module")
+def prop_pool():
+    p = uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False)
+    yield p
+    p.close()
+
+
+writes_st = st.lists(
+    st.tuples(st.integers(0, NPAGES * PAGE - 1),     # byte offset in the array
+              st.integers(0, 255),                   # value
+              st.integers(0, NSHARERS - 1)),         # which sharer writes
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=writes_st, seed=st.integers(0, 2**32 - 1))
+def test_cow_isolation_property(prop_pool, writes, seed):
+    pool = prop_pool
+    arrs, shadows = make_sharers(pool, NSHARERS, NPAGES, seed)
+    pool.scan(full_scans=2)
+    for a in arrs:
+        assert (states(pool, a) == KSM).all()
+    written = np.zeros((NSHARERS, NPAGES), bool)
+    for off, value, who in writes:
+        arrs[who].view(np.uint8).reshape(-1)[off] = value
+        shadows[who][off] = value
+        written[who, off // PAGE] = True
+        for a, s in zip(arrs, shadows):
+            assert np.array_equal(a, s)
+    # the page table agrees: a writer has its own page, the others still
+    # share one frame whose mapcount is the number of sharers left
+    unwritten_per_page = NSHARERS - written.sum(axis=0)
+    for who, a in enumerate(arrs):
+        st_, _, mc = pool.page_states(a)
+        assert (st_[written[who]] == NORMAL).all()
+        assert (st_[~written[who]] == KSM).all()
+        assert (mc[~written[who]] == unwritten_per_page[~written[who]]).all()
+    del arrs
+
+
+# --- zero pages ---------------------------------------------------------------------
+
+
+def test_write_into_zero_pages():
+    with uksm.Pool("16MiB", use_zero_pages=True) as pool:
+        z = pool.zeros(16 * PAGE, np.uint8)
+        before = memfd_bytes(pool)
+        st_ = pool.scan(full_scans=2)
+        assert (states(pool, z) == ZERO).all()
+        assert st_["ksm_zero_pages"] == 16
+        assert memfd_bytes(pool) <= before - 16 * PAGE
+
+        page(z, 5)[17] = 42
+        s = states(pool, z)
+        assert s[5] == NORMAL and (np.delete(s, 5) == ZERO).all()
+        assert pool.stats()["zero_page_cows"] == 1
+        expect = np.zeros(16 * PAGE, np.uint8)
+        expect[5 * PAGE + 17] = 42
+        assert np.array_equal(z, expect)
+
+        # a numpy loop writing every zero page
+        z[:] = np.arange(z.size, dtype=np.uint64).astype(np.uint8)
+        assert (states(pool, z) == NORMAL).all()
+        assert np.array_equal(z, np.arange(z.size, dtype=np.uint64).astype(np.uint8))
+        assert pool.stats()["ksm_zero_pages"] == 0
+
+
+# --- numpy loops that release the GIL -------------------------------------------------
+
+
+def test_numpy_fill_of_multi_mib_merged_array(pool):
+    # 4 MiB of float64, 1024 pages, each page different, a and b equal
+    src = np.random.default_rng(5).random(4 * 1024 * 1024 // 8)
+    a = pool.asarray(src)
+    b = pool.asarray(src)
+    pool.scan(full_scans=2)
+    assert (states(pool, a) == KSM).all() and (states(pool, b) == KSM).all()
+    a[:] = 7                                      # every page faults, GIL released
+    assert (a == 7).all()
+    np.testing.assert_array_equal(b, src)
+    assert (states(pool, a) == NORMAL).all()
+    assert (states(pool, b) == KSM).all()
+
+
+def test_numpy_ufunc_out_into_merged_pages(pool):
+    rng = np.random.default_rng(3)
+    src = rng.random(2 * 1024 * 1024 // 8)        # 2 MiB
+    x = pool.asarray(src)
+    y = pool.asarray(src)
+    c = pool.asarray(src)
+    pool.scan(full_scans=2)
+    assert (states(pool, c) == KSM).all()
+    np.add(x, 1.0, out=c)
+    np.testing.assert_array_equal(c, src + 1.0)
+    np.testing.assert_array_equal(x, src)
+    np.testing.assert_array_equal(y, src)
+    assert (states(pool, c) == NORMAL).all()
+    assert (states(pool, x) == KSM).all()
+    np.multiply(y, 2.0, out=y)                    # in place, on itself
+    np.testing.assert_array_equal(y, src * 2.0)
+    np.testing.assert_array_equal(x, src)
+
+
+def test_two_threads_numpy_writes_into_merged_arrays(pool):
+    n = 2 * 1024 * 1024 // 8
+    arrs = [pool.full(n, 1.5) for _ in range(3)]
+    pool.scan(full_scans=2)
+    errors = []
+
+    def work(a, v):
+        try:
+            np.copyto(a, v)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(arrs[i], float(i + 10))) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in ts), "writer thread hung"
+    assert not errors
+    assert (arrs[0] == 10.0).all() and (arrs[1] == 11.0).all()
+    assert (arrs[2] == 1.5).all()
+
+
+# --- writers racing the background scanner -------------------------------------------
+
+
+def test_writer_threads_race_background_scanner():
+    NARR, NP, NTHREADS, RUN = 6, 64, 4, 3.0
+    pool = uksm.Pool("32MiB", pages_to_scan=200, sleep_millisecs=0)
+    try:
+        rng = np.random.default_rng(4)
+        patterns = rng.integers(1, 256, (3, PAGE), dtype=np.uint8)
+        arrs = []
+        for _ in range(NARR):
+            a = pool.empty(NP * PAGE, np.uint8)
+            a.reshape(NP, PAGE)[:] = patterns[np.arange(NP) % 3]
+            arrs.append(a)
+        pool.scan(full_scans=2)
+        assert all((states(pool, a) == KSM).all() for a in arrs)
+        merged0 = pool.stats()["pages_merged_total"]
+
+        # thread t owns the pages (array k, page i) with (k * NP + i) % NTHREADS == t
+        shadows = [[a.copy() for a in arrs] for _ in range(NTHREADS)]
+        owned = [[(k, i) for k in range(NARR) for i in range(NP)
+                  if (k * NP + i) % NTHREADS == t] for t in range(NTHREADS)]
+        failures = []
+        counts = [0] * NTHREADS
+        deadline = time.monotonic() + RUN
+
+        def writer(t):
+            r = np.random.default_rng(100 + t)
+            mine = owned[t]
+            sh = shadows[t]
+            try:
+                while time.monotonic() < deadline:
+                    k, i = mine[r.integers(len(mine))]
+                    pg = page(arrs[k], i)
+                    spg = sh[k][i * PAGE:(i + 1) * PAGE]
+                    if r.random() < 0.5:
+                        # back to a common pattern: the scanner will merge it again
+                        pat = patterns[r.integers(3)]
+                        pg[:] = pat
+                        spg[:] = pat
+                    else:
+                        off, v = int(r.integers(PAGE)), int(r.integers(256))
+                        pg[off] = v
+                        spg[off] = v
+                    if not np.array_equal(pg, spg):
+                        failures.append((t, k, i))
+                        return
+                    counts[t] += 1
+            except BaseException as e:  # pragma: no cover - reported below
+                failures.append((t, repr(e)))
+
+        pool.start()
+        threads = [threading.Thread(target=writer, args=(t,), daemon=True)
+                   for t in range(NTHREADS)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=max(deadline + 30 - time.monotonic(), 0.1))
+        hung = [th for th in threads if th.is_alive()]
+        stopper = threading.Thread(target=pool.stop, daemon=True)
+        if not hung:
+            stopper.start()
+            stopper.join(timeout=30)
+        if hung or stopper.is_alive():
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            pytest.fail(f"deadlock: {len(hung)} writer thread(s) or the scanner "
+                        "did not finish (stacks dumped to stderr)")
+        assert not failures, failures
+        assert min(counts) > 50, counts
+
+        for k, a in enumerate(arrs):
+            expect = np.empty_like(a)
+            for t in range(NTHREADS):
+                for kk, i in owned[t]:
+                    if kk == k:
+                        expect[i * PAGE:(i + 1) * PAGE] = shadows[t][k][i * PAGE:(i + 1) * PAGE]
+            assert np.array_equal(a, expect), f"array {k} lost writes"
+        st_ = pool.stats()
+        assert st_["cow_breaks"] > 0
+        assert st_["pages_merged_total"] > merged0, "scanner merged nothing while racing"
+        # and the pool is still consistent: a quiet scan keeps the data
+        pool.scan(full_scans=2)
+        for k, a in enumerate(arrs):
+            for t in range(NTHREADS):
+                for kk, i in owned[t]:
+                    if kk == k:
+                        assert np.array_equal(page(a, i), shadows[t][k][i * PAGE:(i + 1) * PAGE])
+    finally:
+        pool.close()
+
+
+# --- faults that are not the pool's: they must still crash ------------------------------
+
+PRELUDE = textwrap.dedent("""
+    import ctypes, faulthandler, os, signal, sys, time
+    import numpy as np
+    import uksm
+
+    def merged_pair(pool):
+        a = pool.full(4 * 4096, 3, dtype=np.uint8)
+        b = pool.full(4 * 4096, 3, dtype=np.uint8)
+        pool.scan(full_scans=2)
+        assert (pool.page_states(a)[0] == 2).all(), pool.page_states(a)
+        assert (pool.page_states(b)[0] == 2).all(), pool.page_states(b)
+        return a, b
+
+    def cow_check(pool, a, b):
+        a[5] = 9
+        a[3 * 4096] = 11
+        assert a[5] == 9 and a[3 * 4096] == 11
+        assert (b == 3).all()
+        assert pool.page_states(a)[0][0] == 1
+        sys.stderr.write("COW-OK\\n")
+        sys.stderr.flush()
+        print("COW-OK", flush=True)
+""")
+
+
+def run_child(body: str, *flags: str, timeout: float = 60):
+    code = PRELUDE + textwrap.dedent(body)
+    try:
+        return subprocess.run([sys.executable, *flags, "-c", code],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # pragma: no cover - the failure
+        pytest.fail(f"child hung for {timeout}s; stderr so far: {e.stderr!r}")
+
+
+def assert_died_by_sigsegv(proc):
+    assert proc.returncode == -signal.SIGSEGV, (
+        f"returncode {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+
+
+def crash_report_after_cow(stderr: str) -> str:
+    """The part of stderr after COW-OK; nothing fatal may come before it."""
+    assert "COW-OK" in stderr, stderr
+    before, after = stderr.split("COW-OK", 1)
+    assert "Fatal Python error" not in before, before
+    assert "uksm: fatal" not in before, before
+    return after
+
+
+def test_wild_pointer_crashes_with_faulthandler_traceback():
+    proc = run_child("""
+        pool = uksm.Pool("16MiB")
+        a, b = merged_pair(pool)
+        cow_check(pool, a, b)
+        ctypes.string_at(1)
+        print("SURVIVED", flush=True)
+    """, "-X", "faulthandler")
+    assert_died_by_sigsegv(proc)
+    assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
+    after = crash_report_after_cow(proc.stderr)
+    assert "Fatal Python error" in after or "Segmentation fault" in after, after
+    assert "string_at" in after or 'File "<string>"' in after, after
+
+
+def test_faulthandler_enabled_after_pool():
+    proc = run_child("""
+        pool = uksm.Pool("16MiB")
+        faulthandler.enable()
+        faulthandler.disable()
+        faulthandler.enable()          # as pytest does, around a run
+        a, b = merged_pair(pool)
+        cow_check(pool, a, b)
+        c = pool.full(4096, 5, dtype=np.uint8)
+        c[0] = 6                        # a write that is not a COW still works
+        ctypes.string_at(1)
+        print("SURVIVED", flush=True)
+    """)
+    assert_died_by_sigsegv(proc)
+    assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
+    after = crash_report_after_cow(proc.stderr)
+    assert "Fatal Python error" in after, after
+    assert after.count("Fatal Python error") == 1, after
+
+
+def test_wild_pointer_crashes_without_faulthandler():
+    proc = run_child("""
+        pool = uksm.Pool("16MiB")
+        a, b = merged_pair(pool)
+        cow_check(pool, a, b)
+        ctypes.string_at(1)
+        print("SURVIVED", flush=True)
+    """)
+    assert_died_by_sigsegv(proc)
+    assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
+
+
+@pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")], ids=["plain", "faulthandler"])
+def test_touching_freed_buffer_crashes(flags):
+    proc = run_child("""
+        pool = uksm.Pool("16MiB")
+        a, b = merged_pair(pool)
+        cow_check(pool, a, b)
+        # a's pages 1..3 still share b's frame: a freed view must not reach it
+        c = pool.full(4 * 4096, 3, dtype=np.uint8)
+        pool.free(a)
+        print("FREED", flush=True)
+        print("READ", int(a[4096]), flush=True)
+        a[4096] = 1
+        print("WROTE", flush=True)
+    """, *flags)
+    assert_died_by_sigsegv(proc)
+    assert "FREED" in proc.stdout
+    assert "READ" not in proc.stdout and "WROTE" not in proc.stdout
+    if flags:
+        after = crash_report_after_cow(proc.stderr)
+        assert "Fatal Python error" in after, after
+
+
+@pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")], ids=["plain", "faulthandler"])
+@pytest.mark.parametrize("scanner", [False, True], ids=["idle", "ksmd-running"])
+def test_kill_sigsegv_still_kills(flags, scanner):
+    proc = run_child(f"""
+        pool = uksm.Pool("16MiB", sleep_millisecs=0)
+        a, b = merged_pair(pool)
+        cow_check(pool, a, b)
+        if {scanner!r}:
+            pool.start()
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+        print("SURVIVED", flush=True)
+    """, *flags, timeout=30)
+    assert_died_by_sigsegv(proc)
+    assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
+    if flags:
+        after = crash_report_after_cow(proc.stderr)
+        assert "Fatal Python error" in after, after
