@@ -316,10 +316,35 @@ class Scanner:
         return max(0, limit - self._maps - self._charged)
 
     def _merge(self, src, dst_vpn, dst_pfn, dst_key):
+        """uksm_merge() within the VMA budget.  When the budget cannot cover
+        every run, the runs go first: a run of k pages saves k pages for the
+        same few VMAs an isolated page costs."""
         budget = self._vma_budget()
-        res, opfn, okey, left = self.native.merge(src, dst_vpn, dst_pfn, dst_key,
-                                                  self.knobs["max_page_sharing"], budget)
-        self._charged += budget - left
+        n = len(src)
+        # each run may cost up to three protection changes or remaps
+        target = np.where(dst_vpn >= 0, dst_vpn, dst_pfn.astype(np.int64))
+        brk = np.ones(n, bool)
+        brk[1:] = (np.diff(src) != 1) | (np.diff(target) != 1) | \
+            ((dst_vpn[1:] >= 0) != (dst_vpn[:-1] >= 0))
+        nruns = int(np.count_nonzero(brk))
+        if nruns * 6 <= budget or nruns == n:
+            passes = [np.arange(n)]
+        else:
+            run_id = np.cumsum(brk) - 1
+            runlen = np.bincount(run_id)[run_id]
+            passes = [np.flatnonzero(runlen > 1), np.flatnonzero(runlen == 1)]
+        res = np.full(n, _core.MERGE_NOVMA, np.uint8)
+        opfn = np.zeros(n, np.uint32)
+        okey = np.zeros(n, np.uint32)
+        for sel in passes:
+            if not len(sel):
+                continue
+            r, p, k, left = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
+                                              dst_key[sel], self.knobs["max_page_sharing"],
+                                              budget)
+            res[sel], opfn[sel], okey[sel] = r, p, k
+            self._charged += budget - left
+            budget = left
         self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
         return res, opfn, okey
 
