@@ -10,6 +10,7 @@
  */
 #include "uksm_internal.h"
 
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -123,6 +124,8 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
 			if (p->state == UKSM_PTE_KSM)
 				memcpy(frame_addr(pool, pfn + k),
 				       frame_addr(pool, p->pfn), PG);
+			else	/* a hole until written: allocate it, as uksm_alloc does */
+				(void)fallocate(pool->fd, 0, (off_t)((pfn + k) * PG), PG);
 		}
 		err = uksm_map_frames(pool, vpn + done, got, pfn, 1);
 		if (err) {

@@ -8,7 +8,6 @@ kill -SEGV) must still kill the process with SIGSEGV, through
 faulthandler's traceback when it is enabled.
 """
 import faulthandler
-import os
 import signal
 import subprocess
 import sys

@@ -167,6 +167,49 @@ def _wait_child(pid: int, timeout: float) -> int:
     pytest.fail(f"forked child {pid} hung for {timeout}s (deadlock at fork?)")
 
 
+@pytest.mark.parametrize("parent_does", ["write", "free", "cow"])
+def test_parent_acts_immediately_after_fork(parent_does):
+    """The parent does not wait for anything after fork: its very next write,
+    free or COW break must not reach the child, whose copy of the pool is
+    still being made (a big pool makes that copy take a while)."""
+    with uksm.Pool("128MiB") as pool:
+        big = pool.empty(48 << 20, np.uint8)              # 12288 NORMAL pages,
+        big.view(np.uint32)[:] = np.arange(big.size // 4, dtype=np.uint32)  # all different
+        last = big[-PAGE:].copy()
+        x = pool.full(PAGE, 7, dtype=np.uint8)            # allocated last: copied last
+        y = pool.full(PAGE, 7, dtype=np.uint8)
+        if parent_does == "cow":
+            pool.scan(full_scans=2)
+            assert (pool.page_states(x)[0] == KSM).all()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # child
+            code = 1
+            try:
+                os.close(rfd)
+                bad = (int(np.count_nonzero(x != 7)) + int(np.count_nonzero(y != 7))
+                       + int(np.count_nonzero(big[-PAGE:] != last)))
+                os.write(wfd, str(bad).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        if parent_does == "write":
+            big[-PAGE:] = 2
+            x[:] = 3
+        elif parent_does == "free":
+            pool.free(x)
+        else:
+            x[0] = 3                                   # COW break: a copy for x ...
+            y[0] = 3                                   # ... and y, sole mapper, reuses the frame
+        status = _wait_child(pid, TIMEOUT)
+        answer = os.read(rfd, 64)
+        os.close(rfd)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert answer == b"0", (f"the child saw {answer.decode()} bytes of what the "
+                                f"parent did after the fork ({parent_does})")
+
+
 def test_os_fork_with_background_scanner_running():
     rng = np.random.default_rng(8)
     pats = rng.integers(1, 256, (5, PAGE), dtype=np.uint8)
@@ -201,6 +244,8 @@ def test_os_fork_with_background_scanner_running():
                     select.select([rfd], [], [], TIMEOUT)
                     if code == 0 and not np.array_equal(arrs[1], expect[1]):
                         code = 4
+                    if code == 0 and pool.running:
+                        code = 6                          # a scanner thread in the child?
                     if code == 0 and exercise_pool(pool) != "ok":
                         code = 5
                 finally:
@@ -217,6 +262,7 @@ def test_os_fork_with_background_scanner_running():
                 3: "child's write did not land",
                 4: "child saw the parent's write after the fork",
                 5: "child could not use the inherited pool",
+                6: "the child's pool claims a running scanner thread",
             }.get(os.WEXITSTATUS(status), os.WEXITSTATUS(status))
             assert pool.running, "the parent's scanner thread stopped"
             for a, e in zip(arrs, expect):

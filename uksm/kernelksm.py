@@ -422,7 +422,8 @@ def converge(region: mmap.mmap, target_pages_sharing: int, pages_to_scan: int = 
              within: Optional[Session] = None) -> Convergence:
     """Merge @region with ksmd and time it, as kernel_ksm_reference.c does.
 
-    Marks @region MADV_MERGEABLE, sets pages_to_scan and sleep_millisecs,
+    Marks @region MADV_MERGEABLE, sets pages_to_scan (unless the scan-time
+    advisor is on: then it is the advisor's) and sleep_millisecs,
     starts ksmd (run=1) and polls pages_sharing every @poll seconds until it
     has grown by @target_pages_sharing and at least @min_full_scans full
     scans have completed (2 gives the selftests' "merge time", which waits
@@ -436,7 +437,11 @@ def converge(region: mmap.mmap, target_pages_sharing: int, pages_to_scan: int = 
     if sess is None or not sess._open:
         raise RuntimeError("kernelksm.converge() changes system-wide knobs: call it "
                            "inside `with kernelksm.session(): ...`")
-    sess.apply(pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs)
+    if has("advisor_mode") and read("advisor_mode") != "none":
+        # the advisor owns pages_to_scan: writing it is EINVAL
+        sess.apply(sleep_millisecs=sleep_millisecs)
+    else:
+        sess.apply(pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs)
     mark_mergeable(region)
     start = counters()
     scans0 = start["full_scans"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import faulthandler
 import math
+import operator
 import os
 import re
 import sys
@@ -317,12 +318,16 @@ class Pool:
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise TypeError("uksm pools hold plain data: object dtypes are not allowed")
-        if isinstance(shape, (int, np.integer)):
-            shape = (int(shape),)
+        if isinstance(shape, (str, bytes)):
+            raise TypeError(f"shape must be an int or a tuple of ints, not {shape!r}")
         try:
-            shape = tuple(int(d) for d in shape)
+            shape = (operator.index(shape),)
         except TypeError:
-            raise TypeError(f"shape must be an int or a tuple of ints, not {shape!r}") from None
+            try:
+                shape = tuple(operator.index(d) for d in shape)
+            except TypeError:
+                raise TypeError(f"shape must be an int or a tuple of ints, "
+                                f"not {shape!r}") from None
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimensions are not allowed: {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
@@ -412,13 +417,15 @@ class Pool:
         with self._lock:
             self._reap()
             rec = self._record(arr)
-            base = arr.base
-            # references to the buffer object: arr, this frame's `base`,
-            # getrefcount's argument; anything more is another view.
-            extra = sys.getrefcount(base) - 3
+            # A view of arr (slice, reshape, memoryview, frombuffer) holds a
+            # reference to arr itself.  Expected references: the caller's,
+            # this frame's argument, getrefcount's own; more may be a view,
+            # and freeing under a live view would crash it later, so refuse.
+            extra = sys.getrefcount(arr) - 3
             if extra > 0:
-                raise BufferInUseError(f"cannot free: {extra} other view(s) of this "
-                                       "buffer are alive")
+                del arr     # the traceback must not hold one more reference
+                raise BufferInUseError(f"cannot free: {extra} other reference(s) to this "
+                                       "buffer (views of it, or other names) are alive")
             rec.released = True
             self._scanner.remove_range(rec.vpn, rec.npages)
             self._native.release(rec.vpn, rec.npages)

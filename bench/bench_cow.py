@@ -1,0 +1,135 @@
+"""COW break latency on merged pages, against the bare floor of the same run.
+
+A one-byte write into each page of a merged region (pages N..2N-1 of the
+pairs workload, each sharing its frame with page i): us/page.  The floor is
+bench/floor.c, compiled here with the system cc: the SIGSEGV round trip
+alone, and the whole userspace COW break (fault, copy through the linear
+alias, MAP_FIXED remap of a fresh memfd frame).  Target: uksm <= 1.5 x the
+full COW floor.  The kernel KSM's own break, on merged private memory, for
+scale.
+"""
+import pytest
+
+import measure
+from harness import need_kernel, report, rounds
+from uksm import kernelksm
+
+MiB = measure.MiB
+PAGE = measure.PAGE
+
+
+def pairs(benchmark) -> int:
+    """N: 2 x 64 MiB (16384 pairs), or 2 x 4 MiB in the smoke run."""
+    return (4 if benchmark.disabled else 64) * MiB // PAGE
+
+
+@pytest.mark.benchmark(group="cow-break")
+def test_cow_floor(benchmark, shared):
+    n = pairs(benchmark)
+    exe = shared.get("floor_exe", lambda: measure.compile_floor(shared.tmpdir))
+    if exe is None:
+        pytest.skip("no C compiler (cc) for bench/floor.c")
+    results = []
+
+    def target():
+        r = measure.run_floor(exe, n)
+        results.append(r)
+        return r
+
+    benchmark.pedantic(target, rounds=rounds(benchmark))
+    s = {k: measure.median([r[k] for r in results])
+         for k in ("sigsegv_mprotect", "cow_scattered", "cow_run")}
+    shared.cache[("floor", n)] = s
+    report(benchmark,
+           f"COW floor ({n} pages): SIGSEGV round trip + mprotect {s['sigsegv_mprotect']:.2f} "
+           f"us/page; full COW break {s['cow_scattered']:.2f} us/page (one VMA per page, as "
+           f"syscall_costs.c), {s['cow_run']:.2f} us/page (one merged run)",
+           pages=n, sigsegv_mprotect_us=s["sigsegv_mprotect"],
+           cow_break_us=s["cow_scattered"], cow_break_run_us=s["cow_run"])
+
+
+@pytest.mark.parametrize("checksum", ["jhash2"])
+@pytest.mark.benchmark(group="cow-break")
+def test_cow_uksm(benchmark, shared, checksum):
+    n = pairs(benchmark)
+    results = []
+    workloads = []
+
+    def setup():
+        w = measure.UksmPairs(n, checksum, pages_to_scan=10000, sleep_millisecs=0)
+        workloads.append(w)
+        w.merge_all()
+        return (w,), {}
+
+    def target(w):
+        r = w.cow()
+        results.append(r)
+        return r
+
+    try:
+        benchmark.pedantic(target, setup=setup, teardown=lambda w: w.close(),
+                           rounds=rounds(benchmark))
+    finally:
+        for w in workloads:
+            w.close()
+    for r in results:
+        assert r["contents_ok"], r
+        assert r["merged_before"] == n, r
+        assert r["cow_faults"] == n, r
+    us = measure.median([r["us_per_page"] for r in results])
+    floor = shared.cache.get(("floor", n))
+    if floor is None and shared.get("floor_exe", lambda: measure.compile_floor(shared.tmpdir)):
+        floor = shared.floor(n)
+        if floor is not None:
+            floor = {k: floor[k] for k in ("sigsegv_mprotect", "cow_scattered", "cow_run")}
+    f_cow = floor["cow_scattered"] if floor else None
+    f_run = floor["cow_run"] if floor else None
+    r_cow = measure.ratio(us, f_cow)
+    report(benchmark,
+           f"COW break uksm ({n} merged pages): {us:.2f} us/page; floor {measure.fmt(f_cow, 2)} "
+           f"us/page (run layout {measure.fmt(f_run, 2)}); uksm/floor {measure.fmt(r_cow, 2)} "
+           f"(target <= 1.5)",
+           pages=n, us_per_page=us, floor_cow_us=f_cow, floor_cow_run_us=f_run,
+           floor_sigsegv_mprotect_us=floor["sigsegv_mprotect"] if floor else None,
+           ratio_to_floor=r_cow, ratio_to_run_floor=measure.ratio(us, f_run),
+           meets_target=None if r_cow is None else r_cow <= 1.5)
+
+
+@pytest.mark.benchmark(group="cow-break")
+def test_cow_kernel(benchmark, shared):
+    need_kernel()
+    n = pairs(benchmark)
+    results = []
+    workloads = []
+
+    def setup():
+        w = measure.KernelPairs(n)
+        workloads.append(w)
+        c = w.converge(target=1.0)
+        if not c["converged"]:
+            raise RuntimeError(f"kernel KSM did not merge the pairs: {c}")
+        return (w,), {}
+
+    def target(w):
+        r = w.cow()
+        results.append(r)
+        return r
+
+    def teardown(w):
+        w.close()
+        kernelksm.write("run", kernelksm.KSM_RUN_UNMERGE)
+        kernelksm.write("run", kernelksm.KSM_RUN_STOP)
+
+    with kernelksm.session(pages_to_scan=10000, sleep_millisecs=0):
+        try:
+            benchmark.pedantic(target, setup=setup, teardown=teardown,
+                               rounds=rounds(benchmark))
+        finally:
+            for w in workloads:
+                w.close()
+    us = measure.median([r["us_per_page"] for r in results])
+    floor = shared.cache.get(("floor", n))
+    report(benchmark,
+           f"COW break kernel KSM ({n} merged pages): {us:.2f} us/page "
+           f"(userspace floor {measure.fmt(floor['cow_scattered'] if floor else None, 2)})",
+           pages=n, us_per_page=us)
