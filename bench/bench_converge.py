@@ -31,7 +31,7 @@ def selftest_mib(benchmark) -> int:
 def test_converge_kernel(benchmark, shared):
     need_kernel()
     n = pairs(benchmark)
-    nrounds = rounds(benchmark)
+    nrounds = rounds(benchmark, 5)
     results = []
     workloads = []
 
@@ -72,7 +72,7 @@ def test_converge_kernel(benchmark, shared):
 @pytest.mark.benchmark(group="converge-2x128MiB")
 def test_converge_uksm(benchmark, shared, checksum, driver):
     n = pairs(benchmark)
-    nrounds = rounds(benchmark)
+    nrounds = rounds(benchmark, 5)
     results = []
     workloads = []
 

@@ -23,14 +23,38 @@ static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writabl
 }
 
 /*
- * Each mprotect or mmap of a part of a mapping may split it: charge two
- * VMAs against the caller's budget, refuse when it is spent.
+ * Would pages @a and @a + 1 sit in one VMA now?  Same kind of mapping, same
+ * protection, consecutive frames: the kernel keeps such neighbours merged.
  */
-static int vma_charge(int64_t *budget)
+static int same_vma(struct uksm_pool *pool, size_t a)
 {
-	if (*budget < 2)
+	const struct uksm_pte *x = &pool->ptes[a], *y = &pool->ptes[a + 1];
+
+	if (x->state != y->state)
 		return 0;
-	*budget -= 2;
+	if (x->state == UKSM_PTE_ZERO)
+		return 1;
+	return (x->state == UKSM_PTE_NORMAL || x->state == UKSM_PTE_KSM) &&
+	       y->pfn == x->pfn + 1;
+}
+
+/*
+ * VMAs that changing the protection or the mapping of pages [vpn, vpn + n)
+ * can add: one for each end of the range that cuts through a mapping.
+ * Pages inside the range only ever fuse.
+ */
+static int64_t split_cost(struct uksm_pool *pool, size_t vpn, size_t n)
+{
+	return (vpn > 0 && same_vma(pool, vpn - 1)) +
+	       (vpn + n < pool->va_pages && same_vma(pool, vpn + n - 1));
+}
+
+/* Take @cost VMAs from the caller's budget; refuse when it is spent. */
+static int vma_charge(int64_t *budget, int64_t cost)
+{
+	if (*budget < cost)
+		return 0;
+	*budget -= cost;
 	return 1;
 }
 
@@ -247,10 +271,15 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		size_t j = i + 1, r, len;
 		int stable = dst_vpn[i] < 0;
 
+		/*
+		 * A run: consecutive sources whose targets advance by one page
+		 * (one remap for all) or stay on the same frame (identical pages:
+		 * one write-protect for all, a remap each).
+		 */
 		while (j < n && j - i < UKSM_RUN_MAX && src_vpn[j] == src_vpn[j - 1] + 1 &&
 		       (dst_vpn[j] < 0) == stable &&
-		       (stable ? dst_pfn[j] == dst_pfn[j - 1] + 1 :
-				 dst_vpn[j] == dst_vpn[j - 1] + 1))
+		       (stable ? dst_pfn[j] - dst_pfn[j - 1] <= 1 :
+				 (uint64_t)(dst_vpn[j] - dst_vpn[j - 1]) <= 1))
 			j++;
 		len = j - i;
 
@@ -297,17 +326,18 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 
 		/* 2: upgrade unstable anchors in place: write-protect, mark KSM */
 		for (r = 0; r < len;) {
-			size_t e = r + 1;
+			size_t e = r + 1, span;
 
 			if (ctx.target[r] != -2) {
 				r++;
 				continue;
 			}
 			while (e < len && ctx.target[e] == -2 &&
-			       dst_vpn[i + e] == dst_vpn[i + e - 1] + 1)
+			       (uint64_t)(dst_vpn[i + e] - dst_vpn[i + e - 1]) <= 1)
 				e++;
-			if (!vma_charge(vma_budget) ||
-			    protect_run(pool, dst_vpn[i + r], e - r, 0)) {
+			span = (size_t)(dst_vpn[i + e - 1] - dst_vpn[i + r]) + 1;
+			if (!vma_charge(vma_budget, split_cost(pool, dst_vpn[i + r], span)) ||
+			    protect_run(pool, dst_vpn[i + r], span, 0)) {
 				for (; r < e; r++) {
 					ctx.target[r] = -1;
 					result[i + r] = UKSM_MERGE_NOVMA;
@@ -318,6 +348,11 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 				struct uksm_pte *anchor = &pool->ptes[dst_vpn[i + r]];
 				struct uksm_frame *f = &pool->frames[anchor->pfn];
 
+				if (anchor->state == UKSM_PTE_KSM) {
+					/* upgraded just now for an earlier entry */
+					ctx.target[r] = anchor->pfn;
+					continue;
+				}
 				f->flags |= UKSM_FRAME_KSM;
 				f->key = ++pool->next_key;
 				pool->st.ksm_frames++;
@@ -338,7 +373,7 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			}
 			while (e < len && ctx.target[e] >= 0)
 				e++;
-			if (!vma_charge(vma_budget) ||
+			if (!vma_charge(vma_budget, split_cost(pool, src_vpn[i + r], e - r)) ||
 			    protect_run(pool, src_vpn[i + r], e - r, 0)) {
 				for (; r < e; r++) {
 					ctx.target[r] = -1;
@@ -371,6 +406,7 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		/* 4: replace_page: remap runs of sources onto runs of frames */
 		for (r = 0; r < len;) {
 			size_t e = r + 1;
+			int64_t cost;
 			int err;
 
 			if (ctx.target[r] < 0) {
@@ -380,7 +416,15 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			while (e < len && ctx.target[e] == ctx.target[e - 1] + 1 &&
 			       src_vpn[i + e] == src_vpn[i + e - 1] + 1)
 				e++;
-			err = vma_charge(vma_budget) ?
+			/*
+			 * The sources were write-protected as one piece; remapping
+			 * part of it cuts it where a neighbour is still
+			 * protected and not remapped (ctx.wp still set).
+			 */
+			cost = (r > 0 && ctx.wp[r - 1] &&
+				src_vpn[i + r - 1] + 1 == src_vpn[i + r]) +
+			       (e < len && ctx.wp[e] && src_vpn[i + e - 1] + 1 == src_vpn[i + e]);
+			err = vma_charge(vma_budget, cost) ?
 			      uksm_map_frames(pool, src_vpn[i + r], e - r,
 					      ctx.target[r], 0) : -ENOMEM;
 			for (; r < e; r++) {
@@ -486,7 +530,7 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 			j++;
 		uksm_lock(pool);
 		for (r = i; r < j;) {
-			size_t e = r + 1;
+			size_t e = r + 1, r0;
 
 			if (pool->ptes[vpns[r]].state != UKSM_PTE_NORMAL) {
 				r++;
@@ -494,13 +538,15 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 			}
 			while (e < j && pool->ptes[vpns[e]].state == UKSM_PTE_NORMAL)
 				e++;
-			if (!vma_charge(vma_budget) || protect_run(pool, vpns[r], e - r, 0)) {
+			if (!vma_charge(vma_budget, split_cost(pool, vpns[r], e - r)) ||
+			    protect_run(pool, vpns[r], e - r, 0)) {
 				for (; r < e; r++)
 					result[r] = UKSM_MERGE_NOVMA;
 				continue;
 			}
 			for (size_t k = r; k < e; k++)
 				ok[k - i] = page_is_zero(frame_addr(pool, pool->ptes[vpns[k]].pfn));
+			r0 = r;
 			while (r < e) {
 				size_t z = r + 1;
 				void *p;
@@ -513,7 +559,8 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 				}
 				while (z < e && ok[z - i])
 					z++;
-				p = vma_charge(vma_budget) ?
+				/* cuts the protected piece [r0, e) where it stays */
+				p = vma_charge(vma_budget, (r > r0) + (z < e)) ?
 				    mmap(page_addr(pool, vpns[r]), (z - r) * PG, PROT_READ,
 					 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) :
 				    MAP_FAILED;

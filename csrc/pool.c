@@ -513,24 +513,46 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 
 /*
  * Fork.  prepare takes every pool->lock so that no table is half-changed in
- * the child; the parent just drops them again.  The child cannot keep
- * sharing the memfd with its parent (the MAP_SHARED trap: each would see
- * the other's writes), so it copies every frame in use into a memfd of its
- * own and remaps all its pages there.  Only syscalls and memcpy: a forked
- * child of a threaded process may do nothing else.
+ * the child.  The child cannot keep sharing the memfd with its parent (the
+ * MAP_SHARED trap: each would see the other's writes), so it copies every
+ * frame in use into a memfd of its own and remaps all its pages there.
+ * The copy must be a snapshot of the moment of fork: so the parent, still
+ * holding every pool->lock (no merge, COW, free or punch can run), waits on
+ * a pipe until the child has finished copying, as Mesh does.  Only a thread
+ * writing a NORMAL page without the GIL during those milliseconds can race
+ * the copy, as it would race the fork itself.  Only syscalls and memcpy in
+ * the child: a forked child of a threaded process may do nothing else.
  */
+static int fork_pipe[2] = { -1, -1 };
+
 static void uksm_atfork_prepare(void)
 {
+	int any = 0;
+
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = uksm_pools[slot];
 
-		if (pool)
+		if (pool) {
 			uksm_lock(pool);
+			any = 1;
+		}
 	}
+	if (!any || pipe2(fork_pipe, O_CLOEXEC))
+		fork_pipe[0] = fork_pipe[1] = -1;
 }
 
 static void uksm_atfork_parent(void)
 {
+	if (fork_pipe[0] >= 0) {
+		char c;
+
+		close(fork_pipe[1]);
+		/* EOF when the child has copied its pools (or died trying) */
+		while (read(fork_pipe[0], &c, 1) < 0 && errno == EINTR)
+			;
+		close(fork_pipe[0]);
+		fork_pipe[0] = fork_pipe[1] = -1;
+	}
 	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
 		struct uksm_pool *pool = uksm_pools[slot];
 
@@ -602,5 +624,10 @@ static void uksm_atfork_child(void)
 			fork_die("mmap of the direct map failed");
 		remap_child(pool);
 		atomic_store(&pool->lock, 0);
+	}
+	if (fork_pipe[1] >= 0) {
+		close(fork_pipe[0]);
+		close(fork_pipe[1]);	/* the parent may go on */
+		fork_pipe[0] = fork_pipe[1] = -1;
 	}
 }
