@@ -31,9 +31,23 @@
 #include <string.h>
 #include <sys/mman.h>
 
-static struct sigaction prev_action;
-static _Atomic int chained;
-static void *_Atomic chained_addr;
+/*
+ * The handler we replaced, for chaining.  Published through an index into
+ * two slots so that a thread chaining while another re-installs never reads
+ * a half-copied struct sigaction.
+ */
+static struct sigaction prev_actions[2];
+static _Atomic int prev_idx;
+
+/*
+ * Threads that have passed a signal on to the previous handler and not yet
+ * taken a fault of their own since: a sent SIGSEGV arriving in such a
+ * thread is the previous handler re-raising (faulthandler does), so it is
+ * time to die by SIG_DFL.  Keyed by tid, not TLS: TLS in a shared object
+ * may allocate, which a signal handler must not.
+ */
+#define CHAIN_SLOTS 64
+static _Atomic pid_t chained_tids[CHAIN_SLOTS];
 
 static void say(const char *s)
 {
@@ -61,42 +75,85 @@ static void die_by_default(int sig, siginfo_t *si)
 		raise(sig);
 }
 
+static pid_t my_tid(void)
+{
+	return (pid_t)syscall(SYS_gettid);
+}
+
+static int chain_slot(pid_t tid)
+{
+	for (int i = 0; i < CHAIN_SLOTS; i++)
+		if (atomic_load(&chained_tids[i]) == tid)
+			return i;
+	return -1;
+}
+
+static void chain_mark(pid_t tid)
+{
+	if (chain_slot(tid) >= 0)
+		return;
+	for (int i = 0; i < CHAIN_SLOTS; i++) {
+		pid_t none = 0;
+
+		if (atomic_compare_exchange_strong(&chained_tids[i], &none, tid))
+			return;
+	}
+}
+
+static void chain_clear(pid_t tid)
+{
+	int i = chain_slot(tid);
+
+	if (i >= 0)
+		atomic_store(&chained_tids[i], 0);
+}
+
 /*
- * Pass a fault that is not ours to the previous handler.  The previous one
- * may itself hand back to us (faulthandler restores its predecessor, which
- * may be us, and raises again): the second time round for the same fault we
- * stop the ping-pong and die by SIG_DFL, as the fault deserves.
+ * Pass a signal that is not ours to the previous handler.  A handler that
+ * fixes its own faults (a JVM, a GC's guard pages) just returns, however
+ * often it faults.  faulthandler instead prints its traceback, puts back
+ * its own predecessor (possibly us) and raises SIGSEGV again: when that
+ * sent signal comes back to a thread we just chained from, we stop the
+ * ping-pong and die by SIG_DFL, as the fault deserves.
  */
 static void chain(int sig, siginfo_t *si, void *uc)
 {
-	int again = atomic_exchange(&chained, 1);
-	void *last = atomic_exchange(&chained_addr, si->si_addr);
+	const struct sigaction *prev = &prev_actions[atomic_load(&prev_idx)];
+	pid_t tid = my_tid();
 
-	if (again && (si->si_code <= 0 || last == si->si_addr)) {
+	if (si->si_code <= 0 && chain_slot(tid) >= 0) {
+		chain_clear(tid);
 		die_by_default(sig, si);
 		return;
 	}
-	if (prev_action.sa_flags & SA_SIGINFO) {
-		if (prev_action.sa_sigaction) {
-			prev_action.sa_sigaction(sig, si, uc);
+	if (prev->sa_flags & SA_SIGINFO) {
+		if (prev->sa_sigaction) {
+			chain_mark(tid);
+			prev->sa_sigaction(sig, si, uc);
 			return;
 		}
-	} else if (prev_action.sa_handler != SIG_DFL &&
-		   prev_action.sa_handler != SIG_IGN) {
-		prev_action.sa_handler(sig);
+	} else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
+		chain_mark(tid);
+		prev->sa_handler(sig);
 		return;
 	}
 	die_by_default(sig, si);
 }
 
+/*
+ * The pool whose buffers cover @addr.  The ranges live in the registry
+ * itself, so the handler never reads a pool struct that uksm_pool_destroy()
+ * may be unmapping: a pool is destroyed only once it has no buffers, so no
+ * fault can be in its range then.
+ */
 static struct uksm_pool *pool_of(void *addr)
 {
-	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
-		struct uksm_pool *pool = atomic_load(&uksm_pools[slot]);
+	uintptr_t a = (uintptr_t)addr;
 
-		if (pool && (char *)addr >= pool->va &&
-		    (char *)addr < pool->va + pool->va_pages * PG)
-			return pool;
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		if (a >= atomic_load(&uksm_pool_lo[slot]) &&
+		    a < atomic_load(&uksm_pool_hi[slot]))
+			return atomic_load(&uksm_pools[slot]);
 	}
 	return NULL;
 }
@@ -104,11 +161,15 @@ static struct uksm_pool *pool_of(void *addr)
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 {
 	int saved_errno = errno;
-	struct uksm_pool *pool = si->si_code > 0 ? pool_of(si->si_addr) : NULL;
+	struct uksm_pool *pool = NULL;
 	struct uksm_pte *pte;
 	size_t vpn;
 	int r;
 
+	if (si->si_code > 0) {
+		chain_clear(my_tid());	/* a fault of its own: not a re-raise */
+		pool = pool_of(si->si_addr);
+	}
 	if (!pool) {
 		chain(sig, si, uc);
 		errno = saved_errno;
@@ -170,8 +231,12 @@ int uksm_install_handler(void)
 	sa.sa_sigaction = uksm_sigsegv;
 	sigemptyset(&sa.sa_mask);
 	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-	prev_action = cur;
-	atomic_store(&chained, 0);
+	{
+		int next = !atomic_load(&prev_idx);
+
+		prev_actions[next] = cur;
+		atomic_store(&prev_idx, next);
+	}
 	if (sigaction(SIGSEGV, &sa, NULL))
 		return -errno;
 	return 1;

@@ -224,16 +224,6 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 	return err;
 }
 
-struct run_ctx {
-	struct uksm_pool *pool;
-	size_t n;
-	const int64_t *src;
-	int64_t target[UKSM_RUN_MAX];	/* frame each src would map, or -1 */
-	uint8_t promoted[UKSM_RUN_MAX];	/* anchor upgraded in place here */
-	uint8_t wp[UKSM_RUN_MAX];	/* src write-protected here */
-	uint8_t *result;
-};
-
 /*
  * uksm_merge - carry out @n merge decisions, sorted by src_vpn.  Entry i
  * merges page src_vpn[i] into either a stable node's frame (dst_vpn[i] < 0:
@@ -254,7 +244,7 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
 	       uint8_t *result)
 {
-	static __thread struct run_ctx ctx;
+	struct uksm_run_ctx *c = &pool->run;	/* used under pool->lock only */
 	size_t i = 0;
 
 	if (max_sharing < 2)
@@ -289,9 +279,9 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			size_t k = i + r;
 			struct uksm_pte *src = &pool->ptes[src_vpn[k]];
 
-			ctx.target[r] = -1;
-			ctx.promoted[r] = 0;
-			ctx.wp[r] = 0;
+			c->target[r] = -1;
+			c->promoted[r] = 0;
+			c->wp[r] = 0;
 			if (src->state != UKSM_PTE_NORMAL)
 				continue;		/* BUSY */
 			if (stable) {
@@ -307,19 +297,19 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 					result[k] = UKSM_MERGE_STALE;
 					continue;
 				}
-				ctx.target[r] = dst_pfn[k];
+				c->target[r] = dst_pfn[k];
 			} else {
 				struct uksm_pte *anchor = &pool->ptes[dst_vpn[k]];
 
 				if (dst_vpn[k] == src_vpn[k])
 					continue;
 				if (anchor->state == UKSM_PTE_KSM)
-					ctx.target[r] = anchor->pfn;
+					c->target[r] = anchor->pfn;
 				else if (anchor->state == UKSM_PTE_NORMAL)
-					ctx.target[r] = -2;	/* promote first */
+					c->target[r] = -2;	/* promote first */
 			}
-			if (ctx.target[r] == (int64_t)src->pfn) {
-				ctx.target[r] = -1;
+			if (c->target[r] == (int64_t)src->pfn) {
+				c->target[r] = -1;
 				result[k] = UKSM_MERGE_SELF;
 			}
 		}
@@ -328,18 +318,18 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		for (r = 0; r < len;) {
 			size_t e = r + 1, span;
 
-			if (ctx.target[r] != -2) {
+			if (c->target[r] != -2) {
 				r++;
 				continue;
 			}
-			while (e < len && ctx.target[e] == -2 &&
+			while (e < len && c->target[e] == -2 &&
 			       (uint64_t)(dst_vpn[i + e] - dst_vpn[i + e - 1]) <= 1)
 				e++;
 			span = (size_t)(dst_vpn[i + e - 1] - dst_vpn[i + r]) + 1;
 			if (!vma_charge(vma_budget, split_cost(pool, dst_vpn[i + r], span)) ||
 			    protect_run(pool, dst_vpn[i + r], span, 0)) {
 				for (; r < e; r++) {
-					ctx.target[r] = -1;
+					c->target[r] = -1;
 					result[i + r] = UKSM_MERGE_NOVMA;
 				}
 				continue;
@@ -350,7 +340,7 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 
 				if (anchor->state == UKSM_PTE_KSM) {
 					/* upgraded just now for an earlier entry */
-					ctx.target[r] = anchor->pfn;
+					c->target[r] = anchor->pfn;
 					continue;
 				}
 				f->flags |= UKSM_FRAME_KSM;
@@ -358,8 +348,8 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 				pool->st.ksm_frames++;
 				pool->st.ksm_mappings++;
 				anchor->state = UKSM_PTE_KSM;
-				ctx.target[r] = anchor->pfn;
-				ctx.promoted[r] = 1;
+				c->target[r] = anchor->pfn;
+				c->promoted[r] = 1;
 			}
 		}
 
@@ -367,36 +357,36 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		for (r = 0; r < len;) {
 			size_t e = r + 1;
 
-			if (ctx.target[r] < 0) {
+			if (c->target[r] < 0) {
 				r++;
 				continue;
 			}
-			while (e < len && ctx.target[e] >= 0)
+			while (e < len && c->target[e] >= 0)
 				e++;
 			if (!vma_charge(vma_budget, split_cost(pool, src_vpn[i + r], e - r)) ||
 			    protect_run(pool, src_vpn[i + r], e - r, 0)) {
 				for (; r < e; r++) {
-					ctx.target[r] = -1;
+					c->target[r] = -1;
 					result[i + r] = UKSM_MERGE_NOVMA;
 				}
 				continue;
 			}
 			for (; r < e; r++) {
 				struct uksm_pte *src = &pool->ptes[src_vpn[i + r]];
-				struct uksm_frame *kf = &pool->frames[ctx.target[r]];
+				struct uksm_frame *kf = &pool->frames[c->target[r]];
 
-				ctx.wp[r] = 1;
+				c->wp[r] = 1;
 				if (src->state != UKSM_PTE_NORMAL) {
 					/* it was upgraded as an anchor in step 2 */
-					ctx.wp[r] = 0;
-					ctx.target[r] = -1;
+					c->wp[r] = 0;
+					c->target[r] = -1;
 				} else if (kf->mapcount >= max_sharing) {
 					result[i + r] = UKSM_MERGE_FULL;
-					ctx.target[r] = -1;
+					c->target[r] = -1;
 				} else if (memcmp(frame_addr(pool, src->pfn),
-						  frame_addr(pool, ctx.target[r]), PG)) {
+						  frame_addr(pool, c->target[r]), PG)) {
 					result[i + r] = UKSM_MERGE_DIFFER;
-					ctx.target[r] = -1;
+					c->target[r] = -1;
 				} else {
 					kf->mapcount++;	/* taken now: max_sharing holds within the run */
 				}
@@ -409,41 +399,41 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			int64_t cost;
 			int err;
 
-			if (ctx.target[r] < 0) {
+			if (c->target[r] < 0) {
 				r++;
 				continue;
 			}
-			while (e < len && ctx.target[e] == ctx.target[e - 1] + 1 &&
+			while (e < len && c->target[e] == c->target[e - 1] + 1 &&
 			       src_vpn[i + e] == src_vpn[i + e - 1] + 1)
 				e++;
 			/*
 			 * The sources were write-protected as one piece; remapping
 			 * part of it cuts it where a neighbour is still
-			 * protected and not remapped (ctx.wp still set).
+			 * protected and not remapped (c->wp still set).
 			 */
-			cost = (r > 0 && ctx.wp[r - 1] &&
+			cost = (r > 0 && c->wp[r - 1] &&
 				src_vpn[i + r - 1] + 1 == src_vpn[i + r]) +
-			       (e < len && ctx.wp[e] && src_vpn[i + e - 1] + 1 == src_vpn[i + e]);
+			       (e < len && c->wp[e] && src_vpn[i + e - 1] + 1 == src_vpn[i + e]);
 			err = vma_charge(vma_budget, cost) ?
 			      uksm_map_frames(pool, src_vpn[i + r], e - r,
-					      ctx.target[r], 0) : -ENOMEM;
+					      c->target[r], 0) : -ENOMEM;
 			for (; r < e; r++) {
 				size_t k = i + r;
 				struct uksm_pte *src = &pool->ptes[src_vpn[k]];
-				struct uksm_frame *kf = &pool->frames[ctx.target[r]];
+				struct uksm_frame *kf = &pool->frames[c->target[r]];
 
 				if (err) {
 					kf->mapcount--;
 					result[k] = UKSM_MERGE_NOVMA;
-					ctx.target[r] = -1;
+					c->target[r] = -1;
 					continue;
 				}
 				uksm_frame_put(pool, src->pfn);
-				src->pfn = (uint32_t)ctx.target[r];
+				src->pfn = (uint32_t)c->target[r];
 				src->state = UKSM_PTE_KSM;
 				pool->st.ksm_mappings++;
 				pool->st.pages_merged++;
-				ctx.wp[r] = 0;
+				c->wp[r] = 0;
 				result[k] = UKSM_MERGE_OK;
 				out_pfn[k] = src->pfn;
 				out_key[k] = kf->key;
@@ -461,11 +451,11 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		for (r = 0; r < len;) {
 			size_t e = r + 1;
 
-			if (!ctx.wp[r]) {
+			if (!c->wp[r]) {
 				r++;
 				continue;
 			}
-			while (e < len && ctx.wp[e])
+			while (e < len && c->wp[e])
 				e++;
 			protect_run(pool, src_vpn[i + r], e - r, 1);
 			r = e;
@@ -474,7 +464,7 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			struct uksm_pte *anchor;
 			struct uksm_frame *f;
 
-			if (!ctx.promoted[r])
+			if (!c->promoted[r])
 				continue;
 			anchor = &pool->ptes[dst_vpn[i + r]];
 			f = &pool->frames[anchor->pfn];
@@ -514,7 +504,7 @@ static int page_is_zero(const char *p)
 int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 		    int64_t *vma_budget, uint8_t *result)
 {
-	static __thread uint8_t ok[UKSM_RUN_MAX];
+	uint8_t *ok = pool->run.wp;	/* scratch, used under pool->lock only */
 	size_t i = 0;
 
 	for (size_t k = 0; k < n; k++) {

@@ -16,6 +16,8 @@
 #endif
 
 struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
+_Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
+_Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 
 /* The memfd grows by at least this much, so ftruncate is rare. */
 #define GROW_FRAMES	4096
@@ -183,6 +185,7 @@ int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
 
 static int map_none(struct uksm_pool *pool, size_t vpn, size_t n)
 {
+	/* anonymous PROT_NONE: a touch faults as NONE and chains (a crash) */
 	void *p = mmap(page_addr(pool, vpn), n * PG, PROT_NONE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
 		       -1, 0);
@@ -221,7 +224,7 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	int err;
 
 	if (!capacity_frames || !va_pages || nr_frames >= UINT32_MAX ||
-	    va_pages >= ((size_t)1 << 35))
+	    va_pages >= UINT32_MAX)
 		return -EINVAL;
 	pthread_once(&atfork_once, register_atfork);
 
@@ -270,8 +273,11 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	for (slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *expected = NULL;
 
-		if (atomic_compare_exchange_strong(&uksm_pools[slot], &expected, pool))
+		if (atomic_compare_exchange_strong(&uksm_pools[slot], &expected, pool)) {
+			atomic_store(&uksm_pool_hi[slot], (uintptr_t)(pool->va + va_pages * PG));
+			atomic_store(&uksm_pool_lo[slot], (uintptr_t)pool->va);
 			break;
+		}
 	}
 	if (slot == UKSM_MAX_POOLS) {
 		err = -EMFILE;
@@ -291,9 +297,11 @@ out:
 void uksm_pool_destroy(struct uksm_pool *pool)
 {
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
-		struct uksm_pool *expected = pool;
-
-		atomic_compare_exchange_strong(&uksm_pools[slot], &expected, NULL);
+		if (atomic_load(&uksm_pools[slot]) != pool)
+			continue;
+		atomic_store(&uksm_pool_lo[slot], 0);
+		atomic_store(&uksm_pool_hi[slot], 0);
+		atomic_store(&uksm_pools[slot], NULL);
 	}
 	if (pool->va != MAP_FAILED)
 		munmap(pool->va, pool->va_pages * PG);
@@ -374,7 +382,7 @@ void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
 int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 {
 	size_t vpn, done = 0;
-	int err;
+	int err = 0;
 
 	uksm_lock(pool);
 	if (pool->st.frames_used + npages > pool->capacity_frames) {
@@ -386,46 +394,55 @@ int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 		uksm_unlock(pool);
 		return err;
 	}
+	/*
+	 * Populate in chunks, dropping pool->lock between them: fallocate of
+	 * a large buffer takes a while, and faulting writers wait on the lock.
+	 * Nobody else looks at these pages yet (the scanner learns of the
+	 * buffer only when we return); a competing allocation that takes the
+	 * last frames meanwhile just makes this one fail cleanly.
+	 */
 	while (done < npages) {
-		size_t pfn, n;
+		size_t pfn, n, want = npages - done;
 
-		n = uksm_frame_alloc_run(pool, npages - done,
-					 pool->capacity_frames, &pfn);
+		if (want > 8 * UKSM_RUN_MAX)
+			want = 8 * UKSM_RUN_MAX;
+		if (done)
+			uksm_lock(pool);
+		n = uksm_frame_alloc_run(pool, want, pool->capacity_frames, &pfn);
 		if (!n) {
 			err = -ENOMEM;
-			break;
-		}
-		if (fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
+		} else if (fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
 			err = -errno;
 		} else {
 			err = uksm_map_frames(pool, vpn + done, n, pfn, 1);
 		}
-		if (err) {
-			/* give this run back, then unwind the ones mapped */
-			for (size_t i = 0; i < n; i++) {
-				pool->frames[pfn + i].mapcount = 1;
-				uksm_frame_put(pool, pfn + i);
-			}
-			break;
-		}
 		for (size_t i = 0; i < n; i++) {
 			pool->frames[pfn + i].mapcount = 1;
+			if (err) {	/* give this run back */
+				uksm_frame_put(pool, pfn + i);
+				continue;
+			}
 			pool->ptes[vpn + done + i].pfn = (uint32_t)(pfn + i);
 			pool->ptes[vpn + done + i].state = UKSM_PTE_NORMAL;
 		}
-		done += n;
-	}
-	pool->st.pages_mapped += done;
-	if (err) {
+		if (!err) {
+			pool->st.pages_mapped += n;
+			done += n;
+		}
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
+		if (err)
+			break;
+	}
+	if (err) {
+		/* unwind the runs mapped so far; nothing else changed */
 		uksm_release(pool, vpn, done);
+		uksm_lock(pool);
 		map_none(pool, vpn, npages);
+		uksm_unlock(pool);
 		uksm_va_free(pool, vpn, npages);
 		return err;
 	}
-	uksm_frames_flush(pool);
-	uksm_unlock(pool);
 	*vpn_out = vpn;
 	return 0;
 }
@@ -446,8 +463,18 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 		if (n > 8 * UKSM_RUN_MAX)
 			n = 8 * UKSM_RUN_MAX;
 		uksm_lock(pool);
-		if (map_none(pool, vpn + done, n))
+		/*
+		 * The frames may go back only once nothing can reach them: if
+		 * neither remapping nor mprotect can cut the pages off (ENOMEM at
+		 * vm.max_map_count), keep this chunk as it is and report it.
+		 */
+		if (map_none(pool, vpn + done, n) &&
+		    mprotect(page_addr(pool, vpn + done), n * PG, PROT_NONE)) {
 			err = -errno;
+			uksm_unlock(pool);
+			done += n;
+			continue;
+		}
 		for (size_t i = vpn + done; i < vpn + done + n; i++) {
 			struct uksm_pte *pte = &pool->ptes[i];
 
@@ -512,18 +539,48 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 }
 
 /*
- * Fork.  prepare takes every pool->lock so that no table is half-changed in
- * the child.  The child cannot keep sharing the memfd with its parent (the
+ * Fork.  The child cannot keep sharing the memfd with its parent (the
  * MAP_SHARED trap: each would see the other's writes), so it copies every
- * frame in use into a memfd of its own and remaps all its pages there.
- * The copy must be a snapshot of the moment of fork: so the parent, still
- * holding every pool->lock (no merge, COW, free or punch can run), waits on
- * a pipe until the child has finished copying, as Mesh does.  Only a thread
- * writing a NORMAL page without the GIL during those milliseconds can race
- * the copy, as it would race the fork itself.  Only syscalls and memcpy in
+ * frame in use into a memfd of its own and remaps its pages there.  That
+ * copy must be a snapshot of the moment of fork, as a real fork's is:
+ *
+ *   prepare  takes every pool->lock (no merge, COW, free or punch can run)
+ *	      and write-protects every NORMAL page, so that no thread of the
+ *	      parent can change a frame while the child copies it: a writer
+ *	      faults and waits on pool->lock in the handler;
+ *   child    copies, remaps, closes its end of a pipe;
+ *   parent   waits for that EOF (the child copied, or died trying), gives
+ *	      the NORMAL pages their write access back, drops the locks, and
+ *	      the waiting writers retry, as Mesh does it.
+ *
+ * A syscall writing into a NORMAL page during those milliseconds gets
+ * EFAULT, as with any write-protected page.  Only syscalls and memcpy in
  * the child: a forked child of a threaded process may do nothing else.
  */
 static int fork_pipe[2] = { -1, -1 };
+static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
+
+/* mprotect every run of NORMAL pages; the runs are whole VMAs already */
+static void protect_normal(struct uksm_pool *pool, int prot)
+{
+	size_t vpn = 0;
+
+	while (vpn < pool->va_pages) {
+		size_t n = 0;
+
+		if (pool->ptes[vpn].state != UKSM_PTE_NORMAL) {
+			vpn++;
+			continue;
+		}
+		while (vpn + n < pool->va_pages &&
+		       pool->ptes[vpn + n].state == UKSM_PTE_NORMAL)
+			n++;
+		/* failing to restore leaves a NORMAL page read-only, which the
+		 * fault handler mends on the first write */
+		mprotect(page_addr(pool, vpn), n * PG, prot);
+		vpn += n;
+	}
+}
 
 static void uksm_atfork_prepare(void)
 {
@@ -532,8 +589,10 @@ static void uksm_atfork_prepare(void)
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = uksm_pools[slot];
 
+		fork_locked[slot] = pool;
 		if (pool) {
 			uksm_lock(pool);
+			protect_normal(pool, PROT_READ);
 			any = 1;
 		}
 	}
@@ -547,17 +606,24 @@ static void uksm_atfork_parent(void)
 		char c;
 
 		close(fork_pipe[1]);
-		/* EOF when the child has copied its pools (or died trying) */
 		while (read(fork_pipe[0], &c, 1) < 0 && errno == EINTR)
 			;
 		close(fork_pipe[0]);
 		fork_pipe[0] = fork_pipe[1] = -1;
 	}
+	/*
+	 * Without a pipe (pipe2 failed: no file descriptors left) we cannot
+	 * know when the child is done; the parent goes on at once and the
+	 * child's copy is only as good as a copy racing the parent can be.
+	 */
 	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
-		struct uksm_pool *pool = uksm_pools[slot];
+		struct uksm_pool *pool = fork_locked[slot];
 
-		if (pool)
-			uksm_unlock(pool);
+		if (!pool)
+			continue;
+		protect_normal(pool, PROT_READ | PROT_WRITE);
+		uksm_unlock(pool);
+		fork_locked[slot] = NULL;
 	}
 }
 

@@ -19,6 +19,13 @@
 
 #define PG		UKSM_PAGE_SIZE
 
+/* Scratch for one run of uksm_merge(); used only under pool->lock. */
+struct uksm_run_ctx {
+	int64_t target[UKSM_RUN_MAX];	/* frame each src would map, or -1 */
+	uint8_t promoted[UKSM_RUN_MAX];	/* anchor upgraded in place here */
+	uint8_t wp[UKSM_RUN_MAX];	/* src write-protected here */
+};
+
 struct uksm_pool {
 	int fd;				/* the backing memfd */
 	char *va;			/* user virtual range, va_pages long */
@@ -41,6 +48,7 @@ struct uksm_pool {
 	size_t punch_len;
 	_Atomic int lock;		/* 0 free, 1 held, 2 held with waiters */
 	struct uksm_stats st;
+	struct uksm_run_ctx run;
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
 };
@@ -93,8 +101,14 @@ static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
 	return pool->va + (vpn << UKSM_PAGE_SHIFT);
 }
 
-/* The registry the signal handler and the fork hooks walk. */
+/*
+ * The registry the signal handler and the fork hooks walk: each slot's pool
+ * and, for the handler, the virtual range its buffers live in (0, 0 when
+ * free; the range is cleared before the pool is, and set after).
+ */
 extern struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
+extern _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
+extern _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 
 /* pool.c: frame allocator; caller holds pool->lock */
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,

@@ -99,8 +99,16 @@ class NativePool:
         self.capacity_frames = capacity_frames
         self.nr_frames = capacity_frames + reserve_frames
         self._stats = ffi.new("struct uksm_stats *")
-        self._vpn = ffi.new("size_t *")
         self.closed = False
+
+    def __getattribute__(self, name):
+        # Every call into a destroyed pool would touch unmapped memory: make
+        # each public method refuse instead.
+        if name[0] != "_" and name not in ("closed", "destroy") and \
+                object.__getattribute__(self, "closed"):
+            from .errors import PoolClosedError
+            raise PoolClosedError("uksm pool is closed and its memory released")
+        return object.__getattribute__(self, name)
 
     @property
     def fd(self) -> int:

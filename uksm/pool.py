@@ -150,6 +150,92 @@ class _Buffer:
         self.released = False
 
 
+class _OwnedLock:
+    """threading.Lock that knows its owner, so that a garbage-collection
+    callback can tell "held by someone else: wait" from "held by this very
+    thread, further up the stack: leave a note instead of deadlocking"."""
+
+    __slots__ = ("_lock", "owner", "on_exit")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner = 0
+        self.on_exit = None     # run once after the next release
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self._lock.acquire(blocking):
+            self.owner = threading.get_ident()
+            return True
+        return False
+
+    def release(self) -> None:
+        self.owner = 0
+        self._lock.release()
+        hook, self.on_exit = self.on_exit, None
+        if hook is not None:
+            hook()
+
+    def owned(self) -> bool:
+        return self.owner == threading.get_ident()
+
+    def __enter__(self) -> "_OwnedLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Core:
+    """What the arrays' release callbacks need of a pool, without the Pool:
+    an array may outlive its Pool object, and the last array to go must
+    still give the native pool back (else its memfd, address range and
+    registry slot leak, and the 65th pool fails)."""
+
+    __slots__ = ("native", "scanner", "buffers", "pending", "lock", "closed")
+
+    def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
+        self.native = native
+        self.scanner = scanner
+        self.buffers: Dict[int, _Buffer] = {}
+        self.pending: "collections.deque[_Buffer]" = collections.deque()
+        self.lock = _OwnedLock()
+        self.closed = False
+
+    def reap(self) -> None:
+        """Finish the releases the garbage collector started (holds lock)."""
+        while self.pending:
+            rec = self.pending.popleft()
+            self.scanner.remove_range(rec.vpn, rec.npages)
+            self.native.va_free(rec.vpn, rec.npages)
+            self.buffers.pop(rec.vpn, None)
+        if self.closed and not self.buffers and not self.native.closed:
+            self.native.destroy()
+
+    def reap_locked(self) -> None:
+        with self.lock:
+            self.reap()
+
+    def on_release(self, rec: _Buffer) -> None:
+        """An array and all its views are gone (a cffi gc callback: any
+        thread, any moment, possibly inside a section holding self.lock).
+        The frames go back at once, through the C core's own lock only;
+        the scanner forgets the pages and the range is reused at reap()."""
+        try:
+            if not rec.released:
+                rec.released = True
+                self.native.release(rec.vpn, rec.npages)
+        finally:
+            self.pending.append(rec)
+            if self.closed:
+                # nobody else may come to reap: do it now, or right after
+                # this thread's own enclosing section if it holds the lock
+                if self.lock.owned():
+                    self.lock.on_exit = self.reap_locked
+                else:
+                    self.reap_locked()
+
+
 class Pool:
     """A pool of page-deduplicated numpy buffers.
 
@@ -226,9 +312,9 @@ class Pool:
         self._native = _core.NativePool(frames, reserve, va_pages)
         self._knobs = knobs
         self._scanner = Scanner(self._native, knobs)
-        self._buffers: Dict[int, _Buffer] = {}
-        self._pending: "collections.deque[Tuple[_Buffer, bool]]" = collections.deque()
-        self._lock = threading.Lock()
+        self._c = _Core(self._native, self._scanner)
+        self._buffers = self._c.buffers
+        self._lock = self._c.lock
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
@@ -269,8 +355,9 @@ class Pool:
     @property
     def fd(self) -> int:
         """The backing memfd (for fstat: the kernel's view of our memory)."""
-        self._check_open()
-        return self._native.fd
+        with self._lock:
+            self._check_open()
+            return self._native.fd
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -290,8 +377,8 @@ class Pool:
         self.stop()
         with self._lock:
             self._closed = True
-            self._reap()
-            self._maybe_destroy()
+            self._c.closed = True
+            self._c.reap()
 
     def __del__(self) -> None:
         try:
@@ -299,11 +386,6 @@ class Pool:
                 self.close()
         except Exception:
             pass
-
-    def _maybe_destroy(self) -> None:
-        # caller holds self._lock
-        if self._closed and not self._buffers and not self._native.closed:
-            self._native.destroy()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -332,43 +414,20 @@ class Pool:
             raise ValueError(f"negative dimensions are not allowed: {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
         npages = max(1, -(-nbytes // PAGE_SIZE))
+        core = self._c
         with self._lock:
+            self._check_open()      # again: close() may have won the race
             self._reap()
             vpn = self._native.alloc(npages)
             rec = _Buffer(vpn, npages, nbytes)
             self._buffers[vpn] = rec
             self._scanner.add_range(vpn, npages)
-        pending = self._pending
-        native = self._native
-        ref = weakref.ref(self)
-
-        def on_release(_cdata, rec=rec):
-            # Runs at garbage collection, in whatever thread, possibly one
-            # that holds self._lock: only the C core's own lock may be taken
-            # here.  The frames go back now; the scanner forgets the pages and
-            # the address range is reused at the next _reap().
-            if not rec.released:
-                rec.released = True
-                native.release(rec.vpn, rec.npages)
-            pending.append(rec)
-            pool = ref()
-            if pool is not None and pool._closed and pool._lock.acquire(blocking=False):
-                try:
-                    pool._reap()
-                    pool._maybe_destroy()
-                finally:
-                    pool._lock.release()
-
-        buf = native.buffer(vpn, max(nbytes, 1), on_release)
+            buf = self._native.buffer(vpn, max(nbytes, 1),
+                                      lambda _cdata, rec=rec: core.on_release(rec))
         return np.ndarray(shape, dtype=dtype, buffer=buf)
 
     def _reap(self) -> None:
-        """Finish the releases the garbage collector started (holds _lock)."""
-        while self._pending:
-            rec = self._pending.popleft()
-            self._scanner.remove_range(rec.vpn, rec.npages)
-            self._native.va_free(rec.vpn, rec.npages)
-            self._buffers.pop(rec.vpn, None)
+        self._c.reap()
 
     def empty(self, shape, dtype=float) -> np.ndarray:
         """A new array from the pool.  Its pages are fresh frames, so unlike
@@ -421,7 +480,9 @@ class Pool:
             # reference to arr itself.  Expected references: the caller's,
             # this frame's argument, getrefcount's own; more may be a view,
             # and freeing under a live view would crash it later, so refuse.
-            extra = sys.getrefcount(arr) - 3
+            base = arr.base
+            extra = max(sys.getrefcount(arr) - 3, sys.getrefcount(base) - 3)
+            del base
             if extra > 0:
                 del arr     # the traceback must not hold one more reference
                 raise BufferInUseError(f"cannot free: {extra} other reference(s) to this "
@@ -522,9 +583,9 @@ class Pool:
         pages in neither tree (changing too fast, or not yet stable);
         general_profit: (pages_sharing + ksm_zero_pages) * page size less the
         scanner's metadata."""
-        if self._native.closed:
-            raise PoolClosedError("uksm pool is closed and its memory released")
         with self._lock:
+            if self._native.closed:
+                raise PoolClosedError("uksm pool is closed and its memory released")
             self._reap()
             sc = self._scanner
             c = self._native.stats()
