@@ -158,6 +158,34 @@ static struct uksm_pool *pool_of(void *addr)
 	return NULL;
 }
 
+static int merged_state(uint8_t state)
+{
+	return state == UKSM_PTE_KSM || state == UKSM_PTE_ZERO;
+}
+
+/*
+ * mmap said ENOMEM: the process is at vm.max_map_count, and mapping one
+ * page into the middle of a read-only run would split it.  Instead give the
+ * whole run of merged pages around the fault fresh, contiguous frames: its
+ * ends are mapping boundaries already (a NORMAL or NONE neighbour has other
+ * protections), so one mmap replaces whole VMAs and needs no split; the VMA
+ * count goes down.  Costs a frame per page of the run: degraded, not dead.
+ */
+static int break_cow_whole_run(struct uksm_pool *pool, size_t vpn)
+{
+	size_t a = vpn, b = vpn + 1;
+	int r;
+
+	while (a > 0 && merged_state(pool->ptes[a - 1].state))
+		a--;
+	while (b < pool->va_pages && merged_state(pool->ptes[b].state))
+		b++;
+	r = uksm_break_cow(pool, a, b - a, pool->nr_frames, 1);
+	if (r < 0)
+		return r;
+	return pool->ptes[vpn].state == UKSM_PTE_NORMAL ? 1 : 0;
+}
+
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 {
 	int saved_errno = errno;
@@ -189,7 +217,14 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		break;
 	case UKSM_PTE_KSM:
 	case UKSM_PTE_ZERO:
-		r = uksm_break_cow(pool, vpn, 1, pool->nr_frames);
+		if (pool->vma_estimate + 2 > pool->vma_soft_limit) {
+			r = break_cow_whole_run(pool, vpn);
+		} else {
+			r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
+			pool->vma_estimate += 2;
+			if (r == -ENOMEM)
+				r = break_cow_whole_run(pool, vpn);
+		}
 		if (r == 0)
 			uksm_fatal("copy-on-write break found no free frame: pool "
 				   "capacity and COW reserve exhausted; the write "

@@ -95,12 +95,14 @@ static size_t alloc_near(struct uksm_pool *pool, size_t vpn, size_t n,
  * frame again: copy the KSM frame through the direct map (a fresh frame is
  * already zero for a ZERO page), map it read-write, drop the old mapping.
  * A KSM frame with no other mapper is simply made writable again: nothing
- * to copy.  Consecutive pages get consecutive frames when free ones allow,
- * so the run stays one mapping.  Frames come from below @limit.
+ * to copy, unless @whole: then every page gets a fresh frame, so that the
+ * whole range can become one mapping.  Consecutive pages get consecutive
+ * frames when free ones allow.  Frames come from below @limit.
  * Returns pages done (< @n when frames ran out) or -errno from mmap.
  * Caller holds pool->lock, and flushes.  Async-signal-safe.
  */
-int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
+int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
+		   int whole)
 {
 	size_t done = 0;
 
@@ -113,7 +115,8 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
 			done++;
 			continue;
 		}
-		if (pte->state == UKSM_PTE_KSM && pool->frames[pte->pfn].mapcount == 1) {
+		if (!whole && pte->state == UKSM_PTE_KSM &&
+		    pool->frames[pte->pfn].mapcount == 1) {
 			struct uksm_frame *f = &pool->frames[pte->pfn];
 
 			err = protect_run(pool, vpn + done, 1, 1);
@@ -134,7 +137,7 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit)
 
 			if (next->state == UKSM_PTE_ZERO ||
 			    (next->state == UKSM_PTE_KSM &&
-			     pool->frames[next->pfn].mapcount > 1))
+			     (whole || pool->frames[next->pfn].mapcount > 1)))
 				m++;
 			else
 				break;
@@ -210,7 +213,7 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 			r = -ENOMEM;
 		else
 			r = need ? uksm_break_cow(pool, vpn + done, n,
-						  pool->capacity_frames) : (int)n;
+						  pool->capacity_frames, 0) : (int)n;
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
 		if (r < 0)

@@ -203,6 +203,18 @@ static void register_atfork(void)
 	pthread_atfork(uksm_atfork_prepare, uksm_atfork_parent, uksm_atfork_child);
 }
 
+/*
+ * Register at load time.  Prepare handlers run in reverse order of
+ * registration, so registering before other libraries (uksm/_core.py loads
+ * us before numpy) makes ours run last: after, say, OpenBLAS has stopped its
+ * worker threads, which might otherwise be waiting on our pool->lock in the
+ * fault handler while its prepare handler waits for them.
+ */
+__attribute__((constructor)) static void uksm_init(void)
+{
+	pthread_once(&atfork_once, register_atfork);
+}
+
 static size_t bitmap_bytes(size_t bits)
 {
 	return ((bits + 63) / 64) * 8;
@@ -237,6 +249,7 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	pool->capacity_frames = capacity_frames;
 	pool->va_pages = va_pages;
 	pool->fd = -1;
+	pool->vma_soft_limit = INT64_MAX;
 	pool->va = MAP_FAILED;
 	pool->direct = MAP_FAILED;
 	pool->meta = MAP_FAILED;
@@ -327,6 +340,16 @@ int uksm_pool_fd(struct uksm_pool *pool)
 size_t uksm_pool_va_pages(struct uksm_pool *pool)
 {
 	return pool->va_pages;
+}
+
+/* The scanner's latest count of the process's VMAs, and where COW should
+ * start breaking whole runs rather than single pages. */
+void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit)
+{
+	uksm_lock(pool);
+	pool->vma_estimate = maps;
+	pool->vma_soft_limit = soft_limit;
+	uksm_unlock(pool);
 }
 
 void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st)

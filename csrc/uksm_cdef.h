@@ -68,6 +68,7 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 		    int64_t *vma_budget, uint8_t *result);
 int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		 size_t *unmerged);
+void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit);
 
 int uksm_install_handler(void);
 int uksm_handler_installed(void);

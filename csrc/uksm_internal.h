@@ -49,6 +49,14 @@ struct uksm_pool {
 	_Atomic int lock;		/* 0 free, 1 held, 2 held with waiters */
 	struct uksm_stats st;
 	struct uksm_run_ctx run;
+	/*
+	 * VMA pressure, for the fault handler, which cannot count maps: the
+	 * scanner sets vma_estimate to /proc/self/maps' count whenever it
+	 * recounts; each single-page COW adds the two VMAs it may cost.  Past
+	 * vma_soft_limit, COW breaks whole runs, which only ever removes VMAs.
+	 */
+	int64_t vma_estimate;
+	int64_t vma_soft_limit;
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
 };
@@ -118,7 +126,8 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
 void uksm_frames_flush(struct uksm_pool *pool);
 /* merge.c; caller holds pool->lock */
-int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit);
+int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
+		   int whole);
 int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
 		    int writable);
 

@@ -454,3 +454,37 @@ def test_kill_sigsegv_still_kills(flags, scanner):
     if flags:
         after = crash_report_after_cow(proc.stderr)
         assert "Fatal Python error" in after, after
+
+
+def _maps_count():
+    with open("/proc/self/maps", "rb") as f:
+        return f.read().count(b"\n")
+
+
+def test_cow_under_vma_pressure_breaks_whole_runs():
+    """Sparse writes into a big merged run would add two VMAs per write and
+    end at vm.max_map_count; past the soft limit the handler breaks COW on
+    the whole run instead, so the map count stops growing and every write
+    lands.  The soft limit is lowered (a policy knob, not the machinery) so
+    the test needs a few hundred writes, not tens of thousands."""
+    with uksm.Pool("64MiB", sleep_millisecs=0) as pool:
+        a = pool.zeros(16 << 20, np.uint8)           # 4096 pages
+        pool.scan(full_scans=2)
+        st, _, _ = pool.page_states(a)
+        assert (st == 3).all()
+        base = _maps_count()
+        pool._native.set_vma_state(base, base + 200)
+        shadow = np.zeros_like(np.asarray(a))
+        peak = base
+        for i in range(0, 4096, 2):                  # every other page
+            a[i * 4096 + 7] = i % 251 + 1
+            shadow[i * 4096 + 7] = i % 251 + 1
+            if i % 64 == 0:
+                peak = max(peak, _maps_count())
+        peak = max(peak, _maps_count())
+        assert peak <= base + 200 + 8, (base, peak)
+        assert np.array_equal(np.asarray(a), shadow)
+        st, _, _ = pool.page_states(a)
+        # the whole-run break left no page merged after the first write past
+        # the limit: all the rest became private in one go
+        assert (st == 1).sum() > 2048

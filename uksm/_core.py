@@ -13,10 +13,8 @@ from __future__ import annotations
 import errno
 import os
 
-import numpy as np
-
-from .errors import PoolFullError, VirtualSpaceError
-
+# The core is loaded before numpy on purpose: its fork handlers register at
+# load time and must come before OpenBLAS's (see uksm_init in csrc/pool.c).
 try:
     from ._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - exercised by the smoke test
@@ -24,6 +22,10 @@ except ImportError as exc:  # pragma: no cover - exercised by the smoke test
         "uksm's C core (uksm._native) is not built: install the package with "
         "`pip install -e .` (needs a C compiler and libxxhash-dev)"
     ) from exc
+
+import numpy as np  # noqa: E402
+
+from .errors import PoolFullError, VirtualSpaceError  # noqa: E402
 
 PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
 RUN_MAX: int = lib.UKSM_RUN_MAX
@@ -187,6 +189,9 @@ class NativePool:
                 f"{int(done[0])} pages were unmerged before capacity ran out")
         _check(ret, "unmerge")
         return int(done[0])
+
+    def set_vma_state(self, maps: int, soft_limit: int) -> None:
+        lib.uksm_set_vma_state(self._pool, maps, soft_limit)
 
     def pages_info(self, vpn: int, npages: int):
         state = np.zeros(npages, np.uint8)

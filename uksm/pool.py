@@ -19,6 +19,7 @@ other's writes; the child's pool has no scanner thread running.
 from __future__ import annotations
 
 import collections
+import contextlib
 import faulthandler
 import math
 import operator
@@ -140,14 +141,16 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
 class _Buffer:
     """One allocation: a run of virtual pages (no per-page objects)."""
 
-    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "__weakref__")
+    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "pins",
+                 "__weakref__")
 
     def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
         self.vpn = vpn
         self.npages = npages
         self.nbytes = nbytes
-        self.mergeable = True
+        self.mergeable = True       # MADV_MERGEABLE (wanted, once unpinned)
         self.released = False
+        self.pins = 0
 
 
 class _OwnedLock:
@@ -503,20 +506,48 @@ class Pool:
         with self._lock:
             self._reap()
             rec = self._record(arr)
-            if rec.mergeable:
+            if rec.mergeable and not rec.pins:
                 self._scanner.remove_range(rec.vpn, rec.npages)
-                rec.mergeable = False
+            rec.mergeable = False
         return self._native.unmerge(rec.vpn, rec.npages)
 
     def merge(self, arr: np.ndarray) -> None:
-        """MADV_MERGEABLE: scan @arr again (the default for new arrays)."""
+        """MADV_MERGEABLE: scan @arr again (the default for new arrays).
+        Inside a pin() block this takes effect when the last pin ends."""
         self._check_open()
         with self._lock:
             self._reap()
             rec = self._record(arr)
-            if not rec.mergeable:
+            if not rec.mergeable and not rec.pins:
                 self._scanner.add_range(rec.vpn, rec.npages)
-                rec.mergeable = True
+            rec.mergeable = True
+
+    @contextlib.contextmanager
+    def pin(self, arr: np.ndarray):
+        """Keep @arr private, writable and unmerged for the block: its merged
+        pages get their own frames on entry and the scanner leaves it alone
+        until the block ends (blocks nest).  Needed around anything that
+        lets the kernel or a device write into the buffer: read(2),
+        readinto(), recv_into() (EFAULT on a merged page otherwise), and
+        I/O that pins pages (O_DIRECT, io_uring, AIO, RDMA, GPU pinned
+        memory), whose writes would land in a frame the scanner had already
+        merged away and be lost."""
+        self._check_open()
+        with self._lock:
+            self._reap()
+            rec = self._record(arr)
+            if rec.pins == 0 and rec.mergeable:
+                self._scanner.remove_range(rec.vpn, rec.npages)
+            rec.pins += 1
+        try:
+            self._native.unmerge(rec.vpn, rec.npages)
+            yield arr
+        finally:
+            with self._lock:
+                rec.pins -= 1
+                if rec.pins == 0 and rec.mergeable and not rec.released \
+                        and not self._closed:
+                    self._scanner.add_range(rec.vpn, rec.npages)
 
     # -- the scanner ------------------------------------------------------------------
 

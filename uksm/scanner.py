@@ -62,7 +62,10 @@ VMA budget.  Every protection change or remap of part of a mapping can
 split it; the process dies at vm.max_map_count.  Merges draw on a budget of
 half of max_map_count less the maps already there, re-counted from
 /proc/self/maps when the estimate runs low; merges beyond it are skipped
-and counted (merges_skipped_vma), never forced.
+and counted (merges_skipped_vma), never forced.  COW can split merged runs
+again later; the fault handler is told the count at each recount and,
+past 90% of the limit (or if mmap says ENOMEM), breaks COW on the whole run
+of merged pages around a fault, which removes VMAs instead of adding two.
 
 Locking: the caller holds the pool's Python lock around every method here;
 the C core takes its own lock inside each call.
@@ -81,6 +84,7 @@ from . import _core
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
 VMA_SHARE = 0.5
+VMA_COW_SOFT = 0.9
 
 
 def _count_maps() -> int:
@@ -219,6 +223,7 @@ class Scanner:
         self.max_map_count = _read_max_map_count()
         self._maps = None
         self._charged = 0
+        self.recount_maps()
         # advisor
         self._scan_start = time.monotonic()
         self._cpu_start = time.thread_time()
@@ -311,9 +316,15 @@ class Scanner:
     def _vma_budget(self) -> int:
         limit = int(self.max_map_count * VMA_SHARE)
         if self._maps is None or limit - self._maps - self._charged < 4 * _core.RUN_MAX:
-            self._maps = _count_maps()
-            self._charged = 0
+            self.recount_maps()
         return max(0, limit - self._maps - self._charged)
+
+    def recount_maps(self) -> None:
+        """Count the process's VMAs and tell the fault handler, which
+        switches to whole-run COW breaks past VMA_COW_SOFT of the limit."""
+        self._maps = _count_maps()
+        self._charged = 0
+        self.native.set_vma_state(self._maps, int(self.max_map_count * VMA_COW_SOFT))
 
     def _merge(self, src, dst_vpn, dst_pfn, dst_key):
         """uksm_merge() within the VMA budget.  When the budget cannot cover
