@@ -697,6 +697,19 @@ static void uksm_atfork_child(void)
 		fd = memfd_create("uksm", MFD_CLOEXEC);
 		if (fd < 0 || ftruncate(fd, (off_t)bytes))
 			fork_die("memfd_create/ftruncate failed");
+		/*
+		 * Allocate the used runs in bulk first (holes stay holes): a
+		 * shmem allocation fault per copied page costs more than the copy.
+		 */
+		for (pfn = 0; pfn < pool->file_frames;) {
+			size_t n = 0;
+
+			while (pfn + n < pool->file_frames && pool->frames[pfn + n].mapcount)
+				n++;
+			if (n && fallocate(fd, 0, (off_t)(pfn * PG), (off_t)(n * PG)))
+				fork_die("fallocate failed (out of memory for the copy?)");
+			pfn += n + !n;
+		}
 		copy = mmap(NULL, bytes ? bytes : PG, PROT_READ | PROT_WRITE,
 			    MAP_SHARED, fd, 0);
 		if (copy == MAP_FAILED)
