@@ -34,3 +34,16 @@ def fill_pages(arr: np.ndarray, page_values) -> None:
     b = arr.reshape(-1).view(np.uint8)
     for i, v in enumerate(page_values):
         b[i * PAGE:(i + 1) * PAGE] = v
+
+
+NORMAL, KSM, ZERO = 1, 2, 3     # pool.page_states() values
+
+
+def page(a: np.ndarray, i: int) -> np.ndarray:
+    """Page @i of @a as a writable uint8 view."""
+    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+
+
+def states(pool, a):
+    """The page-table state of each page of @a."""
+    return pool.page_states(a)[0]

@@ -22,19 +22,9 @@ from hypothesis import strategies as st
 
 import uksm
 
-from conftest import memfd_bytes
+from conftest import KSM, NORMAL, ZERO, memfd_bytes, page, states
 
 PAGE = uksm.PAGE_SIZE
-NORMAL, KSM, ZERO = 1, 2, 3
-
-
-def page(a: np.ndarray, i: int) -> np.ndarray:
-    """Page @i of @a as a writable uint8 view."""
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
-
-
-def states(pool, a):
-    return pool.page_states(a)[0]
 
 
 def make_sharers(pool, nsharers: int, npages: int, seed: int):

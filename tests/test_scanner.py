@@ -16,16 +16,9 @@ import uksm
 import uksm.scanner
 from uksm import _core
 
+from conftest import KSM, NORMAL, ZERO, page, states
+
 PAGE = uksm.PAGE_SIZE
-NORMAL, KSM, ZERO = 1, 2, 3
-
-
-def page(a: np.ndarray, i: int) -> np.ndarray:
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
-
-
-def states(pool, a):
-    return pool.page_states(a)[0]
 
 
 def random_pages(n: int, seed: int) -> np.ndarray:
