@@ -16,7 +16,7 @@ import uksm
 import uksm.scanner
 from uksm import _core
 
-from conftest import KSM, NORMAL, ZERO, page, states
+from conftest import KSM, NORMAL, page, states
 
 PAGE = uksm.PAGE_SIZE
 

@@ -29,13 +29,12 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from . import _core
-from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError)
+from .errors import BufferInUseError, ForeignArrayError, PoolClosedError
 from .scanner import Scanner
 
 PAGE_SIZE = _core.PAGE_SIZE

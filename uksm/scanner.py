@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
