@@ -72,8 +72,8 @@ static size_t alloc_near(struct uksm_pool *pool, size_t vpn, size_t n,
 	size_t want[2];
 	int nr = 0;
 
-	if (limit > pool->nr_frames)
-		limit = pool->nr_frames;
+	if (limit > pool->frames_online)
+		limit = pool->frames_online;
 	if (vpn > 0 && pool->ptes[vpn - 1].state == UKSM_PTE_NORMAL)
 		want[nr++] = (size_t)pool->ptes[vpn - 1].pfn + 1;
 	if (vpn + n < pool->va_pages && pool->ptes[vpn + n].state == UKSM_PTE_NORMAL &&

@@ -22,7 +22,7 @@ _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 /* The memfd grows by at least this much, so ftruncate is rare. */
 #define GROW_FRAMES	4096
 
-static int bit_test(const uint64_t *map, size_t i)
+int uksm_bit_test(const uint64_t *map, size_t i)
 {
 	return (map[i >> 6] >> (i & 63)) & 1;
 }
@@ -38,7 +38,7 @@ static void bit_clear(uint64_t *map, size_t i)
 }
 
 /* First clear bit at or after @from, below @limit; @limit if none. */
-static size_t find_zero_bit(const uint64_t *map, size_t from, size_t limit)
+size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit)
 {
 	size_t i = from;
 
@@ -54,15 +54,17 @@ static size_t find_zero_bit(const uint64_t *map, size_t from, size_t limit)
 	return limit;
 }
 
-static int grow_file(struct uksm_pool *pool, size_t end)
+int uksm_grow_file(struct uksm_pool *pool, size_t end)
 {
 	size_t want;
 
 	if (end <= pool->file_frames)
 		return 0;
 	want = end + GROW_FRAMES;
-	if (want > pool->nr_frames)
-		want = pool->nr_frames;
+	if (want > pool->frames_online)
+		want = pool->frames_online;
+	if (want < end)
+		want = end;
 	if (ftruncate(pool->fd, (off_t)(want * PG)))
 		return -errno;
 	pool->file_frames = want;
@@ -82,9 +84,9 @@ size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 {
 	size_t pfn, n;
 
-	if (limit > pool->nr_frames)
-		limit = pool->nr_frames;
-	pfn = find_zero_bit(pool->frame_map, pool->frame_hint, limit);
+	if (limit > pool->frames_online)
+		limit = pool->frames_online;
+	pfn = uksm_find_zero_bit(pool->frame_map, pool->frame_hint, limit);
 	if (pfn >= limit)
 		return 0;
 	pool->frame_hint = pfn;
@@ -105,11 +107,11 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 {
 	size_t n = 0;
 
-	if (limit > pool->nr_frames)
-		limit = pool->nr_frames;
-	while (n < want && pfn + n < limit && !bit_test(pool->frame_map, pfn + n))
+	if (limit > pool->frames_online)
+		limit = pool->frames_online;
+	while (n < want && pfn + n < limit && !uksm_bit_test(pool->frame_map, pfn + n))
 		n++;
-	if (!n || grow_file(pool, pfn + n))
+	if (!n || uksm_grow_file(pool, pfn + n))
 		return 0;
 	for (size_t i = 0; i < n; i++) {
 		struct uksm_frame *f = &pool->frames[pfn + i];
@@ -246,6 +248,7 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 		return -ENOMEM;
 	memset(pool, 0, sizeof(*pool));
 	pool->nr_frames = nr_frames;
+	pool->frames_online = nr_frames;
 	pool->capacity_frames = capacity_frames;
 	pool->va_pages = va_pages;
 	pool->fd = -1;
@@ -362,13 +365,13 @@ void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st)
 /* First-fit run of @n free virtual pages; caller holds pool->lock. */
 static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 {
-	size_t start = find_zero_bit(pool->va_map, pool->va_hint, pool->va_pages);
+	size_t start = uksm_find_zero_bit(pool->va_map, pool->va_hint, pool->va_pages);
 	size_t first = start;
 
 	while (start + n <= pool->va_pages) {
 		size_t len = 0;
 
-		while (len < n && !bit_test(pool->va_map, start + len))
+		while (len < n && !uksm_bit_test(pool->va_map, start + len))
 			len++;
 		if (len == n) {
 			for (size_t i = 0; i < n; i++)
@@ -378,7 +381,7 @@ static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 			*vpn_out = start;
 			return 0;
 		}
-		start = find_zero_bit(pool->va_map, start + len, pool->va_pages);
+		start = uksm_find_zero_bit(pool->va_map, start + len, pool->va_pages);
 	}
 	return -ENOSPC;
 }
@@ -523,6 +526,22 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 		done += n;
 	}
 	return err;
+}
+
+/* pool.pin(): mark pages that must not be migrated while pinned */
+int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
+{
+	if (vpn + npages > pool->va_pages)
+		return -EINVAL;
+	uksm_lock(pool);
+	for (size_t i = vpn; i < vpn + npages; i++) {
+		if (on)
+			pool->ptes[i].spare[0] |= UKSM_PTE_PINNED;
+		else
+			pool->ptes[i].spare[0] &= ~UKSM_PTE_PINNED;
+	}
+	uksm_unlock(pool);
+	return 0;
 }
 
 int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,

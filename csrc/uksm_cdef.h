@@ -34,6 +34,15 @@ struct uksm_stats {
 	uint64_t fault_waits;
 };
 
+struct uksm_compact_stats {
+	uint64_t frames_moved;		/* frame copies made, evacuations included */
+	uint64_t runs_moved;		/* moves: one write barrier and remap set each */
+	uint64_t frames_skipped;	/* planned moves given up (pinned, raced, no room) */
+	uint64_t file_frames_before;	/* memfd size in frames, before */
+	uint64_t file_frames_after;	/* and after */
+	uint64_t max_hold_ns;		/* longest pool->lock hold: a writer's worst wait */
+};
+
 struct uksm_pool;
 
 int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
@@ -69,6 +78,12 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		 size_t *unmerged);
 void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit);
+int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
+
+/* migrate.c */
+int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
+		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
+		 size_t *log_n, struct uksm_compact_stats *out);
 
 int uksm_install_handler(void);
 int uksm_handler_installed(void);

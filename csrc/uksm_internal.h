@@ -19,6 +19,9 @@
 
 #define PG		UKSM_PAGE_SIZE
 
+/* struct uksm_pte.spare[0] */
+#define UKSM_PTE_PINNED	0x1	/* pool.pin(): never migrated */
+
 /* Scratch for one run of uksm_merge(); used only under pool->lock. */
 struct uksm_run_ctx {
 	int64_t target[UKSM_RUN_MAX];	/* frame each src would map, or -1 */
@@ -32,6 +35,7 @@ struct uksm_pool {
 	size_t va_pages;
 	char *direct;			/* linear rw map of the whole memfd */
 	size_t nr_frames;		/* frame table size: capacity + reserve */
+	size_t frames_online;		/* frames below this may be used (shrink) */
 	size_t capacity_frames;		/* what uksm_alloc() may use */
 	size_t file_frames;		/* current ftruncate()d size, in frames */
 
@@ -119,6 +123,9 @@ extern _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 extern _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 
 /* pool.c: frame allocator; caller holds pool->lock */
+int uksm_grow_file(struct uksm_pool *pool, size_t end);
+int uksm_bit_test(const uint64_t *map, size_t i);
+size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit);
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 			    size_t *pfn_out);
 size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,

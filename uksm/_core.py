@@ -190,6 +190,23 @@ class NativePool:
         _check(ret, "unmerge")
         return int(done[0])
 
+    def set_pinned(self, vpn: int, npages: int, on: bool) -> None:
+        _check(lib.uksm_set_pinned(self._pool, vpn, npages, int(on)), "set_pinned")
+
+    def compact(self, shrink_frames: int = 0):
+        """uksm_compact(): returns (stats dict, err, log_from, log_to), the
+        log being the KSM frames moved, in order."""
+        cap = 2 * self.nr_frames
+        log_from = np.zeros(cap, np.uint32)
+        log_to = np.zeros(cap, np.uint32)
+        n = ffi.new("size_t *")
+        out = ffi.new("struct uksm_compact_stats *")
+        ret = lib.uksm_compact(self._pool, shrink_frames, _ptr("uint32_t[]", log_from),
+                               _ptr("uint32_t[]", log_to), cap, n, out)
+        st = {name: int(getattr(out, name))
+              for name, _ in ffi.typeof("struct uksm_compact_stats").fields}
+        return st, ret, log_from[: n[0]], log_to[: n[0]]
+
     def set_vma_state(self, maps: int, soft_limit: int) -> None:
         lib.uksm_set_vma_state(self._pool, maps, soft_limit)
 

@@ -16,7 +16,8 @@ both hold, and callers skip the kernel side when it says no.
 The knobs are system-wide state that other people rely on, so they are only
 ever changed inside a ``session()``: it saves every knob it may touch
 (pages_to_scan, sleep_millisecs, run, use_zero_pages, max_page_sharing,
-merge_across_nodes where NUMA has it, smart_scan, advisor_mode) and puts them
+merge_across_nodes where NUMA has it, smart_scan, advisor_mode and the
+advisor's own knobs) and puts them
 back on the way out, however the way out is taken: an exception, Ctrl-C,
 SIGTERM, or the interpreter exiting.  On the way out everything is first
 unmerged with run=2: max_page_sharing and merge_across_nodes refuse to
@@ -35,14 +36,16 @@ Three traps, each met by the order of the writes:
    selftests do with run=2), so pages_sharing starts from the other users'
    count, which ``converge()`` subtracts.
 
-ksmd's CPU time comes from /proc/<pid>/stat of the kernel thread named ksmd
-(utime + stime): that is the cost the kernel pays to merge, the figure to set
-beside uksm's process CPU time.
+ksmd's CPU time comes from /proc/<pid>/schedstat of the kernel thread named
+ksmd (time on CPU in nanoseconds; utime + stime from /proc/<pid>/stat, in
+clock ticks, where schedstat is missing): that is the cost the kernel pays
+to merge, the figure to set beside uksm's process CPU time.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import mmap
 import os
 import signal
@@ -57,9 +60,12 @@ import numpy as np
 KSM_DIR = "/sys/kernel/mm/ksm"
 PAGE_SIZE = mmap.PAGESIZE
 
-# Every knob a session may change, in the order they are restored: advisor
-# before pages_to_scan (see the trap above), run last.
-KNOBS = ("advisor_mode", "max_page_sharing", "merge_across_nodes", "use_zero_pages",
+# Every knob a session may change, in the order they are restored: the
+# advisor's parameters, then advisor_mode, before pages_to_scan (see the trap
+# above), run last.
+KNOBS = ("advisor_target_scan_time", "advisor_min_pages_to_scan",
+         "advisor_max_pages_to_scan", "advisor_max_cpu", "advisor_mode",
+         "max_page_sharing", "merge_across_nodes", "use_zero_pages",
          "smart_scan", "sleep_millisecs", "pages_to_scan", "run")
 
 # The counters, as documented in Documentation/admin-guide/mm/ksm.rst.
@@ -88,6 +94,21 @@ def available() -> bool:
     except AttributeError:      # not a POSIX system
         return False
     return os.access(_path("run"), os.W_OK)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why available() says no, in words for a report; None if it says yes."""
+    try:
+        euid = os.geteuid()
+    except AttributeError:
+        return "not a POSIX system"
+    if not os.path.isdir(KSM_DIR):
+        return f"{KSM_DIR} does not exist (kernel without CONFIG_KSM?)"
+    if euid != 0:
+        return f"needs root to change {KSM_DIR} (running as uid {euid})"
+    if not os.access(_path("run"), os.W_OK):
+        return f"{_path('run')} is not writable"
+    return None
 
 
 def has(name: str) -> bool:
@@ -162,13 +183,20 @@ def ksmd_pid() -> Optional[int]:
 
 
 def ksmd_cpu_seconds() -> float:
-    """utime + stime of ksmd, in seconds (0.0 if there is no ksmd).
+    """ksmd's time on CPU, in seconds (0.0 if there is no ksmd).
 
-    The fields are read after the last ')' of /proc/<pid>/stat: comm may
-    contain spaces and parentheses of its own."""
+    /proc/<pid>/schedstat's first field (nanoseconds) where the kernel has
+    it; else utime + stime, read after the last ')' of /proc/<pid>/stat
+    (comm may contain spaces and parentheses of its own), in clock ticks of
+    10 ms: too coarse for a window of a few full scans."""
     pid = ksmd_pid()
     if pid is None:
         return 0.0
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -358,6 +386,18 @@ class Session:
 
     # -- measuring ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def ksmd_running(self):
+        """run=1 for the with-block, run=0 after it, however it ends (for
+        callers that watch the counters themselves, as converge() does)."""
+        if not self._open:
+            raise RuntimeError("kernelksm session is not open")
+        write("run", KSM_RUN_MERGE)
+        try:
+            yield self
+        finally:
+            write("run", KSM_RUN_STOP)
+
     def converge(self, region: mmap.mmap, target_pages_sharing: int,
                  pages_to_scan: int = 10000, sleep_millisecs: int = 0,
                  timeout: float = 300.0, **kwargs) -> "Convergence":
@@ -368,6 +408,14 @@ class Session:
 def session(unmerge_first: bool = True, **settings: Union[int, str]) -> Session:
     """``with kernelksm.session(pages_to_scan=10000) as ksm: ...``"""
     return Session(unmerge_first=unmerge_first, **settings)
+
+
+def current_session() -> Session:
+    """The innermost open session; RuntimeError outside one."""
+    if not _active or not _active[-1]._open:
+        raise RuntimeError("this changes system-wide KSM knobs: call it inside "
+                           "`with kernelksm.session(): ...`")
+    return _active[-1]
 
 
 class _HoldSignals:

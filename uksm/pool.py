@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import faulthandler
 import math
 import operator
@@ -34,8 +35,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import _core
-from .errors import BufferInUseError, ForeignArrayError, PoolClosedError
-from .scanner import Scanner
+from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
+                     PoolFullError, UksmError)
+from .scanner import Scanner, _count_maps
 
 PAGE_SIZE = _core.PAGE_SIZE
 
@@ -258,6 +260,10 @@ class Pool:
                       capacity: merged buffers need no frames)
     cow_reserve       frames beyond capacity kept for COW faults, which
                       cannot be refused (default capacity/64, >= 1 MiB)
+    compact_threshold the background scanner compacts (pool.compact())
+                      after a full scan when the memfd is this many times
+                      larger than the live frames (and 16 MiB or more
+                      larger); 0 turns it off
     """
 
     def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
@@ -268,7 +274,8 @@ class Pool:
                  advisor_min_pages_to_scan: int = 500,
                  advisor_max_pages_to_scan: int = 30000,
                  advisor_max_cpu: int = 70,
-                 virtual_size: Any = None, cow_reserve: Any = None) -> None:
+                 virtual_size: Any = None, cow_reserve: Any = None,
+                 compact_threshold: float = 2.0) -> None:
         self._closed = True     # until fully built, for __del__/close
         cap = parse_size(capacity, "capacity")
         if cap % PAGE_SIZE:
@@ -300,6 +307,11 @@ class Pool:
                                                    advisor_max_pages_to_scan, 1),
             "advisor_max_cpu": _int_knob("advisor_max_cpu", advisor_max_cpu, 1),
         }
+        if isinstance(compact_threshold, bool) or \
+                not isinstance(compact_threshold, (int, float)) or \
+                (compact_threshold != 0 and compact_threshold < 1):
+            raise ValueError("compact_threshold must be 0 (off) or a ratio >= 1")
+        knobs["compact_threshold"] = float(compact_threshold)
         frames = cap // PAGE_SIZE
         va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 4 * cap
         va_pages = -(-va // PAGE_SIZE)
@@ -319,6 +331,8 @@ class Pool:
         self._lock = self._c.lock
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._compactions = 0
+        self._frames_migrated = 0
         self._closed = False
         self._pid = os.getpid()
         _live_pools.add(self)
@@ -530,7 +544,7 @@ class Pool:
         readinto(), recv_into() (EFAULT on a merged page otherwise), and
         I/O that pins pages (O_DIRECT, io_uring, AIO, RDMA, GPU pinned
         memory), whose writes would land in a frame the scanner had already
-        merged away and be lost."""
+        merged away and be lost.  Compaction does not move pinned pages."""
         self._check_open()
         with self._lock:
             self._reap()
@@ -539,14 +553,102 @@ class Pool:
                 self._scanner.remove_range(rec.vpn, rec.npages)
             rec.pins += 1
         try:
+            self._native.set_pinned(rec.vpn, rec.npages, True)
             self._native.unmerge(rec.vpn, rec.npages)
             yield arr
         finally:
             with self._lock:
                 rec.pins -= 1
-                if rec.pins == 0 and rec.mergeable and not rec.released \
-                        and not self._closed:
-                    self._scanner.add_range(rec.vpn, rec.npages)
+                if rec.pins == 0 and not rec.released and not self._native.closed:
+                    self._native.set_pinned(rec.vpn, rec.npages, False)
+                    if rec.mergeable and not self._closed:
+                        self._scanner.add_range(rec.vpn, rec.npages)
+
+    # -- migration --------------------------------------------------------------------
+
+    def _compact_locked(self, shrink_frames: int = 0) -> dict:
+        # caller holds self._lock: the scanner is paused, so no new mapper of
+        # any frame can appear behind the C core's plan
+        self._reap()
+        maps_before = _count_maps()
+        blocks_before = os.fstat(self._native.fd).st_blocks * 512
+        t0 = time.perf_counter()
+        st, err, log_from, log_to = self._native.compact(shrink_frames)
+        seconds = time.perf_counter() - t0
+        self._scanner.frames_moved(log_from, log_to)
+        self._scanner.prune_stable()
+        self._scanner.recount_maps()
+        fst = os.fstat(self._native.fd)
+        result = {
+            "frames_moved": st["frames_moved"],
+            "bytes_moved": st["frames_moved"] * PAGE_SIZE,
+            "moves": st["runs_moved"],
+            "frames_skipped": st["frames_skipped"],
+            "memfd_size_before": st["file_frames_before"] * PAGE_SIZE,
+            "memfd_size_after": fst.st_size,
+            # memory the kernel no longer holds for the memfd (its blocks) ...
+            "bytes_released": max(blocks_before - fst.st_blocks * 512, 0),
+            # ... and the file size given back (what can grow again)
+            "size_released": max(st["file_frames_before"] * PAGE_SIZE - fst.st_size, 0),
+            "memfd_bytes_before": blocks_before,
+            "memfd_bytes_after": fst.st_blocks * 512,
+            "vmas_before": maps_before,
+            "vmas_after": _count_maps(),
+            "seconds": seconds,
+            "max_pause_seconds": st["max_hold_ns"] / 1e9,
+        }
+        self._compactions += 1
+        self._frames_migrated += st["frames_moved"]
+        return result, err
+
+    def _fragmented(self) -> bool:
+        ratio = self._knobs["compact_threshold"]
+        if not ratio:
+            return False
+        c = self._native.stats()
+        slack = c["frames_file"] - c["frames_used"]
+        return (c["frames_file"] > ratio * max(c["frames_used"], 1)
+                and slack * PAGE_SIZE >= (16 << 20))
+
+    def compact(self) -> dict:
+        """Move frames so the memfd shrinks to the live data and each buffer's
+        pages lie on consecutive frames again (fewer mappings, further from
+        vm.max_map_count).  Writers may keep writing meanwhile: a page being
+        moved is write-protected for the copy, and a write waits for it.
+        Returns what was done: frames_moved, bytes_released, memfd size and
+        VMAs before and after, the longest pause a writer could have seen."""
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            result, err = self._compact_locked()
+        if err < 0:
+            raise OSError(-err, f"uksm: compact: {os.strerror(-err)}")
+        return result
+
+    def shrink(self, nbytes) -> dict:
+        """Give back the top @nbytes of the pool's frame space for good (the
+        memory hot-remove analogue): frames living there, shared ones
+        included, are migrated below it first, and the pool's capacity drops
+        by @nbytes.  PoolFullError if the live data would not fit below;
+        UksmError if pinned pages live in that range."""
+        self._check_open()
+        n = parse_size(nbytes, "shrink size")
+        if n % PAGE_SIZE:
+            raise ValueError(f"shrink size must be a multiple of the page size "
+                             f"({PAGE_SIZE}), got {n}")
+        with self._lock:
+            self._check_open()
+            result, err = self._compact_locked(n // PAGE_SIZE)
+            if err == -errno.ENOSPC:
+                raise PoolFullError(f"uksm: cannot shrink by {n} bytes: the live data "
+                                    f"would not fit in what remains")
+            if err == -errno.EBUSY:
+                raise UksmError("uksm: cannot shrink: pinned (or concurrently "
+                                "changing) pages live in the range; nothing was removed")
+            if err < 0:
+                raise OSError(-err, f"uksm: shrink: {os.strerror(-err)}")
+            self.capacity -= n
+        return result
 
     # -- the scanner ------------------------------------------------------------------
 
@@ -594,7 +696,10 @@ class Pool:
                 if self._closed:
                     return
                 self._reap()
+                scans = self._scanner.full_scans
                 self._scanner.scan_batch(self._knobs["pages_to_scan"])
+                if self._scanner.full_scans != scans and self._fragmented():
+                    self._compact_locked()
             if not _core.handler_installed():
                 _core.install_handler()
             ms = self._knobs["sleep_millisecs"]
@@ -658,6 +763,8 @@ class Pool:
                 "merges_skipped_vma": sc.merges_skipped_vma,
                 "cow_reserve_used_max": c["frames_reserve_used"],
                 "fault_lock_waits": c["fault_waits"],
+                "compactions": self._compactions,
+                "frames_migrated": self._frames_migrated,
                 "buffers": len(self._buffers),
                 "capacity": self.capacity,
                 "metadata_bytes": meta_total,

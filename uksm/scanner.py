@@ -572,6 +572,17 @@ class Scanner:
         self._scan_start = now
         self._cpu_start = cpu
 
+    def frames_moved(self, log_from: np.ndarray, log_to: np.ndarray) -> None:
+        """Migration moved KSM frames (in this order; a frame may move twice):
+        their stable nodes follow them by pfn, keeping their keys."""
+        st = self.stable
+        for f, t in zip(log_from.tolist(), log_to.tolist()):
+            node = int(self.node_of_pfn[f])
+            self.node_of_pfn[f] = -1
+            if node >= 0 and st.alive[node] and st.pfn[node] == f:
+                st.pfn[node] = t
+                self.node_of_pfn[t] = node
+
     def prune_stable(self) -> None:
         """Sweep every stable node through its keyhole, prune the stale."""
         st = self.stable
