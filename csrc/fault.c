@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 /*
  * The handler we replaced, for chaining.  Published through an index into
@@ -40,14 +41,28 @@ static struct sigaction prev_actions[2];
 static _Atomic int prev_idx;
 
 /*
- * Threads that have passed a signal on to the previous handler and not yet
- * taken a fault of their own since: a sent SIGSEGV arriving in such a
- * thread is the previous handler re-raising (faulthandler does), so it is
- * time to die by SIG_DFL.  Keyed by tid, not TLS: TLS in a shared object
- * may allocate, which a signal handler must not.
+ * Per-thread memory of chaining, in a small table keyed by tid (not TLS:
+ * TLS in a shared object may allocate, which a signal handler must not).
+ *   reraise	the previous handler left a SIGSEGV pending for this thread
+ *		(faulthandler prints its traceback, puts back its own
+ *		predecessor, possibly us, and raises again): when it arrives,
+ *		it is time to die by SIG_DFL.
+ *   addr/count	the same fault address passed on again and again: a previous
+ *		handler that returns without fixing anything (a disabled
+ *		faulthandler) would spin forever; a thousand times within a
+ *		second is a loop, and we die by SIG_DFL instead.
+ * A full table reuses slots by tid hash: at worst one loop is caught late.
  */
 #define CHAIN_SLOTS 64
-static _Atomic pid_t chained_tids[CHAIN_SLOTS];
+#define LOOP_FAULTS 1000
+struct chain_slot {
+	_Atomic pid_t tid;
+	_Atomic int reraise;
+	void *_Atomic addr;
+	_Atomic unsigned count;
+	_Atomic uint64_t since_ns;
+};
+static struct chain_slot chain_slots[CHAIN_SLOTS];
 
 static void say(const char *s)
 {
@@ -80,79 +95,106 @@ static pid_t my_tid(void)
 	return (pid_t)syscall(SYS_gettid);
 }
 
-static int chain_slot(pid_t tid)
+static uint64_t mono_ns(void)
 {
-	for (int i = 0; i < CHAIN_SLOTS; i++)
-		if (atomic_load(&chained_tids[i]) == tid)
-			return i;
-	return -1;
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-static void chain_mark(pid_t tid)
+static struct chain_slot *chain_find(pid_t tid, int take)
 {
-	if (chain_slot(tid) >= 0)
-		return;
+	for (int i = 0; i < CHAIN_SLOTS; i++)
+		if (atomic_load(&chain_slots[i].tid) == tid)
+			return &chain_slots[i];
+	if (!take)
+		return NULL;
 	for (int i = 0; i < CHAIN_SLOTS; i++) {
 		pid_t none = 0;
 
-		if (atomic_compare_exchange_strong(&chained_tids[i], &none, tid))
-			return;
+		if (atomic_compare_exchange_strong(&chain_slots[i].tid, &none, tid))
+			return &chain_slots[i];
 	}
+	atomic_store(&chain_slots[tid % CHAIN_SLOTS].tid, tid);
+	return &chain_slots[tid % CHAIN_SLOTS];
 }
 
-static void chain_clear(pid_t tid)
+static void chain_release(struct chain_slot *cs)
 {
-	int i = chain_slot(tid);
-
-	if (i >= 0)
-		atomic_store(&chained_tids[i], 0);
+	atomic_store(&cs->reraise, 0);
+	atomic_store(&cs->count, 0);
+	atomic_store(&cs->addr, NULL);
+	atomic_store(&cs->tid, 0);
 }
 
 /*
  * Pass a signal that is not ours to the previous handler.  A handler that
  * fixes its own faults (a JVM, a GC's guard pages) just returns, however
- * often it faults.  faulthandler instead prints its traceback, puts back
- * its own predecessor (possibly us) and raises SIGSEGV again: when that
- * sent signal comes back to a thread we just chained from, we stop the
- * ping-pong and die by SIG_DFL, as the fault deserves.
+ * often it faults; faulthandler's re-raise and a handler that fixes nothing
+ * are caught as described at chain_slots.
  */
 static void chain(int sig, siginfo_t *si, void *uc)
 {
 	const struct sigaction *prev = &prev_actions[atomic_load(&prev_idx)];
 	pid_t tid = my_tid();
+	struct chain_slot *cs = chain_find(tid, si->si_code > 0);
+	sigset_t pending;
 
-	if (si->si_code <= 0 && chain_slot(tid) >= 0) {
-		chain_clear(tid);
+	if (si->si_code <= 0 && cs && atomic_load(&cs->reraise)) {
+		chain_release(cs);
 		die_by_default(sig, si);
 		return;
 	}
-	if (prev->sa_flags & SA_SIGINFO) {
-		if (prev->sa_sigaction) {
-			chain_mark(tid);
-			prev->sa_sigaction(sig, si, uc);
+	if (si->si_code > 0) {
+		uint64_t now = mono_ns();
+
+		if (atomic_load(&cs->addr) != si->si_addr ||
+		    now - atomic_load(&cs->since_ns) > 1000000000ull) {
+			atomic_store(&cs->addr, si->si_addr);
+			atomic_store(&cs->since_ns, now);
+			atomic_store(&cs->count, 0);
+		}
+		if (atomic_fetch_add(&cs->count, 1) >= LOOP_FAULTS) {
+			chain_release(cs);
+			die_by_default(sig, si);
 			return;
 		}
+	}
+	if (prev->sa_flags & SA_SIGINFO) {
+		if (!prev->sa_sigaction) {
+			die_by_default(sig, si);
+			return;
+		}
+		prev->sa_sigaction(sig, si, uc);
 	} else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
-		chain_mark(tid);
 		prev->sa_handler(sig);
+	} else {
+		die_by_default(sig, si);
 		return;
 	}
-	die_by_default(sig, si);
+	/* did it leave a SIGSEGV for this thread, to arrive when we return? */
+	if (!sigpending(&pending) && sigismember(&pending, sig)) {
+		cs = chain_find(tid, 1);
+		atomic_store(&cs->reraise, 1);
+	} else if (si->si_code <= 0 && cs) {
+		chain_release(cs);
+	}
 }
 
-/*
- * The pool whose buffers cover @addr.  The ranges live in the registry
- * itself, so the handler never reads a pool struct that uksm_pool_destroy()
- * may be unmapping: a pool is destroyed only once it has no buffers, so no
- * fault can be in its range then.
- */
 static struct uksm_pool *pool_of(void *addr)
 {
 	uintptr_t a = (uintptr_t)addr;
 
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
-		if (a >= atomic_load(&uksm_pool_lo[slot]) &&
-		    a < atomic_load(&uksm_pool_hi[slot]))
+		/* hi is set last and cleared first: read it first */
+		uintptr_t hi = atomic_load(&uksm_pool_hi[slot]);
+		uintptr_t lo;
+
+		if (!hi || a >= hi)
+			continue;
+		lo = atomic_load(&uksm_pool_lo[slot]);
+		if (lo && a >= lo)
 			return atomic_load(&uksm_pools[slot]);
 	}
 	return NULL;
@@ -194,10 +236,8 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	size_t vpn;
 	int r;
 
-	if (si->si_code > 0) {
-		chain_clear(my_tid());	/* a fault of its own: not a re-raise */
+	if (si->si_code > 0)
 		pool = pool_of(si->si_addr);
-	}
 	if (!pool) {
 		chain(sig, si, uc);
 		errno = saved_errno;
@@ -211,7 +251,7 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	pte = &pool->ptes[vpn];
 	switch (pte->state) {
 	case UKSM_PTE_NORMAL:
-		if (mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE))
+		if (uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE))
 			uksm_fatal("cannot make a page writable again (mprotect failed: "
 				   "vm.max_map_count reached?)");
 		break;
@@ -275,6 +315,16 @@ int uksm_install_handler(void)
 	if (sigaction(SIGSEGV, &sa, NULL))
 		return -errno;
 	return 1;
+}
+
+/*
+ * faulthandler.disable() put our handler back itself (it was faulthandler's
+ * own predecessor): the handler we chain to is then the one we had before
+ * faulthandler came, kept in the other slot.
+ */
+void uksm_handler_pop_prev(void)
+{
+	atomic_store(&prev_idx, !atomic_load(&prev_idx));
 }
 
 int uksm_handler_installed(void)

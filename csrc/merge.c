@@ -16,7 +16,7 @@
 
 static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writable)
 {
-	if (mprotect(page_addr(pool, vpn), n * PG,
+	if (uksm_mprotect(page_addr(pool, vpn), n * PG,
 		     PROT_READ | (writable ? PROT_WRITE : 0)))
 		return -errno;
 	return 0;
@@ -152,7 +152,7 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
 				memcpy(frame_addr(pool, pfn + k),
 				       frame_addr(pool, p->pfn), PG);
 			else	/* a hole until written: allocate it, as uksm_alloc does */
-				(void)fallocate(pool->fd, 0, (off_t)((pfn + k) * PG), PG);
+				(void)uksm_fallocate(pool->fd, 0, (off_t)((pfn + k) * PG), PG);
 		}
 		err = uksm_map_frames(pool, vpn + done, got, pfn, 1);
 		if (err) {
@@ -554,7 +554,7 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 					z++;
 				/* cuts the protected piece [r0, e) where it stays */
 				p = vma_charge(vma_budget, (r > r0) + (z < e)) ?
-				    mmap(page_addr(pool, vpns[r]), (z - r) * PG, PROT_READ,
+				    uksm_mmap(page_addr(pool, vpns[r]), (z - r) * PG, PROT_READ,
 					 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) :
 				    MAP_FAILED;
 				if (p == MAP_FAILED) {

@@ -203,7 +203,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		while (b < nm && sc->mappers[b].vpn == sc->mappers[b - 1].vpn + 1 &&
 		       pool->ptes[sc->mappers[b].vpn].state == UKSM_PTE_NORMAL)
 			b++;
-		if (mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG, PROT_READ))
+		if (uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG, PROT_READ))
 			err = -errno;
 		a = b;
 	}
@@ -245,7 +245,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		}
 		for (size_t a = 0; a < nm; a++)
 			if (pool->ptes[sc->mappers[a].vpn].state == UKSM_PTE_NORMAL)
-				mprotect(page_addr(pool, sc->mappers[a].vpn), PG,
+				uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), PG,
 					 PROT_READ | PROT_WRITE);
 		for (size_t i = 0; i < k; i++) {
 			pool->frames[to + i].mapcount = 1;

@@ -138,7 +138,7 @@ void uksm_frames_flush(struct uksm_pool *pool)
 	 * before its hole is punched.  If the punch fails, the frames are
 	 * zeroed by hand instead, so the guarantee holds anyway.
 	 */
-	if (fallocate(pool->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+	if (uksm_fallocate(pool->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 		      (off_t)(start * PG), (off_t)(len * PG)))
 		memset(frame_addr(pool, start), 0, len * PG);
 	for (size_t i = 0; i < len; i++)
@@ -178,7 +178,7 @@ void uksm_frame_put(struct uksm_pool *pool, size_t pfn)
 int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
 		    int writable)
 {
-	void *p = mmap(page_addr(pool, vpn), n * PG,
+	void *p = uksm_mmap(page_addr(pool, vpn), n * PG,
 		       PROT_READ | (writable ? PROT_WRITE : 0),
 		       MAP_SHARED | MAP_FIXED, pool->fd, (off_t)(pfn * PG));
 
@@ -188,7 +188,7 @@ int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
 static int map_none(struct uksm_pool *pool, size_t vpn, size_t n)
 {
 	/* anonymous PROT_NONE: a touch faults as NONE and chains (a crash) */
-	void *p = mmap(page_addr(pool, vpn), n * PG, PROT_NONE,
+	void *p = uksm_mmap(page_addr(pool, vpn), n * PG, PROT_NONE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
 		       -1, 0);
 
@@ -290,8 +290,9 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 		struct uksm_pool *expected = NULL;
 
 		if (atomic_compare_exchange_strong(&uksm_pools[slot], &expected, pool)) {
-			atomic_store(&uksm_pool_hi[slot], (uintptr_t)(pool->va + va_pages * PG));
+			/* lo first, hi last: a slot counts only once hi is set */
 			atomic_store(&uksm_pool_lo[slot], (uintptr_t)pool->va);
+			atomic_store(&uksm_pool_hi[slot], (uintptr_t)(pool->va + va_pages * PG));
 			break;
 		}
 	}
@@ -315,8 +316,8 @@ void uksm_pool_destroy(struct uksm_pool *pool)
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		if (atomic_load(&uksm_pools[slot]) != pool)
 			continue;
+		atomic_store(&uksm_pool_hi[slot], 0);	/* hi first: the slot is off */
 		atomic_store(&uksm_pool_lo[slot], 0);
-		atomic_store(&uksm_pool_hi[slot], 0);
 		atomic_store(&uksm_pools[slot], NULL);
 	}
 	if (pool->va != MAP_FAILED)
@@ -402,14 +403,17 @@ void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
  * allocated in the memfd at once with fallocate, so that the kernel's
  * accounting (st_blocks) equals frames_used, and so that a full tmpfs
  * fails here, cleanly, rather than with SIGBUS on a later touch.
- * Returns -ENOMEM when capacity is exhausted (nothing changed), -ENOSPC
- * when the virtual range is full.
+ * On failure nothing is left allocated and *vpn_out says which step failed
+ * (UKSM_ALLOC_*): capacity (-ENOMEM), the virtual range (-ENOSPC), or the
+ * kernel: fallocate (a full tmpfs: -ENOSPC) or mmap (-ENOMEM at
+ * vm.max_map_count).
  */
 int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 {
-	size_t vpn, done = 0;
+	size_t vpn, done = 0, stage = UKSM_ALLOC_CAPACITY;
 	int err = 0;
 
+	*vpn_out = UKSM_ALLOC_CAPACITY;
 	uksm_lock(pool);
 	if (pool->st.frames_used + npages > pool->capacity_frames) {
 		uksm_unlock(pool);
@@ -418,6 +422,7 @@ int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 	err = va_alloc(pool, npages, &vpn);
 	if (err) {
 		uksm_unlock(pool);
+		*vpn_out = UKSM_ALLOC_VA;
 		return err;
 	}
 	/*
@@ -437,10 +442,13 @@ int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 		n = uksm_frame_alloc_run(pool, want, pool->capacity_frames, &pfn);
 		if (!n) {
 			err = -ENOMEM;
-		} else if (fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
+			stage = UKSM_ALLOC_CAPACITY;
+		} else if (uksm_fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
 			err = -errno;
+			stage = UKSM_ALLOC_FALLOCATE;
 		} else {
 			err = uksm_map_frames(pool, vpn + done, n, pfn, 1);
+			stage = UKSM_ALLOC_MMAP;
 		}
 		for (size_t i = 0; i < n; i++) {
 			pool->frames[pfn + i].mapcount = 1;
@@ -467,6 +475,7 @@ int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 		map_none(pool, vpn, npages);
 		uksm_unlock(pool);
 		uksm_va_free(pool, vpn, npages);
+		*vpn_out = stage;
 		return err;
 	}
 	*vpn_out = vpn;
@@ -495,7 +504,7 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 		 * vm.max_map_count), keep this chunk as it is and report it.
 		 */
 		if (map_none(pool, vpn + done, n) &&
-		    mprotect(page_addr(pool, vpn + done), n * PG, PROT_NONE)) {
+		    uksm_mprotect(page_addr(pool, vpn + done), n * PG, PROT_NONE)) {
 			err = -errno;
 			uksm_unlock(pool);
 			done += n;
@@ -602,6 +611,16 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 static int fork_pipe[2] = { -1, -1 };
 static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
 
+/*
+ * Pinned pages are left writable: pin() promises that, and a device or
+ * O_DIRECT transfer writing into them would not be stopped by mprotect
+ * anyway.  Their snapshot in the child is only as good as such I/O allows.
+ */
+static int snapshot_protects(const struct uksm_pte *pte)
+{
+	return pte->state == UKSM_PTE_NORMAL && !(pte->spare[0] & UKSM_PTE_PINNED);
+}
+
 /* mprotect every run of NORMAL pages; the runs are whole VMAs already */
 static void protect_normal(struct uksm_pool *pool, int prot)
 {
@@ -610,12 +629,11 @@ static void protect_normal(struct uksm_pool *pool, int prot)
 	while (vpn < pool->va_pages) {
 		size_t n = 0;
 
-		if (pool->ptes[vpn].state != UKSM_PTE_NORMAL) {
+		if (!snapshot_protects(&pool->ptes[vpn])) {
 			vpn++;
 			continue;
 		}
-		while (vpn + n < pool->va_pages &&
-		       pool->ptes[vpn + n].state == UKSM_PTE_NORMAL)
+		while (vpn + n < pool->va_pages && snapshot_protects(&pool->ptes[vpn + n]))
 			n++;
 		/* failing to restore leaves a NORMAL page read-only, which the
 		 * fault handler mends on the first write */

@@ -106,6 +106,23 @@ enum {
 	UKSM_CSUM_XXHASH = 1,	/* XXH3 64-bit, the fast one (Linux 6.x uses xxhash) */
 };
 
+/* which step of uksm_alloc() failed, in *vpn_out */
+enum {
+	UKSM_ALLOC_CAPACITY = 0,
+	UKSM_ALLOC_VA = 1,
+	UKSM_ALLOC_FALLOCATE = 2,
+	UKSM_ALLOC_MMAP = 3,
+};
+
+/* operations uksm_inject() can make fail */
+enum {
+	UKSM_OP_MMAP = 0,
+	UKSM_OP_MPROTECT = 1,
+	UKSM_OP_FALLOCATE = 2,
+	UKSM_OP_PWRITE = 3,
+	UKSM_OP_NR = 4,
+};
+
 /* uksm_merge() result codes, per entry (0 = merged) */
 #define UKSM_MERGE_OK		0
 #define UKSM_MERGE_STALE	1	/* stable node's keyhole no longer fits */
@@ -198,8 +215,13 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 		 size_t *log_n, struct uksm_compact_stats *out);
 
+/* inject.c (tests) */
+int uksm_inject(int op, long skip, long fail, int err);
+long uksm_inject_hits(int op);
+
 /* fault.c */
 int uksm_install_handler(void);
 int uksm_handler_installed(void);
+void uksm_handler_pop_prev(void);
 
 #endif /* UKSM_H */

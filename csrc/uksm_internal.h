@@ -17,6 +17,60 @@
 
 #include "uksm.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+
+/*
+ * Fault injection, for the tests (issue 6): uksm_inject() arms an operation
+ * so that, after @skip more calls succeed, the next @fail calls fail with
+ * @err (fail < 0: all of them).  Unarmed, the cost is one relaxed load per
+ * call.  Every mapping change, protection change and block allocation the
+ * core makes on pool memory goes through these wrappers; the handler's too,
+ * so that the tests can make a COW break fail the way vm.max_map_count would.
+ */
+struct uksm_inject_op {
+	_Atomic long skip;
+	_Atomic long fail;
+	_Atomic int err;
+	_Atomic long hits;	/* failures injected so far */
+};
+extern struct uksm_inject_op uksm_injects[UKSM_OP_NR];
+
+static inline int uksm_injected(int op)
+{
+	struct uksm_inject_op *in = &uksm_injects[op];
+	long f = atomic_load_explicit(&in->fail, memory_order_relaxed);
+
+	if (!f)
+		return 0;
+	if (atomic_fetch_sub(&in->skip, 1) > 0)
+		return 0;
+	atomic_store(&in->skip, 0);
+	if (f > 0 && atomic_fetch_sub(&in->fail, 1) <= 0) {
+		atomic_store(&in->fail, 0);
+		return 0;
+	}
+	atomic_fetch_add(&in->hits, 1);
+	errno = atomic_load(&in->err);
+	return 1;
+}
+
+static inline void *uksm_mmap(void *addr, size_t len, int prot, int flags, int fd,
+			      off_t off)
+{
+	return uksm_injected(UKSM_OP_MMAP) ? MAP_FAILED : mmap(addr, len, prot, flags, fd, off);
+}
+
+static inline int uksm_mprotect(void *addr, size_t len, int prot)
+{
+	return uksm_injected(UKSM_OP_MPROTECT) ? -1 : mprotect(addr, len, prot);
+}
+
+static inline int uksm_fallocate(int fd, int mode, off_t off, off_t len)
+{
+	return uksm_injected(UKSM_OP_FALLOCATE) ? -1 : fallocate(fd, mode, off, len);
+}
+
 #define PG		UKSM_PAGE_SIZE
 
 /* struct uksm_pte.spare[0] */

@@ -6,12 +6,16 @@ demo    builds duplicated arrays in a pool (copies of one dataset, a
         memory before and after, as uksm counts it and as the kernel does
         (memfd allocated blocks, the process's PSS), and the KSM counters.
 stats   the same workload, just the counters as JSON (for scripts).
+bench   the benchmark harness (uksm.harness): uksm and the kernel's KSM on
+        the same content, side by side; writes results.json, report.md and
+        PNG plots into --output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -123,6 +127,38 @@ def stats_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_cmd(args: argparse.Namespace) -> int:
+    from . import harness
+    try:
+        suites = harness.parse_suites(args.suites)
+    except ValueError as e:
+        print(f"python -m uksm bench: {e}", file=sys.stderr)
+        return 2
+    given = list(sys.argv[1:] if args.argv is None else args.argv)
+    given = given[given.index("bench") + 1:] if "bench" in given else given
+    kw = {"suites": suites, "output": args.output, "checksum": args.checksum,
+          "kernel": not args.no_kernel,
+          "command": shlex.join(["python", "-m", "uksm", "bench"] + given)}
+    if args.size is not None:
+        kw["size"] = parse_size(args.size, "--size")
+    if args.repeats is not None:
+        if args.repeats < 1:
+            print("python -m uksm bench: --repeats must be at least 1", file=sys.stderr)
+            return 2
+        kw["repeats"] = args.repeats
+    if args.selftest_size is not None:
+        kw["selftest_mib"] = max(1, parse_size(args.selftest_size, "--selftest-size") >> 20)
+    if args.timeout is not None:
+        kw["timeout"] = args.timeout
+    cfg = harness.Config.quick(**kw) if args.quick else harness.Config(**kw)
+    try:
+        harness.run(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; what was measured is in {cfg.output}/", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uksm",
                                      description="uksm: userspace KSM for numpy buffers")
@@ -137,8 +173,34 @@ def main(argv=None) -> int:
         p.add_argument("--timeout", type=float, default=60.0)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(fn=fn)
+    b = sub.add_parser("bench", help="uksm against the kernel's KSM: suites, report, plots",
+                       description="Run the benchmark suites on uksm and (as root, where "
+                       "/sys/kernel/mm/ksm exists) on the kernel's KSM with the same content "
+                       "in the same run; write results.json, report.md and PNG plots.")
+    b.add_argument("--size", default=None,
+                   help="N of the 2 x N MiB duplicate pairs, and the dataset of the realistic "
+                        "and steady-state suites (default 128MiB; --quick 16MiB)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="runs of each measurement, medians reported (default 3; --quick 1)")
+    b.add_argument("--suites", default="all",
+                   help="comma-separated suite numbers or names: 1 selftest, 2 pairs, "
+                        "3 realistic, 4 steady, 5 swap (default all)")
+    b.add_argument("--quick", action="store_true",
+                   help="a small run of every suite (well under three minutes)")
+    b.add_argument("--output", default="bench-out",
+                   help="directory for results.json, report.md and the plots "
+                        "(default ./bench-out)")
+    b.add_argument("--selftest-size", default=None,
+                   help="region of the selftest -P and -D modes (default 100MiB, as "
+                        "run_vmtests.sh's ksm_tests -P -s 100; --quick 16MiB)")
+    b.add_argument("--checksum", default="jhash2", choices=["jhash2", "xxhash"])
+    b.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for any one convergence (default 120)")
+    b.add_argument("--no-kernel", action="store_true",
+                   help="measure uksm only, even as root")
+    b.set_defaults(fn=bench_cmd, argv=argv)
     args = parser.parse_args(argv)
-    if args.copies < 1:
+    if getattr(args, "copies", 1) < 1:
         parser.error("--copies must be at least 1")
     return args.fn(args)
 

@@ -64,6 +64,20 @@ def _ptr(ctype: str, arr: np.ndarray):
     return ffi.from_buffer(ctype, arr, require_writable=False)
 
 
+OPS = {"mmap": lib.UKSM_OP_MMAP, "mprotect": lib.UKSM_OP_MPROTECT,
+       "fallocate": lib.UKSM_OP_FALLOCATE, "pwrite": lib.UKSM_OP_PWRITE}
+
+
+def inject(op: str, skip: int, fail: int, err: int) -> None:
+    """Tests only: after @skip good calls of @op, fail @fail of them (< 0:
+    all) with errno @err; fail=0 disarms."""
+    _check(lib.uksm_inject(OPS[op], skip, fail, err), "inject")
+
+
+def inject_hits(op: str) -> int:
+    return int(lib.uksm_inject_hits(OPS[op]))
+
+
 def install_handler() -> bool:
     """Make ours the SIGSEGV handler again if someone replaced it."""
     return _check(lib.uksm_install_handler(), "sigaction") == 1
@@ -71,6 +85,10 @@ def install_handler() -> bool:
 
 def handler_installed() -> bool:
     return bool(lib.uksm_handler_installed())
+
+
+def handler_pop_prev() -> None:
+    lib.uksm_handler_pop_prev()
 
 
 def calc_checksum(page: bytes, algo: str) -> int:
@@ -124,16 +142,23 @@ class NativePool:
     def alloc(self, npages: int) -> int:
         vpn = ffi.new("size_t *")
         ret = lib.uksm_alloc(self._pool, npages, vpn)
-        if ret == -errno.ENOMEM:
+        if ret >= 0:
+            return int(vpn[0])
+        stage = int(vpn[0])
+        if stage == lib.UKSM_ALLOC_CAPACITY:
             raise PoolFullError(
                 f"uksm pool full: {npages} pages wanted, capacity is "
                 f"{self.capacity_frames} frames")
-        if ret == -errno.ENOSPC:
+        if stage == lib.UKSM_ALLOC_VA:
             raise VirtualSpaceError(
                 f"uksm pool's virtual range ({self.va_pages} pages) has no free "
                 f"run of {npages} pages")
-        _check(ret, "alloc")
-        return int(vpn[0])
+        if stage == lib.UKSM_ALLOC_FALLOCATE:
+            raise OSError(-ret, f"uksm: allocating {npages} pages in the backing memfd "
+                                f"failed (fallocate: {os.strerror(-ret)}; is /dev/shm "
+                                f"or memory exhausted?)")
+        raise OSError(-ret, f"uksm: mapping {npages} pages failed (mmap: "
+                            f"{os.strerror(-ret)}; vm.max_map_count reached?)")
 
     def buffer(self, vpn: int, nbytes: int, on_release):
         """A cffi buffer over the pages from @vpn; on_release runs at GC."""

@@ -552,27 +552,29 @@ def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0
     n = max(size // 8, 4 * PAGE // 8)
     n -= n % (4 * PAGE // 8)         # quarters stay page-aligned
     q = n // 4
-    base = rng.standard_normal(n)
+    # Random numbers go straight into the arrays (out=): a temporary of this
+    # size would come from malloc's heap once glibc has raised its mmap
+    # threshold, and stay in the PSS after it is freed.
     out = {}
-    out["weights"] = a = alloc(n * 8)
-    a[:] = base
+    out["weights"] = base = alloc(n * 8)
+    rng.standard_normal(out=base)
     out["replica"] = a = alloc(n * 8)
     a[:] = base
     out["finetuned"] = a = alloc(n * 8)
     a[:] = base
-    a[q:2 * q] = rng.standard_normal(q)
+    rng.standard_normal(out=a[q:2 * q])
     out["concat"] = a = alloc(n * 8)
     a[:2 * q] = base[:2 * q]
-    a[2 * q:] = rng.standard_normal(n - 2 * q)
+    rng.standard_normal(out=a[2 * q:])
     out["grad_buffer"] = a = alloc(2 * q * 8)
     a[:] = 1.0
     a[:] = 0.0
     out["padded"] = a = alloc(2 * q * 8)
-    a[:q // 2] = rng.standard_normal(q // 2)
+    rng.standard_normal(out=a[:q // 2])
     a[q // 2:] = 0.0
     out["volatile"] = a = alloc(q * 8)
-    a[:] = rng.standard_normal(q)
-    del base
+    rng.standard_normal(out=a)
+    del base, a
     pq = q * 8 // PAGE                  # pages in a quarter
     ideal = (4 * pq        # replica
              + 3 * pq      # finetuned
@@ -745,8 +747,12 @@ def fill_steady(arr: np.ndarray, seed: int = 0) -> int:
     npages = len(pages)
     quarter = npages // 4
     fill_pairs(pages[: 2 * quarter], quarter)
+    pages[: 2 * quarter].view(np.uint32)[:, 3] = 0xFFFFFFFF   # no zero page among them
     rest = pages[2 * quarter:]
-    rest[:] = np.random.default_rng(seed).integers(0, 256, rest.shape, dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    for i in range(0, len(rest), 4096):         # no page-sized temporaries
+        chunk = rest[i:i + 4096]
+        chunk[:] = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
     return quarter
 
 

@@ -94,15 +94,25 @@ _fh_enable = faulthandler.enable
 _fh_disable = faulthandler.disable
 
 
+_stacked_over_faulthandler = False
+
+
 def _enable_then_reinstall(*args, **kwargs):
+    global _stacked_over_faulthandler
     result = _fh_enable(*args, **kwargs)
-    if _live_pools:
-        _core.install_handler()
+    if _live_pools and _core.install_handler():
+        _stacked_over_faulthandler = True
     return result
 
 
 def _disable_then_reinstall(*args, **kwargs):
+    global _stacked_over_faulthandler
     result = _fh_disable(*args, **kwargs)
+    if _stacked_over_faulthandler and _core.handler_installed():
+        # faulthandler put back its predecessor, which was us: chain to the
+        # handler we had before it, not to a disabled faulthandler
+        _core.handler_pop_prev()
+    _stacked_over_faulthandler = False
     if _live_pools:
         _core.install_handler()
     return result
@@ -167,8 +177,9 @@ class _OwnedLock:
         self.on_exit = None     # run once after the next release
 
     def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()      # before: allocating may run the GC
         if self._lock.acquire(blocking):
-            self.owner = threading.get_ident()
+            self.owner = me
             return True
         return False
 
@@ -196,18 +207,21 @@ class _Core:
     still give the native pool back (else its memfd, address range and
     registry slot leak, and the 65th pool fails)."""
 
-    __slots__ = ("native", "scanner", "buffers", "pending", "lock", "closed")
+    __slots__ = ("native", "scanner", "buffers", "pending", "failed", "lock", "closed")
 
     def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
         self.native = native
         self.scanner = scanner
         self.buffers: Dict[int, _Buffer] = {}
         self.pending: "collections.deque[_Buffer]" = collections.deque()
+        self.failed: "collections.deque[_Buffer]" = collections.deque()
         self.lock = _OwnedLock()
         self.closed = False
 
     def reap(self) -> None:
         """Finish the releases the garbage collector started (holds lock)."""
+        for _ in range(len(self.failed)):
+            self.on_release(self.failed.popleft(), retry=True)
         while self.pending:
             rec = self.pending.popleft()
             self.scanner.remove_range(rec.vpn, rec.npages)
@@ -220,24 +234,29 @@ class _Core:
         with self.lock:
             self.reap()
 
-    def on_release(self, rec: _Buffer) -> None:
+    def on_release(self, rec: _Buffer, retry: bool = False) -> None:
         """An array and all its views are gone (a cffi gc callback: any
         thread, any moment, possibly inside a section holding self.lock).
         The frames go back at once, through the C core's own lock only;
-        the scanner forgets the pages and the range is reused at reap()."""
-        try:
-            if not rec.released:
-                rec.released = True
+        the scanner forgets the pages and the range is reused at reap().
+        Should the release fail (no mapping could cut the pages off, at
+        vm.max_map_count), the frames and the range stay as they are and
+        the release is tried again at the next reap()."""
+        if not rec.released:
+            try:
                 self.native.release(rec.vpn, rec.npages)
-        finally:
-            self.pending.append(rec)
-            if self.closed:
-                # nobody else may come to reap: do it now, or right after
-                # this thread's own enclosing section if it holds the lock
-                if self.lock.owned():
-                    self.lock.on_exit = self.reap_locked
-                else:
-                    self.reap_locked()
+            except OSError:
+                self.failed.append(rec)
+                return
+            rec.released = True
+        self.pending.append(rec)
+        if self.closed and not retry:
+            # nobody else may come to reap: do it now, or right after
+            # this thread's own enclosing section if it holds the lock
+            if self.lock.owned():
+                self.lock.on_exit = self.reap_locked
+            else:
+                self.reap_locked()
 
 
 class Pool:

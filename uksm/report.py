@@ -1,0 +1,383 @@
+"""uksm.report - the benchmark harness's report: Markdown, a console table, plots.
+
+Everything here reads the results dict that uksm.harness builds (and writes
+as results.json), so a report can be remade from a results.json alone:
+
+    python -c "import json, uksm.report as r; \\
+               print(r.markdown(json.load(open('bench-out/results.json'))))"
+
+Numbers are printed with three significant figures; a figure that was not
+measured is never printed as a number: the kernel column says "not
+available" (and the header says why) when the kernel side could not run,
+and a suite that does not exist yet says "not available yet".
+
+The plots use matplotlib's Agg canvas directly (no pyplot, no global
+backend switch), so the harness can run inside a process that has its own
+matplotlib setup.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional
+
+MiB = 1 << 20
+
+HEADER = ("suite", "metric", "uksm", "kernel", "ratio", "unit")
+
+
+def num(v: Optional[float], unit: str = "") -> str:
+    """A figure with three significant digits (fractions with four decimals)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if unit == "fraction":
+        return f"{v:.4f}"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a == 0:
+        return "0"
+    return f"{v:.3g}"
+
+
+def _ratio(v: Optional[float]) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def rows(results: Dict) -> List[List[str]]:
+    """The table's rows (suite, metric, uksm, kernel, ratio, unit)."""
+    out = []
+    for key, s in results.get("suites", {}).items():
+        out.extend(_suite_rows(s, key))
+    return out
+
+
+def _suite_rows(s: Dict, key: str) -> List[List[str]]:
+    name = f"{s['number']} {key}"
+    out = []
+    for m in s.get("metrics", []):
+        if m.get("uksm_text"):
+            u = m["uksm_text"]
+        elif m["uksm"] is None:
+            u = "failed" if s["status"] == "error" else "n/a"
+        else:
+            u = num(m["uksm"], m["unit"])
+        if m.get("kernel_text"):
+            k = m["kernel_text"]
+        elif not s.get("kernel_measured"):
+            k = "not available"
+        elif m["kernel"] is None:
+            k = "failed" if s["status"] == "error" else "n/a"
+        else:
+            k = num(m["kernel"], m["unit"])
+        label = m["label"]
+        if m.get("better"):
+            label += f" ({m['better']} is better)"
+        out.append([name, label, u, k, _ratio(m["ratio"]), m["unit"]])
+    if s["status"] == "error":
+        last = (s.get("error") or "").strip().splitlines()[-1:] or ["error"]
+        out.append([name, f"suite failed: {last[0]}", "", "", "", ""])
+    elif s["status"] == "interrupted":
+        out.append([name, "interrupted", "", "", "", ""])
+    return out
+
+
+def markdown_table(table_rows: List[List[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in table_rows]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def text_table(table_rows: List[List[str]], header: bool = True) -> List[str]:
+    """Aligned columns for the console."""
+    body = ([list(HEADER)] if header else []) + table_rows
+    if not body:
+        return []
+    widths = [max(len(r[i]) for r in body) for i in range(len(HEADER))]
+    widths[1] = min(widths[1], 70)
+    out = []
+    for j, r in enumerate(body):
+        cells = []
+        for i, c in enumerate(r):
+            if i in (2, 3, 4):
+                cells.append(c.rjust(widths[i]))
+            else:
+                cells.append(c.ljust(widths[i]))
+        out.append("  ".join(cells).rstrip())
+        if header and j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def rows_text(suite: Dict, key: str) -> List[str]:
+    return text_table(_suite_rows(suite, key), header=True)
+
+
+def table(results: Dict) -> str:
+    return "\n".join(text_table(rows(results)))
+
+
+def _knobs(k: Dict) -> str:
+    if not k:
+        return "n/a"
+    return ", ".join(f"{n}={v}" for n, v in k.items())
+
+
+def _gib(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def markdown(results: Dict) -> str:
+    """report.md: machine facts and knobs, the table, per-suite details, plots."""
+    m = results["machine"]
+    cfg = results["config"]
+    ks = results["kernel_side"]
+    out = ["# uksm benchmark: uksm and the kernel's KSM on this machine", ""]
+    when = results.get("started", "")
+    cmd = results.get("command") or "python -m uksm bench"
+    status = results.get("status", "")
+    out.append(f"Run {when} with `{cmd}`; {results.get('seconds', 0):.0f} s"
+               + ("" if status == "done" else f" (**{status}**)") + ".")
+    out.append("")
+    out.append("## Machine")
+    out.append("")
+    out.append("| | |")
+    out.append("|---|---|")
+    out.append(f"| kernel | {m['kernel']} ({m['machine']}) {m.get('kernel_version', '')} |")
+    out.append(f"| CPUs | {m['cpu_count']} ({m.get('cpu_model') or 'unknown model'}; "
+               f"{m.get('cpus_usable')} usable) |")
+    out.append(f"| memory | {_gib(m.get('mem_total'))}; swap {_gib(m.get('swap_total'))} |")
+    out.append(f"| page size, vm.max_map_count | {m['page_size']}, {m.get('max_map_count')} |")
+    out.append(f"| transparent hugepages | {m.get('transparent_hugepage') or 'n/a'} |")
+    out.append(f"| Python, numpy, uksm | {m['python']}, {m['numpy']}, {m['uksm']} |")
+    if ks["available"]:
+        side = "measured in the same run, on the same content (private anonymous " \
+               "memory, MADV_MERGEABLE); knobs saved and restored around each suite"
+    else:
+        side = f"**not available: {ks['reason']}**; only uksm was measured"
+    out.append(f"| kernel KSM | {side} |")
+    before = results.get("kernel_knobs_before") or {}
+    if before:
+        out.append(f"| kernel KSM knobs as found | {_knobs(before)} |")
+        restored = results.get("knobs_restored")
+        out.append(f"| kernel KSM knobs after the run | "
+                   + ("unchanged (restored)" if restored else
+                      f"**CHANGED**: {_knobs(results.get('kernel_knobs_after') or {})}")
+                   + " |")
+    out.append(f"| run | {cfg['repeats']} repeat(s); size {cfg['size'] / MiB:g} MiB; "
+               f"checksum {cfg['checksum']}{'; quick' if cfg.get('quick_run') else ''} |")
+    out.append("")
+    out.append("## Results")
+    out.append("")
+    out.append("Each figure is the median over the repeats; **ratio = uksm / kernel**, "
+               "computed within each repeat (both measured back to back, in alternating "
+               "order), then the median of those ratios.  Whether a ratio below 1 favours "
+               "uksm depends on the metric: it says which direction is better.")
+    if not ks["available"]:
+        out.append("")
+        out.append(f"The kernel's KSM was not measured ({ks['reason']}): its column says "
+                   "\"not available\" and there are no ratios.")
+    out.append("")
+    out.append(markdown_table(rows(results)))
+    out.append("")
+    plots = results.get("plots") or []
+    if plots:
+        out.append("## Plots")
+        out.append("")
+        for p in plots:
+            caption = {"memory.png": "Memory over time while converging (suite 3): PSS and "
+                                     "bytes_resident for uksm; PSS and the pages_sharing-"
+                                     "derived figure for the kernel",
+                       "ratios.png": "uksm / kernel per metric, by suite: bars are medians, "
+                                     "dots the individual repeats"}.get(p, p)
+            out.append(f"![{caption}]({p})")
+            out.append("")
+            out.append(f"*{caption}.*")
+            out.append("")
+    out.append("## Suites: parameters, knobs, runs")
+    for key, s in results.get("suites", {}).items():
+        out.append("")
+        out.append(f"### {s['number']}. {s['title']}")
+        out.append("")
+        out.append(f"Status: {s['status']}; {s['seconds']:.1f} s.")
+        if s["parameters"]:
+            out.append("")
+            for name, v in s["parameters"].items():
+                out.append(f"- {name}: {v}")
+        if s.get("uksm_knobs"):
+            out.append("")
+            uk = s["uksm_knobs"]
+            if isinstance(next(iter(uk.values())), dict):
+                for var, k in uk.items():
+                    out.append(f"- uksm knobs ({var}): {_knobs(k)}")
+            else:
+                out.append(f"- uksm knobs: {_knobs(uk)}")
+        if s.get("kernel_measured"):
+            kk = s.get("kernel_knobs") or {}
+            if kk and isinstance(next(iter(kk.values())), dict):
+                for var, k in kk.items():
+                    out.append(f"- kernel knobs ({var}): {_knobs(k)}")
+            elif kk:
+                out.append(f"- kernel knobs: {_knobs(kk)}")
+        elif key != "swap":
+            out.append(f"- kernel: not available ({s.get('kernel_note') or ks['reason']})")
+        for note in s.get("notes", []):
+            out.append(f"- {note}")
+        runs = [mm for mm in s.get("metrics", []) if mm["uksm_runs"] or mm["kernel_runs"]]
+        if runs and cfg["repeats"] > 1:
+            out.append("")
+            out.append("| metric | uksm per run | kernel per run | ratio per run |")
+            out.append("|---|---|---|---|")
+            for mm in runs:
+                out.append(f"| {mm['label']} | "
+                           + ", ".join(num(v, mm["unit"]) for v in mm["uksm_runs"]) + " | "
+                           + (", ".join(num(v, mm["unit"]) for v in mm["kernel_runs"])
+                              or "n/a") + " | "
+                           + (", ".join(_ratio(v) for v in mm["ratio_runs"]) or "n/a")
+                           + " |")
+        if s["status"] == "error" and s.get("error"):
+            out.append("")
+            out.append("```")
+            out.append(s["error"].rstrip())
+            out.append("```")
+    out.append("")
+    out.append("## Reproduce")
+    out.append("")
+    out.append("```sh")
+    out.append(f"{cmd}")
+    out.append("```")
+    out.append("")
+    out.append("(as root for the kernel side; results.json holds every run's figures and "
+               "the sampled memory timelines)")
+    out.append("")
+    return "\n".join(out)
+
+
+# -- plots -------------------------------------------------------------------------------
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _pick(timelines: List[Dict]) -> Optional[Dict]:
+    """The repeat whose time to target is the median one (else the first)."""
+    if not timelines:
+        return None
+    done = [t for t in timelines if t.get("time_to_target") is not None]
+    if not done:
+        return timelines[0]
+    done.sort(key=lambda t: t["time_to_target"])
+    return done[(len(done) - 1) // 2]
+
+
+def plot_memory(results: Dict, path: str) -> bool:
+    """Suite 3's memory over time, uksm and kernel side by side."""
+    s = results.get("suites", {}).get("realistic")
+    if not s or not s["timelines"]["uksm"]:
+        return False
+    fig = _figure(12, 4.8)
+    axes = fig.subplots(1, 2, sharey=True)
+    ks = results["kernel_side"]
+    for ax, side, name, second in ((axes[0], "uksm", "uksm", "bytes_resident"),
+                                   (axes[1], "kernel", "kernel KSM",
+                                    "mapped - (pages_sharing + ksm_zero_pages)")):
+        tl = _pick(s["timelines"][side])
+        ax.set_title(name)
+        ax.set_xlabel("seconds since the scanner started")
+        ax.grid(True, alpha=0.3)
+        if tl is None:
+            why = ks["reason"] if not ks["available"] else "not measured"
+            ax.text(0.5, 0.5, f"kernel KSM not available:\n{why}", ha="center",
+                    va="center", transform=ax.transAxes, wrap=True)
+            continue
+        t = [p["t"] for p in tl["samples"]]
+        ax.plot(t, [p["pss"] / MiB for p in tl["samples"]], "-", lw=2,
+                label="PSS (anon + shmem)")
+        ax.plot(t, [p["resident"] / MiB for p in tl["samples"]], "--", lw=2, label=second)
+        ideal = (tl["total_bytes"] - tl["ideal_pages"] * 4096) / MiB
+        ax.axhline(ideal, color="gray", ls=":", label="ideal after merging")
+        if tl.get("time_to_target") is not None:
+            ax.axvline(tl["time_to_target"], color="green", ls="-.", lw=1,
+                       label=f"99% of ideal: {tl['time_to_target']:.2f} s")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_ylabel("MiB")
+    axes[0].set_ylim(bottom=0)
+    size = s["parameters"].get("dataset_mib")
+    fig.suptitle(f"Memory while converging: realistic numpy workload (dataset {size:g} MiB, "
+                 "volatile region rewritten throughout)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+
+
+def plot_ratios(results: Dict, path: str) -> None:
+    """uksm/kernel per metric, grouped by suite (log scale, 1 = parity)."""
+    items = []
+    for key, s in results.get("suites", {}).items():
+        for m in s.get("metrics", []):
+            if m["ratio"] is not None and m["ratio"] > 0:     # log scale
+                items.append((s["number"], key, m))
+    fig = _figure(11, max(2.5, 0.42 * len(items) + 1.5))
+    ax = fig.subplots()
+    if not items:
+        ks = results["kernel_side"]
+        why = ks["reason"] if not ks["available"] else "no suite measured both sides"
+        ax.text(0.5, 0.5, f"No uksm / kernel ratios: {why}", ha="center", va="center",
+                transform=ax.transAxes, wrap=True)
+        ax.set_axis_off()
+        fig.savefig(path)
+        return
+    labels, ys = [], []
+    for i, (number, key, m) in enumerate(reversed(items)):
+        y = i
+        color = _COLORS[(number - 1) % len(_COLORS)]
+        ax.barh(y, m["ratio"], color=color, alpha=0.6, height=0.7)
+        pts = [r for r in m["ratio_runs"] if r is not None and r > 0]
+        ax.plot(pts, [y] * len(pts), "k.", ms=5)
+        ax.text(m["ratio"], y, f" {m['ratio']:.3g}", va="center", fontsize=8)
+        label = m["label"] if len(m["label"]) <= 58 else m["label"][:55] + "..."
+        arrow = {"lower": " [lower better]", "higher": " [higher better]"}.get(m["better"], "")
+        labels.append(f"{number} {key}: {label}{arrow}")
+        ys.append(y)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel("uksm / kernel KSM (log scale; 1 = same)")
+    ax.set_title("uksm / kernel KSM per metric, by suite (bars: median; dots: each repeat)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    runs = [r for _, _, m in items for r in m["ratio_runs"] + [m["ratio"]]
+            if r is not None and r > 0]
+    lo, hi = min(runs), max(runs)
+    ax.set_xlim(min(lo, 1.0) / 1.6, max(hi, 1.0) * 2.2)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_plots(results: Dict, outdir: str) -> List[str]:
+    """Write the PNGs into @outdir; returns their file names."""
+    written = []
+    if plot_memory(results, os.path.join(outdir, "memory.png")):
+        written.append("memory.png")
+    plot_ratios(results, os.path.join(outdir, "ratios.png"))
+    written.append("ratios.png")
+    return written
