@@ -222,6 +222,9 @@ static int break_cow_whole_run(struct uksm_pool *pool, size_t vpn)
 		a--;
 	while (b < pool->va_pages && merged_state(pool->ptes[b].state))
 		b++;
+	/* not enough frames for the whole run: one page, and hope */
+	if (b - a > pool->frames_online - pool->st.frames_used)
+		return uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
 	r = uksm_break_cow(pool, a, b - a, pool->nr_frames, 1);
 	if (r < 0)
 		return r;
@@ -260,10 +263,17 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		if (pool->vma_estimate + 2 > pool->vma_soft_limit) {
 			r = break_cow_whole_run(pool, vpn);
 		} else {
+			int cut = (vpn > 0 && uksm_same_vma(pool, vpn - 1)) +
+				  (vpn + 1 < pool->va_pages && uksm_same_vma(pool, vpn));
+
 			r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
-			pool->vma_estimate += 2;
 			if (r == -ENOMEM)
 				r = break_cow_whole_run(pool, vpn);
+			else if (r == 1)
+				/* what the split added, less what the new frame fused */
+				pool->vma_estimate += cut -
+					(vpn > 0 && uksm_same_vma(pool, vpn - 1)) -
+					(vpn + 1 < pool->va_pages && uksm_same_vma(pool, vpn));
 		}
 		if (r == 0)
 			uksm_fatal("copy-on-write break found no free frame: pool "

@@ -23,30 +23,14 @@ static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writabl
 }
 
 /*
- * Would pages @a and @a + 1 sit in one VMA now?  Same kind of mapping, same
- * protection, consecutive frames: the kernel keeps such neighbours merged.
- */
-static int same_vma(struct uksm_pool *pool, size_t a)
-{
-	const struct uksm_pte *x = &pool->ptes[a], *y = &pool->ptes[a + 1];
-
-	if (x->state != y->state)
-		return 0;
-	if (x->state == UKSM_PTE_ZERO)
-		return 1;
-	return (x->state == UKSM_PTE_NORMAL || x->state == UKSM_PTE_KSM) &&
-	       y->pfn == x->pfn + 1;
-}
-
-/*
  * VMAs that changing the protection or the mapping of pages [vpn, vpn + n)
  * can add: one for each end of the range that cuts through a mapping.
  * Pages inside the range only ever fuse.
  */
 static int64_t split_cost(struct uksm_pool *pool, size_t vpn, size_t n)
 {
-	return (vpn > 0 && same_vma(pool, vpn - 1)) +
-	       (vpn + n < pool->va_pages && same_vma(pool, vpn + n - 1));
+	return (vpn > 0 && uksm_same_vma(pool, vpn - 1)) +
+	       (vpn + n < pool->va_pages && uksm_same_vma(pool, vpn + n - 1));
 }
 
 /* Take @cost VMAs from the caller's budget; refuse when it is spent. */

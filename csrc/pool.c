@@ -356,6 +356,11 @@ void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit
 	uksm_unlock(pool);
 }
 
+int64_t uksm_vma_estimate(struct uksm_pool *pool)
+{
+	return pool->vma_estimate;
+}
+
 void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st)
 {
 	uksm_lock(pool);

@@ -208,6 +208,7 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		 size_t *unmerged);
 void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit);
+int64_t uksm_vma_estimate(struct uksm_pool *pool);
 int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
 
 /* migrate.c */

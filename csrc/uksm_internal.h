@@ -168,6 +168,23 @@ static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
 }
 
 /*
+ * Would pages @a and @a + 1 sit in one VMA now?  Same kind of mapping, same
+ * protection, consecutive frames: the kernel keeps such neighbours merged.
+ * Caller holds pool->lock.
+ */
+static inline int uksm_same_vma(struct uksm_pool *pool, size_t a)
+{
+	const struct uksm_pte *x = &pool->ptes[a], *y = &pool->ptes[a + 1];
+
+	if (x->state != y->state)
+		return 0;
+	if (x->state == UKSM_PTE_ZERO)
+		return 1;
+	return (x->state == UKSM_PTE_NORMAL || x->state == UKSM_PTE_KSM) &&
+	       y->pfn == x->pfn + 1;
+}
+
+/*
  * The registry the signal handler and the fork hooks walk: each slot's pool
  * and, for the handler, the virtual range its buffers live in (0, 0 when
  * free; the range is cleared before the pool is, and set after).

@@ -232,6 +232,9 @@ class NativePool:
               for name, _ in ffi.typeof("struct uksm_compact_stats").fields}
         return st, ret, log_from[: n[0]], log_to[: n[0]]
 
+    def vma_estimate(self) -> int:
+        return int(lib.uksm_vma_estimate(self._pool))
+
     def set_vma_state(self, maps: int, soft_limit: int) -> None:
         lib.uksm_set_vma_state(self._pool, maps, soft_limit)
 

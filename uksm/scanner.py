@@ -283,6 +283,8 @@ class Scanner:
 
     def scan_batch(self, want: int) -> int:
         """ksm_do_scan(): visit up to @want pages; returns pages visited."""
+        if self.native.vma_estimate() > VMA_COW_SOFT * 0.9 * self.max_map_count:
+            self.recount_maps()     # the handler's estimate only guesses
         ranges, wrapped = self._next_ranges(want)
         n = sum(r[1] for r in ranges)
         if n:
