@@ -18,6 +18,12 @@
 struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
+/*
+ * Serialises pool creation and destruction against fork: the fork hooks
+ * hold it from prepare to parent/child, so no pool they locked can be
+ * unmapped under them.  Never taken by the fault handler.
+ */
+static _Atomic int registry_lock;
 
 /* The memfd grows by at least this much, so ftruncate is rare. */
 #define GROW_FRAMES	4096
@@ -286,6 +292,7 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	if (pool->va == MAP_FAILED)
 		goto out_errno;
 
+	uksm_futex_lock(&registry_lock);
 	for (slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *expected = NULL;
 
@@ -296,6 +303,7 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 			break;
 		}
 	}
+	uksm_futex_unlock(&registry_lock);
 	if (slot == UKSM_MAX_POOLS) {
 		err = -EMFILE;
 		goto out;
@@ -313,6 +321,7 @@ out:
 /* Caller guarantees no buffer of the pool is still in use. */
 void uksm_pool_destroy(struct uksm_pool *pool)
 {
+	uksm_futex_lock(&registry_lock);
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		if (atomic_load(&uksm_pools[slot]) != pool)
 			continue;
@@ -320,6 +329,7 @@ void uksm_pool_destroy(struct uksm_pool *pool)
 		atomic_store(&uksm_pool_lo[slot], 0);
 		atomic_store(&uksm_pools[slot], NULL);
 	}
+	uksm_futex_unlock(&registry_lock);
 	if (pool->va != MAP_FAILED)
 		munmap(pool->va, pool->va_pages * PG);
 	if (pool->direct != MAP_FAILED)
@@ -651,6 +661,7 @@ static void uksm_atfork_prepare(void)
 {
 	int any = 0;
 
+	uksm_futex_lock(&registry_lock);
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = uksm_pools[slot];
 
@@ -690,6 +701,7 @@ static void uksm_atfork_parent(void)
 		uksm_unlock(pool);
 		fork_locked[slot] = NULL;
 	}
+	uksm_futex_unlock(&registry_lock);
 }
 
 static void fork_die(const char *why)
@@ -774,4 +786,7 @@ static void uksm_atfork_child(void)
 		close(fork_pipe[1]);	/* the parent may go on */
 		fork_pipe[0] = fork_pipe[1] = -1;
 	}
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++)
+		fork_locked[slot] = NULL;
+	atomic_store(&registry_lock, 0);	/* the child's own, now */
 }

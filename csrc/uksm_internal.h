@@ -123,25 +123,36 @@ struct uksm_pool {
  * pool->lock: Drepper's three-state futex mutex.  Taking it is a few atomics
  * and, under contention, the futex syscall: both fine in a signal handler.
  */
-static inline void uksm_lock(struct uksm_pool *pool)
+static inline void uksm_futex_lock(_Atomic int *lock)
 {
 	int c = 0;
 	int i;
 
-	if (atomic_compare_exchange_strong(&pool->lock, &c, 1))
+	if (atomic_compare_exchange_strong(lock, &c, 1))
 		return;
 	for (i = 0; i < 200; i++) {
 		c = 0;
-		if (atomic_compare_exchange_weak(&pool->lock, &c, 1))
+		if (atomic_compare_exchange_weak(lock, &c, 1))
 			return;
 		__builtin_ia32_pause();
 	}
 	if (c != 2)
-		c = atomic_exchange(&pool->lock, 2);
+		c = atomic_exchange(lock, 2);
 	while (c != 0) {
-		syscall(SYS_futex, &pool->lock, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
-		c = atomic_exchange(&pool->lock, 2);
+		syscall(SYS_futex, lock, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+		c = atomic_exchange(lock, 2);
 	}
+}
+
+static inline void uksm_futex_unlock(_Atomic int *lock)
+{
+	if (atomic_exchange(lock, 0) == 2)
+		syscall(SYS_futex, lock, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static inline void uksm_lock(struct uksm_pool *pool)
+{
+	uksm_futex_lock(&pool->lock);
 }
 
 static inline int uksm_trylock(struct uksm_pool *pool)
@@ -153,8 +164,7 @@ static inline int uksm_trylock(struct uksm_pool *pool)
 
 static inline void uksm_unlock(struct uksm_pool *pool)
 {
-	if (atomic_exchange(&pool->lock, 0) == 2)
-		syscall(SYS_futex, &pool->lock, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+	uksm_futex_unlock(&pool->lock);
 }
 
 static inline char *frame_addr(struct uksm_pool *pool, size_t pfn)
