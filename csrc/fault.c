@@ -254,9 +254,12 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	pte = &pool->ptes[vpn];
 	switch (pte->state) {
 	case UKSM_PTE_NORMAL:
-		if (uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE))
-			uksm_fatal("cannot make a page writable again (mprotect failed: "
-				   "vm.max_map_count reached?)");
+		/* mprotect may need a split; a fresh mmap of the same frame over
+		 * the page may fuse with its neighbours instead */
+		if (uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE) &&
+		    uksm_map_frames(pool, vpn, 1, pte->pfn, 1))
+			uksm_fatal("cannot make a page writable again (mprotect and mmap "
+				   "failed: vm.max_map_count reached?)");
 		break;
 	case UKSM_PTE_KSM:
 	case UKSM_PTE_ZERO:

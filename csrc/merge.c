@@ -169,8 +169,9 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
 /*
  * uksm_unmerge - MADV_UNMERGEABLE for @npages from @vpn: break COW on every
  * KSM or ZERO page, within the API's capacity.  *unmerged counts the pages
- * given a private frame.  -ENOMEM if capacity ran out part way: the pages
- * done stay done, the rest stay merged, nothing is lost.
+ * given a private frame.  -ENOSPC if capacity ran out part way, -ENOMEM if
+ * mmap did (vm.max_map_count): the pages done stay done, the rest stay
+ * merged, nothing is lost.
  */
 int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		 size_t *unmerged)
@@ -194,7 +195,7 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 			need += s == UKSM_PTE_KSM || s == UKSM_PTE_ZERO;
 		}
 		if (need && pool->st.frames_used + need > pool->capacity_frames)
-			r = -ENOMEM;
+			r = -ENOSPC;
 		else
 			r = need ? uksm_break_cow(pool, vpn + done, n,
 						  pool->capacity_frames, 0) : (int)n;
@@ -203,7 +204,7 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		if (r < 0)
 			err = r;
 		else if ((size_t)r < n)
-			err = -ENOMEM;
+			err = -ENOSPC;
 		else
 			*unmerged += need;
 		done += n;

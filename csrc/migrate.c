@@ -40,7 +40,6 @@
 #include "uksm_internal.h"
 
 #include <fcntl.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -59,6 +58,7 @@ struct compact_scratch {
 	uint32_t *slot_of;	/* nr_frames: the slot planned for orig frame f    */
 	uint32_t *orig_at;	/* nr_frames: orig frame now at pfn p, or NONE     */
 	struct mapper *mappers;	/* scratch for one run                             */
+	uint32_t moved[UKSM_RUN_MAX];	/* per frame of a run: mappers moved       */
 	size_t nr_slots, nr_mapped, bytes;
 	void *mem;
 };
@@ -78,51 +78,93 @@ static int mapped_state(uint8_t state)
 	return state == UKSM_PTE_NORMAL || state == UKSM_PTE_KSM;
 }
 
-static int cmp_mapper(const void *a, const void *b)
+/*
+ * Sort a run's mappers by vpn, in place and without malloc (qsort may
+ * allocate, and we hold pool->lock): Shell's sort, gaps 3h + 1.
+ */
+static void sort_mappers(struct mapper *m, size_t n)
 {
-	const struct mapper *x = a, *y = b;
+	size_t gap = 1;
 
-	return (x->vpn > y->vpn) - (x->vpn < y->vpn);
+	while (gap < n / 3)
+		gap = 3 * gap + 1;
+	for (; gap; gap /= 3) {
+		for (size_t i = gap; i < n; i++) {
+			struct mapper t = m[i];
+			size_t j = i;
+
+			while (j >= gap && m[j - gap].vpn > t.vpn) {
+				m[j] = m[j - gap];
+				j -= gap;
+			}
+			m[j] = t;
+		}
+	}
 }
 
-/* Caller holds pool->lock.  One mapping of every table this pass needs. */
-static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc)
+/* End of the run of consecutive NORMAL mappers starting at @a (@a if none). */
+static size_t normal_run_end(struct uksm_pool *pool, const struct mapper *m,
+			     size_t n, size_t a)
 {
-	size_t nf = pool->nr_frames, mapped = 0, next = 0;
+	size_t b = a;
+
+	if (a >= n || pool->ptes[m[a].vpn].state != UKSM_PTE_NORMAL)
+		return a;
+	b++;
+	while (b < n && m[b].vpn == m[b - 1].vpn + 1 &&
+	       pool->ptes[m[b].vpn].state == UKSM_PTE_NORMAL)
+		b++;
+	return b;
+}
+
+/*
+ * The plan and the rmap, read WITHOUT pool->lock: the pass is O(virtual
+ * pages) and a faulting writer must not wait for it.  The page table may
+ * change under us (COW breaks, frees, swap-ins later), so nothing read here
+ * is trusted beyond indexing: every bucket is bounded, and every move checks
+ * again under the lock what it relies on (frame key, the mappers found
+ * against the mapcount).  One anonymous mapping holds all the tables, sized
+ * for the worst case and touched only as far as used.
+ */
+static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
+			   size_t live)
+{
+	size_t nf = pool->nr_frames, nv = pool->va_pages, next = 0;
 	char *p;
 
-	for (size_t v = 0; v < pool->va_pages; v++)
-		mapped += mapped_state(pool->ptes[v].state);
-	sc->nr_mapped = mapped;
-	sc->bytes = (nf + 1) * 4 + mapped * 4 + 2 * pool->st.frames_used * 4 +
-		    3 * nf * 4 + (mapped + 1) * sizeof(struct mapper);
+	sc->bytes = (nf + 1) * 4 + nv * 4 + 2 * live * 4 + 3 * nf * 4 +
+		    (nv + 1) * sizeof(struct mapper);
 	sc->mem = mmap(NULL, sc->bytes, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (sc->mem == MAP_FAILED)
 		return -ENOMEM;
 	p = sc->mem;
 	sc->rmap_head = (uint32_t *)p;		p += (nf + 1) * 4;
-	sc->rmap_vpn = (uint32_t *)p;		p += mapped * 4;
-	sc->plan = (uint32_t *)p;		p += pool->st.frames_used * 4;
-	sc->plan_key = (uint32_t *)p;		p += pool->st.frames_used * 4;
+	sc->rmap_vpn = (uint32_t *)p;		p += nv * 4;
+	sc->plan = (uint32_t *)p;		p += live * 4;
+	sc->plan_key = (uint32_t *)p;		p += live * 4;
 	sc->cur = (uint32_t *)p;		p += nf * 4;
 	sc->slot_of = (uint32_t *)p;		p += nf * 4;
 	sc->orig_at = (uint32_t *)p;		p += nf * 4;
 	sc->mappers = (struct mapper *)p;
 
 	/* rmap: counting sort of the mapped vpns by frame */
-	for (size_t v = 0; v < pool->va_pages; v++)
-		if (mapped_state(pool->ptes[v].state))
-			sc->rmap_head[pool->ptes[v].pfn + 1]++;
+	for (size_t v = 0; v < nv; v++) {
+		struct uksm_pte pte = pool->ptes[v];
+
+		if (mapped_state(pte.state) && pte.pfn < nf)
+			sc->rmap_head[pte.pfn + 1]++;
+	}
 	for (size_t f = 0; f < nf; f++)
 		sc->rmap_head[f + 1] += sc->rmap_head[f];
-	/* slot_of counts each frame's vpns placed so far, for now */
-	for (size_t v = 0; v < pool->va_pages; v++) {
-		uint32_t f;
+	/* slot_of counts each frame's vpns placed so far, for now (zeroed) */
+	for (size_t v = 0; v < nv; v++) {
+		struct uksm_pte pte = pool->ptes[v];
+		uint32_t f = pte.pfn;
 
-		if (!mapped_state(pool->ptes[v].state))
+		if (!mapped_state(pte.state) || f >= nf ||
+		    sc->slot_of[f] >= sc->rmap_head[f + 1] - sc->rmap_head[f])
 			continue;
-		f = pool->ptes[v].pfn;
 		sc->rmap_vpn[sc->rmap_head[f] + sc->slot_of[f]++] = (uint32_t)v;
 	}
 	for (size_t f = 0; f < nf; f++) {
@@ -131,13 +173,11 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc)
 		sc->slot_of[f] = NONE;
 	}
 	/* the plan: slots in address order of first mapper */
-	for (size_t v = 0; v < pool->va_pages; v++) {
-		uint32_t f;
+	for (size_t v = 0; v < nv && next < live; v++) {
+		struct uksm_pte pte = pool->ptes[v];
+		uint32_t f = pte.pfn;
 
-		if (!mapped_state(pool->ptes[v].state))
-			continue;
-		f = pool->ptes[v].pfn;
-		if (sc->slot_of[f] != NONE || next >= pool->st.frames_used)
+		if (!mapped_state(pte.state) || f >= nf || sc->slot_of[f] != NONE)
 			continue;
 		sc->slot_of[f] = (uint32_t)next;
 		sc->plan[next] = f;
@@ -159,7 +199,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		       uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 		       size_t *log_n)
 {
-	size_t nm = 0, done;
+	size_t nm = 0, done, barrier_end;
 	int err = 0;
 
 	for (size_t i = 0; i < k; i++) {
@@ -190,27 +230,29 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		}
 		return 0;
 	}
-	qsort(sc->mappers, nm, sizeof(*sc->mappers), cmp_mapper);
+	sort_mappers(sc->mappers, nm);
 
 	/* the write barrier: NORMAL mappers read-only while we copy */
-	for (size_t a = 0; a < nm && !err;) {
-		size_t b = a + 1;
+	barrier_end = nm;
+	for (size_t a = 0; a < nm;) {
+		size_t b = normal_run_end(pool, sc->mappers, nm, a);
 
-		if (pool->ptes[sc->mappers[a].vpn].state != UKSM_PTE_NORMAL) {
+		if (b == a) {
 			a++;
 			continue;
 		}
-		while (b < nm && sc->mappers[b].vpn == sc->mappers[b - 1].vpn + 1 &&
-		       pool->ptes[sc->mappers[b].vpn].state == UKSM_PTE_NORMAL)
-			b++;
-		if (uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG, PROT_READ))
+		if (uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG, PROT_READ)) {
 			err = -errno;
+			barrier_end = a;
+			break;
+		}
 		a = b;
 	}
+	done = 0;
 	if (!err) {
 		memcpy(frame_addr(pool, to), frame_addr(pool, from), k * PG);
 		/* remap: one mmap per run of mappers on consecutive frames */
-		for (done = 0; done < nm && !err;) {
+		while (done < nm) {
 			size_t b = done + 1;
 			uint8_t st = pool->ptes[sc->mappers[done].vpn].state;
 
@@ -225,55 +267,67 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 				break;
 			done = b;
 		}
-	} else {
-		done = 0;
 	}
 	if (err) {
 		/*
-		 * ENOMEM (vm.max_map_count) part way: the mappers remapped so far
-		 * are on identical copies, which is fine for read-only KSM
-		 * mappers but not for NORMAL ones, each of which must keep one
-		 * frame.  Put every moved mapper back on its old frame (a remap
-		 * onto the range it came from cannot need a new VMA split more
-		 * than the move did), then lift the write barrier.
+		 * ENOMEM (vm.max_map_count) part way.  Remapping anything back
+		 * would meet the same limit, so roll forward instead, with no
+		 * more mmaps: mappers [0, done) are on the new frames, the rest
+		 * on the old ones.  Lift the write barrier from those still on
+		 * the old frames, over the runs it was put on (should even that
+		 * fail, the fault handler mends a NORMAL page on its first write).
 		 */
-		for (size_t a = 0; a < done; a++) {
-			const struct mapper *m = &sc->mappers[a];
+		for (size_t a = done; a < barrier_end;) {
+			size_t b = normal_run_end(pool, sc->mappers, barrier_end, a);
 
-			uksm_map_frames(pool, m->vpn, 1, from + m->off,
-					pool->ptes[m->vpn].state == UKSM_PTE_NORMAL);
+			if (b == a) {
+				a++;
+				continue;
+			}
+			uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG,
+				      PROT_READ | PROT_WRITE);
+			a = b;
 		}
-		for (size_t a = 0; a < nm; a++)
-			if (pool->ptes[sc->mappers[a].vpn].state == UKSM_PTE_NORMAL)
-				uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), PG,
-					 PROT_READ | PROT_WRITE);
-		for (size_t i = 0; i < k; i++) {
-			pool->frames[to + i].mapcount = 1;
-			uksm_frame_put(pool, to + i);
-		}
-		return 0;
 	}
 
-	/* the tables: mappers, then the frames themselves */
-	for (size_t a = 0; a < nm; a++) {
+	/* the tables: each page where its mapping now is, then the frames */
+	for (size_t i = 0; i < k; i++)
+		sc->moved[i] = 0;
+	for (size_t a = 0; a < done; a++) {
 		const struct mapper *m = &sc->mappers[a];
 
 		pool->ptes[m->vpn].pfn = (uint32_t)(to + m->off);
+		sc->moved[m->off]++;
 	}
 	for (size_t i = 0; i < k; i++) {
 		struct uksm_frame *old = &pool->frames[from + i];
 		struct uksm_frame *new = &pool->frames[to + i];
 
-		new->mapcount = old->mapcount;
+		if (!sc->moved[i]) {		/* nothing maps the copy */
+			new->mapcount = 1;
+			uksm_frame_put(pool, to + i);
+			continue;
+		}
 		new->flags = old->flags;
-		new->key = old->key;	/* the keyhole moves with the frame */
-		if (new->flags & UKSM_FRAME_KSM) {
+		if (new->flags & UKSM_FRAME_KSM)
 			pool->st.ksm_frames++;
-			if (*log_n < log_cap) {
-				log_from[*log_n] = (uint32_t)(from + i);
-				log_to[*log_n] = (uint32_t)(to + i);
-				(*log_n)++;
-			}
+		if (sc->moved[i] < old->mapcount) {
+			/*
+			 * Some mappers of a KSM frame moved, some did not: two
+			 * read-only copies of the same page, each a KSM frame of
+			 * its own.  The stable node keeps the old one; the new one
+			 * has a fresh key and is simply not indexed.
+			 */
+			new->mapcount = sc->moved[i];
+			old->mapcount -= sc->moved[i];
+			continue;
+		}
+		new->mapcount = old->mapcount;
+		new->key = old->key;	/* the keyhole moves with the frame */
+		if ((new->flags & UKSM_FRAME_KSM) && *log_n < log_cap) {
+			log_from[*log_n] = (uint32_t)(from + i);
+			log_to[*log_n] = (uint32_t)(to + i);
+			(*log_n)++;
 		}
 		old->mapcount = 1;
 		uksm_frame_put(pool, from + i);	/* frees, new key, punches */
@@ -281,7 +335,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		sc->orig_at[to + i] = (uint32_t)(orig + i);
 		sc->orig_at[from + i] = NONE;
 	}
-	return k;
+	return err ? 0 : k;
 }
 
 /* A free frame for an evacuee: above the live region if possible. */
@@ -350,9 +404,9 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		pool->frames_online -= shrink_frames;
 		pool->capacity_frames -= shrink_frames;
 	}
-	err = plan_compaction(pool, &sc);
 	live = pool->st.frames_used;
 	hold_end(pool, t0, out);
+	err = plan_compaction(pool, &sc, live);
 	if (err)
 		goto undo_shrink;
 
@@ -407,23 +461,27 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 	}
 
 	/* offlining: anything left above the new top must go below it */
-	t0 = now_ns();
-	uksm_lock(pool);
-	for (size_t f = pool->frames_online; shrink_frames && f < online_before; f++) {
+	for (size_t f = online_before - shrink_frames; shrink_frames && f < online_before &&
+	     !err; f++) {
 		size_t dst;
 
-		if (!pool->frames[f].mapcount)
-			continue;
-		dst = uksm_find_zero_bit(pool->frame_map, 0, pool->frames_online);
-		if (dst >= pool->frames_online || sc.orig_at[f] == NONE ||
-		    !move_run(pool, &sc, sc.orig_at[f], f, dst, 1, log_from, log_to,
-			      log_cap, log_n)) {
-			err = -EBUSY;
-			break;
+		t0 = now_ns();
+		uksm_lock(pool);
+		if (pool->frames[f].mapcount) {
+			dst = uksm_find_zero_bit(pool->frame_map, 0, pool->frames_online);
+			if (dst >= pool->frames_online || sc.orig_at[f] == NONE ||
+			    !move_run(pool, &sc, sc.orig_at[f], f, dst, 1, log_from,
+				      log_to, log_cap, log_n)) {
+				err = -EBUSY;
+			} else {
+				out->frames_moved++;
+				out->runs_moved++;
+			}
 		}
-		out->frames_moved++;
-		out->runs_moved++;
+		hold_end(pool, t0, out);
 	}
+	t0 = now_ns();
+	uksm_lock(pool);
 	if (err) {
 		pool->frames_online = online_before;
 		pool->capacity_frames = capacity_before;

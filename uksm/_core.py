@@ -208,11 +208,14 @@ class NativePool:
     def unmerge(self, vpn: int, npages: int) -> int:
         done = ffi.new("size_t *")
         ret = lib.uksm_unmerge(self._pool, vpn, npages, done)
-        if ret == -errno.ENOMEM:
+        if ret == -errno.ENOSPC:
             raise PoolFullError(
                 f"uksm pool full: unmerging needs a frame per merged page; "
                 f"{int(done[0])} pages were unmerged before capacity ran out")
-        _check(ret, "unmerge")
+        if ret < 0:
+            raise OSError(-ret, f"uksm: unmerge: mapping the private copies failed "
+                                f"({os.strerror(-ret)}; vm.max_map_count reached?); "
+                                f"{int(done[0])} pages were unmerged, the rest stay merged")
         return int(done[0])
 
     def set_pinned(self, vpn: int, npages: int, on: bool) -> None:

@@ -530,10 +530,10 @@ class Pool:
 
     def unmerge(self, arr: np.ndarray) -> int:
         """MADV_UNMERGEABLE: give every merged page of @arr its own frame again
-        and stop scanning it.  Do this before handing @arr to read(2),
-        readinto() or recv_into(): the kernel cannot write into a merged
-        page (EFAULT).  Returns the pages unmerged; PoolFullError if capacity
-        runs out part way (the rest stay merged, nothing is lost)."""
+        and stop scanning it.  Returns the pages unmerged; PoolFullError if
+        capacity runs out part way (the rest stay merged, nothing is lost).
+        For handing @arr to read(2), readinto() or recv_into() use pin():
+        compaction may still move (briefly write-protect) unmerged pages."""
         self._check_open()
         with self._lock:
             self._reap()
