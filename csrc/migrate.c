@@ -52,7 +52,9 @@ struct mapper {
 struct compact_scratch {
 	uint32_t *rmap_head;	/* nr_frames + 1: rmap of orig frame f is ...      */
 	uint32_t *rmap_vpn;	/* ... rmap_vpn[rmap_head[f] .. rmap_head[f + 1]) */
-	uint32_t *plan;		/* slot s gets orig frame plan[s]                  */
+	uint32_t *plan;		/* slot s gets orig frame plan[s], or NONE         */
+	uint32_t *seq;		/* frames in address order of their first mapper  */
+	uint8_t *taken;		/* slots already given out                         */
 	uint32_t *plan_key;	/* its key when planned                            */
 	uint32_t *cur;		/* nr_frames: where orig frame f is now            */
 	uint32_t *slot_of;	/* nr_frames: the slot planned for orig frame f    */
@@ -64,6 +66,8 @@ struct compact_scratch {
 };
 
 #define NONE UINT32_MAX
+/* runs at least this long, already in place, are not moved (and slack) */
+#define ANCHOR_RUN 16
 
 static uint64_t now_ns(void)
 {
@@ -132,7 +136,10 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
 	size_t nf = pool->nr_frames, nv = pool->va_pages, next = 0;
 	char *p;
 
-	sc->bytes = (nf + 1) * 4 + nv * 4 + 2 * live * 4 + 3 * nf * 4 +
+	size_t L = live + ANCHOR_RUN < pool->frames_online ? live + ANCHOR_RUN :
+								pool->frames_online;
+
+	sc->bytes = (nf + 1) * 4 + nv * 4 + 2 * L * 4 + live * 4 + L + 3 * nf * 4 +
 		    (nv + 1) * sizeof(struct mapper);
 	sc->mem = mmap(NULL, sc->bytes, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -141,8 +148,10 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
 	p = sc->mem;
 	sc->rmap_head = (uint32_t *)p;		p += (nf + 1) * 4;
 	sc->rmap_vpn = (uint32_t *)p;		p += nv * 4;
-	sc->plan = (uint32_t *)p;		p += live * 4;
-	sc->plan_key = (uint32_t *)p;		p += live * 4;
+	sc->plan = (uint32_t *)p;		p += L * 4;
+	sc->plan_key = (uint32_t *)p;		p += L * 4;
+	sc->seq = (uint32_t *)p;		p += live * 4;
+	sc->taken = (uint8_t *)p;		p += L;
 	sc->cur = (uint32_t *)p;		p += nf * 4;
 	sc->slot_of = (uint32_t *)p;		p += nf * 4;
 	sc->orig_at = (uint32_t *)p;		p += nf * 4;
@@ -172,7 +181,7 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
 		sc->orig_at[f] = (uint32_t)f;
 		sc->slot_of[f] = NONE;
 	}
-	/* the plan: slots in address order of first mapper */
+	/* the order: frames in address order of their first mapper */
 	for (size_t v = 0; v < nv && next < live; v++) {
 		struct uksm_pte pte = pool->ptes[v];
 		uint32_t f = pte.pfn;
@@ -180,11 +189,46 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
 		if (!mapped_state(pte.state) || f >= nf || sc->slot_of[f] != NONE)
 			continue;
 		sc->slot_of[f] = (uint32_t)next;
-		sc->plan[next] = f;
-		sc->plan_key[next] = pool->frames[f].key;
-		next++;
+		sc->seq[next++] = f;
 	}
-	sc->nr_slots = next;
+	/*
+	 * The plan.  A long run of the order that already sits on consecutive
+	 * frames inside the final size stays where it is (moving it would gain
+	 * nothing: think of one hole below a large merged buffer); the other
+	 * frames fill the free slots below the final size in order, so short
+	 * runs and scattered pages come together.
+	 */
+	for (size_t s = 0; s < L; s++)
+		sc->plan[s] = NONE;
+	for (size_t i = 0; i < next;) {
+		size_t j = i + 1;
+
+		while (j < next && sc->seq[j] == sc->seq[j - 1] + 1)
+			j++;
+		if (j - i >= ANCHOR_RUN && sc->seq[i] + (j - i) <= L) {
+			for (size_t k = i; k < j; k++) {
+				sc->plan[sc->seq[k]] = sc->seq[k];
+				sc->taken[sc->seq[k]] = 1;
+			}
+		}
+		i = j;
+	}
+	for (size_t i = 0, cursor = 0; i < next; i++) {
+		uint32_t f = sc->seq[i];
+
+		if (f < L && sc->plan[f] == f)
+			continue;		/* anchored */
+		while (cursor < L && sc->taken[cursor])
+			cursor++;
+		if (cursor >= L)
+			break;			/* no room: the rest stay put */
+		sc->plan[cursor] = f;
+		sc->taken[cursor] = 1;
+	}
+	for (size_t s = 0; s < L; s++)
+		if (sc->plan[s] != NONE)
+			sc->plan_key[s] = pool->frames[sc->plan[s]].key;
+	sc->nr_slots = L;
 	return 0;
 }
 
@@ -286,6 +330,8 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 			}
 			uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG,
 				      PROT_READ | PROT_WRITE);
+			for (size_t c = a; c < b; c++)
+				pool->ptes[sc->mappers[c].vpn].spare[0] &= ~UKSM_PTE_HINT;
 			a = b;
 		}
 	}
@@ -297,6 +343,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 		const struct mapper *m = &sc->mappers[a];
 
 		pool->ptes[m->vpn].pfn = (uint32_t)(to + m->off);
+		pool->ptes[m->vpn].spare[0] &= ~UKSM_PTE_HINT;	/* mapped accessible now */
 		sc->moved[m->off]++;
 	}
 	for (size_t i = 0; i < k; i++) {
@@ -309,6 +356,7 @@ static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
 			continue;
 		}
 		new->flags = old->flags;
+		uksm_recharge(pool, to + i, old->group);
 		if (new->flags & UKSM_FRAME_KSM)
 			pool->st.ksm_frames++;
 		if (sc->moved[i] < old->mapcount) {
@@ -413,6 +461,10 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 	for (size_t s = 0; s < sc.nr_slots;) {
 		size_t orig = sc.plan[s], from, k = 1;
 
+		if (orig == NONE) {
+			s++;
+			continue;
+		}
 		t0 = now_ns();
 		uksm_lock(pool);
 		from = sc.cur[orig];
