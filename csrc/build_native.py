@@ -13,7 +13,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "inject.c"]
+SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "uksm_cdef.h")) as f:

@@ -231,6 +231,23 @@ static int break_cow_whole_run(struct uksm_pool *pool, size_t vpn)
 	return pool->ptes[vpn].state == UKSM_PTE_NORMAL ? 1 : 0;
 }
 
+/*
+ * A fault that added a frame may have taken the pool (or the faulting page's
+ * group) a whole batch past its budget: evict here and now, so residency
+ * stays within budget plus one batch even when nothing else runs.
+ */
+static void direct_reclaim(struct uksm_pool *pool, uint32_t group)
+{
+	if (pool->swap_fd < 0)
+		return;
+	if (pool->st.frames_used > pool->max_resident + pool->reclaim_batch)
+		uksm_reclaim_locked(pool, pool->st.frames_used - pool->max_resident, -1, 1);
+	if (group < UKSM_MAX_GROUPS && pool->group_max[group] &&
+	    pool->group_frames[group] > pool->group_max[group] + pool->reclaim_batch)
+		uksm_reclaim_locked(pool, pool->group_frames[group] - pool->group_max[group],
+				    (int)group, 1);
+}
+
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 {
 	int saved_errno = errno;
@@ -252,7 +269,34 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		pool->st.fault_waits++;
 	}
 	pte = &pool->ptes[vpn];
+	if ((pte->state == UKSM_PTE_NORMAL || pte->state == UKSM_PTE_KSM) &&
+	    (pte->spare[0] & UKSM_PTE_HINT)) {
+		/* a reference hint: the page is in use; a write to a KSM page
+		 * faults again, for its COW */
+		if (uksm_hint_restore(pool, vpn))
+			uksm_fatal("cannot give a page its protection back after a "
+				   "reference hint (vm.max_map_count reached?)");
+		uksm_unlock(pool);
+		errno = saved_errno;
+		return;
+	}
 	switch (pte->state) {
+	case UKSM_PTE_SWAPPED:
+		r = uksm_swap_in_locked(pool, vpn);
+		if (r == -EBADMSG)
+			uksm_fatal("a swap slot failed its checksum: the swap file was "
+				   "corrupted; refusing to return wrong data");
+		if (r == -EIO)
+			uksm_fatal("reading the swap file failed (EIO)");
+		if (r == -ENOMEM)
+			uksm_fatal("no free frame to swap a page in: pool capacity and "
+				   "COW reserve exhausted");
+		if (r)
+			uksm_fatal("mapping a swapped-in page failed (mmap: "
+				   "vm.max_map_count reached?)");
+		direct_reclaim(pool, uksm_pte_group(pte));
+		uksm_frames_flush(pool);
+		break;
 	case UKSM_PTE_NORMAL:
 		/* mprotect may need a split; a fresh mmap of the same frame over
 		 * the page may fuse with its neighbours instead */
@@ -288,6 +332,7 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		if (pool->st.frames_used > pool->capacity_frames &&
 		    pool->st.frames_used - pool->capacity_frames > pool->st.frames_reserve_used)
 			pool->st.frames_reserve_used = pool->st.frames_used - pool->capacity_frames;
+		direct_reclaim(pool, uksm_pte_group(pte));
 		uksm_frames_flush(pool);
 		break;
 	default:

@@ -14,11 +14,23 @@
 #include <string.h>
 #include <sys/mman.h>
 
+/*
+ * Every protection change or remap of a page ends its reference hint: the
+ * page is accessible again, so reclaim must not take it for cold (it would
+ * evict a page that can still be written).  Only swap.c sets UKSM_PTE_HINT.
+ */
+static void clear_hints(struct uksm_pool *pool, size_t vpn, size_t n)
+{
+	for (size_t i = vpn; i < vpn + n; i++)
+		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
+}
+
 static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writable)
 {
 	if (uksm_mprotect(page_addr(pool, vpn), n * PG,
 		     PROT_READ | (writable ? PROT_WRITE : 0)))
 		return -errno;
+	clear_hints(pool, vpn, n);
 	return 0;
 }
 
@@ -158,8 +170,10 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
 				pool->st.zero_cow++;
 			}
 			pool->frames[pfn + k].mapcount = 1;
+			uksm_recharge(pool, pfn + k, uksm_pte_group(p));
 			p->pfn = (uint32_t)(pfn + k);
 			p->state = UKSM_PTE_NORMAL;
+			p->spare[0] &= ~UKSM_PTE_HINT;
 		}
 		done += got;
 	}
@@ -189,10 +203,17 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		if (n > UKSM_RUN_MAX)
 			n = UKSM_RUN_MAX;
 		uksm_lock(pool);
-		for (size_t i = 0; i < n; i++) {
-			uint8_t s = pool->ptes[vpn + done + i].state;
+		for (size_t i = 0; i < n && !err; i++) {
+			struct uksm_pte *pte = &pool->ptes[vpn + done + i];
 
-			need += s == UKSM_PTE_KSM || s == UKSM_PTE_ZERO;
+			if (pte->state == UKSM_PTE_SWAPPED)	/* in first, then private */
+				err = uksm_swap_in_locked(pool, vpn + done + i);
+			need += pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_ZERO;
+		}
+		if (err) {
+			uksm_frames_flush(pool);
+			uksm_unlock(pool);
+			break;
 		}
 		if (need && pool->st.frames_used + need > pool->capacity_frames)
 			r = -ENOSPC;
@@ -472,6 +493,11 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	return 0;
 }
 
+static int zero_candidate(const struct uksm_pte *pte)
+{
+	return pte->state == UKSM_PTE_NORMAL;
+}
+
 static int page_is_zero(const char *p)
 {
 	const uint64_t *w = (const uint64_t *)p;
@@ -510,11 +536,11 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 		for (r = i; r < j;) {
 			size_t e = r + 1, r0;
 
-			if (pool->ptes[vpns[r]].state != UKSM_PTE_NORMAL) {
+			if (!zero_candidate(&pool->ptes[vpns[r]])) {
 				r++;
 				continue;
 			}
-			while (e < j && pool->ptes[vpns[e]].state == UKSM_PTE_NORMAL)
+			while (e < j && zero_candidate(&pool->ptes[vpns[e]]))
 				e++;
 			if (!vma_charge(vma_budget, split_cost(pool, vpns[r], e - r)) ||
 			    protect_run(pool, vpns[r], e - r, 0)) {
@@ -552,6 +578,7 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 					struct uksm_pte *pte = &pool->ptes[vpns[r]];
 
 					uksm_frame_put(pool, pte->pfn);
+					pte->spare[0] &= ~UKSM_PTE_HINT;
 					pte->state = UKSM_PTE_ZERO;
 					pte->pfn = 0;
 					pool->st.zero_pages++;

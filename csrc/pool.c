@@ -126,7 +126,9 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 		f->key = ++pool->next_key;
 		f->flags = 0;
 		f->mapcount = 0;
+		f->group = 0;		/* the caller recharges it to its owner */
 	}
+	pool->group_frames[0] += n;
 	pool->st.frames_used += n;
 	return n;
 }
@@ -170,6 +172,8 @@ void uksm_frame_put(struct uksm_pool *pool, size_t pfn)
 		pool->st.ksm_frames--;
 	f->flags = 0;
 	f->key = ++pool->next_key;
+	pool->group_frames[f->group]--;
+	f->group = 0;
 	pool->st.frames_used--;
 	if (pool->punch_len && pool->punch_start + pool->punch_len == pfn) {
 		pool->punch_len++;
@@ -188,7 +192,11 @@ int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
 		       PROT_READ | (writable ? PROT_WRITE : 0),
 		       MAP_SHARED | MAP_FIXED, pool->fd, (off_t)(pfn * PG));
 
-	return p == MAP_FAILED ? -errno : 0;
+	if (p == MAP_FAILED)
+		return -errno;
+	for (size_t i = vpn; i < vpn + n; i++)	/* accessible: no longer a hint */
+		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
+	return 0;
 }
 
 static int map_none(struct uksm_pool *pool, size_t vpn, size_t n)
@@ -258,6 +266,8 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	pool->capacity_frames = capacity_frames;
 	pool->va_pages = va_pages;
 	pool->fd = -1;
+	pool->swap_fd = -1;
+	pool->swap_dir_fd = -1;
 	pool->vma_soft_limit = INT64_MAX;
 	pool->va = MAP_FAILED;
 	pool->direct = MAP_FAILED;
@@ -336,6 +346,7 @@ void uksm_pool_destroy(struct uksm_pool *pool)
 		munmap(pool->direct, pool->nr_frames * PG);
 	if (pool->fd >= 0)
 		close(pool->fd);
+	uksm_swap_destroy(pool);
 	if (pool->meta != MAP_FAILED)
 		munmap(pool->meta, pool->meta_bytes);
 	munmap(pool, sizeof(*pool));
@@ -429,6 +440,9 @@ int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
 	int err = 0;
 
 	*vpn_out = UKSM_ALLOC_CAPACITY;
+	/* over the resident budget: make room first (direct reclaim) */
+	if (pool->swap_fd >= 0 && pool->st.frames_used + npages > pool->max_resident)
+		uksm_reclaim(pool, pool->st.frames_used + npages - pool->max_resident, -1);
 	uksm_lock(pool);
 	if (pool->st.frames_used + npages > pool->capacity_frames) {
 		uksm_unlock(pool);
@@ -538,12 +552,16 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 			case UKSM_PTE_ZERO:
 				pool->st.zero_pages--;
 				break;
+			case UKSM_PTE_SWAPPED:
+				uksm_slot_put(pool, pte->pfn, uksm_pte_group(pte));
+				break;
 			default:
 				continue;
 			}
 			pool->st.pages_mapped--;
 			pte->state = UKSM_PTE_NONE;
 			pte->pfn = 0;
+			pte->spare[0] = 0;
 		}
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
@@ -633,7 +651,9 @@ static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
  */
 static int snapshot_protects(const struct uksm_pte *pte)
 {
-	return pte->state == UKSM_PTE_NORMAL && !(pte->spare[0] & UKSM_PTE_PINNED);
+	/* hinted pages are PROT_NONE already: leave them so */
+	return pte->state == UKSM_PTE_NORMAL &&
+	       !(pte->spare[0] & (UKSM_PTE_PINNED | UKSM_PTE_HINT));
 }
 
 /* mprotect every run of NORMAL pages; the runs are whole VMAs already */
@@ -733,6 +753,8 @@ static void remap_child(struct uksm_pool *pool)
 		if (uksm_map_frames(pool, vpn, n, pte->pfn,
 				    pte->state == UKSM_PTE_NORMAL))
 			fork_die("mmap failed");
+		for (size_t i = vpn; i < vpn + n; i++)
+			pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;	/* accessible again */
 		vpn += n;
 	}
 }
@@ -779,6 +801,7 @@ static void uksm_atfork_child(void)
 			 MAP_SHARED | MAP_FIXED | MAP_NORESERVE, pool->fd, 0) == MAP_FAILED)
 			fork_die("mmap of the direct map failed");
 		remap_child(pool);
+		uksm_swap_fork_child(pool);
 		atomic_store(&pool->lock, 0);
 	}
 	if (fork_pipe[1] >= 0) {

@@ -95,7 +95,10 @@ enum {
 	UKSM_PTE_NORMAL = 1,	/* maps its own frame read-write */
 	UKSM_PTE_KSM = 2,	/* maps a KSM frame read-only */
 	UKSM_PTE_ZERO = 3,	/* maps the kernel zero page read-only */
+	UKSM_PTE_SWAPPED = 4,	/* in swap slot pfn; PROT_NONE: a touch swaps in */
 };
+
+#define UKSM_MAX_GROUPS		64	/* group 0 is the pool's own */
 
 /* struct uksm_frame.flags */
 #define UKSM_FRAME_KSM		0x1u
@@ -136,7 +139,7 @@ struct uksm_frame {
 	uint32_t mapcount;	/* virtual pages mapping this frame; 0 = free */
 	uint32_t key;		/* keyhole: changes when the owner changes */
 	uint32_t flags;		/* UKSM_FRAME_* */
-	uint32_t spare;		/* reserved: lock counts, group (swap issue) */
+	uint32_t group;		/* the group charged for this frame (memcg) */
 };
 
 struct uksm_pte {
@@ -159,6 +162,16 @@ struct uksm_stats {
 	uint64_t merge_runs;	/* remap calls made by merges */
 	uint64_t frames_reserve_used;	/* high water of the COW reserve in use */
 	uint64_t fault_waits;	/* faults that found pool->lock taken */
+	uint64_t pages_swapped;	/* ptes in SWAPPED state */
+	uint64_t swap_outs;	/* frames written to swap */
+	uint64_t swap_ins;	/* slots read back (swap cache hits not counted) */
+	uint64_t swap_cache_hits;	/* swap-ins that found the frame in the swap cache */
+	uint64_t slots_used;	/* swap slots with a mapper */
+	uint64_t swap_file_slots;	/* size of the swap file, in slots */
+	uint64_t swap_errors;	/* failed swap writes (eviction stopped) */
+	uint64_t last_swap_errno;	/* errno of the last one */
+	uint64_t hint_faults;	/* reference hints taken (aging) */
+	uint64_t reclaim_runs;	/* eviction batches */
 };
 
 struct uksm_compact_stats {
@@ -215,6 +228,17 @@ int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
 int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 		 size_t *log_n, struct uksm_compact_stats *out);
+
+/* swap.c */
+int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
+		     size_t max_resident_frames, size_t batch);
+int uksm_reclaim(struct uksm_pool *pool, size_t nr_frames, int group);
+int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
+int uksm_set_group(struct uksm_pool *pool, size_t vpn, size_t npages, int group);
+int uksm_group_limit(struct uksm_pool *pool, int group, size_t max_frames);
+int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4);
+int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages);
+int uksm_set_max_resident(struct uksm_pool *pool, size_t frames);
 
 /* inject.c (tests) */
 int uksm_inject(int op, long skip, long fail, int err);

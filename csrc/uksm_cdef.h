@@ -7,6 +7,8 @@
 #define UKSM_PTE_NORMAL ...
 #define UKSM_PTE_KSM ...
 #define UKSM_PTE_ZERO ...
+#define UKSM_PTE_SWAPPED ...
+#define UKSM_MAX_GROUPS ...
 #define UKSM_FRAME_KSM ...
 #define UKSM_CSUM_JHASH2 ...
 #define UKSM_CSUM_XXHASH ...
@@ -40,6 +42,16 @@ struct uksm_stats {
 	uint64_t merge_runs;
 	uint64_t frames_reserve_used;
 	uint64_t fault_waits;
+	uint64_t pages_swapped;
+	uint64_t swap_outs;
+	uint64_t swap_ins;
+	uint64_t swap_cache_hits;
+	uint64_t slots_used;
+	uint64_t swap_file_slots;
+	uint64_t swap_errors;
+	uint64_t last_swap_errno;
+	uint64_t hint_faults;
+	uint64_t reclaim_runs;
 };
 
 struct uksm_compact_stats {
@@ -96,6 +108,16 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 
 int uksm_inject(int op, long skip, long fail, int err);
 long uksm_inject_hits(int op);
+
+int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
+		     size_t max_resident_frames, size_t batch);
+int uksm_reclaim(struct uksm_pool *pool, size_t nr_frames, int group);
+int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
+int uksm_set_group(struct uksm_pool *pool, size_t vpn, size_t npages, int group);
+int uksm_group_limit(struct uksm_pool *pool, int group, size_t max_frames);
+int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4);
+int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages);
+int uksm_set_max_resident(struct uksm_pool *pool, size_t frames);
 
 int uksm_install_handler(void);
 int uksm_handler_installed(void);

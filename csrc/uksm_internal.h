@@ -74,7 +74,10 @@ static inline int uksm_fallocate(int fd, int mode, off_t off, off_t len)
 #define PG		UKSM_PAGE_SIZE
 
 /* struct uksm_pte.spare[0] */
-#define UKSM_PTE_PINNED	0x1	/* pool.pin(): never migrated */
+#define UKSM_PTE_PINNED	0x1	/* pool.pin(): never migrated, never swapped */
+#define UKSM_PTE_LOCKED	0x2	/* pool.lock(): never swapped (mlock) */
+#define UKSM_PTE_HINT	0x4	/* PROT_NONE as a reference hint (aging) */
+/* struct uksm_pte.spare[1]: the page's group (its buffer's) */
 
 /* Scratch for one run of uksm_merge(); used only under pool->lock. */
 struct uksm_run_ctx {
@@ -115,6 +118,30 @@ struct uksm_pool {
 	 */
 	int64_t vma_estimate;
 	int64_t vma_soft_limit;
+
+	/* swap (swap.c): all NULL / -1 until uksm_swap_enable() */
+	int swap_fd;			/* the swap file: unlinked, 0600 */
+	int swap_dir_fd;		/* its directory, for a forked child's copy */
+	size_t max_resident;		/* frames: reclaim keeps frames_used below */
+	size_t reclaim_batch;		/* frames freed per eviction batch */
+	size_t nr_slots;		/* slot table size (= va_pages) */
+	size_t slot_hint;		/* no free slot below this */
+	size_t clock_hand;		/* the reclaim clock, a vpn */
+	uint16_t *swap_map;		/* per slot: swapped mappers (0 = free) */
+	uint64_t *slot_sum;		/* per slot: XXH3 of the page written */
+	uint32_t *slot_cache;		/* per slot: swap cache frame, or UINT32_MAX */
+	uint32_t *slot_cache_key;	/* its key then (keyhole again) */
+	uint8_t *evict_mark;		/* per frame: reclaim scratch */
+	uint32_t *evict_frames;		/* reclaim scratch: candidates */
+	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
+	uint32_t *evict_vpn;		/* per frame: the page that nominated it */
+	uint32_t *evict_slots;		/* and their slots */
+	size_t swap_meta_bytes;
+	void *swap_meta;
+	uint64_t group_frames[UKSM_MAX_GROUPS];
+	uint64_t group_max[UKSM_MAX_GROUPS];	/* frames; 0: no limit */
+	uint64_t group_swapped[UKSM_MAX_GROUPS];
+	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
 };
@@ -203,8 +230,32 @@ extern struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 extern _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 extern _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 
+/* Charge frame @f to group @g (moving it from the group it was in). */
+static inline void uksm_recharge(struct uksm_pool *pool, size_t f, uint32_t g)
+{
+	struct uksm_frame *fr = &pool->frames[f];
+
+	if (g >= UKSM_MAX_GROUPS)
+		g = 0;
+	pool->group_frames[fr->group]--;
+	pool->group_frames[g]++;
+	fr->group = g;
+}
+
+static inline uint32_t uksm_pte_group(const struct uksm_pte *pte)
+{
+	return pte->spare[1];
+}
+
 /* pool.c: frame allocator; caller holds pool->lock */
 int uksm_grow_file(struct uksm_pool *pool, size_t end);
+/* swap.c; caller holds pool->lock */
+void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
+int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn);
+int uksm_hint_restore(struct uksm_pool *pool, size_t vpn);
+void uksm_reclaim_locked(struct uksm_pool *pool, size_t nr, int group, int revolutions);
+void uksm_swap_fork_child(struct uksm_pool *pool);
+void uksm_swap_destroy(struct uksm_pool *pool);
 int uksm_bit_test(const uint64_t *map, size_t i);
 size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit);
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,

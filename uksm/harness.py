@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -46,11 +47,11 @@ import platform
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import PAGE_SIZE, __version__, kernelksm, measure
+from . import PAGE_SIZE, Pool, __version__, kernelksm, measure
 
 MiB = 1 << 20
 
@@ -87,7 +88,7 @@ class Config:
     kernel: bool = True              # measure the kernel's KSM where allowed
     timeout: float = 120.0
     tail: float = 0.5                # seconds sampled after convergence
-    interval: float = 0.05           # sampling interval of suite 3
+    interval: float = 0.025          # sampling interval of suite 3
     output: str = "bench-out"
     quick_run: bool = False
     command: str = ""
@@ -238,6 +239,11 @@ def _pool_knobs(**knobs) -> Dict:
     return base
 
 
+def _has_compaction() -> bool:
+    """Whether this Pool has background compaction (compact_threshold)."""
+    return "compact_threshold" in inspect.signature(Pool.__init__).parameters
+
+
 def _kernel_knobs_now() -> Dict:
     k = kernelksm.knobs()
     k.pop("run", None)
@@ -293,6 +299,19 @@ class Bench:
         suite.kernel_measured = True
         return kernelksm.session(**have)
 
+    def _entered(self, suite: SuiteResult, ks, knobs: bool = True) -> None:
+        """Note the knobs a suite's session set, and any wait for the
+        session lock (another process's KSM session)."""
+        if ks is None:
+            return
+        if knobs:
+            suite.kernel_knobs = _kernel_knobs_now()
+        if ks.lock_wait > 1.0:
+            msg = (f"waited {ks.lock_wait:.1f} s for another process's kernel KSM session "
+                   f"({kernelksm.LOCK_PATH}) to end")
+            suite.notes.append(msg.capitalize() + ".")
+            self.say("  " + msg)
+
     def order(self, repeat: int) -> List[str]:
         """uksm first on even repeats, the kernel first on odd ones."""
         return ["uksm", "kernel"] if repeat % 2 == 0 else ["kernel", "uksm"]
@@ -323,8 +342,8 @@ class Bench:
                  f"{'quick run, ' if cfg.quick_run else ''}{cfg.repeats} repeat(s), "
                  f"suites {', '.join(cfg.suites)}, output {cfg.output}")
         if self.kernel_ok:
-            self.say(f"kernel KSM: measured in the same run; knobs saved and restored "
-                     f"around each suite")
+            self.say("kernel KSM: measured in the same run; knobs saved and restored "
+                     "around each suite")
         else:
             self.say(f"kernel KSM: not available ({self.kernel_reason}); uksm only")
         runners = {"selftest": self.suite_selftest, "pairs": self.suite_pairs,
@@ -416,21 +435,26 @@ class Bench:
         kknobs = dict(pages_to_scan=measure.SELFTEST_PAGES_TO_SCAN,
                       sleep_millisecs=measure.SELFTEST_SLEEP_MILLISECS,
                       merge_across_nodes=1)
+        suite.notes.append("Each side runs one discarded warm-up round first (fresh "
+                           "memory's first touch is slow on a VM).")
+
+        def one_round(side):
+            if side == "uksm":
+                return (measure.uksm_merge_time(mib, cfg.checksum, **ukn),
+                        measure.uksm_cow_time(cfg.cow_pages, cfg.checksum, **ukn),
+                        measure.uksm_unmerge_time(mib, cfg.checksum, **ukn))
+            return (measure.kernel_merge_time(mib), measure.kernel_cow_time(cfg.cow_pages),
+                    measure.kernel_unmerge_time(mib))
+
         with self.kernel_session(suite, **kknobs) as ks:
-            if ks is not None:
-                suite.kernel_knobs = _kernel_knobs_now()
+            self._entered(suite, ks)
+            for side in ("uksm", "kernel") if ks is not None else ("uksm",):
+                one_round(side)
             for r in range(cfg.repeats):
                 for side in self.order(r):
                     if side == "kernel" and ks is None:
                         continue
-                    if side == "uksm":
-                        p = measure.uksm_merge_time(mib, cfg.checksum, **ukn)
-                        c = measure.uksm_cow_time(cfg.cow_pages, cfg.checksum, **ukn)
-                        d = measure.uksm_unmerge_time(mib, cfg.checksum, **ukn)
-                    else:
-                        p = measure.kernel_merge_time(mib)
-                        c = measure.kernel_cow_time(cfg.cow_pages)
-                        d = measure.kernel_unmerge_time(mib)
+                    p, c, d = one_round(side)
                     P_t.put(side, r, p["wall"])
                     P_s.put(side, r, p["mib_per_s"])
                     P_f.put(side, r, p["merged_fraction"])
@@ -454,7 +478,21 @@ class Bench:
         n = max(cfg.size // PAGE_SIZE, 16)
         mib = n * PAGE_SIZE / MiB
         knobs = dict(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_millisecs=FAST_SLEEP_MILLISECS)
-        suite.uksm_knobs = _pool_knobs(checksum=cfg.checksum, **knobs)
+        compaction = _has_compaction()
+        # Merging alone, as ksmd does it; then, where the pool has it, with
+        # the pool's default background compaction, which the scanner thread
+        # runs right after the full scan that merged (ksmd has no such step).
+        variants = [("", dict(knobs, compact_threshold=0) if compaction else dict(knobs))]
+        if compaction:
+            variants.append(("_default", dict(knobs)))
+        suite.uksm_knobs = _pool_knobs(checksum=cfg.checksum, **variants[0][1])
+        if compaction:
+            suite.notes.append("uksm's pool compacts its memfd in the background scanner "
+                               "thread after a full scan leaves it fragmented "
+                               "(compact_threshold, default 2.0); ksmd has no such step.  "
+                               "The first rows measure merging alone (compact_threshold=0); "
+                               "the rows \"with background compaction\" use the pool's "
+                               "default, against the same kernel figures.")
         suite.parameters = {"pairs": n, "mib_each_half": mib, "target": 0.99,
                             "uksm_driver": "pool.start() (background scanner thread), "
                                            "polling stats() every 2 ms",
@@ -467,21 +505,39 @@ class Bench:
         S_p = suite.metric("saved_pss", "bytes saved (PSS)", "MiB", "higher")
         S_c = suite.metric("saved_counter", "bytes saved (uksm: memfd blocks; "
                            "kernel: pages_sharing)", "MiB", "higher")
+        if compaction:
+            T_d = suite.metric("time_to_99_default", "time to 99% merged, uksm with "
+                               "background compaction (its default)", "s", "lower")
+            C_d = suite.metric("cpu_to_99_default", "scanner CPU to 99% merged, uksm with "
+                               "background compaction (its default)", "s", "lower")
         with self.kernel_session(suite, **knobs) as ks:
-            if ks is not None:
-                suite.kernel_knobs = _kernel_knobs_now()
+            self._entered(suite, ks)
             for r in range(cfg.repeats):
                 for side in self.order(r):
                     if side == "kernel" and ks is None:
                         continue
                     if side == "uksm":
-                        w = measure.UksmPairs(n, cfg.checksum, **knobs)
-                        try:
-                            res = w.converge("thread", timeout=cfg.timeout)
-                        finally:
-                            w.close()
+                        extra = {}
+                        for tag, k in variants:
+                            w = measure.UksmPairs(n, cfg.checksum, **k)
+                            try:
+                                one = w.converge("thread", timeout=cfg.timeout)
+                                one["compactions"] = w.pool.stats().get("compactions")
+                            finally:
+                                w.close()
+                            if not one["converged"]:
+                                raise RuntimeError(f"uksm did not reach 99% merged within "
+                                                   f"{cfg.timeout} s: {one}")
+                            if tag:
+                                extra = one
+                            else:
+                                res = one
                         cpu = res["scanner_cpu"]
                         counter = res["saved_memfd_bytes"]
+                        if extra:
+                            T_d.put(side, r, extra["wall"])
+                            C_d.put(side, r, extra["scanner_cpu"])
+                            res = dict(res, with_compaction=extra)
                     else:
                         w = measure.KernelPairs(n)
                         try:
@@ -496,13 +552,21 @@ class Bench:
                                            f"{cfg.timeout} s: {res}")
                     T.put(side, r, res["wall"])
                     C.put(side, r, cpu)
+                    if compaction and side == "kernel":
+                        T_d.put(side, r, res["wall"])
+                        C_d.put(side, r, cpu)
                     S_p.put(side, r, res["saved_pss_bytes"] / MiB)
                     S_c.put(side, r, counter / MiB)
                     suite.runs.append({"repeat": r, "side": side, **res})
+                    more = ""
+                    if "with_compaction" in res:
+                        wc = res["with_compaction"]
+                        more = (f"; with background compaction {wc['wall']:.3f} s, "
+                                f"CPU {wc['scanner_cpu']:.3f} s")
                     self.progress(suite, r, side,
                                   f"99% merged in {res['wall']:.3f} s, CPU {cpu:.3f} s, "
                                   f"saved {res['saved_pss_bytes'] / MiB:.1f} MiB PSS "
-                                  f"({res['full_scans']} full scans)")
+                                  f"({res['full_scans']} full scans){more}")
 
     # -- suite 3 ------------------------------------------------------------------------
 
@@ -523,6 +587,12 @@ class Bench:
             "uksm_driver": "pool.start() (background scanner thread)",
             "kernel_driver": "one private mapping per array, MADV_MERGEABLE, run=1",
         }
+        if _has_compaction():
+            suite.notes.append("uksm runs with its defaults here, background compaction "
+                               "(compact_threshold=2.0) included; ksmd has no such step.")
+        suite.notes.append("uksm's samples come when its scanner thread lets go of the pool "
+                           "lock (after each batch), so its time to target is known to about "
+                           "one batch; the kernel's are taken every sampling interval.")
         suite.notes.append("PSS is the process's anonymous + shmem PSS "
                            "(/proc/self/smaps_rollup) less its value before the workload; "
                            "uksm's includes its own metadata.  Kernel \"resident\" is the "
@@ -538,8 +608,7 @@ class Bench:
                          "fraction", "higher")
         kknobs = dict(ukn, use_zero_pages=1)
         with self.kernel_session(suite, **kknobs) as ks:
-            if ks is not None:
-                suite.kernel_knobs = _kernel_knobs_now()
+            self._entered(suite, ks)
             for r in range(cfg.repeats):
                 for side in self.order(r):
                     if side == "kernel" and ks is None:
@@ -613,14 +682,22 @@ class Bench:
         metrics = {key: suite.metric(key, f"CPU per page per full scan, {label}", "us",
                                      "lower")
                    for key, label, _, _ in variants}
+        adv_pages = suite.metric("advisor_pages_to_scan", "pages_to_scan the advisor settled "
+                                 "on", "pages", None)
+        suite.notes.append("The advisor aims for a full scan every advisor_target_scan_time "
+                           "seconds but never spends less than a minimum CPU share "
+                           "(mm/ksm.c's advisor, ported to uksm): on a region that a scan "
+                           "covers in well under the target it raises pages_to_scan, up to "
+                           "advisor_max_pages_to_scan.")
         base_kernel = dict(fast, smart_scan=1, advisor_mode="none")
         with self.kernel_session(suite, **base_kernel) as ks:
+            self._entered(suite, ks, knobs=False)
             for r in range(cfg.repeats):
                 for key, label, uk, kk in variants:
                     warm, scans, min_s = (cfg.steady_warmup_scans, cfg.steady_scans,
                                           cfg.steady_min_seconds)
                     if key == "advisor":
-                        warm, scans, min_s = 2, cfg.advisor_scans, 0.0
+                        warm, scans = 2, cfg.advisor_scans
                     for side in self.order(r):
                         if side == "kernel" and ks is None:
                             continue
@@ -650,6 +727,15 @@ class Bench:
                                 pages_to_scan=kk.get("pages_to_scan", FAST_PAGES_TO_SCAN),
                                 sleep_millisecs=kk["sleep_millisecs"], timeout=cfg.timeout)
                         metrics[key].put(side, r, res["us_per_page_per_scan"])
+                        if res.get("foreign_pages"):
+                            suite.notes.append(
+                                f"Run {r + 1}, kernel, {label}: ksmd scanned "
+                                f"{(res['pages_scanned'] + res['pages_skipped']) // res['full_scans']:,}"
+                                f" pages per full scan against {res['pages']:,} of ours: other "
+                                "processes' MADV_MERGEABLE memory was on its list, so that "
+                                "run's CPU is not ours alone.")
+                        if key == "advisor":
+                            adv_pages.put(side, r, res["pages_to_scan"])
                         suite.runs.append({"repeat": r, "side": side, "variant": key, **res})
                         self.progress(suite, r, side,
                                       f"{label}: {res['us_per_page_per_scan']:.3f} us/page/scan"

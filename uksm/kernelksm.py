@@ -35,6 +35,11 @@ Three traps, each met by the order of the writes:
  - counters are system-wide: a ``session()`` unmerges on entry too (as the
    selftests do with run=2), so pages_sharing starts from the other users'
    count, which ``converge()`` subtracts.
+ - two processes, two sessions: each would save the knobs the other had
+   just changed and "restore" them at its end, and ksmd would scan both
+   processes' memory.  So the outermost session of a process holds an
+   exclusive flock on LOCK_PATH from before it saves the knobs until after
+   it has restored them: sessions in different processes take turns.
 
 ksmd's CPU time comes from /proc/<pid>/schedstat of the kernel thread named
 ksmd (time on CPU in nanoseconds; utime + stime from /proc/<pid>/stat, in
@@ -46,9 +51,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import mmap
 import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -75,6 +82,11 @@ COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
 
 # Knobs that the kernel refuses to change (EBUSY) while KSM pages exist.
 _NEED_UNMERGED = ("max_page_sharing", "merge_across_nodes")
+
+# Sessions of different processes take turns on this lock (see above).
+LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
+                         "uksm-kernelksm.lock")
+LOCK_TIMEOUT = 1800.0
 
 KSM_RUN_STOP = 0
 KSM_RUN_MERGE = 1
@@ -246,6 +258,48 @@ def free_private(mm: mmap.mmap) -> None:
 # -- sessions: change knobs, always put them back ----------------------------------
 
 _active: List["Session"] = []
+_lock_fd: Optional[int] = None
+_lock_depth = 0
+
+
+def _lock_acquire(timeout: float) -> float:
+    """Take the cross-process session lock (nested sessions of this process
+    share it); returns the seconds spent waiting for another process."""
+    global _lock_fd, _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
+        return 0.0
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    t0 = time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"kernelksm: another process has held {LOCK_PATH} "
+                                       f"(a KSM session) for over {timeout:.0f} s") from None
+                time.sleep(0.05)
+    except BaseException:       # the timeout, or Ctrl-C while waiting
+        os.close(fd)
+        raise
+    _lock_fd = fd
+    _lock_depth = 1
+    return time.monotonic() - t0
+
+
+def _lock_release() -> None:
+    global _lock_fd, _lock_depth
+    if _lock_depth == 0:
+        return
+    _lock_depth -= 1
+    if _lock_depth == 0 and _lock_fd is not None:
+        fd, _lock_fd = _lock_fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 class Session:
@@ -272,13 +326,22 @@ class Session:
         self.saved: Dict[str, Union[int, str]] = {}
         self._open = False
         self._old_sigterm = None
+        self._locked = False
+        self.lock_wait = 0.0        # seconds spent waiting for another process
 
     # -- entry --------------------------------------------------------------------
 
     def __enter__(self) -> "Session":
         if not available():
             raise PermissionError(f"kernel KSM not available: needs root and {KSM_DIR}")
-        self.saved = knobs()
+        self.lock_wait = _lock_acquire(LOCK_TIMEOUT)
+        self._locked = True
+        try:
+            self.saved = knobs()
+        except BaseException:
+            self._locked = False
+            _lock_release()
+            raise
         self._open = True
         _active.append(self)
         atexit.register(self._restore_at_exit)
@@ -332,6 +395,9 @@ class Session:
                 _active.remove(self)
             atexit.unregister(self._restore_at_exit)
             self._release_sigterm()
+            if self._locked:
+                self._locked = False
+                _lock_release()
         held.replay()
         for err in errors:
             warnings.warn(f"kernelksm: could not restore {err}", RuntimeWarning)

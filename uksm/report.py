@@ -172,7 +172,7 @@ def markdown(results: Dict) -> str:
     if before:
         out.append(f"| kernel KSM knobs as found | {_knobs(before)} |")
         restored = results.get("knobs_restored")
-        out.append(f"| kernel KSM knobs after the run | "
+        out.append("| kernel KSM knobs after the run | "
                    + ("unchanged (restored)" if restored else
                       f"**CHANGED**: {_knobs(results.get('kernel_knobs_after') or {})}")
                    + " |")
@@ -350,10 +350,12 @@ def plot_ratios(results: Dict, path: str) -> None:
     for i, (number, key, m) in enumerate(reversed(items)):
         y = i
         color = _COLORS[(number - 1) % len(_COLORS)]
-        ax.barh(y, m["ratio"], color=color, alpha=0.6, height=0.7)
+        # bars start at parity (1) and reach the ratio, left or right
+        ax.barh(y, m["ratio"] - 1.0, left=1.0, color=color, alpha=0.6, height=0.7)
         pts = [r for r in m["ratio_runs"] if r is not None and r > 0]
         ax.plot(pts, [y] * len(pts), "k.", ms=5)
-        ax.text(m["ratio"], y, f" {m['ratio']:.3g}", va="center", fontsize=8)
+        ax.text(max(pts + [m["ratio"], 1.0]) * 1.08, y, f"{m['ratio']:.3g}", va="center",
+                fontsize=8)
         label = m["label"] if len(m["label"]) <= 58 else m["label"][:55] + "..."
         arrow = {"lower": " [lower better]", "higher": " [higher better]"}.get(m["better"], "")
         labels.append(f"{number} {key}: {label}{arrow}")
@@ -363,7 +365,8 @@ def plot_ratios(results: Dict, path: str) -> None:
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xlabel("uksm / kernel KSM (log scale; 1 = same)")
-    ax.set_title("uksm / kernel KSM per metric, by suite (bars: median; dots: each repeat)")
+    fig.suptitle("uksm / kernel KSM per metric, by suite\n(bars: median of the per-run "
+                 "ratios; dots: each repeat; 1 = the same)", fontsize=11)
     ax.grid(True, axis="x", which="both", alpha=0.3)
     runs = [r for _, _, m in items for r in m["ratio_runs"] + [m["ratio"]]
             if r is not None and r > 0]
