@@ -8,11 +8,13 @@ copy back through a SIGSEGV copy-on-write handler written in C.
 
 from ._core import PAGE_SIZE
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, UksmError, VirtualSpaceError)
+                     PoolFullError, UksmError, UksmSwapWarning, VirtualSpaceError)
 from .pool import Pool, parse_size
+from .swap import Group
 
 __all__ = [
     "Pool", "PAGE_SIZE", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
+    "UksmSwapWarning", "Group",
 ]
 __version__ = "0.1.0"

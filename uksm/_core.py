@@ -34,6 +34,8 @@ PTE_NONE: int = lib.UKSM_PTE_NONE
 PTE_NORMAL: int = lib.UKSM_PTE_NORMAL
 PTE_KSM: int = lib.UKSM_PTE_KSM
 PTE_ZERO: int = lib.UKSM_PTE_ZERO
+PTE_SWAPPED: int = lib.UKSM_PTE_SWAPPED
+MAX_GROUPS: int = lib.UKSM_MAX_GROUPS
 
 MERGE_OK: int = lib.UKSM_MERGE_OK
 MERGE_STALE: int = lib.UKSM_MERGE_STALE
@@ -217,6 +219,53 @@ class NativePool:
                                 f"({os.strerror(-ret)}; vm.max_map_count reached?); "
                                 f"{int(done[0])} pages were unmerged, the rest stay merged")
         return int(done[0])
+
+    # -- swap (csrc/swap.c) --------------------------------------------------
+
+    def swap_enable(self, swap_fd: int, dir_fd: int, max_resident: int, batch: int) -> None:
+        """Hand the swap file (and its directory) to the core, which owns
+        and closes them from now on."""
+        _check(lib.uksm_swap_enable(self._pool, swap_fd, dir_fd, max_resident, batch),
+               "swap_enable")
+
+    def set_max_resident(self, frames: int) -> None:
+        _check(lib.uksm_set_max_resident(self._pool, frames), "set_max_resident")
+
+    def reclaim(self, nr: int = 0, group: int = -1) -> int:
+        """Evict @nr frames (0: down to the budget); -errno of a failed
+        swap write comes back as OSError."""
+        ret = lib.uksm_reclaim(self._pool, nr, group)
+        if ret < 0:
+            raise OSError(-ret, f"uksm: writing to the swap file failed: "
+                                f"{os.strerror(-ret)}; eviction stopped, nothing lost")
+        return ret
+
+    def swap_in_range(self, vpn: int, npages: int) -> None:
+        ret = lib.uksm_swap_in_range(self._pool, vpn, npages)
+        if ret == -errno.ENOMEM:
+            raise PoolFullError("uksm pool full: no frame to swap a page in")
+        if ret == -errno.EBADMSG:
+            raise OSError(errno.EBADMSG, "uksm: a swap slot failed its checksum: "
+                                         "the swap file was corrupted")
+        _check(ret, "swap in")
+
+    def set_locked(self, vpn: int, npages: int, on: bool) -> None:
+        ret = lib.uksm_set_locked(self._pool, vpn, npages, int(on))
+        if ret == -errno.ENOMEM:
+            raise PoolFullError("uksm pool full: no frame to swap a locked page in")
+        _check(ret, "lock")
+
+    def set_group(self, vpn: int, npages: int, group: int) -> None:
+        _check(lib.uksm_set_group(self._pool, vpn, npages, group), "set_group")
+
+    def group_limit(self, group: int, frames: int) -> None:
+        _check(lib.uksm_group_limit(self._pool, group, frames), "group_limit")
+
+    def group_stats(self, group: int) -> dict:
+        out = ffi.new("uint64_t[4]")
+        _check(lib.uksm_group_stats(self._pool, group, out), "group_stats")
+        return {"frames": int(out[0]), "pages_swapped": int(out[1]),
+                "swap_ins": int(out[2]), "max_frames": int(out[3])}
 
     def set_pinned(self, vpn: int, npages: int, on: bool) -> None:
         _check(lib.uksm_set_pinned(self._pool, vpn, npages, int(on)), "set_pinned")

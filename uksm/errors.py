@@ -27,3 +27,8 @@ class ForeignArrayError(UksmError, ValueError):
 
 class BufferInUseError(UksmError, BufferError):
     """A buffer cannot be freed while views of it are alive."""
+
+
+class UksmSwapWarning(UserWarning):
+    """Swap writes failed (ENOSPC, EFBIG, EIO): eviction stopped, the pages
+    stay resident, nothing was lost; stats() counts them in swap_errors."""

@@ -29,6 +29,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Dict, Optional
 
@@ -36,8 +37,9 @@ import numpy as np
 
 from . import _core
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, UksmError)
+                     PoolFullError, UksmError, UksmSwapWarning)
 from .scanner import Scanner, _count_maps
+from .swap import Group, open_swap_file
 
 PAGE_SIZE = _core.PAGE_SIZE
 
@@ -294,7 +296,8 @@ class Pool:
                  advisor_max_pages_to_scan: int = 30000,
                  advisor_max_cpu: int = 70,
                  virtual_size: Any = None, cow_reserve: Any = None,
-                 compact_threshold: float = 2.0) -> None:
+                 compact_threshold: float = 2.0, max_resident: Any = None,
+                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB") -> None:
         self._closed = True     # until fully built, for __del__/close
         cap = parse_size(capacity, "capacity")
         if cap % PAGE_SIZE:
@@ -341,8 +344,25 @@ class Pool:
         else:
             reserve = -(-parse_size(cow_reserve, "cow_reserve") // PAGE_SIZE)
 
+        resident = None
+        if max_resident is not None:
+            resident = -(-parse_size(max_resident, "max_resident") // PAGE_SIZE)
+            if resident > frames:
+                raise ValueError("max_resident cannot exceed capacity")
+            batch = max(1, parse_size(swap_batch, "swap_batch") // PAGE_SIZE)
         self.capacity = cap
+        self.page_size = PAGE_SIZE
         self._native = _core.NativePool(frames, reserve, va_pages)
+        if resident is not None:
+            try:
+                swap_fd, dir_fd = open_swap_file(swap_path)
+            except BaseException:
+                self._native.destroy()
+                raise
+            self._native.swap_enable(swap_fd, dir_fd, resident, batch)
+        self._max_resident = resident
+        self._groups: Dict[str, Group] = {}
+        self._swap_errors_seen = 0
         self._knobs = knobs
         self._scanner = Scanner(self._native, knobs)
         self._c = _Core(self._native, self._scanner)
@@ -374,6 +394,73 @@ class Pool:
     smart_scan = _knob_property("smart_scan", _bool_knob)
     advisor_max_cpu = _knob_property("advisor_max_cpu", lambda n, v: _int_knob(n, v, 1))
     del _knob_property
+
+    @property
+    def max_resident(self) -> Optional[int]:
+        """The resident budget in bytes (None: no swap).  Lowering it swaps
+        out at once."""
+        return None if self._max_resident is None else self._max_resident * PAGE_SIZE
+
+    @max_resident.setter
+    def max_resident(self, value: Any) -> None:
+        if self._max_resident is None:
+            raise UksmError("this pool has no swap area: create it with max_resident=")
+        frames = -(-parse_size(value, "max_resident") // PAGE_SIZE)
+        self._native.set_max_resident(frames)
+        self._max_resident = frames
+        self._reclaim()
+
+    def _reclaim(self, group: int = -1) -> None:
+        """Swap out down to the budget (the pool's, or @group's)."""
+        if self._max_resident is None:
+            return
+        try:
+            self._native.reclaim(0, group)
+        except OSError as exc:
+            warnings.warn(UksmSwapWarning(str(exc)), stacklevel=3)
+        self._note_swap_errors()
+
+    def _note_swap_errors(self) -> None:
+        n = self._native.stats()["swap_errors"]
+        if n > self._swap_errors_seen:
+            self._swap_errors_seen = n
+            warnings.warn(UksmSwapWarning(
+                f"uksm: swap writes failed ({n} so far; errno "
+                f"{self._native.stats()['last_swap_errno']}): eviction stopped, "
+                f"pages stay resident, nothing lost"), stacklevel=3)
+
+    def group(self, name: str, max_resident: Any = None) -> Group:
+        """A group of buffers with its own resident limit (memcg): it has
+        the allocation methods of the pool, and per-group stats()."""
+        self._check_open()
+        if not isinstance(name, str):
+            raise TypeError("a group's name must be a str")
+        if name in self._groups:
+            raise ValueError(f"group {name!r} exists already")
+        if max_resident is not None and self._max_resident is None:
+            raise UksmError("a group limit needs swap: create the pool with max_resident=")
+        gid = len(self._groups) + 1
+        if gid >= _core.MAX_GROUPS:
+            raise UksmError(f"at most {_core.MAX_GROUPS - 1} groups per pool")
+        g = Group(self, name, gid, max_resident)
+        self._groups[name] = g
+        return g
+
+    def lock(self, arr: np.ndarray) -> None:
+        """mlock: keep @arr's pages in memory (swapped in now, never swapped
+        out).  Merging still happens; a shared frame stays resident while
+        any of its mappers is locked."""
+        self._check_open()
+        with self._lock:
+            rec = self._record(arr)
+        self._native.set_locked(rec.vpn, rec.npages, True)
+
+    def unlock(self, arr: np.ndarray) -> None:
+        """munlock: @arr's pages may be swapped out again."""
+        self._check_open()
+        with self._lock:
+            rec = self._record(arr)
+        self._native.set_locked(rec.vpn, rec.npages, False)
 
     @property
     def checksum(self) -> str:
@@ -430,7 +517,7 @@ class Pool:
 
     # -- allocation ---------------------------------------------------------------
 
-    def _new_array(self, shape, dtype) -> np.ndarray:
+    def _new_array(self, shape, dtype, group: int = 0) -> np.ndarray:
         self._check_open()
         dtype = np.dtype(dtype)
         if dtype.hasobject:
@@ -454,11 +541,15 @@ class Pool:
             self._check_open()      # again: close() may have won the race
             self._reap()
             vpn = self._native.alloc(npages)
+            if group:
+                self._native.set_group(vpn, npages, group)
             rec = _Buffer(vpn, npages, nbytes)
             self._buffers[vpn] = rec
             self._scanner.add_range(vpn, npages)
             buf = self._native.buffer(vpn, max(nbytes, 1),
                                       lambda _cdata, rec=rec: core.on_release(rec))
+        if group and self._max_resident is not None:
+            self._reclaim(group)
         return np.ndarray(shape, dtype=dtype, buffer=buf)
 
     def _reap(self) -> None:
@@ -573,6 +664,7 @@ class Pool:
             rec.pins += 1
         try:
             self._native.set_pinned(rec.vpn, rec.npages, True)
+            self._native.swap_in_range(rec.vpn, rec.npages)
             self._native.unmerge(rec.vpn, rec.npages)
             yield arr
         finally:
@@ -719,6 +811,8 @@ class Pool:
                 self._scanner.scan_batch(self._knobs["pages_to_scan"])
                 if self._scanner.full_scans != scans and self._fragmented():
                     self._compact_locked()
+            if self._max_resident is not None:
+                self._reclaim()     # kswapd: back under the budget
             if not _core.handler_installed():
                 _core.install_handler()
             ms = self._knobs["sleep_millisecs"]
@@ -782,6 +876,18 @@ class Pool:
                 "merges_skipped_vma": sc.merges_skipped_vma,
                 "cow_reserve_used_max": c["frames_reserve_used"],
                 "fault_lock_waits": c["fault_waits"],
+                "pages_swapped": c["pages_swapped"],
+                "swap_outs": c["swap_outs"],
+                "swap_ins": c["swap_ins"],
+                "swap_cache_hits": c["swap_cache_hits"],
+                "swap_slots_used": c["slots_used"],
+                "swap_file_bytes": c["swap_file_slots"] * PAGE_SIZE,
+                "swap_errors": c["swap_errors"],
+                "last_swap_errno": c["last_swap_errno"],
+                "reference_hint_faults": c["hint_faults"],
+                "reclaim_batches": c["reclaim_runs"],
+                "max_resident": self.max_resident,
+                "groups": {name: g.stats() for name, g in self._groups.items()},
                 "compactions": self._compactions,
                 "frames_migrated": self._frames_migrated,
                 "buffers": len(self._buffers),
