@@ -292,7 +292,10 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 		size_t s, got = slot_alloc_run(pool, ok - i, &s);
 
 		if (!got) {
-			ok = i;		/* no slot left: evict what has one */
+			/* no slot left: evict what has one, forget the rest */
+			for (size_t j = i; j < ok; j++)
+				pool->evict_mark[pool->evict_frames[j]] = 0;
+			ok = i;
 			break;
 		}
 		for (size_t k = 0; k < got; k++) {
