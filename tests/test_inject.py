@@ -195,3 +195,22 @@ def test_failed_punch_still_gives_zeroed_frames(pool):
     _core.inject("fallocate", 0, 0, errno.EIO)
     b = pool.empty(32 * PAGE, np.uint8)
     assert not b.any()
+
+
+def test_cow_without_any_free_frame_ends_the_process_clearly():
+    """Capacity and the COW reserve both exhausted: a write into a merged page
+    cannot be given its own frame, and must not be lost silently either."""
+    code = textwrap.dedent("""
+        import numpy as np, uksm
+        pool = uksm.Pool("4MiB", cow_reserve="64KiB", use_zero_pages=False)
+        a = pool.full(512 * 512, 1.0)                 # 2 MiB of one page, repeated
+        pool.scan(full_scans=2)                        # -> 2 frames or so
+        filler = pool.empty(pool.capacity - pool.stats()["bytes_resident"] - 8192, np.uint8)
+        print("reserve", pool.stats()["cow_reserve_used_max"], flush=True)
+        a[:] = 2.0                                     # 512 COW breaks, 16 frames of reserve
+        print("WRONG: all the writes went through", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode < 0 and "WRONG" not in proc.stdout, proc.stdout + proc.stderr
+    assert "uksm: fatal" in proc.stderr and "no free frame" in proc.stderr
