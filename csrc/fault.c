@@ -238,9 +238,13 @@ static int break_cow_whole_run(struct uksm_pool *pool, size_t vpn)
  */
 static void direct_reclaim(struct uksm_pool *pool, uint32_t group)
 {
-	if (pool->swap_fd < 0)
+	size_t high = pool->max_resident + pool->reclaim_batch;
+
+	if (pool->swap_fd < 0 || uksm_swap_backing_off(pool))
 		return;
-	if (pool->st.frames_used > pool->max_resident + pool->reclaim_batch)
+	if (high > pool->capacity_frames)
+		high = pool->capacity_frames;
+	if (pool->st.frames_used > high)
 		uksm_reclaim_locked(pool, pool->st.frames_used - pool->max_resident, -1, 1);
 	if (group < UKSM_MAX_GROUPS && pool->group_max[group] &&
 	    pool->group_frames[group] > pool->group_max[group] + pool->reclaim_batch)
@@ -254,7 +258,7 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	struct uksm_pool *pool = NULL;
 	struct uksm_pte *pte;
 	size_t vpn;
-	int r;
+	int r, was_hidden;
 
 	if (si->si_code > 0)
 		pool = pool_of(si->si_addr);
@@ -264,11 +268,23 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		return;
 	}
 	vpn = (size_t)((char *)si->si_addr - pool->va) >> UKSM_PAGE_SHIFT;
+	pte = &pool->ptes[vpn];
+	/* what the page was when it faulted (a racy read: only compared) */
+	was_hidden = pte->state == UKSM_PTE_SWAPPED || (pte->spare[0] & UKSM_PTE_HINT);
 	if (!uksm_trylock(pool)) {
 		uksm_lock(pool);
 		pool->st.fault_waits++;
 	}
-	pte = &pool->ptes[vpn];
+	if (was_hidden && pte->state == UKSM_PTE_KSM && !(pte->spare[0] & UKSM_PTE_HINT)) {
+		/*
+		 * Readable now: another thread swapped it in or lifted its hint
+		 * while we waited, and this may have been a read.  Let the access
+		 * retry; a write faults once more and gets its COW then.
+		 */
+		uksm_unlock(pool);
+		errno = saved_errno;
+		return;
+	}
 	if ((pte->state == UKSM_PTE_NORMAL || pte->state == UKSM_PTE_KSM) &&
 	    (pte->spare[0] & UKSM_PTE_HINT)) {
 		/* a reference hint: the page is in use; a write to a KSM page
@@ -282,7 +298,7 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	switch (pte->state) {
 	case UKSM_PTE_SWAPPED:
-		r = uksm_swap_in_locked(pool, vpn);
+		r = uksm_swap_in_locked(pool, vpn, pool->nr_frames);
 		if (r == -EBADMSG)
 			uksm_fatal("a swap slot failed its checksum: the swap file was "
 				   "corrupted; refusing to return wrong data");
@@ -314,6 +330,11 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 				  (vpn + 1 < pool->va_pages && uksm_same_vma(pool, vpn));
 
 			r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
+			if (r == 0 && pool->swap_fd >= 0) {
+				/* no frame: make one by swapping cold pages out */
+				uksm_reclaim_locked(pool, pool->reclaim_batch, -1, 2);
+				r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
+			}
 			if (r == -ENOMEM)
 				r = break_cow_whole_run(pool, vpn);
 			else if (r == 1)

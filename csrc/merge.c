@@ -112,7 +112,8 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
 			continue;
 		}
 		if (!whole && pte->state == UKSM_PTE_KSM &&
-		    pool->frames[pte->pfn].mapcount == 1) {
+		    pool->frames[pte->pfn].mapcount == 1 &&
+		    !uksm_swap_cached(pool, pte->pfn)) {
 			struct uksm_frame *f = &pool->frames[pte->pfn];
 
 			err = protect_run(pool, vpn + done, 1, 1);
@@ -133,7 +134,8 @@ int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
 
 			if (next->state == UKSM_PTE_ZERO ||
 			    (next->state == UKSM_PTE_KSM &&
-			     (whole || pool->frames[next->pfn].mapcount > 1)))
+			     (whole || pool->frames[next->pfn].mapcount > 1 ||
+			      uksm_swap_cached(pool, next->pfn))))
 				m++;
 			else
 				break;
@@ -207,7 +209,7 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 			struct uksm_pte *pte = &pool->ptes[vpn + done + i];
 
 			if (pte->state == UKSM_PTE_SWAPPED)	/* in first, then private */
-				err = uksm_swap_in_locked(pool, vpn + done + i);
+				err = uksm_swap_in_locked(pool, vpn + done + i, pool->capacity_frames);
 			need += pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_ZERO;
 		}
 		if (err) {

@@ -36,8 +36,10 @@
  * copied per mapper (ksm_might_need_to_copy, "disappointingly primitive"),
  * uksm keeps a swap cache: a slot with other mappers still swapped on it
  * remembers the frame it was read into (keyhole-checked, as stable nodes
- * are), the next mappers map that same frame, read-only, as a KSM frame:
- * sharing survives swapping.  A write after that is an ordinary COW.
+ * are) and holds a reference on it until its last swapped mapper is gone;
+ * the next mappers map that same frame, read-only, as a KSM frame: sharing
+ * survives swapping.  A write after that is an ordinary COW, which copies
+ * even for a sole present mapper, leaving the cached frame to the others.
  *
  * mlock (patch 1): a LOCKED or PINNED mapper keeps its frame resident, so
  * a merged frame stays locked while any locker is left.  Groups (patch 6):
@@ -55,6 +57,7 @@
 
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -62,6 +65,20 @@
 #define HINT_CLUSTER	16
 #define IOV_BATCH	256
 #define EVICT_MAX	4096
+
+static uint64_t mono_now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* A swap write failed moments ago: the fault handler does not retry yet. */
+int uksm_swap_backing_off(struct uksm_pool *pool)
+{
+	return pool->swap_backoff_ns && mono_now_ns() < pool->swap_backoff_ns;
+}
 
 static int resident_state(uint8_t s)
 {
@@ -80,7 +97,7 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 		batch = 1;
 	if (batch > EVICT_MAX)
 		batch = EVICT_MAX;
-	pool->swap_meta_bytes = nv * (2 + 8 + 4 + 4) + nf * (1 + 4 + 4) + 2 * EVICT_MAX * 4;
+	pool->swap_meta_bytes = nv * (2 + 8 + 4 + 4) + nf * (1 + 4 + 4 + 4) + 2 * EVICT_MAX * 4;
 	pool->swap_meta = mmap(NULL, pool->swap_meta_bytes, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (pool->swap_meta == MAP_FAILED) {
@@ -95,6 +112,7 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 	pool->evict_slots = (uint32_t *)p;	p += EVICT_MAX * 4;
 	pool->evict_slot_of = (uint32_t *)p;	p += nf * 4;
 	pool->evict_vpn = (uint32_t *)p;	p += nf * 4;
+	pool->cache_slot_of = (uint32_t *)p;	p += nf * 4;
 	pool->swap_map = (uint16_t *)p;		p += nv * 2;
 	pool->evict_mark = (uint8_t *)p;
 	uksm_lock(pool);
@@ -152,6 +170,16 @@ void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group)
 	if (--pool->swap_map[slot])
 		return;
 	pool->st.slots_used--;
+	if (pool->slot_cache[slot]) {
+		/* the last user is gone: the swap cache lets go of its frame */
+		size_t f = pool->slot_cache[slot] - 1;
+
+		if (pool->frames[f].key == pool->slot_cache_key[slot] &&
+		    pool->cache_slot_of[f] == slot + 1 && pool->frames[f].mapcount) {
+			pool->cache_slot_of[f] = 0;
+			uksm_frame_put(pool, f);
+		}
+	}
 	pool->slot_cache[slot] = 0;
 	if (slot < pool->slot_hint)
 		pool->slot_hint = slot;
@@ -163,44 +191,59 @@ void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group)
 /*
  * A hinted page was touched: it is referenced.  Give it, and the hinted
  * pages of the same state around it in its aligned cluster, their
- * protection back with one mprotect.  Caller holds pool->lock.
+ * protection back with one mprotect.  Near vm.max_map_count (or if that
+ * mprotect fails) give the whole hinted run back instead: its ends are
+ * mapping boundaries already, so that needs no split and only removes
+ * VMAs.  Caller holds pool->lock.
  */
 int uksm_hint_restore(struct uksm_pool *pool, size_t vpn)
 {
 	uint8_t state = pool->ptes[vpn].state;
+	int prot = PROT_READ | (state == UKSM_PTE_NORMAL ? PROT_WRITE : 0);
 	size_t lo = vpn & ~(size_t)(HINT_CLUSTER - 1), hi = lo + HINT_CLUSTER;
 	size_t a = vpn, b = vpn + 1;
 
 	if (hi > pool->va_pages)
 		hi = pool->va_pages;
-	while (a > lo && pool->ptes[a - 1].state == state &&
+	if (pool->vma_estimate + 2 <= pool->vma_soft_limit) {
+		while (a > lo && pool->ptes[a - 1].state == state &&
+		       (pool->ptes[a - 1].spare[0] & UKSM_PTE_HINT))
+			a--;
+		while (b < hi && pool->ptes[b].state == state &&
+		       (pool->ptes[b].spare[0] & UKSM_PTE_HINT))
+			b++;
+		if (!uksm_mprotect(page_addr(pool, a), (b - a) * PG, prot)) {
+			pool->vma_estimate += 2;
+			goto done;
+		}
+	}
+	a = vpn;
+	b = vpn + 1;
+	while (a > 0 && pool->ptes[a - 1].state == state &&
 	       (pool->ptes[a - 1].spare[0] & UKSM_PTE_HINT))
 		a--;
-	while (b < hi && pool->ptes[b].state == state &&
+	while (b < pool->va_pages && pool->ptes[b].state == state &&
 	       (pool->ptes[b].spare[0] & UKSM_PTE_HINT))
 		b++;
-	if (uksm_mprotect(page_addr(pool, a), (b - a) * PG,
-			  PROT_READ | (state == UKSM_PTE_NORMAL ? PROT_WRITE : 0))) {
-		/* one page then, by a fresh mapping if mprotect cannot split */
-		a = vpn;
-		b = vpn + 1;
-		if (uksm_mprotect(page_addr(pool, a), PG,
-				  PROT_READ | (state == UKSM_PTE_NORMAL ? PROT_WRITE : 0)) &&
-		    uksm_map_frames(pool, vpn, 1, pool->ptes[vpn].pfn,
-				    state == UKSM_PTE_NORMAL))
-			return -errno;
-	}
+	if (uksm_mprotect(page_addr(pool, a), (b - a) * PG, prot))
+		return -errno;
+done:
 	for (size_t i = a; i < b; i++)
 		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
 	pool->st.hint_faults++;
 	return 0;
 }
 
-/* Make a run of resident pages PROT_NONE reference hints. */
+/*
+ * Make a run of resident pages PROT_NONE reference hints.  Not near the
+ * map limit: hints cost VMAs, and the touches that end them more.
+ */
 static void hint_run(struct uksm_pool *pool, size_t vpn, size_t n)
 {
-	if (!n || uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_NONE))
+	if (!n || pool->vma_estimate + 2 > pool->vma_soft_limit ||
+	    uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_NONE))
 		return;		/* no hint, no eviction: nothing lost */
+	pool->vma_estimate += 2;
 	for (size_t i = vpn; i < vpn + n; i++)
 		pool->ptes[i].spare[0] |= UKSM_PTE_HINT;
 }
@@ -210,6 +253,9 @@ static int evictable(const struct uksm_pte *pte)
 	return resident_state(pte->state) &&
 	       !(pte->spare[0] & (UKSM_PTE_PINNED | UKSM_PTE_LOCKED));
 }
+
+/* swap_map counts mappers in 16 bits */
+#define SWAP_MAP_MAX	(UINT16_MAX - 1)
 
 /* pwritev a batch: frames evict_frames[a..b) to slots evict_slots[a..b). */
 static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
@@ -318,6 +364,7 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 			pool->evict_mark[pool->evict_frames[i]] = 0;
 		pool->st.swap_errors++;
 		pool->st.last_swap_errno = (uint64_t)-err;
+		pool->swap_backoff_ns = mono_now_ns() + 200000000ull;
 		return err;
 	}
 	for (size_t i = 0; i < ok; i++) {
@@ -344,6 +391,7 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 		uint32_t f = pool->evict_frames[i];
 
 		pool->evict_mark[f] = 0;
+		pool->cache_slot_of[f] = 0;	/* its slot's cache is stale now */
 		pool->frames[f].mapcount = 1;
 		uksm_frame_put(pool, f);	/* frees, new key (stale nodes), punch */
 	}
@@ -401,7 +449,8 @@ void uksm_reclaim_locked(struct uksm_pool *pool, size_t nr, int group, int revol
 			}
 			hint_run(pool, run_start, run);
 			run = 0;
-			if (pool->evict_mark[pte->pfn])
+			if (pool->evict_mark[pte->pfn] ||
+			    pool->frames[pte->pfn].mapcount >= SWAP_MAP_MAX)
 				continue;
 			pool->evict_mark[pte->pfn] = 1;
 			pool->evict_vpn[pte->pfn] = (uint32_t)v;
@@ -467,11 +516,13 @@ int uksm_reclaim(struct uksm_pool *pool, size_t nr, int group)
 }
 
 /*
- * Swap in the page at @vpn (SWAPPED).  Caller holds pool->lock.  Returns 0,
+ * Swap in the page at @vpn (SWAPPED), into a frame below @limit (the API's
+ * capacity, or the whole table with the COW reserve for the fault handler),
+ * evicting others first if none is free.  Caller holds pool->lock.  Returns 0,
  * -ENOMEM (no frame), -EIO (read failed), -EBADMSG (the slot fails its
  * checksum), -errno of mmap.  Async-signal-safe.
  */
-int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn)
+int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn, size_t limit)
 {
 	struct uksm_pte *pte = &pool->ptes[vpn];
 	uint32_t s = pte->pfn, g = uksm_pte_group(pte), cached = pool->slot_cache[s];
@@ -494,8 +545,12 @@ int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn)
 		uksm_slot_put(pool, s, g);
 		return 0;
 	}
-	if (!uksm_frame_alloc_run(pool, 1, pool->nr_frames, &f))
-		return -ENOMEM;
+	if (!uksm_frame_alloc_run(pool, 1, limit, &f)) {
+		/* make room: evict cold pages (not this one: it is swapped) */
+		uksm_reclaim_locked(pool, pool->reclaim_batch, -1, 2);
+		if (!uksm_frame_alloc_run(pool, 1, limit, &f))
+			return -ENOMEM;
+	}
 	pool->frames[f].mapcount = 1;
 	if (pread(pool->swap_fd, frame_addr(pool, f), PG, (off_t)((size_t)s * PG)) != (ssize_t)PG) {
 		uksm_frame_put(pool, f);
@@ -523,6 +578,10 @@ int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn)
 		pool->st.ksm_mappings++;
 		pool->slot_cache[s] = (uint32_t)f + 1;
 		pool->slot_cache_key[s] = pool->frames[f].key;
+		pool->cache_slot_of[f] = s + 1;
+		/* the cache's own reference: the frame outlives a COW by its
+		 * one present mapper, for the mappers still swapped out */
+		pool->frames[f].mapcount++;
 		pte->state = UKSM_PTE_KSM;
 	} else {
 		pte->state = UKSM_PTE_NORMAL;
@@ -545,7 +604,7 @@ int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages)
 		uksm_lock(pool);
 		for (size_t i = vpn + done; i < vpn + done + n && !err; i++) {
 			if (pool->ptes[i].state == UKSM_PTE_SWAPPED)
-				err = uksm_swap_in_locked(pool, i);
+				err = uksm_swap_in_locked(pool, i, pool->capacity_frames);
 			else if (resident_state(pool->ptes[i].state) &&
 				 (pool->ptes[i].spare[0] & UKSM_PTE_HINT))
 				err = uksm_hint_restore(pool, i);
@@ -565,11 +624,10 @@ int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 	if (vpn + npages > pool->va_pages)
 		return -EINVAL;
 	if (on && pool->swap_fd >= 0) {
-		uksm_lock(pool);
-		for (size_t i = vpn; i < vpn + npages; i++)
-			pool->ptes[i].spare[0] |= UKSM_PTE_LOCKED;
-		uksm_unlock(pool);
-		return uksm_swap_in_range(pool, vpn, npages);
+		/* in first, then locked: a lock that fails leaves nothing locked */
+		err = uksm_swap_in_range(pool, vpn, npages);
+		if (err)
+			return err;
 	}
 	uksm_lock(pool);
 	for (size_t i = vpn; i < vpn + npages; i++) {
@@ -591,6 +649,10 @@ int uksm_set_group(struct uksm_pool *pool, size_t vpn, size_t npages, int group)
 	for (size_t i = vpn; i < vpn + npages; i++) {
 		struct uksm_pte *pte = &pool->ptes[i];
 
+		if (pte->state == UKSM_PTE_SWAPPED) {
+			pool->group_swapped[uksm_pte_group(pte)]--;
+			pool->group_swapped[group]++;
+		}
 		pte->spare[1] = (uint8_t)group;
 		if (pte->state == UKSM_PTE_NORMAL)
 			uksm_recharge(pool, pte->pfn, (uint32_t)group);
@@ -628,6 +690,16 @@ int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4)
  * frees and reuses slots).  It copies the file into one of its own, in the
  * same directory, unlinked.  Syscalls only.
  */
+static void uksm_swap_fork_die(const char *why)
+{
+	static const char msg[] = "uksm: forked child: ";
+
+	(void)!write(2, msg, sizeof(msg) - 1);
+	(void)!write(2, why, strlen(why));
+	(void)!write(2, "\n", 1);
+	_exit(70);
+}
+
 void uksm_swap_fork_child(struct uksm_pool *pool)
 {
 	loff_t in = 0, out = 0;
@@ -637,8 +709,21 @@ void uksm_swap_fork_child(struct uksm_pool *pool)
 	if (pool->swap_fd < 0)
 		return;
 	fd = openat(pool->swap_dir_fd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		/* no O_TMPFILE here: a named file, unlinked at once */
+		char name[] = ".uksm-swap-child-XXXXXXXXXX";
+		pid_t pid = (pid_t)syscall(SYS_getpid);
+
+		for (int i = 0; i < 10; i++) {
+			name[sizeof(name) - 2 - i] = (char)('0' + pid % 10);
+			pid /= 10;
+		}
+		fd = openat(pool->swap_dir_fd, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+		if (fd >= 0)
+			unlinkat(pool->swap_dir_fd, name, 0);
+	}
 	if (fd < 0)
-		return;		/* the child shares the parent's slots: see README */
+		uksm_swap_fork_die("cannot create the child's own swap file");
 	left = pool->st.swap_file_slots * PG;
 	while (left) {
 		ssize_t n = copy_file_range(pool->swap_fd, &in, fd, &out, left, 0);
@@ -651,5 +736,6 @@ void uksm_swap_fork_child(struct uksm_pool *pool)
 		close(fd);
 		return;
 	}
-	close(fd);
+	/* sharing the parent's slots would end in checksum failures: stop */
+	uksm_swap_fork_die("cannot copy the swap file into the child's own");
 }

@@ -135,6 +135,8 @@ struct uksm_pool {
 	uint32_t *evict_frames;		/* reclaim scratch: candidates */
 	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
 	uint32_t *evict_vpn;		/* per frame: the page that nominated it */
+	uint32_t *cache_slot_of;	/* per frame: slot + 1 it caches, or 0 */
+	uint64_t swap_backoff_ns;	/* no direct reclaim before (a write failed) */
 	uint32_t *evict_slots;		/* and their slots */
 	size_t swap_meta_bytes;
 	void *swap_meta;
@@ -242,6 +244,22 @@ static inline void uksm_recharge(struct uksm_pool *pool, size_t f, uint32_t g)
 	fr->group = g;
 }
 
+/*
+ * Is frame @f the swap cache of a slot that still has mappers swapped on
+ * it?  Then it must not be taken over by its one present mapper on a write
+ * (that would make the others read the slot again): COW copies instead.
+ */
+static inline int uksm_swap_cached(struct uksm_pool *pool, size_t f)
+{
+	uint32_t s1;
+
+	if (!pool->cache_slot_of)
+		return 0;
+	s1 = pool->cache_slot_of[f];
+	return s1 && pool->slot_cache[s1 - 1] == f + 1 && pool->swap_map[s1 - 1] &&
+	       pool->slot_cache_key[s1 - 1] == pool->frames[f].key;
+}
+
 static inline uint32_t uksm_pte_group(const struct uksm_pte *pte)
 {
 	return pte->spare[1];
@@ -251,10 +269,11 @@ static inline uint32_t uksm_pte_group(const struct uksm_pte *pte)
 int uksm_grow_file(struct uksm_pool *pool, size_t end);
 /* swap.c; caller holds pool->lock */
 void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
-int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn);
+int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn, size_t limit);
 int uksm_hint_restore(struct uksm_pool *pool, size_t vpn);
 void uksm_reclaim_locked(struct uksm_pool *pool, size_t nr, int group, int revolutions);
 void uksm_swap_fork_child(struct uksm_pool *pool);
+int uksm_swap_backing_off(struct uksm_pool *pool);
 void uksm_swap_destroy(struct uksm_pool *pool);
 int uksm_bit_test(const uint64_t *map, size_t i);
 size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit);

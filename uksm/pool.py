@@ -77,6 +77,14 @@ def _int_knob(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _max_sharing_knob(name: str, value: Any) -> int:
+    # swap counts a slot's mappers in 16 bits (csrc/swap.c swap_map)
+    v = _int_knob(name, value, 2)
+    if v > 65535:
+        raise ValueError(f"{name} must be <= 65535, got {v}")
+    return v
+
+
 def _bool_knob(name: str, value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
@@ -317,7 +325,7 @@ class Pool:
         knobs = {
             "pages_to_scan": _int_knob("pages_to_scan", pages_to_scan, 1),
             "sleep_millisecs": _int_knob("sleep_millisecs", sleep_millisecs, 0),
-            "max_page_sharing": _int_knob("max_page_sharing", max_page_sharing, 2),
+            "max_page_sharing": _max_sharing_knob("max_page_sharing", max_page_sharing),
             "use_zero_pages": _bool_knob("use_zero_pages", use_zero_pages),
             "smart_scan": _bool_knob("smart_scan", smart_scan),
             "checksum": checksum,
@@ -389,7 +397,7 @@ class Pool:
 
     pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _int_knob(n, v, 1))
     sleep_millisecs = _knob_property("sleep_millisecs", lambda n, v: _int_knob(n, v, 0))
-    max_page_sharing = _knob_property("max_page_sharing", lambda n, v: _int_knob(n, v, 2))
+    max_page_sharing = _knob_property("max_page_sharing", _max_sharing_knob)
     use_zero_pages = _knob_property("use_zero_pages", _bool_knob)
     smart_scan = _knob_property("smart_scan", _bool_knob)
     advisor_max_cpu = _knob_property("advisor_max_cpu", lambda n, v: _int_knob(n, v, 1))
@@ -414,6 +422,11 @@ class Pool:
         """Swap out down to the budget (the pool's, or @group's)."""
         if self._max_resident is None:
             return
+        # reference hints cost VMAs and the C side only estimates them: a
+        # real count now and then keeps the estimate (and eviction) honest
+        sc = self._scanner
+        if self._native.vma_estimate() > 0.8 * sc.max_map_count * 0.9:
+            sc.recount_maps()
         try:
             self._native.reclaim(0, group)
         except OSError as exc:
@@ -548,8 +561,10 @@ class Pool:
             self._scanner.add_range(vpn, npages)
             buf = self._native.buffer(vpn, max(nbytes, 1),
                                       lambda _cdata, rec=rec: core.on_release(rec))
-        if group and self._max_resident is not None:
-            self._reclaim(group)
+        if self._max_resident is not None:
+            if group:
+                self._reclaim(group)
+            self._note_swap_errors()    # the allocation's own reclaim may have failed
         return np.ndarray(shape, dtype=dtype, buffer=buf)
 
     def _reap(self) -> None:
