@@ -97,7 +97,8 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 		batch = 1;
 	if (batch > EVICT_MAX)
 		batch = EVICT_MAX;
-	pool->swap_meta_bytes = nv * (2 + 8 + 4 + 4) + nf * (1 + 4 + 4 + 4) + 2 * EVICT_MAX * 4;
+	pool->swap_meta_bytes = nv * (2 + 8 + 4 + 4 + 1) + nf * (1 + 4 + 4 + 4) +
+				2 * EVICT_MAX * 4;
 	pool->swap_meta = mmap(NULL, pool->swap_meta_bytes, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (pool->swap_meta == MAP_FAILED) {
@@ -114,6 +115,7 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 	pool->evict_vpn = (uint32_t *)p;	p += nf * 4;
 	pool->cache_slot_of = (uint32_t *)p;	p += nf * 4;
 	pool->swap_map = (uint16_t *)p;		p += nv * 2;
+	pool->slot_stale = (uint8_t *)p;	p += nv;
 	pool->evict_mark = (uint8_t *)p;
 	uksm_lock(pool);
 	pool->nr_slots = nv;
@@ -183,9 +185,51 @@ void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group)
 	pool->slot_cache[slot] = 0;
 	if (slot < pool->slot_hint)
 		pool->slot_hint = slot;
-	/* give the disk back too; a failure here costs space, not data */
-	(void)fallocate(pool->swap_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			(off_t)(slot * PG), PG);
+	/*
+	 * The disk space goes back later, in runs, from uksm_swap_trim(): a
+	 * punch of a slot already written back costs ~100 us on ext4, too much
+	 * for the fault handler that swaps a page in.
+	 */
+	pool->slot_stale[slot] = 1;
+	pool->stale_slots++;
+}
+
+/*
+ * Punch the freed slots' disk blocks, in runs (the API and the scanner
+ * thread call this; never the fault handler).  Below @min stale slots it
+ * waits for more.  Returns slots trimmed.
+ */
+int uksm_swap_trim(struct uksm_pool *pool, size_t min)
+{
+	size_t trimmed = 0;
+
+	if (pool->swap_fd < 0)
+		return 0;
+	uksm_lock(pool);
+	if (pool->stale_slots < (min ? min : 1)) {
+		uksm_unlock(pool);
+		return 0;
+	}
+	for (size_t s = 0; s < pool->st.swap_file_slots;) {
+		size_t n = 0;
+
+		while (s + n < pool->st.swap_file_slots && pool->slot_stale[s + n] &&
+		       !pool->swap_map[s + n])
+			n++;
+		if (!n) {
+			s++;
+			continue;
+		}
+		(void)fallocate(pool->swap_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+				(off_t)(s * PG), (off_t)(n * PG));
+		for (size_t i = s; i < s + n; i++)
+			pool->slot_stale[i] = 0;
+		trimmed += n;
+		s += n;
+	}
+	pool->stale_slots = 0;
+	uksm_unlock(pool);
+	return (int)trimmed;
 }
 
 /*

@@ -118,6 +118,7 @@ int uksm_group_limit(struct uksm_pool *pool, int group, size_t max_frames);
 int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4);
 int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages);
 int uksm_set_max_resident(struct uksm_pool *pool, size_t frames);
+int uksm_swap_trim(struct uksm_pool *pool, size_t min);
 
 int uksm_install_handler(void);
 int uksm_handler_installed(void);

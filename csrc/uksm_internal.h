@@ -136,6 +136,8 @@ struct uksm_pool {
 	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
 	uint32_t *evict_vpn;		/* per frame: the page that nominated it */
 	uint32_t *cache_slot_of;	/* per frame: slot + 1 it caches, or 0 */
+	uint8_t *slot_stale;		/* per slot: freed, disk blocks not punched */
+	size_t stale_slots;
 	uint64_t swap_backoff_ns;	/* no direct reclaim before (a write failed) */
 	uint32_t *evict_slots;		/* and their slots */
 	size_t swap_meta_bytes;

@@ -228,6 +228,10 @@ class NativePool:
         _check(lib.uksm_swap_enable(self._pool, swap_fd, dir_fd, max_resident, batch),
                "swap_enable")
 
+    def swap_trim(self, min_slots: int = 0) -> int:
+        """Give freed swap slots' disk blocks back (in runs)."""
+        return int(lib.uksm_swap_trim(self._pool, min_slots))
+
     def set_max_resident(self, frames: int) -> None:
         _check(lib.uksm_set_max_resident(self._pool, frames), "set_max_resident")
 

@@ -18,8 +18,12 @@ plots (memory over time while converging; the uksm/kernel ratio per suite).
                (PSS, and bytes_resident or pages_sharing) over time;
   4 steady     scanner CPU per page per full scan once nothing is left to
                merge: smart_scan on, off, and the scan-time advisor;
-  5 swap       uksm has no swap area yet: the report says "not available
-               yet", and no number is made up for either side.
+  5 swap       uksm's swap area (issue 3): swap-out and swap-in MiB/s and
+               the swap-in fault latency, against the raw pwrite/pread
+               floor of the same file system and, where root allows it
+               (and not in a quick run), the kernel's own swap to a swap
+               file under a memory cgroup limit, restored afterwards
+               (uksm.swapbench).
 
 Each suite opens one ``kernelksm.session()`` (when root and
 /sys/kernel/mm/ksm allow it), which saves every knob it may touch and puts
@@ -745,23 +749,153 @@ class Bench:
     # -- suite 5 ------------------------------------------------------------------------
 
     def suite_swap(self, suite: SuiteResult) -> None:
-        """uksm has no swap area yet: nothing is measured on either side."""
-        swap = _meminfo("SwapTotal")
-        suite.parameters = {"system_swap_bytes": swap}
-        suite.notes.append("uksm has no swap area yet (the swap design follows Hugh "
-                           "Dickins's \"ksm: swapping\" series); this suite reports no "
-                           "figures, for uksm or for the kernel, until it does.")
-        if not swap:
-            suite.notes.append("This machine has no swap configured either.")
-        for key, label, unit in (("swap_out", "swap-out", "MiB/s"),
-                                 ("swap_in", "swap-in", "MiB/s"),
-                                 ("fault_p50", "swap-in fault latency p50", "us"),
-                                 ("fault_p99", "swap-in fault latency p99", "us")):
-            m = suite.metric(key, label, unit)
-            m.uksm_text = "not available yet"
-            m.kernel_text = "not measured"
-        suite.status = "not available yet"
-        self.say("  swap: not available yet in uksm; nothing measured")
+        """uksm's swap area (issue 3) against the raw pwrite/pread floor of
+        the same file system and the kernel's own swap (uksm.swapbench)."""
+        import contextlib
+
+        from . import swapbench
+        cfg = self.cfg
+        size = max(cfg.size - cfg.size % PAGE_SIZE, 64 * PAGE_SIZE)
+        budget = size // 4
+        directory = swapbench.swap_dir()
+        samples = swapbench.DEFAULT_SAMPLES
+        if not cfg.kernel:
+            reason = "not requested (--no-kernel)"
+        elif cfg.quick_run:
+            reason = ("left out of a quick run (it makes a swap file and a memory cgroup: "
+                      "slow, and system-wide while it lasts); run without --quick")
+        else:
+            reason = swapbench.kernel_unavailable_reason()
+        suite.uksm_knobs = {"max_resident": f"{size / MiB:g} MiB, lowered to "
+                                            f"{budget / MiB:g} MiB", "swap_batch": "2MiB",
+                            "swap_path": directory, "compact_threshold": 0}
+        suite.parameters = {
+            "data_mib": size / MiB, "budget_mib": budget / MiB,
+            "content": "random bytes (incompressible, nothing to merge)",
+            "latency_samples": f"up to {samples} sparse random swapped pages (16 apart)",
+            "swap_directory": directory,
+            "uksm_driver": "pool.max_resident lowered (timed until pages_swapped is what the "
+                           "budget asks for), raised again, then one element read of each "
+                           "sampled page (timed each), then of every other swapped page in "
+                           "order (timed); rounds cold (swap file fdatasync'ed and dropped "
+                           "from the page cache), warm (fdatasync'ed), never written back",
+            "floor": "C helper on the same directory's file system: pwritev 256 pages a "
+                     "call + fdatasync; pread one page a call in order and at sparse random "
+                     "pages, cold and warm; fallocate PUNCH_HOLE of one slot",
+            "kernel_driver": (f"swap file in {swapbench.SWAP_DIR} (dd, mkswap, swapon), a "
+                              "child process (C) in a memory cgroup touching the same amount; "
+                              "the cgroup's limit lowered to the budget (timed), raised, the "
+                              "same reads; two rounds") if reason is None else None,
+        }
+        rows = {r[0]: r for r in swapbench.ROWS}
+        M = {}
+        for key, label, _, _, kk, unit, better in swapbench.ROWS:
+            M[key] = suite.metric(key, label, unit, better)
+            if kk is None:
+                M[key].kernel_text = "uksm only"
+        for key, label, _, unit in swapbench.FLOOR_ROWS:
+            M["floor_" + key] = suite.metric("floor_" + key, label, unit)
+            M["floor_" + key].kernel_text = "-"
+        for key in ("swap_out", "swap_in", "fault_p50", "fault_p99"):
+            M[key + "_x_floor"] = suite.metric(key + "_x_floor", f"{rows[key][1]} / floor",
+                                               "x floor", rows[key][6])
+        suite.notes.append("Both sides hold the same amount of incompressible data under the "
+                           "same budget; figures in MiB/s are bytes swapped (out) or read "
+                           "back (in) over the time taken.  uksm's fault latencies are "
+                           "Python element reads less the same read on a resident page.")
+        suite.notes.append("The \"floor:\" rows are the raw I/O of uksm's swap path, "
+                           "measured beside it on the same file system with no uksm in the "
+                           "way (in the uksm column; the kernel's swap does not go through "
+                           "a file).  The \"/ floor\" rows divide each side by the matching "
+                           "floor figure; their ratio column is then uksm / kernel.")
+        suite.notes.append("uksm frees a swap slot by punching it out of the swap file "
+                           "(fallocate PUNCH_HOLE, csrc/swap.c uksm_slot_put), in the fault "
+                           "handler; the floor's punch row is what one costs once the slot "
+                           "is written back.  The \"slots never written back\" rows are "
+                           "swap-ins whose slots are still only in the page cache, where a "
+                           "punch is cheap.")
+        if reason is not None:
+            suite.kernel_note = reason
+            suite.notes.append(f"The kernel's swap was not measured: {reason}.")
+        ks_cm = (swapbench.KernelSwap(size) if reason is None
+                 else contextlib.nullcontext())
+        with ks_cm as ks:
+            if ks is not None:
+                suite.kernel_measured = True
+                suite.kernel_knobs = {"cgroup": ks.mode, "cgroup_path": ks.cgroup,
+                                      "swapfile": ks.swapfile,
+                                      "swapfile_mib": ks.swapfile_bytes // MiB,
+                                      "limit_mib": budget / MiB}
+                if ks.stale_cleaned:
+                    suite.notes.append("Left behind by an earlier run, and undone first: "
+                                       + "; ".join(ks.stale_cleaned) + ".")
+            for r in range(cfg.repeats):
+                swapbench.settle()
+                fl = swapbench.floor(size, directory, samples, seed=r + 1)
+                for key, _, fk, _ in swapbench.FLOOR_ROWS:
+                    M["floor_" + key].put("uksm", r, fl[fk])
+                suite.runs.append({"repeat": r, "side": "floor", **fl})
+                self.progress(suite, r, "floor",
+                              f"write {measure.fmt(fl['write_mib_s'], 0)} MiB/s, read cold "
+                              f"{measure.fmt(fl['read_cold_mib_s'], 0)} MiB/s, pread cold "
+                              f"p50 {measure.fmt(fl['pread_cold_p50_us'], 1)} us, punch p50 "
+                              f"{measure.fmt(fl['punch_p50_us'], 1)} us")
+                for side in self.order(r):
+                    if side == "kernel" and ks is None:
+                        continue
+                    swapbench.settle()
+                    if side == "uksm":
+                        res = swapbench.uksm_swap(size, budget, directory, samples=samples,
+                                                  seed=r + 1, timeout=cfg.timeout)
+                        if not res["contents_ok"]:
+                            raise RuntimeError("uksm: swapping changed the data")
+                        if res["swap_errors"]:
+                            raise RuntimeError(f"uksm: {res['swap_errors']} swap write errors")
+                        text = (f"swap-out {measure.fmt(res['swap_out_mib_s'], 0)} MiB/s, "
+                                f"swap-in cold {measure.fmt(res['swap_in_cold_mib_s'], 0)} "
+                                f"MiB/s, fault p50 {measure.fmt(res['fault_cold_p50_us'], 1)} us"
+                                f"; never written back: swap-in "
+                                f"{measure.fmt(res['swap_in_unsynced_mib_s'], 0)} MiB/s")
+                    else:
+                        res = ks.measure(size, budget, samples, seed=r + 1)
+                        text = (f"swap-out {measure.fmt(res['swap_out_mib_s'], 0)} MiB/s, "
+                                f"swap-in {measure.fmt(res['swap_in_mib_s'], 0)} MiB/s, fault "
+                                f"p50 {measure.fmt(res['fault_p50_us'], 1)} us ({ks.mode} "
+                                "cgroup)")
+                    for key, _, uk, fk, kk, _, _ in swapbench.ROWS:
+                        k = uk if side == "uksm" else kk
+                        if k is None:
+                            continue
+                        M[key].put(side, r, res[k])
+                        x = M.get(key + "_x_floor")
+                        if x is not None:
+                            x.put(side, r, swapbench.ratio(res[k], fl[fk]))
+                    suite.runs.append({"repeat": r, "side": side, **res})
+                    self.progress(suite, r, side, text)
+        if ks is not None:
+            suite.kernel_knobs["restored"] = ks.restored
+            if ks.restored.get("ok"):
+                suite.notes.append(f"Restored after the suite and checked: swapoff and rm "
+                                   f"{ks.swapfile}, rmdir {ks.cgroup}; /proc/swaps and "
+                                   "`swapon --show` read as before.")
+            else:
+                raise RuntimeError(f"the kernel's swap was not restored as found: "
+                                   f"{ks.restored}")
+            if ks.mode == "v1":
+                suite.notes.append("This machine's memory controller is cgroup v1's: the "
+                                   "kernel side's cgroup is a v1 child of this process's own "
+                                   "memory cgroup (memory.limit_in_bytes).")
+            parts = []
+            for key in ("swap_out", "swap_in"):
+                rr = M[key].summary()["ratio"]
+                if rr is not None:
+                    parts.append(f"{key.replace('_', '-')} uksm/kernel {rr:.2f}")
+            if parts:
+                ok = all(M[k].summary()["ratio"] is not None and M[k].summary()["ratio"] >= 0.5
+                         for k in ("swap_out", "swap_in"))
+                suite.notes.append("Target (issue 3): uksm within 2x of the kernel's swap "
+                                   "throughput: " + ", ".join(parts) + ("; met." if ok else
+                                                                        "; NOT met."))
 
 
 def _json_default(obj):

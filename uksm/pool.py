@@ -232,11 +232,14 @@ class _Core:
         """Finish the releases the garbage collector started (holds lock)."""
         for _ in range(len(self.failed)):
             self.on_release(self.failed.popleft(), retry=True)
+        freed = bool(self.pending)
         while self.pending:
             rec = self.pending.popleft()
             self.scanner.remove_range(rec.vpn, rec.npages)
             self.native.va_free(rec.vpn, rec.npages)
             self.buffers.pop(rec.vpn, None)
+        if freed and not self.native.closed:
+            self.native.swap_trim()     # freed buffers' slots: disk back now
         if self.closed and not self.buffers and not self.native.closed:
             self.native.destroy()
 
@@ -631,6 +634,7 @@ class Pool:
             rec.released = True
             self._scanner.remove_range(rec.vpn, rec.npages)
             self._native.release(rec.vpn, rec.npages)
+            self._native.swap_trim()
 
     # -- merging control ------------------------------------------------------------
 
@@ -828,6 +832,7 @@ class Pool:
                     self._compact_locked()
             if self._max_resident is not None:
                 self._reclaim()     # kswapd: back under the budget
+                self._native.swap_trim(256)
             if not _core.handler_installed():
                 _core.install_handler()
             ms = self._knobs["sleep_millisecs"]

@@ -6,19 +6,21 @@ DOC: Overview
 Issue 3's benchmarks, as plain functions that bench/bench_swap.py (pytest)
 and suite 5 of uksm.harness (``python -m uksm bench``) both call:
 
-  uksm_swap()   a pool holding N bytes of incompressible data; the budget
-                is lowered (``pool.max_resident = B``) and timed until
-                pages_swapped reaches the expected count (swap-out MiB/s,
-                as the call returns and after fdatasync of the swap file);
-                the budget is raised again and the swapped pages are read
-                in address order, one element per page (swap-in MiB/s);
-                single-element reads of a sparse random sample of swapped
-                pages, each timed (the fault latency of a swap-in, p50 and
-                p99).  Each swap-in is measured twice: cold (the swap file
-                fdatasync'ed and dropped from the page cache with
-                POSIX_FADV_DONTNEED, so pread goes to the disk as the
-                kernel's swap-in does) and warm (the swap file still in the
-                page cache).  The contents are checked at the end.
+  uksm_swap()   a pool holding N bytes of incompressible data, in three
+                rounds: the budget is lowered (``pool.max_resident = B``)
+                and timed until pages_swapped reaches the expected count
+                (swap-out MiB/s, with and without the fdatasync of the swap
+                file), then raised again; one element of each page of a
+                sparse random sample of the swapped pages is read, each
+                read timed (the fault latency of a swap-in, p50 and p99),
+                then one element of every other swapped page in address
+                order (swap-in MiB/s).  Round "cold" drops the fdatasync'ed
+                swap file from the page cache first (POSIX_FADV_DONTNEED),
+                so that pread goes to the disk as the kernel's swap-in
+                does; round "warm" leaves it cached; round "unsynced" never
+                writes it back (its slots are only in the page cache when
+                they are read and freed).  The contents are checked at the
+                end.
   floor()       the same amount written and read with the raw syscalls
                 uksm's swap path makes, on the same file system (a file in
                 the same directory): pwritev of 256 pages a call
@@ -54,7 +56,6 @@ Budgets and limits are the same for both sides: B = N / 4 by default.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import errno
 import fcntl
 import os
@@ -385,6 +386,13 @@ def swap_dir(directory: Optional[str] = None) -> str:
     return directory or tempfile.gettempdir()
 
 
+def settle() -> None:
+    """sync(2) before a measurement: what the one before left dirty (or
+    freed: the file system discards freed blocks at commit) is not written
+    on this one's time."""
+    os.sync()
+
+
 _helper_lock = threading.Lock()
 _helper: Dict[str, Optional[str]] = {}
 
@@ -399,7 +407,7 @@ def compile_helper() -> Optional[str]:
         if cc is None:
             _helper["exe"] = None
             return None
-        workdir = tempfile.mkdtemp(prefix=NAME + "-")
+        workdir = tempfile.mkdtemp(prefix="uksm-swaphelper-")
         atexit.register(shutil.rmtree, workdir, True)
         src = os.path.join(workdir, "swaphelper.c")
         exe = os.path.join(workdir, "swaphelper")
@@ -494,7 +502,8 @@ def floor(nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_S
         raw: Dict = {}
         for line in proc.stdout.splitlines():
             name, *vals = line.split()
-            raw[name] = [float(v) for v in vals] if name.startswith("lat") else float(vals[0])
+            raw[name] = ([float(v) for v in vals] if name in ("lat_cold", "lat_warm", "punch")
+                         else float(vals[0]))
         tool = "C helper (pwritev 256 pages a call, fdatasync, pread 1 page a call)"
     else:
         raw = _floor_python(directory, pages, samples, seed)
@@ -577,6 +586,14 @@ def _lower(pool: Pool, budget: int, swap_fd: Optional[int], sync: bool,
             "reached_s": t_reached, "sync_s": t_sync, "reached": t_reached is not None,
             "bytes_resident_after": st["bytes_resident"],
             "reclaim_batches": st["reclaim_batches"], "swap_errors": st["swap_errors"]}
+
+
+def _drop_cache(swap_fd: Optional[int]) -> bool:
+    """Write-back done, drop the swap file from the page cache."""
+    if swap_fd is None:
+        return False
+    os.posix_fadvise(swap_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
 
 
 # uksm's rounds: (name, fdatasync the swap file after the swap-out, drop it
@@ -678,13 +695,14 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
         "bytes": size, "budget": budget, "directory": directory, "swap_batch": swap_batch,
         "fill_s": fill_s, "swap_fd_found": swap_fd is not None, "rounds": rounds,
         "swap_out_mib_s": out_rate(synced, True) if synced else None,
-        "swap_out_cached_mib_s": out_rate(list(rounds.values()), False),
+        "swap_out_cached_mib_s": out_rate(synced, False) if synced else None,
         "swap_in_cold_mib_s": cold["seq_mib_s"] if cold["dropped"] else None,
-        "swap_in_warm_mib_s": warm["seq_mib_s"],
+        "swap_in_warm_mib_s": warm["seq_mib_s"] if warm["sync_s"] is not None else None,
         "swap_in_unsynced_mib_s": unsynced["seq_mib_s"],
         "fault_cold_p50_us": fl["cold"]["p50_us"] if cold["dropped"] else None,
         "fault_cold_p99_us": fl["cold"]["p99_us"] if cold["dropped"] else None,
-        "fault_warm_p50_us": fl["warm"]["p50_us"], "fault_warm_p99_us": fl["warm"]["p99_us"],
+        "fault_warm_p50_us": fl["warm"]["p50_us"] if warm["sync_s"] is not None else None,
+        "fault_warm_p99_us": fl["warm"]["p99_us"] if warm["sync_s"] is not None else None,
         "fault_unsynced_p50_us": fl["unsynced"]["p50_us"],
         "fault_unsynced_p99_us": fl["unsynced"]["p99_us"],
         "faults": fl, "read_overhead_us": overhead * 1e6,
@@ -824,10 +842,14 @@ class _Child:
         self.proc = subprocess.Popen([exe, "child", str(pages), str(seed)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        line = self._line()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"swap helper did not start: {line!r}")
         self.pid = self.proc.pid
+        try:
+            line = self._line()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"swap helper did not start: {line!r}")
+        except BaseException:
+            self.close()
+            raise
 
     def _line(self) -> str:
         fd = self.proc.stdout.fileno()
@@ -1086,11 +1108,14 @@ class KernelSwap:
                 "usage_after": self._usage(), "mib_s": mib_s(s1 - s0, dt)}
 
     def measure(self, nbytes: int, budget: Optional[int] = None,
-                samples: int = DEFAULT_SAMPLES, seed: int = 1) -> Dict:
+                samples: int = DEFAULT_SAMPLES, seed: int = 1, rounds: int = 2) -> Dict:
         """Swap-out, swap-in and fault latency of a child touching @nbytes
-        under a limit of @budget (default nbytes / 4), in this block's
-        swap file and cgroup.  Two swap-outs: one followed by the sequential
-        swap-in, one by the latency sample."""
+        under a limit of @budget (default nbytes / 4), in this block's swap
+        file and cgroup, as uksm_swap() measures uksm: @rounds times, lower
+        the limit (timed), raise it, read @samples sparse random swapped
+        pages one by one (each timed), then every other swapped page in
+        address order (timed), then dirty every page so that the next
+        swap-out must write it again.  Medians over the rounds."""
         if self.cgroup is None:
             raise RuntimeError("KernelSwap.measure() outside its with-block")
         pages = max(nbytes // PAGE, 4)
@@ -1099,25 +1124,26 @@ class KernelSwap:
             budget = size // 4
         exe = compile_helper()
         self._child = child = _Child(exe, pages, seed, self.timeout)
+        runs = []
+        lat: List[float] = []
         try:
             _write(os.path.join(self.cgroup, "cgroup.procs"), child.pid)
             self._limit("max")
             fill_s = float(child.cmd("fill")[0])
-            outs = []
-            out = self._lower(child, budget)
-            outs.append(out)
-            self._limit("max")
-            secs, k, majflt = child.cmd("seq")
-            seq = {"seconds": float(secs), "pages": int(k), "major_faults": int(majflt),
-                   "mib_s": mib_s(int(k) * PAGE, float(secs))}
-            child.cmd("dirty")          # so the next swap-out must write them again
-            out = self._lower(child, budget)
-            outs.append(out)
-            self._limit("max")
-            r = child.cmd(f"lat {samples}")
-            majflt, lat = int(r[0]), [float(x) for x in r[1:]]
-            child.cmd("dirty")
-            swap_out = [o["mib_s"] for o in outs if o["mib_s"]]
+            for _ in range(rounds):
+                out = self._lower(child, budget)
+                self._limit("max")
+                r = child.cmd(f"lat {samples}")
+                lat_major, got = int(r[0]), [float(x) for x in r[1:]]
+                secs, k, majflt = child.cmd("seq")
+                child.cmd("dirty")
+                lc = percentiles(got)
+                lat.extend(got)
+                runs.append(dict(out, swapped=out["bytes"] // PAGE, latency_pages=len(got),
+                                 latency_major_faults=lat_major, fault_p50_us=lc["p50_us"],
+                                 fault_p99_us=lc["p99_us"], seq_pages=int(k),
+                                 seq_s=float(secs), seq_major_faults=int(majflt),
+                                 seq_mib_s=mib_s(int(k) * PAGE, float(secs))))
         finally:
             child.close()
             self._child = None
@@ -1125,14 +1151,16 @@ class KernelSwap:
                 self._limit("max")
             except OSError:
                 pass
-        lc = percentiles(lat)
+
+        def med(key):
+            vals = [r[key] for r in runs if r[key] is not None]
+            return float(np.median(vals)) if vals else None
         return {
             "bytes": size, "budget": budget, "cgroup": self.mode, "fill_s": fill_s,
-            "swapfile_bytes": self.swapfile_bytes, "swap_outs": outs, "swap_in": seq,
-            "swap_out_mib_s": float(np.median(swap_out)) if swap_out else None,
-            "swap_in_mib_s": seq["mib_s"],
-            "fault_p50_us": lc["p50_us"], "fault_p99_us": lc["p99_us"], "fault": lc,
-            "fault_major_faults": majflt, "latency_samples": lc["n"],
+            "swapfile_bytes": self.swapfile_bytes, "rounds": runs,
+            "swap_out_mib_s": med("mib_s"), "swap_in_mib_s": med("seq_mib_s"),
+            "fault_p50_us": med("fault_p50_us"), "fault_p99_us": med("fault_p99_us"),
+            "fault_all": percentiles(lat), "latency_samples": len(lat),
         }
 
 
@@ -1151,24 +1179,39 @@ def kernel_swap(nbytes: int, budget: Optional[int] = None, samples: int = DEFAUL
 
 # -- the figures side by side -----------------------------------------------------------------
 
-# (key, label, uksm key, floor key, kernel key, unit, better)
+# (key, label, uksm key, floor key, kernel key, unit, better).  The first
+# four compare uksm with the kernel; the others are uksm's alone.
 ROWS = [
-    ("swap_out", "swap-out, until the budget is met and the swap file fdatasync'ed",
-     "swap_out_mib_s", "write_mib_s", "swap_out_mib_s", "MiB/s", "higher"),
-    ("swap_in", "swap-in, sequential, cold (swap file not in the page cache)",
-     "swap_in_cold_mib_s", "read_cold_mib_s", "swap_in_mib_s", "MiB/s", "higher"),
-    ("fault_p50", "swap-in fault latency p50, cold", "fault_cold_p50_us", "pread_cold_p50_us",
+    ("swap_out", "swap-out to the budget, + fdatasync", "swap_out_mib_s", "write_mib_s",
+     "swap_out_mib_s", "MiB/s", "higher"),
+    ("swap_in", "swap-in, sequential, cold", "swap_in_cold_mib_s", "read_cold_mib_s",
+     "swap_in_mib_s", "MiB/s", "higher"),
+    ("fault_p50", "swap-in fault p50, cold", "fault_cold_p50_us", "pread_cold_p50_us",
      "fault_p50_us", "us", "lower"),
-    ("fault_p99", "swap-in fault latency p99, cold", "fault_cold_p99_us", "pread_cold_p99_us",
+    ("fault_p99", "swap-in fault p99, cold", "fault_cold_p99_us", "pread_cold_p99_us",
      "fault_p99_us", "us", "lower"),
-    ("swap_out_cached", "swap-out, until the budget is met (writes in the page cache)",
-     "swap_out_cached_mib_s", "write_cached_mib_s", None, "MiB/s", "higher"),
-    ("swap_in_warm", "swap-in, sequential, warm (swap file in the page cache)",
+    ("swap_out_cached", "swap-out to the budget, page cache only", "swap_out_cached_mib_s",
+     "write_cached_mib_s", None, "MiB/s", "higher"),
+    ("swap_in_warm", "swap-in, sequential, warm (written back, cached)",
      "swap_in_warm_mib_s", "read_warm_mib_s", None, "MiB/s", "higher"),
-    ("fault_warm_p50", "swap-in fault latency p50, warm", "fault_warm_p50_us",
-     "pread_warm_p50_us", None, "us", "lower"),
-    ("fault_warm_p99", "swap-in fault latency p99, warm", "fault_warm_p99_us",
-     "pread_warm_p99_us", None, "us", "lower"),
+    ("fault_warm_p50", "swap-in fault p50, warm", "fault_warm_p50_us", "pread_warm_p50_us",
+     None, "us", "lower"),
+    ("fault_warm_p99", "swap-in fault p99, warm", "fault_warm_p99_us", "pread_warm_p99_us",
+     None, "us", "lower"),
+    ("swap_in_unsynced", "swap-in, sequential, slots never written back",
+     "swap_in_unsynced_mib_s", "read_warm_mib_s", None, "MiB/s", "higher"),
+    ("fault_unsynced_p50", "swap-in fault p50, slots never written back",
+     "fault_unsynced_p50_us", "pread_warm_p50_us", None, "us", "lower"),
+]
+
+# The floor's own figures: (key, label, floor key, unit)
+FLOOR_ROWS = [
+    ("write", "floor: pwritev 256 x 4 KiB a call, + fdatasync", "write_mib_s", "MiB/s"),
+    ("read_cold", "floor: pread 4 KiB a call, sequential, cold", "read_cold_mib_s", "MiB/s"),
+    ("pread_cold_p50", "floor: pread 4 KiB, cold, p50", "pread_cold_p50_us", "us"),
+    ("pread_cold_p99", "floor: pread 4 KiB, cold, p99", "pread_cold_p99_us", "us"),
+    ("pread_warm_p50", "floor: pread 4 KiB, cached, p50", "pread_warm_p50_us", "us"),
+    ("punch_p50", "floor: punch one written-back 4 KiB slot, p50", "punch_p50_us", "us"),
 ]
 
 
@@ -1207,13 +1250,3 @@ def table(rows: List[Dict]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def maybe_kernel(nbytes: int, enabled: bool, directory: str = SWAP_DIR):
-    """A KernelSwap block when @enabled and the machine allows it, else None."""
-    if not enabled or kernel_unavailable_reason(directory):
-        yield None
-        return
-    with KernelSwap(nbytes, directory) as ks:
-        yield ks
