@@ -185,8 +185,9 @@ static void chain(int sig, siginfo_t *si, void *uc)
 static struct uksm_pool *pool_of(void *addr)
 {
 	uintptr_t a = (uintptr_t)addr;
+	size_t high = atomic_load(&uksm_pools_high);
 
-	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+	for (size_t slot = 0; slot < high; slot++) {
 		/* hi is set last and cleared first: read it first */
 		uintptr_t hi = atomic_load(&uksm_pool_hi[slot]);
 		uintptr_t lo;

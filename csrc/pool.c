@@ -18,6 +18,7 @@
 struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
+_Atomic size_t uksm_pools_high;
 /*
  * Serialises pool creation and destruction against fork: the fork hooks
  * hold it from prepare to parent/child, so no pool they locked can be
@@ -307,6 +308,8 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 		struct uksm_pool *expected = NULL;
 
 		if (atomic_compare_exchange_strong(&uksm_pools[slot], &expected, pool)) {
+			if (slot + 1 > atomic_load(&uksm_pools_high))
+				atomic_store(&uksm_pools_high, slot + 1);
 			/* lo first, hi last: a slot counts only once hi is set */
 			atomic_store(&uksm_pool_lo[slot], (uintptr_t)pool->va);
 			atomic_store(&uksm_pool_hi[slot], (uintptr_t)(pool->va + va_pages * PG));
@@ -683,7 +686,7 @@ static void uksm_atfork_prepare(void)
 
 	uksm_futex_lock(&registry_lock);
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
-		struct uksm_pool *pool = uksm_pools[slot];
+		struct uksm_pool *pool = slot < uksm_pools_high ? uksm_pools[slot] : NULL;
 
 		fork_locked[slot] = pool;
 		if (pool) {

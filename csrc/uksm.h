@@ -85,7 +85,7 @@
 
 #define UKSM_PAGE_SHIFT		12
 #define UKSM_PAGE_SIZE		(1UL << UKSM_PAGE_SHIFT)
-#define UKSM_MAX_POOLS		64
+#define UKSM_MAX_POOLS		1024
 /* The longest run handled under one hold of pool->lock. */
 #define UKSM_RUN_MAX		512
 

@@ -233,6 +233,8 @@ static inline int uksm_same_vma(struct uksm_pool *pool, size_t a)
 extern struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 extern _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 extern _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
+/* slots at or above this were never used: walks stop here */
+extern _Atomic size_t uksm_pools_high;
 
 /* Charge frame @f to group @g (moving it from the group it was in). */
 static inline void uksm_recharge(struct uksm_pool *pool, size_t f, uint32_t g)

@@ -648,10 +648,13 @@ class Pool:
         with self._lock:
             self._reap()
             rec = self._record(arr)
+            # as MADV_UNMERGEABLE: a failed unmerge leaves the buffer
+            # mergeable (and counted), the pages it did unmerge unmerged
+            n = self._native.unmerge(rec.vpn, rec.npages)
             if rec.mergeable and not rec.pins:
                 self._scanner.remove_range(rec.vpn, rec.npages)
             rec.mergeable = False
-        return self._native.unmerge(rec.vpn, rec.npages)
+        return n
 
     def merge(self, arr: np.ndarray) -> None:
         """MADV_MERGEABLE: scan @arr again (the default for new arrays).

@@ -454,8 +454,19 @@ class Scanner:
             if stale.any():
                 st.prune(nodes[stale])
             room = fits & (mc < max_sharing)
-            res[idx[room]] = nodes[room]
-            pending[idx[room]] = False
+            # several pages of a batch may want the same dup: it takes only
+            # as many as it has room for, the rest walk on down the chain
+            cand = np.flatnonzero(room)
+            if len(cand):
+                order = cand[np.argsort(nodes[cand], kind="stable")]
+                n_sorted = nodes[order]
+                first = np.ones(len(order), bool)
+                first[1:] = n_sorted[1:] != n_sorted[:-1]
+                start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+                rank = np.arange(len(order)) - start
+                take = order[rank < (max_sharing - mc[order].astype(np.int64))]
+                res[idx[take]] = nodes[take]
+                pending[idx[take]] = False
             k += 1
         return res
 

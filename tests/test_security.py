@@ -1,0 +1,249 @@
+"""Security properties (issue 6, part 6).
+
+* Domain isolation: two pools never merge with each other.  Dedup across
+  security domains is what the timing side channels exploit (Dedup Est
+  Machina, Flip Feng Shui: a write into a merged page is slow, so an attacker
+  learns whether somebody else holds a page of given contents, and can
+  steer which frame a victim's page shares).  Each pool is its own domain:
+  identical contents in two pools keep two copies, checked by each memfd's
+  allocated blocks and by /proc/self/maps (every page of a pool maps only
+  its own memfd).
+* A fresh allocation never shows old contents: not after free, not after
+  merges, COW breaks, unmerge, compaction or shrink; a COW break of a zero
+  page gives a page of zeroes; frames not in use read as zeroes through
+  the memfd itself (they were punched).
+* The backing memfd is anonymous (no name in any filesystem), close-on-exec
+  (an exec'd child does not inherit it), and another user cannot reach it
+  through /proc/<pid>/fd.
+* fork, forkserver and spawn children never see the parent's later writes
+  (and vice versa): tests/test_fork.py covers that, for all three methods.
+"""
+import gc
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import uksm
+
+PAGE = uksm.PAGE_SIZE
+NORMAL, KSM, ZERO = 1, 2, 3
+
+
+def memfd_bytes(pool) -> int:
+    return os.fstat(pool.fd).st_blocks * 512
+
+
+def pool_maps(pool):
+    """/proc/self/maps lines that lie in @pool's buffer range: (lo, hi, inode)."""
+    lo_va = pool._native.va
+    hi_va = lo_va + pool._native.va_pages * PAGE
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo < hi_va and hi > lo_va:
+                out.append((lo, hi, int(parts[4]), parts[1]))
+    return out
+
+
+# -- domain isolation ------------------------------------------------------------
+
+
+def test_two_pools_never_merge_with_each_other():
+    rng = np.random.default_rng(11)
+    data = rng.integers(1, 256, 256 * PAGE, dtype=np.uint8)
+    with uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p, \
+            uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q:
+        a1, a2 = p.asarray(data), p.asarray(data)
+        b1, b2 = q.asarray(data), q.asarray(data)
+        lone_p = p.asarray(data[:64 * PAGE][::-1])      # one copy in each pool only
+        lone_q = q.asarray(data[:64 * PAGE][::-1])
+        p.scan(full_scans=2)
+        q.scan(full_scans=2)
+        p.scan(full_scans=2)
+        # within a pool, the copies merge ...
+        for pool, x, y in ((p, a1, a2), (q, b1, b2)):
+            s = pool.stats()
+            assert (pool.page_states(x)[0] == KSM).all()
+            assert (pool.page_states(y)[0] == KSM).all()
+            assert s["pages_shared"] == 256 and s["pages_sharing"] == 256
+            # ... and each pool keeps its own copy: 256 + 64 pages of its own
+            assert s["bytes_resident"] == memfd_bytes(pool) == (256 + 64) * PAGE
+        # a page with an equal in the other pool only is not merged at all
+        assert (p.page_states(lone_p)[0] == NORMAL).all()
+        assert (q.page_states(lone_q)[0] == NORMAL).all()
+        # every page of a pool maps its own memfd, never the other's
+        ino_p, ino_q = os.fstat(p.fd).st_ino, os.fstat(q.fd).st_ino
+        assert ino_p != ino_q
+        for pool, own, other in ((p, ino_p, ino_q), (q, ino_q, ino_p)):
+            maps = pool_maps(pool)
+            assert maps
+            assert not [m for m in maps if m[2] == other], "a pool maps the other pool's memfd"
+            assert [m for m in maps if m[2] == own]
+        # the write into a KSM page of one pool is a private COW in that pool
+        a1[0] = 1
+        assert a2[0] == data[0] and b1[0] == data[0] and b2[0] == data[0]
+        assert memfd_bytes(q) == (256 + 64) * PAGE
+        assert np.array_equal(b1, data) and np.array_equal(b2, data)
+
+
+def test_two_pools_with_background_scanners_stay_apart():
+    rng = np.random.default_rng(12)
+    data = rng.integers(1, 256, 128 * PAGE, dtype=np.uint8)
+    with uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p, \
+            uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q:
+        xs = [p.asarray(data) for _ in range(3)]
+        ys = [q.asarray(data) for _ in range(3)]
+        p.start()
+        q.start()
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if p.stats()["pages_sharing"] == 256 and q.stats()["pages_sharing"] == 256:
+                break
+            time.sleep(0.02)
+        p.stop()
+        q.stop()
+        for pool in (p, q):
+            s = pool.stats()
+            assert s["pages_shared"] == 128 and s["pages_sharing"] == 256, s
+            assert s["bytes_resident"] == memfd_bytes(pool) == 128 * PAGE
+        ino_p, ino_q = os.fstat(p.fd).st_ino, os.fstat(q.fd).st_ino
+        assert not [m for m in pool_maps(p) if m[2] == ino_q]
+        assert not [m for m in pool_maps(q) if m[2] == ino_p]
+        for a in xs + ys:
+            assert np.array_equal(a, data)
+
+
+# -- no old contents ---------------------------------------------------------------
+
+
+MARK = 0xA5
+
+
+def _marked(rng, pages):
+    """Pages that are all MARK bytes but for a few bytes (so some are equal)."""
+    a = np.full((pages, PAGE), MARK, np.uint8)
+    a[:, 0] = rng.integers(0, 3, pages)
+    return a
+
+
+def _free_frames_are_zero(pool, live):
+    """Every frame of the memfd that no live page maps reads as zeroes (the
+    hole was punched); reading holes allocates nothing."""
+    used = set()
+    for a in live:
+        st, pfn, _ = pool.page_states(a)
+        used.update(pfn[(st == NORMAL) | (st == KSM)].tolist())
+    size = os.fstat(pool.fd).st_size
+    blocks = memfd_bytes(pool)
+    for f in range(size // PAGE):
+        if f in used:
+            continue
+        data = os.pread(pool.fd, PAGE, f * PAGE)
+        assert data.count(0) == len(data), f"free frame {f} still holds old data"
+    assert memfd_bytes(pool) == blocks
+
+
+def test_fresh_allocations_never_show_old_contents_through_merges_cow_and_compaction():
+    rng = np.random.default_rng(21)
+    # small enough that fresh buffers must reuse the frames just given back
+    with uksm.Pool("4MiB", pages_to_scan=5000, sleep_millisecs=0, cow_reserve="1MiB") as pool:
+        keep = []
+        for rnd in range(12):
+            # marked buffers, duplicated so that they merge
+            bufs = [pool.asarray(_marked(rng, int(rng.integers(8, 96)))) for _ in range(3)]
+            bufs += [pool.asarray(b) for b in bufs[:2]]
+            z = pool.zeros((32, PAGE), np.uint8)
+            z[:, 7] = MARK                              # touched, then back to zero
+            z[:, 7] = 0
+            pool.scan(full_scans=2)
+            assert pool.stats()["pages_sharing"] > 0
+            assert (pool.page_states(z)[0] == ZERO).all()
+            # COW breaks of merged marked pages: the fresh frames get MARK too
+            for b in bufs[::2]:
+                b[::3, 100] = MARK
+            # a COW break of a zero page is a page of zeroes and the one byte
+            z[5, 9] = 1
+            assert int(z[5].sum()) == 1 and not z[:5].any() and not z[6:].any()
+            what = rnd % 4
+            if what == 0:
+                pool.unmerge(bufs[1])
+            elif what == 1:
+                with pool.pin(bufs[3]):
+                    bufs[3][:, 1] = MARK
+            # free: explicitly, and by dropping the last reference
+            pool.free(bufs.pop(0))
+            del bufs[0]
+            gc.collect()
+            if rnd % 2:
+                pool.compact()
+            if rnd % 3 == 2 and pool.stats()["bytes_resident"] + (256 << 10) <= pool.capacity - (64 << 10):
+                pool.shrink(64 << 10)
+            _free_frames_are_zero(pool, bufs + [z] + keep)
+            # fresh buffers, as large as what is free: all zeroes
+            room = (pool.capacity - pool.stats()["bytes_resident"]) // PAGE
+            fresh = []
+            for k in range(3):
+                n = int(rng.integers(1, max(2, room // 3)))
+                fresh.append((pool.empty if k % 2 else pool.zeros)((n, PAGE), np.uint8))
+            for f in fresh:
+                assert not f.any(), f"round {rnd}: a fresh buffer shows old contents"
+            # unmerging zero pages gives frames of zeroes too
+            assert pool.unmerge(z) == 31
+            assert int(z.sum()) == 1
+            keep = [b for b in bufs if rng.random() < 0.3][:2]
+            del bufs, fresh, z, f, b
+            gc.collect()
+        del keep
+        gc.collect()
+        assert pool.stats()["bytes_resident"] == memfd_bytes(pool) == 0
+
+
+# -- the memfd --------------------------------------------------------------------
+
+
+def test_memfd_is_anonymous_and_close_on_exec():
+    with uksm.Pool("4MiB") as pool:
+        fd = pool.fd
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        assert link == "/memfd:uksm (deleted)", link
+        st = os.fstat(fd)
+        assert st.st_nlink == 0                          # no name anywhere
+        assert not os.get_inheritable(fd)                # FD_CLOEXEC
+        # /proc/self/fd itself is private to the process (dr-x------)
+        assert os.stat("/proc/self/fd").st_mode & 0o077 == 0
+
+
+def test_memfd_of_an_exec_child_is_absent():
+    with uksm.Pool("4MiB") as pool:
+        a = pool.full(PAGE, 0x5A, np.uint8)
+        fd = pool.fd
+        code = (f"import os, sys\n"
+                f"try:\n    os.fstat({fd})\nexcept OSError:\n    sys.exit(0)\n"
+                f"link = os.readlink('/proc/self/fd/{fd}')\n"
+                f"sys.exit(3 if 'uksm' in link else 0)\n")
+        r = subprocess.run([sys.executable, "-c", code], close_fds=False, timeout=60)
+        assert r.returncode == 0, "an exec'd child inherited the pool's memfd"
+        assert (a == 0x5A).all()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_other_users_cannot_open_the_memfd():
+    with uksm.Pool("4MiB") as pool:
+        a = pool.full(PAGE, 0x5A, np.uint8)
+        path = f"/proc/{os.getpid()}/fd/{pool.fd}"
+        # another user (nobody) cannot follow the process's fd link ...
+        r = subprocess.run(["/bin/cat", path], user=65534, group=65534, extra_groups=[],
+                           timeout=60, capture_output=True)
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, \
+            (r.returncode, r.stdout[:16], r.stderr[-300:])
+        assert not r.stdout
+        # ... which does work for the owner: the check above means something
+        r = subprocess.run(["/bin/cat", path], timeout=60, capture_output=True)
+        assert r.returncode == 0 and r.stdout[:PAGE] == b"\x5a" * PAGE
+        del a

@@ -1,0 +1,238 @@
+"""Concurrency soak (issue 6, part 2).
+
+Eight threads write and read random pages of several merged arrays while
+the background scanner runs flat out (sleep_millisecs=0, a large
+pages_to_scan) and the main thread keeps fragmenting the pool and calling
+pool.compact().  Each thread owns a disjoint set of pages (page p of every
+array belongs to thread p % 8) and keeps their shadow, so every read is
+checked exactly, without locks; the writes come from a small palette of
+page contents, so pages keep merging, COW-breaking and re-merging across
+arrays and threads.  At the end every array must equal its shadow: zero
+mismatches.
+
+Watchdog: if any thread's operation count, or the scanner's pages_scanned,
+stops advancing for STALL seconds, the test fails with every thread's stack
+(faulthandler.dump_traceback(all_threads=True), read back from a file).  A
+main thread stuck for good (inside the C core, or waiting for the GIL) cannot
+run that check, so faulthandler.dump_traceback_later, re-armed each round,
+ends the process after 3 x STALL seconds as a last resort, with the stacks
+in /tmp/uksm-soak-watchdog-<pid>.txt.
+
+Duration: 4 s by default, UKSM_SOAK_SECONDS overrides.  The figures go to
+the module-level SOAK record (printed; see it with pytest -s).
+"""
+import faulthandler
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import uksm
+
+PAGE = uksm.PAGE_SIZE
+NORMAL, KSM, ZERO = 1, 2, 3
+THREADS = 8
+ARRAYS = 6
+PAGES = 256                      # per array: 1 MiB
+PALETTE = 6
+STALL = 20.0
+SECONDS = float(os.environ.get("UKSM_SOAK_SECONDS", "4"))
+
+SOAK = {}                        # the record of the last run
+
+
+def _dump_stacks(path: str) -> str:
+    with open(path, "w") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+    with open(path) as f:
+        return f.read()
+
+
+class Worker(threading.Thread):
+    def __init__(self, tid, arrays, shadows, palette, stop, seed):
+        super().__init__(name=f"soak-{tid}", daemon=True)
+        self.tid = tid
+        self.arrays = arrays
+        self.shadows = shadows
+        self.palette = palette
+        self.stop = stop
+        self.rng = np.random.default_rng(seed)
+        self.ops = 0
+        self.reads = 0
+        self.writes = 0
+        self.mismatches = []
+        self.error = None
+        self.pages = np.arange(tid, PAGES, THREADS)
+
+    def run(self):
+        try:
+            self._run()
+        except BaseException:                 # reported by the test
+            import traceback
+            self.error = traceback.format_exc()
+
+    def _run(self):
+        rng = self.rng
+        arrays, shadows, palette = self.arrays, self.shadows, self.palette
+        while not self.stop.is_set():
+            k = int(rng.integers(ARRAYS))
+            p = int(self.pages[rng.integers(len(self.pages))])
+            a, s = arrays[k], shadows[k]
+            op = int(rng.integers(10))
+            if op < 4:                          # read the page back
+                if not np.array_equal(a[p], s[p]):
+                    bad = np.flatnonzero(a[p] != s[p])
+                    self.mismatches.append((k, p, len(bad), int(bad[0])))
+                self.reads += 1
+            elif op < 7:                        # a whole page from the palette
+                v = int(rng.integers(PALETTE))
+                a[p] = palette[v]
+                s[p] = palette[v]
+                self.writes += 1
+            elif op < 8:                        # one byte
+                i = int(rng.integers(PAGE))
+                b = int(rng.integers(256))
+                a[p, i] = b
+                s[p, i] = b
+                self.writes += 1
+            elif op < 9:                        # a slice, through a float64 view
+                lo = int(rng.integers(PAGE // 8))
+                hi = min(PAGE // 8, lo + int(rng.integers(1, 64)))
+                val = float(rng.integers(1 << 20))
+                a[p].view(np.float64)[lo:hi] = val
+                s[p].view(np.float64)[lo:hi] = val
+                self.writes += 1
+            else:                               # copy one of its own pages to another
+                q = int(self.pages[rng.integers(len(self.pages))])
+                j = int(rng.integers(ARRAYS))
+                a[p] = arrays[j][q]
+                s[p] = shadows[j][q]
+                self.writes += 1
+            self.ops += 1
+
+
+def test_soak_threads_scanner_compaction(tmp_path):
+    rng = np.random.default_rng(1234)
+    palette = rng.integers(1, 256, (PALETTE, PAGE), dtype=np.uint8)
+    palette[0] = 0
+    base = palette[rng.integers(PALETTE, size=PAGES)]
+    dump_path = str(tmp_path / "stacks.txt")
+    last_resort = f"{tempfile.gettempdir()}/uksm-soak-watchdog-{os.getpid()}.txt"
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash")
+    threads = []
+    stop = threading.Event()
+    lr_file = open(last_resort, "w")
+    try:
+        arrays = [pool.asarray(base) for _ in range(ARRAYS)]
+        shadows = [base.copy() for _ in range(ARRAYS)]
+        pool.scan(full_scans=2)
+        assert pool.stats()["pages_sharing"] > 0
+        pool.start()
+        threads = [Worker(t, arrays, shadows, palette, stop, 1000 + t) for t in range(THREADS)]
+        for t in threads:
+            t.start()
+
+        t0 = time.monotonic()
+        last_ops = [0] * THREADS
+        last_scanned = -1
+        last_change = [t0] * (THREADS + 1)
+        junk = []
+        compactions = frames_moved = 0
+        max_pause = 0.0
+        stalled = None
+        rounds = 0
+        while True:
+            faulthandler.dump_traceback_later(3 * STALL, exit=True, file=lr_file)
+            now = time.monotonic()
+            running = now - t0 < SECONDS
+            if not running:
+                stop.set()
+            # fragment: short-lived copies and zeros, half of them dropped
+            if running:
+                junk.append(pool.asarray(palette[rng.integers(PALETTE, size=32)]))
+                junk.append(pool.zeros(16 * PAGE, np.uint8))
+                if len(junk) > 8:
+                    del junk[: len(junk) // 2]
+                r = pool.compact()
+                compactions += 1
+                frames_moved += r["frames_moved"]
+                max_pause = max(max_pause, r["max_pause_seconds"])
+            rounds += 1
+            # the watchdog: every worker and the scanner must keep moving
+            now = time.monotonic()
+            for i, t in enumerate(threads):
+                if t.ops != last_ops[i] or not t.is_alive():
+                    last_ops[i] = t.ops
+                    last_change[i] = now
+            scanned = pool.stats()["pages_scanned"]
+            if scanned != last_scanned or not running:
+                last_scanned = scanned
+                last_change[THREADS] = now
+            stuck = [i for i in range(THREADS + 1) if now - last_change[i] > STALL]
+            if stuck:
+                names = [threads[i].name if i < THREADS else "uksm-ksmd" for i in stuck]
+                stalled = (names, _dump_stacks(dump_path))
+                break
+            if not running and not any(t.is_alive() for t in threads):
+                break
+            time.sleep(0.02)
+        faulthandler.cancel_dump_traceback_later()
+        stop.set()
+        if stalled:
+            pytest.fail(f"no progress for {STALL:.0f} s in {', '.join(stalled[0])}; "
+                        f"all thread stacks:\n{stalled[1]}")
+        elapsed = time.monotonic() - t0
+        pool.stop()
+        errors = [t.error for t in threads if t.error]
+        assert not errors, errors[0]
+        mismatches = [m for t in threads for m in t.mismatches]
+        final_bad = [k for k in range(ARRAYS) if not np.array_equal(arrays[k], shadows[k])]
+        st = pool.stats()
+        SOAK.clear()
+        SOAK.update({
+            "seconds": round(elapsed, 2),
+            "threads": THREADS,
+            "operations": sum(t.ops for t in threads),
+            "reads": sum(t.reads for t in threads),
+            "writes": sum(t.writes for t in threads),
+            "mismatches": len(mismatches) + len(final_bad),
+            "compactions_main": compactions,
+            "compactions_total": st["compactions"],
+            "frames_moved": frames_moved,
+            "max_pause_ms": round(max_pause * 1e3, 3),
+            "full_scans": st["full_scans"],
+            "pages_scanned": st["pages_scanned"],
+            "pages_merged_total": st["pages_merged_total"],
+            "cow_breaks": st["cow_breaks"],
+            "zero_page_cows": st["zero_page_cows"],
+            "fault_lock_waits": st["fault_lock_waits"],
+        })
+        print(f"\nuksm soak: {SOAK}")
+        assert not mismatches, f"{len(mismatches)} reads differed from the shadow: {mismatches[:5]}"
+        assert not final_bad, f"arrays {final_bad} differ from their shadows at the end"
+        assert SOAK["operations"] > 0 and all(t.ops > 0 for t in threads)
+        assert st["cow_breaks"] > 0 and st["pages_merged_total"] > 0
+        assert compactions > 0
+        # the accounting still holds after all that
+        assert (st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"]
+                + st["pages_volatile"]) == st["pages_tracked"], st
+        assert st["bytes_resident"] == os.fstat(pool.fd).st_blocks * 512
+        del junk, arrays
+        gc.collect()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        stop.set()
+        deadline = time.monotonic() + 5.0
+        for t in threads:
+            t.join(timeout=max(deadline - time.monotonic(), 0.01))
+        lr_file.close()
+        try:
+            os.unlink(last_resort)
+        except OSError:
+            pass
+        pool.close()
