@@ -123,7 +123,12 @@ def test_soak_threads_scanner_compaction(tmp_path):
     base = palette[rng.integers(PALETTE, size=PAGES)]
     dump_path = str(tmp_path / "stacks.txt")
     last_resort = f"{tempfile.gettempdir()}/uksm-soak-watchdog-{os.getpid()}.txt"
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash")
+    # a tight budget: about a third of the data resident, the rest swapped,
+    # so writers, readers, the scanner, kswapd and compaction all collide
+    budget = max(ARRAYS * PAGES * PAGE // 3, 1 << 20)
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash",
+                     max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
+                     swap_batch="64KiB")
     threads = []
     stop = threading.Event()
     lr_file = open(last_resort, "w")
@@ -209,6 +214,9 @@ def test_soak_threads_scanner_compaction(tmp_path):
             "pages_scanned": st["pages_scanned"],
             "pages_merged_total": st["pages_merged_total"],
             "cow_breaks": st["cow_breaks"],
+            "swap_outs": st["swap_outs"],
+            "swap_ins": st["swap_ins"],
+            "swap_cache_hits": st["swap_cache_hits"],
             "zero_page_cows": st["zero_page_cows"],
             "fault_lock_waits": st["fault_lock_waits"],
         })
@@ -218,6 +226,7 @@ def test_soak_threads_scanner_compaction(tmp_path):
         assert SOAK["operations"] > 0 and all(t.ops > 0 for t in threads)
         assert st["cow_breaks"] > 0 and st["pages_merged_total"] > 0
         assert compactions > 0
+        assert st["swap_outs"] > 0 and st["swap_ins"] > 0
         # the accounting still holds after all that
         assert (st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"]
                 + st["pages_volatile"]) == st["pages_tracked"], st
