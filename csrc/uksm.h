@@ -27,7 +27,12 @@
  *   NONE (no buffer: PROT_NONE, a touch crashes as it should), NORMAL
  *   (private to this page, read-write), KSM (shares a KSM frame, read-only),
  *   ZERO (maps the kernel's zero page through a private anonymous read-only
- *   mapping: costs no frame at all).
+ *   mapping: costs no frame at all), SWAPPED (its contents are in a slot of
+ *   the pool's swap file, the pte holds the slot; PROT_NONE, a touch swaps
+ *   it back in: csrc/swap.c).  Flags beside the state: PINNED (pool.pin(),
+ *   never moved or swapped), LOCKED (pool.lock(), never swapped), HINT (made
+ *   PROT_NONE by the reclaim clock as a reference hint), and the group the
+ *   page is charged to.
  *
  * Merging (the scanner decides which pages, merge.c does it): write-protect
  * the page with mprotect, compare it again with the KSM frame through the
@@ -76,6 +81,11 @@
  * its parent's frames.  At fork, the child copies every live frame into a
  * fresh memfd and remaps its pages there (as Mesh does), so parent and child
  * never see each other's writes.
+ *
+ * The rest of the machinery has essays of its own: csrc/swap.c (the swap
+ * area: aging by reference hints, eviction, the swap map and swap cache),
+ * csrc/migrate.c (compaction and offlining by rmap walk), csrc/fault.c (the
+ * handler and chaining), csrc/inject.c (fault injection for the tests).
  */
 #ifndef UKSM_H
 #define UKSM_H

@@ -91,7 +91,8 @@ ffibuilder.compile(tmpdir=".", verbose=False)' >/dev/null)
     native="$(ls -t "$workdir"/uksm/_native*.so | head -1)"
 fi
 
-if ! ldd "$native" | grep -q libasan || ! ldd "$native" | grep -q libubsan; then
+deps="$(ldd "$native")"       # (not piped into grep -q: SIGPIPE + pipefail)
+if [[ "$deps" != *libasan* || "$deps" != *libubsan* ]]; then
     echo "sanitize.sh: $native is not linked with libasan and libubsan" >&2
     exit 2
 fi
