@@ -151,11 +151,11 @@ static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
 	sc->plan = (uint32_t *)p;		p += L * 4;
 	sc->plan_key = (uint32_t *)p;		p += L * 4;
 	sc->seq = (uint32_t *)p;		p += live * 4;
-	sc->taken = (uint8_t *)p;		p += L;
 	sc->cur = (uint32_t *)p;		p += nf * 4;
 	sc->slot_of = (uint32_t *)p;		p += nf * 4;
 	sc->orig_at = (uint32_t *)p;		p += nf * 4;
-	sc->mappers = (struct mapper *)p;
+	sc->mappers = (struct mapper *)p;	p += (nv + 1) * sizeof(struct mapper);
+	sc->taken = (uint8_t *)p;		/* bytes last: the rest stay aligned */
 
 	/* rmap: counting sort of the mapped vpns by frame */
 	for (size_t v = 0; v < nv; v++) {
