@@ -405,16 +405,17 @@ class PoolModel(RuleBasedStateMachine):
         state = self.pool.page_states(e.obj())[0]
         need = int(np.count_nonzero((state == KSM) | (state == ZERO)))
         resident = self._resident_pages()
-        e.mergeable = False
         try:
             done = self.pool.unmerge(e.obj())
         except uksm.PoolFullError:
+            # as MADV_UNMERGEABLE: a failed unmerge leaves the buffer mergeable
             STEPS["pool_full"] += 1
             assert resident + need > self._capacity_pages(), \
                 (f"unmerge refused with room: {resident} + {need} frames, "
                  f"capacity {self._capacity_pages()}")
             e.unmerge_ok = False
             return
+        e.mergeable = False
         assert done == need
         e.unmerge_ok = True
         assert (self.pool.page_states(e.obj())[0] == NORMAL).all()
