@@ -478,3 +478,32 @@ def test_cow_under_vma_pressure_breaks_whole_runs():
         # the whole-run break left no page merged after the first write past
         # the limit: all the rest became private in one go
         assert (st == 1).sum() > 2048
+
+
+def test_real_segfault_under_pytest_still_dies_with_a_traceback(tmp_path):
+    """pytest enables faulthandler for the run and disables it after; in
+    between, COW faults must still be uksm's and a wild pointer must still
+    kill the process by SIGSEGV with faulthandler's traceback."""
+    test = tmp_path / "test_crash.py"
+    test.write_text(textwrap.dedent("""
+        import ctypes
+        import numpy as np
+        import uksm
+
+        def test_crash():
+            pool = uksm.Pool("16MiB")
+            a = pool.full(64 * 4096, 3, dtype=np.uint8)
+            b = pool.full(64 * 4096, 3, dtype=np.uint8)
+            pool.scan(full_scans=2)
+            b[0] = 4                          # a COW fault, inside pytest
+            assert a[0] == 3 and b[0] == 4
+            print("COW-OK", flush=True)
+            ctypes.string_at(1)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                           str(test)], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert "COW-OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr[-2000:])
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "test_crash" in proc.stderr              # the traceback names the test
