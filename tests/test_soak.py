@@ -24,7 +24,6 @@ the module-level SOAK record (printed; see it with pytest -s).
 import faulthandler
 import gc
 import os
-import sys
 import tempfile
 import threading
 import time

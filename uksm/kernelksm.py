@@ -97,6 +97,27 @@ def _path(name: str) -> str:
     return os.path.join(KSM_DIR, name)
 
 
+def catch_sigterm():
+    """Make a default-action SIGTERM raise SystemExit, so that a session
+    changing system state (KSM knobs, a swapfile, a cgroup) unwinds and
+    restores it instead of dying.  Main thread only (signal's rule).
+    Returns the handler replaced, for release_sigterm(), or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, on_term)
+
+
+def release_sigterm(old) -> None:
+    """Put back what catch_sigterm() replaced."""
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
+
+
 def available() -> bool:
     """True if this process may drive the kernel's KSM: it runs as root and
     /sys/kernel/mm/ksm/run exists and is writable."""
@@ -437,18 +458,11 @@ class Session:
     def _catch_sigterm(self) -> None:
         # A SIGTERM with the default action would kill us with ksmd spinning
         # at sleep_millisecs=0: make it unwind through __exit__ instead.
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            def on_term(signum, frame):
-                raise SystemExit(128 + signum)
-            self._old_sigterm = signal.signal(signal.SIGTERM, on_term)
+        self._old_sigterm = catch_sigterm()
 
     def _release_sigterm(self) -> None:
-        if self._old_sigterm is not None and \
-                threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+        release_sigterm(self._old_sigterm)
+        self._old_sigterm = None
 
     # -- measuring ----------------------------------------------------------------
 

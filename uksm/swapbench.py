@@ -62,7 +62,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -71,7 +70,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, kernelksm
 from .pool import Pool
 
 PAGE = _core.PAGE_SIZE
@@ -955,12 +954,7 @@ class KernelSwap:
         self._restore()
 
     def _catch_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            def on_term(signum, frame):
-                raise SystemExit(128 + signum)
-            self._old_sigterm = signal.signal(signal.SIGTERM, on_term)
+        self._old_sigterm = kernelksm.catch_sigterm()
 
     def _lock(self) -> None:
         fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -1068,9 +1062,8 @@ class KernelSwap:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
                 self._lock_fd = None
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-                self._old_sigterm = None
+            kernelksm.release_sigterm(self._old_sigterm)
+            self._old_sigterm = None
             self.after = swap_state() if self.before else {}
             self.restored = {
                 "proc_swaps_as_before": self.after.get("proc_swaps") ==
