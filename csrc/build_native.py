@@ -13,7 +13,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c"]
+SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c",
+           "xxh3.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "uksm_cdef.h")) as f:
@@ -25,11 +26,6 @@ sanitize = os.environ.get("UKSM_SANITIZE")
 if sanitize:
     extra_compile_args += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
     extra_link_args += [f"-fsanitize={sanitize}"]
-
-if not os.path.exists("/usr/include/xxhash.h") and not os.environ.get("CPATH"):
-    # XXH3 comes from the distribution's header-only xxhash (inline mode, so
-    # nothing to link).  Say so plainly rather than with a compiler error.
-    print("uksm: building needs xxhash.h: apt-get install libxxhash-dev")
 
 ffibuilder.set_source(
     "uksm._native",

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * checksum.c - page checksums and compares, read through the direct map.
+ * checksum.c - page checksums, read where the page is: a private page
+ * through its own mapping, which is readable in every state but NONE.
  *
  * The checksum only decides whether a page has been stable since the last
  * scan and where to look for its twins; every merge is confirmed by memcmp
@@ -10,8 +11,10 @@
 
 #include <string.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include "uksm_xxh3.h"
+
+/* pages per hold of pool->lock: one pagemap read each */
+#define CHUNK	64
 
 #define rol32(x, k)	(((x) << (k)) | ((x) >> (32 - (k))))
 
@@ -157,87 +160,84 @@ static void jhash2_page_x4(const uint32_t *const k[LANES], uint64_t out[LANES])
 
 uint64_t uksm_xxhash(const void *page)
 {
-	return XXH3_64bits(page, PG);
+	return uksm_xxh3_64(page, PG);
 }
 
 /* calc_checksum: the seed's jhash2(addr, PAGE_SIZE / 4, 17), or XXH3. */
 uint64_t uksm_calc_checksum(const void *page, int algo)
 {
 	if (algo == UKSM_CSUM_XXHASH)
-		return XXH3_64bits(page, PG);
+		return uksm_xxh3_64(page, PG);
 	return uksm_jhash2(page, PG / 4, 17);
 }
 
 /*
  * uksm_checksum_range - the scanner's batch step: for @npages virtual pages
- * from @vpn, report each page's state and, for NORMAL pages not marked in
- * @skip (smart_scan; may be NULL), the checksum of its frame.  pool->lock
- * is held across the hash of a few pages at a time: long enough that a
- * frame cannot be freed under us (a read of a punched hole through the
- * direct map would allocate a page in the memfd again), short enough
- * that a faulting writer waits microseconds.
+ * from @vpn, first learn from pagemap which views the kernel has copied on
+ * write (reconcile), then report each page's state and, for private pages
+ * not marked in @skip (smart_scan; may be NULL), the checksum of its
+ * contents.  A private page never written (not present in pagemap) is
+ * reported UKSM_SCAN_UNTOUCHED and not read: it is the zero page already,
+ * and costs nothing.  pool->lock is held for a chunk at a time: a private
+ * page cannot be freed (unmapped) while it is read.
  */
 int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			int algo, const uint8_t *skip, uint64_t *sums,
 			uint8_t *state)
 {
 	_Static_assert(PG / 4 == 3 * 341 + 1, "jhash2_page_x4 assumes 4 KiB pages");
-	if (vpn + npages > pool->va_pages)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
-	for (size_t i = 0; i < npages; i += 8) {
-		size_t end = i + 8 < npages ? i + 8 : npages;
-		const uint32_t *pages[8];
-		size_t idx[8], nr = 0;
+	for (size_t i = 0; i < npages; i += CHUNK) {
+		size_t end = i + CHUNK < npages ? i + CHUNK : npages;
+		uint64_t *pm = pool->run.pm;
+		int err;
 
 		uksm_lock(pool);
-		for (size_t j = i; j < end; j++) {
-			struct uksm_pte *pte = &pool->ptes[vpn + j];
-
-			state[j] = pte->state;
-			sums[j] = 0;
-			if (pte->state == UKSM_PTE_NORMAL && !(skip && skip[j])) {
-				pages[nr] = (const uint32_t *)frame_addr(pool, pte->pfn);
-				idx[nr++] = j;
-			}
+		err = uksm_pagemap_read((size_t)page_addr(pool, vpn + i), end - i, pm);
+		if (err) {
+			uksm_unlock(pool);
+			return err;
 		}
-		if (algo == UKSM_CSUM_JHASH2) {
-			size_t g = 0;
+		uksm_reconcile_locked(pool, vpn + i, end - i, pm);
+		uksm_frames_flush(pool);
+		for (size_t g0 = i; g0 < end; g0 += 8) {
+			size_t gend = g0 + 8 < end ? g0 + 8 : end;
+			const uint32_t *pages[8];
+			size_t idx[8], nr = 0, g = 0;
 
-			for (; g + LANES <= nr; g += LANES) {
-				uint64_t out[LANES];
+			for (size_t j = g0; j < gend; j++) {
+				struct uksm_pte *pte = &pool->ptes[vpn + j];
 
-				jhash2_page_x4(&pages[g], out);
-				for (int l = 0; l < LANES; l++)
-					sums[idx[g + l]] = out[l];
+				state[j] = pte->state;
+				sums[j] = 0;
+				if (pte->state != UKSM_PTE_PRIVATE)
+					continue;
+				if (!(pm[j - i] & (PM_PRESENT | PM_SWAP))) {
+					state[j] = UKSM_SCAN_UNTOUCHED;
+					continue;
+				}
+				if (!(skip && skip[j]) && !(pte->flags & UKSM_PTE_PINNED)) {
+					pages[nr] = (const uint32_t *)page_addr(pool, vpn + j);
+					idx[nr++] = j;
+				}
 			}
-			for (; g < nr; g++)
-				sums[idx[g]] = uksm_jhash2(pages[g], PG / 4, 17);
-		} else {
-			for (size_t g = 0; g < nr; g++)
-				sums[idx[g]] = XXH3_64bits(pages[g], PG);
+			if (algo == UKSM_CSUM_JHASH2) {
+				for (; g + LANES <= nr; g += LANES) {
+					uint64_t out[LANES];
+
+					jhash2_page_x4(&pages[g], out);
+					for (int l = 0; l < LANES; l++)
+						sums[idx[g + l]] = out[l];
+				}
+				for (; g < nr; g++)
+					sums[idx[g]] = uksm_jhash2(pages[g], PG / 4, 17);
+			} else {
+				for (; g < nr; g++)
+					sums[idx[g]] = uksm_xxh3_64(pages[g], PG);
+			}
 		}
 		uksm_unlock(pool);
 	}
 	return 0;
-}
-
-/* Compare the frames behind two virtual pages (tests and tools). */
-int uksm_memcmp_pages(struct uksm_pool *pool, size_t vpn_a, size_t vpn_b)
-{
-	struct uksm_pte a, b;
-	int ret;
-
-	if (vpn_a >= pool->va_pages || vpn_b >= pool->va_pages)
-		return -EINVAL;
-	uksm_lock(pool);
-	a = pool->ptes[vpn_a];
-	b = pool->ptes[vpn_b];
-	if (a.state != UKSM_PTE_NORMAL && a.state != UKSM_PTE_KSM)
-		ret = -EINVAL;
-	else if (b.state != UKSM_PTE_NORMAL && b.state != UKSM_PTE_KSM)
-		ret = -EINVAL;
-	else
-		ret = memcmp(frame_addr(pool, a.pfn), frame_addr(pool, b.pfn), PG) != 0;
-	uksm_unlock(pool);
-	return ret;
 }

@@ -1,28 +1,45 @@
 // SPDX-License-Identifier: MIT
 /*
- * fault.c - the SIGSEGV handler: do_wp_page for pool memory.
+ * fault.c - the SIGSEGV handler: the page lock's waiter, and do_wp_page for
+ * cow="signal".
  *
- * Every fault the pool causes is a write: KSM and ZERO pages are mapped
- * read-only, and a NORMAL page is read-only only for the moment a merge
- * holds it write-protected.  So the handler needs no decoding of the fault
- * (no REG_ERR, no ESR): the page table says what to do.
+ * In the default mode the kernel does every copy-on-write itself, and the
+ * only faults uksm causes are on pages in transit: a page being merged,
+ * migrated or swapped out is write-protected while pool->lock is held.  A
+ * writer faults, waits here on pool->lock like a task on a locked page, and
+ * retries: by then the page is a view (writable: the kernel COWs the
+ * retried write) or private and writable again.
  *
- *   KSM or ZERO	break COW (merge.c), return: the write is retried.
- *   NORMAL		a merge had it write-protected and has given up (we
- *			waited for it on pool->lock), or an undo could not
- *			restore its protection: make it writable, return.
+ * With cow="signal", views and ZERO pages are mapped read-only, so every
+ * first write to them faults here.  The handler makes the page writable
+ * and writes to it itself - an atomic add of zero, which changes no byte -
+ * so that the kernel's COW happens now, under pool->lock, and the page is
+ * counted private at once.  A write racing in from another thread lands in
+ * the same fresh copy: the kernel copies a private view once.  Near
+ * vm.max_map_count the whole run of views around the page is made
+ * writable instead (its ends are mapping boundaries already: no split);
+ * the rest of that run is then COWed by the kernel as in the default mode
+ * and reconcile finds it.
+ *
+ * The page table says what to do, so the handler needs no decoding of
+ * the fault (no REG_ERR, no ESR):
+ *
+ *   PRIVATE		transit is over (we waited for it): make sure it is
+ *			writable, return.
+ *   KSM, SWAPPED	kernel mode: as PRIVATE.  signal mode: COW as above.
+ *   ZERO		signal mode: make it writable; the write allocates.
  *   NONE		not a buffer: the user touched freed memory.  Chain.
  *
  * Faults outside every pool, and signals sent by kill() or raise()
  * (si_code <= 0), go to the handler that was installed before ours, so
  * real crashes still crash, with faulthandler's traceback.
  *
- * Async-signal-safe throughout: pool->lock is a futex word; allocation is
- * a bitmap; the copy is memcpy through the direct map; the rest are
- * syscalls.  errno is saved and restored.  If a COW break cannot be done
- * (no frame even in the reserve, or mmap fails: vm.max_map_count), the
- * write cannot be honoured and must not be lost silently: the process is
- * ended with a message naming uksm and the reason.
+ * Async-signal-safe throughout: pool->lock is a futex word; the rest are
+ * syscalls and atomics.  errno is saved and restored.  No memory is
+ * allocated here, not even a frame: a COW can no longer fail for want of
+ * one.  If even a whole-run mprotect fails, the write cannot be honoured
+ * and must not be lost silently: the process ends with a message naming
+ * uksm and the reason.
  */
 #include "uksm_internal.h"
 
@@ -201,56 +218,32 @@ static struct uksm_pool *pool_of(void *addr)
 	return NULL;
 }
 
-static int merged_state(uint8_t state)
+static int view_state(uint8_t state)
 {
-	return state == UKSM_PTE_KSM || state == UKSM_PTE_ZERO;
+	return state == UKSM_PTE_KSM || state == UKSM_PTE_SWAPPED ||
+	       state == UKSM_PTE_ZERO;
 }
 
 /*
- * mmap said ENOMEM: the process is at vm.max_map_count, and mapping one
- * page into the middle of a read-only run would split it.  Instead give the
- * whole run of merged pages around the fault fresh, contiguous frames: its
- * ends are mapping boundaries already (a NORMAL or NONE neighbour has other
- * protections), so one mmap replaces whole VMAs and needs no split; the VMA
- * count goes down.  Costs a frame per page of the run: degraded, not dead.
+ * Make page @vpn writable.  mprotect of one page may need a split; near
+ * the map limit, or if it fails, the whole run of pages of the same state
+ * around it is made writable instead, which needs none.
  */
-static int break_cow_whole_run(struct uksm_pool *pool, size_t vpn)
+static int make_writable(struct uksm_pool *pool, size_t vpn)
 {
+	uint8_t state = pool->ptes[vpn].state;
 	size_t a = vpn, b = vpn + 1;
-	int r;
 
-	while (a > 0 && merged_state(pool->ptes[a - 1].state))
+	if (pool->vma_estimate + 2 <= pool->vma_soft_limit &&
+	    !uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE)) {
+		pool->vma_estimate += 2;
+		return 0;
+	}
+	while (a > 0 && pool->ptes[a - 1].state == state)
 		a--;
-	while (b < pool->va_pages && merged_state(pool->ptes[b].state))
+	while (b < pool->va_pages && pool->ptes[b].state == state)
 		b++;
-	/* not enough frames for the whole run: one page, and hope */
-	if (b - a > pool->frames_online - pool->st.frames_used)
-		return uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
-	r = uksm_break_cow(pool, a, b - a, pool->nr_frames, 1);
-	if (r < 0)
-		return r;
-	return pool->ptes[vpn].state == UKSM_PTE_NORMAL ? 1 : 0;
-}
-
-/*
- * A fault that added a frame may have taken the pool (or the faulting page's
- * group) a whole batch past its budget: evict here and now, so residency
- * stays within budget plus one batch even when nothing else runs.
- */
-static void direct_reclaim(struct uksm_pool *pool, uint32_t group)
-{
-	size_t high = pool->max_resident + pool->reclaim_batch;
-
-	if (pool->swap_fd < 0 || uksm_swap_backing_off(pool))
-		return;
-	if (high > pool->capacity_frames)
-		high = pool->capacity_frames;
-	if (pool->st.frames_used > high)
-		uksm_reclaim_locked(pool, pool->st.frames_used - pool->max_resident, -1, 1);
-	if (group < UKSM_MAX_GROUPS && pool->group_max[group] &&
-	    pool->group_frames[group] > pool->group_max[group] + pool->reclaim_batch)
-		uksm_reclaim_locked(pool, pool->group_frames[group] - pool->group_max[group],
-				    (int)group, 1);
+	return uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE);
 }
 
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
@@ -259,7 +252,6 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	struct uksm_pool *pool = NULL;
 	struct uksm_pte *pte;
 	size_t vpn;
-	int r, was_hidden;
 
 	if (si->si_code > 0)
 		pool = pool_of(si->si_addr);
@@ -270,98 +262,37 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	vpn = (size_t)((char *)si->si_addr - pool->va) >> UKSM_PAGE_SHIFT;
 	pte = &pool->ptes[vpn];
-	/* what the page was when it faulted (a racy read: only compared) */
-	was_hidden = pte->state == UKSM_PTE_SWAPPED || (pte->spare[0] & UKSM_PTE_HINT);
 	if (!uksm_trylock(pool)) {
 		uksm_lock(pool);
 		pool->st.fault_waits++;
 	}
-	if (was_hidden && pte->state == UKSM_PTE_KSM && !(pte->spare[0] & UKSM_PTE_HINT)) {
-		/*
-		 * Readable now: another thread swapped it in or lifted its hint
-		 * while we waited, and this may have been a read.  Let the access
-		 * retry; a write faults once more and gets its COW then.
-		 */
-		uksm_unlock(pool);
-		errno = saved_errno;
-		return;
-	}
-	if ((pte->state == UKSM_PTE_NORMAL || pte->state == UKSM_PTE_KSM) &&
-	    (pte->spare[0] & UKSM_PTE_HINT)) {
-		/* a reference hint: the page is in use; a write to a KSM page
-		 * faults again, for its COW */
-		if (uksm_hint_restore(pool, vpn))
-			uksm_fatal("cannot give a page its protection back after a "
-				   "reference hint (vm.max_map_count reached?)");
-		uksm_unlock(pool);
-		errno = saved_errno;
-		return;
-	}
-	switch (pte->state) {
-	case UKSM_PTE_SWAPPED:
-		r = uksm_swap_in_locked(pool, vpn, pool->nr_frames);
-		if (r == -EBADMSG)
-			uksm_fatal("a swap slot failed its checksum: the swap file was "
-				   "corrupted; refusing to return wrong data");
-		if (r == -EIO)
-			uksm_fatal("reading the swap file failed (EIO)");
-		if (r == -ENOMEM)
-			uksm_fatal("no free frame to swap a page in: pool capacity and "
-				   "COW reserve exhausted");
-		if (r)
-			uksm_fatal("mapping a swapped-in page failed (mmap: "
-				   "vm.max_map_count reached?)");
-		direct_reclaim(pool, uksm_pte_group(pte));
-		uksm_frames_flush(pool);
-		break;
-	case UKSM_PTE_NORMAL:
-		/* mprotect may need a split; a fresh mmap of the same frame over
-		 * the page may fuse with its neighbours instead */
-		if (uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE) &&
-		    uksm_map_frames(pool, vpn, 1, pte->pfn, 1))
-			uksm_fatal("cannot make a page writable again (mprotect and mmap "
-				   "failed: vm.max_map_count reached?)");
-		break;
-	case UKSM_PTE_KSM:
-	case UKSM_PTE_ZERO:
-		if (pool->vma_estimate + 2 > pool->vma_soft_limit) {
-			r = break_cow_whole_run(pool, vpn);
-		} else {
-			int cut = (vpn > 0 && uksm_same_vma(pool, vpn - 1)) +
-				  (vpn + 1 < pool->va_pages && uksm_same_vma(pool, vpn));
-
-			r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
-			if (r == 0 && pool->swap_fd >= 0) {
-				/* no frame: make one by swapping cold pages out */
-				uksm_reclaim_locked(pool, pool->reclaim_batch, -1, 2);
-				r = uksm_break_cow(pool, vpn, 1, pool->nr_frames, 0);
-			}
-			if (r == -ENOMEM)
-				r = break_cow_whole_run(pool, vpn);
-			else if (r == 1)
-				/* what the split added, less what the new frame fused */
-				pool->vma_estimate += cut -
-					(vpn > 0 && uksm_same_vma(pool, vpn - 1)) -
-					(vpn + 1 < pool->va_pages && uksm_same_vma(pool, vpn));
-		}
-		if (r == 0)
-			uksm_fatal("copy-on-write break found no free frame: pool "
-				   "capacity and COW reserve exhausted; the write "
-				   "cannot be kept");
-		if (r < 0)
-			uksm_fatal("copy-on-write break could not map its new frame "
-				   "(mmap failed: vm.max_map_count reached?)");
-		if (pool->st.frames_used > pool->capacity_frames &&
-		    pool->st.frames_used - pool->capacity_frames > pool->st.frames_reserve_used)
-			pool->st.frames_reserve_used = pool->st.frames_used - pool->capacity_frames;
-		direct_reclaim(pool, uksm_pte_group(pte));
-		uksm_frames_flush(pool);
-		break;
-	default:
-		uksm_unlock(pool);
+	if (pte->state == UKSM_PTE_NONE) {
+		uksm_futex_unlock(&pool->lock);
 		chain(sig, si, uc);
 		errno = saved_errno;
 		return;
+	}
+	if (pool->cow_mode == UKSM_COW_SIGNAL && view_state(pte->state)) {
+		uint8_t state = pte->state;
+
+		if (make_writable(pool, vpn))
+			uksm_fatal("copy-on-write: cannot make a page writable (mprotect "
+				   "failed: vm.max_map_count reached?); the write "
+				   "cannot be kept");
+		if (state != UKSM_PTE_ZERO) {
+			/* the kernel's COW, now: a write that changes nothing */
+			__atomic_fetch_add((volatile uint64_t *)page_addr(pool, vpn), 0,
+					   __ATOMIC_SEQ_CST);
+			pool->st.cow_signal++;
+		}
+		uksm_page_cowed(pool, vpn);
+		uksm_frames_flush(pool);
+	} else {
+		/* transit is over; a failed restore is mended here */
+		pool->st.transit_faults++;
+		if (make_writable(pool, vpn))
+			uksm_fatal("cannot make a page writable again (mprotect failed: "
+				   "vm.max_map_count reached?)");
 	}
 	uksm_unlock(pool);
 	errno = saved_errno;

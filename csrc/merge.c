@@ -1,49 +1,38 @@
 // SPDX-License-Identifier: MIT
 /*
- * merge.c - write_protect_page, try_to_merge_one_page and break_cow, by runs.
+ * merge.c - write_protect_page, try_to_merge_one_page, replace_page and
+ * break_ksm, by runs; and the lazy side of copy-on-write: reconcile.
  *
  * The scanner hands over a batch of merge decisions; this file carries them
  * out under pool->lock and re-checks everything the scanner believed, since
- * the user may have written, freed or COW-broken any of those pages since
- * it looked: the keyhole of a stable node, the page states, and the page
+ * the user may have written, freed or COWed any of those pages since it
+ * looked: the keyhole of a stable node, the page states, and the page
  * contents themselves, compared again after write-protecting.
+ *
+ * A merge is four steps, each one syscall per run of pages:
+ *
+ *   write_protect	mprotect the sources (and the unstable-tree pages they
+ *			match) read-only: from here no write can slip in
+ *			between the compare and the remap and be lost;
+ *   compare		memcmp under protection, against the stable frame
+ *			through the direct map, or the tree page itself;
+ *   install		a tree page matched for the first time is copied into
+ *			a fresh frame and becomes that frame's first view; then
+ *			the sources are mapped as views of their frames, one
+ *			mmap per run of consecutive frames (the anonymous pages
+ *			they replace go back to the kernel with that mmap);
+ *   release		what was protected and not merged gets its write
+ *			access back.
  */
 #include "uksm_internal.h"
 
-#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 
-/*
- * Every protection change or remap of a page ends its reference hint: the
- * page is accessible again, so reclaim must not take it for cold (it would
- * evict a page that can still be written).  Only swap.c sets UKSM_PTE_HINT.
- */
-static void clear_hints(struct uksm_pool *pool, size_t vpn, size_t n)
-{
-	for (size_t i = vpn; i < vpn + n; i++)
-		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
-}
-
-static int protect_run(struct uksm_pool *pool, size_t vpn, size_t n, int writable)
-{
-	if (uksm_mprotect(page_addr(pool, vpn), n * PG,
-		     PROT_READ | (writable ? PROT_WRITE : 0)))
-		return -errno;
-	clear_hints(pool, vpn, n);
-	return 0;
-}
-
-/*
- * VMAs that changing the protection or the mapping of pages [vpn, vpn + n)
- * can add: one for each end of the range that cuts through a mapping.
- * Pages inside the range only ever fuse.
- */
-static int64_t split_cost(struct uksm_pool *pool, size_t vpn, size_t n)
-{
-	return (vpn > 0 && uksm_same_vma(pool, vpn - 1)) +
-	       (vpn + n < pool->va_pages && uksm_same_vma(pool, vpn + n - 1));
-}
+enum {
+	TARGET_NONE = -1,	/* not merging (result says why) */
+	TARGET_ANCHOR = -2,	/* an unstable-tree page: a frame is made for it */
+};
 
 /* Take @cost VMAs from the caller's budget; refuse when it is spent. */
 static int vma_charge(int64_t *budget, int64_t cost)
@@ -54,200 +43,470 @@ static int vma_charge(int64_t *budget, int64_t cost)
 	return 1;
 }
 
-/*
- * Frames for @n pages from @vpn that will coalesce with a neighbour: the
- * frame after the left neighbour's, or the run ending just before the
- * right neighbour's, when free.  Sequential writes through a merged run
- * (arr[:] = x) then fault page by page onto one growing run of frames, and
- * the kernel merges the new mappings into one VMA instead of splitting the
- * run into a VMA per page (vm.max_map_count).
- */
-static size_t alloc_near(struct uksm_pool *pool, size_t vpn, size_t n,
-			 size_t limit, size_t *pfn_out)
+static int protect(struct uksm_pool *pool, size_t vpn, size_t n, int prot)
 {
-	size_t want[2];
-	int nr = 0;
+	return uksm_mprotect(page_addr(pool, vpn), n * PG, prot) ? -errno : 0;
+}
 
-	if (limit > pool->frames_online)
-		limit = pool->frames_online;
-	if (vpn > 0 && pool->ptes[vpn - 1].state == UKSM_PTE_NORMAL)
-		want[nr++] = (size_t)pool->ptes[vpn - 1].pfn + 1;
-	if (vpn + n < pool->va_pages && pool->ptes[vpn + n].state == UKSM_PTE_NORMAL &&
-	    pool->ptes[vpn + n].pfn >= n)
-		want[nr++] = (size_t)pool->ptes[vpn + n].pfn - n;
-	for (int i = 0; i < nr; i++) {
-		size_t got = uksm_frame_alloc_at(pool, want[i], n, limit);
-
-		if (got) {
-			*pfn_out = want[i];
-			return got;
-		}
-	}
-	return uksm_frame_alloc_run(pool, n, limit, pfn_out);
+static int mergeable(const struct uksm_pte *pte)
+{
+	return pte->state == UKSM_PTE_PRIVATE && !(pte->flags & UKSM_PTE_PINNED);
 }
 
 /*
- * uksm_break_cow - give each of @n pages from @vpn (KSM or ZERO) a private
- * frame again: copy the KSM frame through the direct map (a fresh frame is
- * already zero for a ZERO page), map it read-write, drop the old mapping.
- * A KSM frame with no other mapper is simply made writable again: nothing
- * to copy, unless @whole: then every page gets a fresh frame, so that the
- * whole range can become one mapping.  Consecutive pages get consecutive
- * frames when free ones allow.  Frames come from below @limit.
- * Returns pages done (< @n when frames ran out) or -errno from mmap.
- * Caller holds pool->lock, and flushes.  Async-signal-safe.
+ * The kernel copied the view at @vpn on write (or our handler made it do
+ * so): the page is private again and holds no reference any more.
+ * Caller holds pool->lock.
  */
-int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
-		   int whole)
+void uksm_page_cowed(struct uksm_pool *pool, size_t vpn)
 {
-	size_t done = 0;
+	struct uksm_pte *pte = &pool->ptes[vpn];
 
-	while (done < n) {
-		struct uksm_pte *pte = &pool->ptes[vpn + done];
-		size_t m, got, pfn;
+	switch (pte->state) {
+	case UKSM_PTE_KSM:
+		pool->st.ksm_mappings--;
+		pool->st.cow_breaks++;
+		uksm_frame_put(pool, pte->pfn);
+		break;
+	case UKSM_PTE_SWAPPED:
+		pool->st.swap_ins++;
+		if (pte->group < UKSM_MAX_GROUPS)
+			pool->group_swap_ins[pte->group]++;
+		uksm_slot_put(pool, pte->pfn, pte->group);
+		break;
+	case UKSM_PTE_ZERO:
+		pool->st.zero_pages--;
+		pool->st.zero_cow++;
+		break;
+	default:
+		return;
+	}
+	pte->state = UKSM_PTE_PRIVATE;
+	pte->pfn = 0;
+}
+
+/*
+ * uksm_reconcile_locked - learn of the copies the kernel made, from
+ * pagemap entries @pm of pages [vpn, vpn + n).  A view copied on write is
+ * anonymous now (pm_cowed); a ZERO page written is present and exclusive.
+ * Caller holds pool->lock, read @pm under it, and flushes.  Returns pages
+ * found copied.
+ */
+int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
+			  const uint64_t *pm)
+{
+	int found = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		const struct uksm_pte *pte = &pool->ptes[vpn + i];
+		int cowed;
+
+		if (pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_SWAPPED)
+			cowed = pm_cowed(pm[i]);
+		else if (pte->state == UKSM_PTE_ZERO)
+			cowed = (pm[i] & PM_PRESENT) && (pm[i] & PM_EXCLUSIVE);
+		else
+			continue;
+		if (cowed) {
+			uksm_page_cowed(pool, vpn + i);
+			found++;
+		}
+	}
+	return found;
+}
+
+/* uksm_reconcile - the same for a range, reading pagemap itself. */
+int uksm_reconcile(struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	int found = 0;
+
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+		return -EINVAL;
+	for (size_t done = 0; done < npages;) {
+		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
 		int err;
 
-		if (pte->state == UKSM_PTE_NORMAL || pte->state == UKSM_PTE_NONE) {
-			done++;
-			continue;
-		}
-		if (!whole && pte->state == UKSM_PTE_KSM &&
-		    pool->frames[pte->pfn].mapcount == 1 &&
-		    !uksm_swap_cached(pool, pte->pfn)) {
-			struct uksm_frame *f = &pool->frames[pte->pfn];
-
-			err = protect_run(pool, vpn + done, 1, 1);
-			if (err)
-				return err;
-			f->flags &= ~UKSM_FRAME_KSM;
-			f->key = ++pool->next_key;
-			pool->st.ksm_frames--;
-			pool->st.ksm_mappings--;
-			pool->st.cow_reuse++;
-			pte->state = UKSM_PTE_NORMAL;
-			done++;
-			continue;
-		}
-		m = 1;
-		while (done + m < n) {
-			struct uksm_pte *next = &pool->ptes[vpn + done + m];
-
-			if (next->state == UKSM_PTE_ZERO ||
-			    (next->state == UKSM_PTE_KSM &&
-			     (whole || pool->frames[next->pfn].mapcount > 1 ||
-			      uksm_swap_cached(pool, next->pfn))))
-				m++;
-			else
-				break;
-		}
-		got = alloc_near(pool, vpn + done, m, limit, &pfn);
-		if (!got)
-			return (int)done;
-		for (size_t k = 0; k < got; k++) {
-			struct uksm_pte *p = &pool->ptes[vpn + done + k];
-
-			if (p->state == UKSM_PTE_KSM)
-				memcpy(frame_addr(pool, pfn + k),
-				       frame_addr(pool, p->pfn), PG);
-			else	/* a hole until written: allocate it, as uksm_alloc does */
-				(void)uksm_fallocate(pool->fd, 0, (off_t)((pfn + k) * PG), PG);
-		}
-		err = uksm_map_frames(pool, vpn + done, got, pfn, 1);
-		if (err) {
-			for (size_t k = 0; k < got; k++) {
-				pool->frames[pfn + k].mapcount = 1;
-				uksm_frame_put(pool, pfn + k);
-			}
+		uksm_lock(pool);
+		err = uksm_pagemap_read((size_t)page_addr(pool, vpn + done), n, pool->run.pm);
+		if (!err)
+			found += uksm_reconcile_locked(pool, vpn + done, n, pool->run.pm);
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		if (err)
 			return err;
-		}
-		for (size_t k = 0; k < got; k++) {
-			struct uksm_pte *p = &pool->ptes[vpn + done + k];
-
-			if (p->state == UKSM_PTE_KSM) {
-				pool->st.ksm_mappings--;
-				pool->st.cow_breaks++;
-				uksm_frame_put(pool, p->pfn);
-			} else {
-				pool->st.zero_pages--;
-				pool->st.zero_cow++;
-			}
-			pool->frames[pfn + k].mapcount = 1;
-			uksm_recharge(pool, pfn + k, uksm_pte_group(p));
-			p->pfn = (uint32_t)(pfn + k);
-			p->state = UKSM_PTE_NORMAL;
-			p->spare[0] &= ~UKSM_PTE_HINT;
-		}
-		done += got;
+		done += n;
 	}
-	return (int)done;
+	return found;
 }
 
 /*
- * uksm_unmerge - MADV_UNMERGEABLE for @npages from @vpn: break COW on every
- * KSM or ZERO page, within the API's capacity.  *unmerged counts the pages
- * given a private frame.  -ENOSPC if capacity ran out part way, -ENOMEM if
- * mmap did (vm.max_map_count): the pages done stay done, the rest stay
- * merged, nothing is lost.
+ * uksm_unmerge - MADV_UNMERGEABLE for @npages from @vpn: every KSM, ZERO or
+ * SWAPPED page becomes private, one MADV_POPULATE_WRITE per run (the kernel
+ * breaks COW for the whole run in one call; read-only views in signal mode
+ * are made writable first).  *unmerged counts the pages that became
+ * private.  -ENOMEM if the kernel ran out of memory part way: the pages
+ * done stay done, the rest stay as they were, nothing is lost.
  */
 int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 		 size_t *unmerged)
 {
-	size_t done = 0;
 	int err = 0;
 
 	*unmerged = 0;
-	if (vpn + npages > pool->va_pages)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
-	while (done < npages && !err) {
-		size_t n = npages - done, need = 0;
-		int r;
+	for (size_t done = 0; done < npages && !err;) {
+		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
 
-		if (n > UKSM_RUN_MAX)
-			n = UKSM_RUN_MAX;
 		uksm_lock(pool);
-		for (size_t i = 0; i < n && !err; i++) {
-			struct uksm_pte *pte = &pool->ptes[vpn + done + i];
+		for (size_t r = vpn + done; r < vpn + done + n && !err;) {
+			size_t e = r;
 
-			if (pte->state == UKSM_PTE_SWAPPED)	/* in first, then private */
-				err = uksm_swap_in_locked(pool, vpn + done + i, pool->capacity_frames);
-			need += pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_ZERO;
+			while (e < vpn + done + n && pool->ptes[e].state != UKSM_PTE_PRIVATE &&
+			       pool->ptes[e].state != UKSM_PTE_NONE)
+				e++;
+			if (e == r) {
+				r++;
+				continue;
+			}
+			if (pool->cow_mode == UKSM_COW_SIGNAL &&
+			    protect(pool, r, e - r, PROT_READ | PROT_WRITE)) {
+				err = -errno;
+				break;
+			}
+			if (madvise(page_addr(pool, r), (e - r) * PG, MADV_POPULATE_WRITE)) {
+				/* some of the run may be done: pagemap tells which */
+				err = -errno;
+				if (!uksm_pagemap_read((size_t)page_addr(pool, r), e - r, pool->run.pm))
+					*unmerged += (size_t)uksm_reconcile_locked(pool, r, e - r,
+										   pool->run.pm);
+				break;
+			}
+			for (size_t i = r; i < e; i++)
+				uksm_page_cowed(pool, i);
+			*unmerged += e - r;
+			r = e;
 		}
-		if (err) {
-			uksm_frames_flush(pool);
-			uksm_unlock(pool);
-			break;
-		}
-		if (need && pool->st.frames_used + need > pool->capacity_frames)
-			r = -ENOSPC;
-		else
-			r = need ? uksm_break_cow(pool, vpn + done, n,
-						  pool->capacity_frames, 0) : (int)n;
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
-		if (r < 0)
-			err = r;
-		else if ((size_t)r < n)
-			err = -ENOSPC;
-		else
-			*unmerged += need;
 		done += n;
 	}
 	return err;
 }
 
+/* Step 1: resolve each entry's target; check keyholes and page states. */
+static void merge_resolve(struct uksm_pool *pool, size_t i, size_t len,
+			  const int64_t *src_vpn, const int64_t *dst_vpn,
+			  const uint32_t *dst_pfn, const uint32_t *dst_key,
+			  uint8_t *result)
+{
+	struct uksm_run_ctx *c = &pool->run;
+	size_t lo = (size_t)src_vpn[i], hi = (size_t)src_vpn[i + len - 1];
+
+	for (size_t r = 0; r < len; r++) {
+		size_t k = i + r;
+		const struct uksm_pte *src = &pool->ptes[src_vpn[k]];
+
+		c->target[r] = TARGET_NONE;
+		c->wp[r] = c->anchor_wp[r] = c->ok[r] = 0;
+		if (!mergeable(src))
+			continue;		/* BUSY */
+		if (dst_vpn[k] < 0) {
+			const struct uksm_frame *f;
+
+			if (dst_pfn[k] >= pool->nr_frames) {
+				result[k] = UKSM_MERGE_STALE;
+				continue;
+			}
+			f = &pool->frames[dst_pfn[k]];
+			if (!(f->flags & UKSM_FRAME_KSM) || f->key != dst_key[k] ||
+			    !f->mapcount) {
+				result[k] = UKSM_MERGE_STALE;
+				continue;
+			}
+			c->target[r] = dst_pfn[k];
+		} else {
+			const struct uksm_pte *anchor = &pool->ptes[dst_vpn[k]];
+
+			if (dst_vpn[k] == src_vpn[k])
+				continue;
+			if (anchor->state == UKSM_PTE_KSM)
+				c->target[r] = anchor->pfn;
+			else if (mergeable(anchor))
+				c->target[r] = TARGET_ANCHOR;
+		}
+	}
+	/*
+	 * A tree page that is itself a source of this run, merging elsewhere,
+	 * cannot also be copied into a frame of its own: try it next time.
+	 */
+	for (size_t r = 0; r < len; r++) {
+		size_t a;
+
+		if (c->target[r] != TARGET_ANCHOR)
+			continue;
+		a = (size_t)dst_vpn[i + r];
+		if (a >= lo && a <= hi && c->target[a - lo] != TARGET_NONE)
+			c->target[r] = TARGET_NONE;
+	}
+}
+
+/* Step 2: write-protect runs of sources, and runs of their tree pages. */
+static void merge_write_protect(struct uksm_pool *pool, size_t i, size_t len,
+				const int64_t *src_vpn, const int64_t *dst_vpn,
+				int64_t *vma_budget, uint8_t *result)
+{
+	struct uksm_run_ctx *c = &pool->run;
+
+	for (size_t r = 0; r < len;) {
+		size_t e = r + 1;
+
+		if (c->target[r] == TARGET_NONE) {
+			r++;
+			continue;
+		}
+		while (e < len && c->target[e] != TARGET_NONE)
+			e++;
+		if (!vma_charge(vma_budget, uksm_split_cost(pool, src_vpn[i + r], e - r)) ||
+		    protect(pool, src_vpn[i + r], e - r, PROT_READ)) {
+			for (; r < e; r++) {
+				c->target[r] = TARGET_NONE;
+				result[i + r] = UKSM_MERGE_NOVMA;
+			}
+			continue;
+		}
+		for (; r < e; r++)
+			c->wp[r] = 1;
+	}
+	for (size_t r = 0; r < len;) {
+		size_t e = r + 1, span;
+
+		if (c->target[r] != TARGET_ANCHOR) {
+			r++;
+			continue;
+		}
+		while (e < len && c->target[e] == TARGET_ANCHOR &&
+		       (uint64_t)(dst_vpn[i + e] - dst_vpn[i + e - 1]) <= 1)
+			e++;
+		span = (size_t)(dst_vpn[i + e - 1] - dst_vpn[i + r]) + 1;
+		if (!vma_charge(vma_budget, uksm_split_cost(pool, dst_vpn[i + r], span)) ||
+		    protect(pool, dst_vpn[i + r], span, PROT_READ)) {
+			for (; r < e; r++) {
+				c->target[r] = TARGET_NONE;
+				result[i + r] = UKSM_MERGE_NOVMA;
+			}
+			continue;
+		}
+		for (; r < e; r++)
+			c->anchor_wp[r] = 1;
+	}
+}
+
+/* Step 3: compare under protection; take a sharing slot on stable frames. */
+static void merge_compare(struct uksm_pool *pool, size_t i, size_t len,
+			  const int64_t *src_vpn, const int64_t *dst_vpn,
+			  uint32_t max_sharing, uint8_t *result)
+{
+	struct uksm_run_ctx *c = &pool->run;
+
+	for (size_t r = 0; r < len; r++) {
+		const char *src = page_addr(pool, src_vpn[i + r]);
+
+		if (c->target[r] == TARGET_NONE)
+			continue;
+		if (c->target[r] == TARGET_ANCHOR) {
+			c->ok[r] = !memcmp(src, page_addr(pool, dst_vpn[i + r]), PG);
+		} else {
+			struct uksm_frame *kf = &pool->frames[c->target[r]];
+
+			if (kf->mapcount >= max_sharing) {
+				result[i + r] = UKSM_MERGE_FULL;
+				c->target[r] = TARGET_NONE;
+				continue;
+			}
+			c->ok[r] = !memcmp(src, frame_addr(pool, c->target[r]), PG);
+			if (c->ok[r])
+				kf->mapcount++;	/* taken now: max_sharing holds within the run */
+		}
+		if (!c->ok[r]) {
+			result[i + r] = UKSM_MERGE_DIFFER;
+			if (c->target[r] != TARGET_ANCHOR)
+				c->target[r] = TARGET_NONE;
+		}
+	}
+}
+
+/*
+ * Step 4a: each tree page that a source matched gets a frame: copied in
+ * once, mapped as the frame's first view.  Consecutive tree pages get
+ * consecutive frames where free ones allow, one mmap for the run.  The
+ * entries then target that frame like a stable node's.
+ */
+static void merge_install_anchors(struct uksm_pool *pool, size_t i, size_t len,
+				  const int64_t *dst_vpn, uint8_t *result)
+{
+	struct uksm_run_ctx *c = &pool->run;
+	int prot = view_prot(pool);
+
+	for (size_t r = 0; r < len;) {
+		size_t e = r + 1, span, got, pfn, a0;
+		int err;
+
+		if (c->target[r] != TARGET_ANCHOR || !c->ok[r]) {
+			r++;
+			continue;
+		}
+		if (pool->ptes[dst_vpn[i + r]].state == UKSM_PTE_KSM) {
+			/* its tree page got a frame in an earlier run */
+			c->target[r] = pool->ptes[dst_vpn[i + r]].pfn;
+			c->anchor_wp[r] = 0;
+			pool->frames[c->target[r]].mapcount++;
+			r++;
+			continue;
+		}
+		/* a run of distinct, consecutive tree pages, each matched */
+		while (e < len && c->target[e] == TARGET_ANCHOR && c->ok[e] &&
+		       (uint64_t)(dst_vpn[i + e] - dst_vpn[i + e - 1]) <= 1)
+			e++;
+		a0 = (size_t)dst_vpn[i + r];
+		span = (size_t)dst_vpn[i + e - 1] - a0 + 1;
+		got = uksm_frame_alloc_run(pool, span, pool->nr_frames, &pfn);
+		if (!got) {
+			for (; r < e; r++) {
+				c->target[r] = TARGET_NONE;
+				result[i + r] = UKSM_MERGE_NOFRAME;
+			}
+			continue;
+		}
+		memcpy(frames_addr(pool, pfn, got), page_addr(pool, a0), got * PG);
+		err = uksm_map_view(pool, a0, got, pool->ro_fd, pfn, prot);
+		for (size_t k = 0; k < got; k++) {
+			struct uksm_pte *anchor = &pool->ptes[a0 + k];
+			struct uksm_frame *f = &pool->frames[pfn + k];
+
+			f->mapcount = 1;
+			if (err) {
+				uksm_frame_put(pool, pfn + k);
+				continue;
+			}
+			f->flags = UKSM_FRAME_KSM;
+			f->group = anchor->group;
+			anchor->state = UKSM_PTE_KSM;
+			anchor->pfn = (uint32_t)(pfn + k);
+			pool->st.ksm_frames++;
+			pool->st.ksm_mappings++;
+		}
+		pool->st.merge_runs += !err;
+		/* the entries whose tree page got a frame now target it */
+		for (; r < e && (size_t)dst_vpn[i + r] < a0 + got; r++) {
+			if (err) {
+				c->target[r] = TARGET_NONE;
+				result[i + r] = UKSM_MERGE_NOVMA;
+				continue;
+			}
+			c->target[r] = (int64_t)(pfn + ((size_t)dst_vpn[i + r] - a0));
+			c->anchor_wp[r] = 0;	/* a view now, with its own protection */
+			pool->frames[c->target[r]].mapcount++;	/* the source's */
+		}
+	}
+	/* tree pages protected and left private: write access back */
+	for (size_t r = 0; r < len; r++) {
+		if (!c->anchor_wp[r])
+			continue;
+		if (pool->ptes[dst_vpn[i + r]].state == UKSM_PTE_PRIVATE)
+			(void)protect(pool, dst_vpn[i + r], 1, PROT_READ | PROT_WRITE);
+		c->anchor_wp[r] = 0;
+		if (c->target[r] == TARGET_ANCHOR)
+			c->target[r] = TARGET_NONE;
+	}
+}
+
+/* Step 4b: replace_page: map runs of sources onto runs of frames. */
+static void merge_install_sources(struct uksm_pool *pool, size_t i, size_t len,
+				  const int64_t *src_vpn, int64_t *vma_budget,
+				  uint32_t *out_pfn, uint32_t *out_key, uint8_t *result)
+{
+	struct uksm_run_ctx *c = &pool->run;
+	int prot = view_prot(pool);
+
+	for (size_t r = 0; r < len;) {
+		size_t e = r + 1;
+		int64_t cost;
+		int err;
+
+		if (c->target[r] < 0 || !c->ok[r]) {
+			r++;
+			continue;
+		}
+		while (e < len && c->target[e] >= 0 && c->ok[e] &&
+		       c->target[e] == c->target[e - 1] + 1 &&
+		       src_vpn[i + e] == src_vpn[i + e - 1] + 1)
+			e++;
+		/* cuts the protected piece where a neighbour stays protected */
+		cost = (r > 0 && c->wp[r - 1] && src_vpn[i + r - 1] + 1 == src_vpn[i + r]) +
+		       (e < len && c->wp[e] && src_vpn[i + e - 1] + 1 == src_vpn[i + e]);
+		err = vma_charge(vma_budget, cost) ?
+		      uksm_map_view(pool, src_vpn[i + r], e - r, pool->ro_fd,
+				    (size_t)c->target[r], prot) : -ENOMEM;
+		for (; r < e; r++) {
+			size_t k = i + r;
+			struct uksm_pte *src = &pool->ptes[src_vpn[k]];
+			struct uksm_frame *kf = &pool->frames[c->target[r]];
+
+			if (err) {
+				uksm_frame_put(pool, (size_t)c->target[r]);
+				result[k] = UKSM_MERGE_NOVMA;
+				c->target[r] = TARGET_NONE;
+				continue;
+			}
+			src->pfn = (uint32_t)c->target[r];
+			src->state = UKSM_PTE_KSM;
+			pool->st.ksm_mappings++;
+			pool->st.pages_merged++;
+			c->wp[r] = 0;
+			result[k] = UKSM_MERGE_OK;
+			out_pfn[k] = src->pfn;
+			out_key[k] = kf->key;
+		}
+		pool->st.merge_runs++;
+	}
+}
+
+/* Step 5: sources protected but not merged get their write access back. */
+static void merge_release(struct uksm_pool *pool, size_t i, size_t len,
+			  const int64_t *src_vpn)
+{
+	struct uksm_run_ctx *c = &pool->run;
+
+	for (size_t r = 0; r < len;) {
+		size_t e = r + 1;
+
+		if (!c->wp[r]) {
+			r++;
+			continue;
+		}
+		while (e < len && c->wp[e] && src_vpn[i + e] == src_vpn[i + e - 1] + 1)
+			e++;
+		/* should this fail, the handler makes the page writable on a write */
+		(void)protect(pool, src_vpn[i + r], e - r, PROT_READ | PROT_WRITE);
+		r = e;
+	}
+}
+
 /*
  * uksm_merge - carry out @n merge decisions, sorted by src_vpn.  Entry i
- * merges page src_vpn[i] into either a stable node's frame (dst_vpn[i] < 0:
- * dst_pfn[i] seen through the keyhole dst_key[i]) or the frame of another
- * page found equal in the unstable tree (dst_vpn[i] >= 0), which is upgraded
- * in place to a KSM frame first, allocating nothing (patch 5).
+ * merges private page src_vpn[i] into either a stable node's frame
+ * (dst_vpn[i] < 0: dst_pfn[i] seen through the keyhole dst_key[i]) or,
+ * with the unstable tree's page dst_vpn[i] found equal, into a fresh frame
+ * holding a copy of that page, which becomes its first view.
  *
  * Runs of entries whose sources and targets both advance by one page cost
- * one mprotect of the anchors, one of the sources, one mmap, one punch.
+ * one mprotect of the sources (and one of the tree pages), one mmap each.
  * result[i] is UKSM_MERGE_*; for merged entries out_pfn[i], out_key[i] name
- * the KSM frame, for the scanner's stable node.  *vma_budget is charged two
- * per protection change or remap that could split a mapping; entries beyond
- * it are skipped with UKSM_MERGE_NOVMA, never failing anyone's mmap later.
+ * the KSM frame, for the scanner's stable node.  *vma_budget is charged
+ * per protection change or remap that could split a mapping; entries
+ * beyond it are skipped with UKSM_MERGE_NOVMA, never failing anyone's mmap
+ * later.
  */
 int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
@@ -255,7 +514,6 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
 	       uint8_t *result)
 {
-	struct uksm_run_ctx *c = &pool->run;	/* used under pool->lock only */
 	size_t i = 0;
 
 	if (max_sharing < 2)
@@ -267,15 +525,14 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			return -EINVAL;
 		result[k] = UKSM_MERGE_BUSY;
 	}
-
 	while (i < n) {
-		size_t j = i + 1, r, len;
+		size_t j = i + 1, len;
 		int stable = dst_vpn[i] < 0;
 
 		/*
 		 * A run: consecutive sources whose targets advance by one page
-		 * (one remap for all) or stay on the same frame (identical pages:
-		 * one write-protect for all, a remap each).
+		 * (one remap for all) or stay on the same frame (identical
+		 * pages: one write-protect for all, a remap each).
 		 */
 		while (j < n && j - i < UKSM_RUN_MAX && src_vpn[j] == src_vpn[j - 1] + 1 &&
 		       (dst_vpn[j] < 0) == stable &&
@@ -285,219 +542,18 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		len = j - i;
 
 		uksm_lock(pool);
-		/* 1: resolve targets; check the keyholes and the page states */
-		for (r = 0; r < len; r++) {
-			size_t k = i + r;
-			struct uksm_pte *src = &pool->ptes[src_vpn[k]];
-
-			c->target[r] = -1;
-			c->promoted[r] = 0;
-			c->wp[r] = 0;
-			if (src->state != UKSM_PTE_NORMAL)
-				continue;		/* BUSY */
-			if (stable) {
-				struct uksm_frame *f;
-
-				if (dst_pfn[k] >= pool->nr_frames) {
-					result[k] = UKSM_MERGE_STALE;
-					continue;
-				}
-				f = &pool->frames[dst_pfn[k]];
-				if (!(f->flags & UKSM_FRAME_KSM) || f->key != dst_key[k] ||
-				    !f->mapcount) {
-					result[k] = UKSM_MERGE_STALE;
-					continue;
-				}
-				c->target[r] = dst_pfn[k];
-			} else {
-				struct uksm_pte *anchor = &pool->ptes[dst_vpn[k]];
-
-				if (dst_vpn[k] == src_vpn[k])
-					continue;
-				if (anchor->state == UKSM_PTE_KSM)
-					c->target[r] = anchor->pfn;
-				else if (anchor->state == UKSM_PTE_NORMAL)
-					c->target[r] = -2;	/* promote first */
-			}
-			if (c->target[r] == (int64_t)src->pfn) {
-				c->target[r] = -1;
-				result[k] = UKSM_MERGE_SELF;
-			}
-		}
-
-		/* 2: upgrade unstable anchors in place: write-protect, mark KSM */
-		for (r = 0; r < len;) {
-			size_t e = r + 1, span;
-
-			if (c->target[r] != -2) {
-				r++;
-				continue;
-			}
-			while (e < len && c->target[e] == -2 &&
-			       (uint64_t)(dst_vpn[i + e] - dst_vpn[i + e - 1]) <= 1)
-				e++;
-			span = (size_t)(dst_vpn[i + e - 1] - dst_vpn[i + r]) + 1;
-			if (!vma_charge(vma_budget, split_cost(pool, dst_vpn[i + r], span)) ||
-			    protect_run(pool, dst_vpn[i + r], span, 0)) {
-				for (; r < e; r++) {
-					c->target[r] = -1;
-					result[i + r] = UKSM_MERGE_NOVMA;
-				}
-				continue;
-			}
-			for (; r < e; r++) {
-				struct uksm_pte *anchor = &pool->ptes[dst_vpn[i + r]];
-				struct uksm_frame *f = &pool->frames[anchor->pfn];
-
-				if (anchor->state == UKSM_PTE_KSM) {
-					/* upgraded just now for an earlier entry */
-					c->target[r] = anchor->pfn;
-					continue;
-				}
-				f->flags |= UKSM_FRAME_KSM;
-				f->key = ++pool->next_key;
-				pool->st.ksm_frames++;
-				pool->st.ksm_mappings++;
-				anchor->state = UKSM_PTE_KSM;
-				c->target[r] = anchor->pfn;
-				c->promoted[r] = 1;
-			}
-		}
-
-		/* 3: write_protect_page on the sources, then compare again */
-		for (r = 0; r < len;) {
-			size_t e = r + 1;
-
-			if (c->target[r] < 0) {
-				r++;
-				continue;
-			}
-			while (e < len && c->target[e] >= 0)
-				e++;
-			if (!vma_charge(vma_budget, split_cost(pool, src_vpn[i + r], e - r)) ||
-			    protect_run(pool, src_vpn[i + r], e - r, 0)) {
-				for (; r < e; r++) {
-					c->target[r] = -1;
-					result[i + r] = UKSM_MERGE_NOVMA;
-				}
-				continue;
-			}
-			for (; r < e; r++) {
-				struct uksm_pte *src = &pool->ptes[src_vpn[i + r]];
-				struct uksm_frame *kf = &pool->frames[c->target[r]];
-
-				c->wp[r] = 1;
-				if (src->state != UKSM_PTE_NORMAL) {
-					/* it was upgraded as an anchor in step 2 */
-					c->wp[r] = 0;
-					c->target[r] = -1;
-				} else if (kf->mapcount >= max_sharing) {
-					result[i + r] = UKSM_MERGE_FULL;
-					c->target[r] = -1;
-				} else if (memcmp(frame_addr(pool, src->pfn),
-						  frame_addr(pool, c->target[r]), PG)) {
-					result[i + r] = UKSM_MERGE_DIFFER;
-					c->target[r] = -1;
-				} else {
-					kf->mapcount++;	/* taken now: max_sharing holds within the run */
-				}
-			}
-		}
-
-		/* 4: replace_page: remap runs of sources onto runs of frames */
-		for (r = 0; r < len;) {
-			size_t e = r + 1;
-			int64_t cost;
-			int err;
-
-			if (c->target[r] < 0) {
-				r++;
-				continue;
-			}
-			while (e < len && c->target[e] == c->target[e - 1] + 1 &&
-			       src_vpn[i + e] == src_vpn[i + e - 1] + 1)
-				e++;
-			/*
-			 * The sources were write-protected as one piece; remapping
-			 * part of it cuts it where a neighbour is still
-			 * protected and not remapped (c->wp still set).
-			 */
-			cost = (r > 0 && c->wp[r - 1] &&
-				src_vpn[i + r - 1] + 1 == src_vpn[i + r]) +
-			       (e < len && c->wp[e] && src_vpn[i + e - 1] + 1 == src_vpn[i + e]);
-			err = vma_charge(vma_budget, cost) ?
-			      uksm_map_frames(pool, src_vpn[i + r], e - r,
-					      c->target[r], 0) : -ENOMEM;
-			for (; r < e; r++) {
-				size_t k = i + r;
-				struct uksm_pte *src = &pool->ptes[src_vpn[k]];
-				struct uksm_frame *kf = &pool->frames[c->target[r]];
-
-				if (err) {
-					kf->mapcount--;
-					result[k] = UKSM_MERGE_NOVMA;
-					c->target[r] = -1;
-					continue;
-				}
-				uksm_frame_put(pool, src->pfn);
-				src->pfn = (uint32_t)c->target[r];
-				src->state = UKSM_PTE_KSM;
-				pool->st.ksm_mappings++;
-				pool->st.pages_merged++;
-				c->wp[r] = 0;
-				result[k] = UKSM_MERGE_OK;
-				out_pfn[k] = src->pfn;
-				out_key[k] = kf->key;
-			}
-			pool->st.merge_runs++;
-		}
-
-		/*
-		 * 5: undo.  Sources write-protected but not merged get their
-		 * write access back; anchors upgraded for nothing go back to
-		 * being ordinary pages, with a new key.  Should mprotect fail
-		 * here, the page stays NORMAL but read-only and the fault
-		 * handler makes it writable on the first write.
-		 */
-		for (r = 0; r < len;) {
-			size_t e = r + 1;
-
-			if (!c->wp[r]) {
-				r++;
-				continue;
-			}
-			while (e < len && c->wp[e])
-				e++;
-			protect_run(pool, src_vpn[i + r], e - r, 1);
-			r = e;
-		}
-		for (r = 0; r < len; r++) {
-			struct uksm_pte *anchor;
-			struct uksm_frame *f;
-
-			if (!c->promoted[r])
-				continue;
-			anchor = &pool->ptes[dst_vpn[i + r]];
-			f = &pool->frames[anchor->pfn];
-			if (anchor->state != UKSM_PTE_KSM || f->mapcount != 1)
-				continue;
-			protect_run(pool, dst_vpn[i + r], 1, 1);
-			f->flags &= ~UKSM_FRAME_KSM;
-			f->key = ++pool->next_key;
-			pool->st.ksm_frames--;
-			pool->st.ksm_mappings--;
-			anchor->state = UKSM_PTE_NORMAL;
-		}
+		merge_resolve(pool, i, len, src_vpn, dst_vpn, dst_pfn, dst_key, result);
+		merge_write_protect(pool, i, len, src_vpn, dst_vpn, vma_budget, result);
+		merge_compare(pool, i, len, src_vpn, dst_vpn, max_sharing, result);
+		merge_install_anchors(pool, i, len, dst_vpn, result);
+		merge_install_sources(pool, i, len, src_vpn, vma_budget, out_pfn, out_key,
+				      result);
+		merge_release(pool, i, len, src_vpn);
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
 		i = j;
 	}
 	return 0;
-}
-
-static int zero_candidate(const struct uksm_pte *pte)
-{
-	return pte->state == UKSM_PTE_NORMAL;
 }
 
 static int page_is_zero(const char *p)
@@ -512,15 +568,17 @@ static int page_is_zero(const char *p)
 }
 
 /*
- * uksm_merge_zero - use_zero_pages: map each of @n pages (sorted) that is
- * still all zeroes under write-protect onto the kernel's zero page, through
- * a private anonymous read-only mapping, and free its frame.  A write later
- * faults and gets a fresh frame, which is zero already: no copy.
+ * uksm_merge_zero - use_zero_pages: each of @n private pages (sorted) that
+ * is still all zeroes under write-protect gets fresh anonymous memory over
+ * it: it reads as the kernel's zero page and costs nothing until written.
+ * Read-write in kernel mode (the first write just allocates; reconcile sees
+ * it), read-only in signal mode (the handler counts the write).
  */
 int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 		    int64_t *vma_budget, uint8_t *result)
 {
-	uint8_t *ok = pool->run.wp;	/* scratch, used under pool->lock only */
+	uint8_t *ok = pool->run.ok;	/* scratch, used under pool->lock only */
+	int prot = view_prot(pool);
 	size_t i = 0;
 
 	for (size_t k = 0; k < n; k++) {
@@ -538,40 +596,38 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 		for (r = i; r < j;) {
 			size_t e = r + 1, r0;
 
-			if (!zero_candidate(&pool->ptes[vpns[r]])) {
+			if (!mergeable(&pool->ptes[vpns[r]])) {
 				r++;
 				continue;
 			}
-			while (e < j && zero_candidate(&pool->ptes[vpns[e]]))
+			while (e < j && mergeable(&pool->ptes[vpns[e]]))
 				e++;
-			if (!vma_charge(vma_budget, split_cost(pool, vpns[r], e - r)) ||
-			    protect_run(pool, vpns[r], e - r, 0)) {
+			if (!vma_charge(vma_budget, uksm_split_cost(pool, vpns[r], e - r)) ||
+			    protect(pool, vpns[r], e - r, PROT_READ)) {
 				for (; r < e; r++)
 					result[r] = UKSM_MERGE_NOVMA;
 				continue;
 			}
 			for (size_t k = r; k < e; k++)
-				ok[k - i] = page_is_zero(frame_addr(pool, pool->ptes[vpns[k]].pfn));
+				ok[k - i] = page_is_zero(page_addr(pool, vpns[k]));
 			r0 = r;
 			while (r < e) {
 				size_t z = r + 1;
-				void *p;
+				int err;
 
 				if (!ok[r - i]) {
 					result[r] = UKSM_MERGE_DIFFER;
-					protect_run(pool, vpns[r], 1, 1);
+					(void)protect(pool, vpns[r], 1, PROT_READ | PROT_WRITE);
 					r++;
 					continue;
 				}
 				while (z < e && ok[z - i])
 					z++;
 				/* cuts the protected piece [r0, e) where it stays */
-				p = vma_charge(vma_budget, (r > r0) + (z < e)) ?
-				    uksm_mmap(page_addr(pool, vpns[r]), (z - r) * PG, PROT_READ,
-					 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) :
-				    MAP_FAILED;
-				if (p == MAP_FAILED) {
-					protect_run(pool, vpns[r], z - r, 1);
+				err = vma_charge(vma_budget, (r > r0) + (z < e)) ?
+				      uksm_map_anon(pool, vpns[r], z - r, prot) : -ENOMEM;
+				if (err) {
+					(void)protect(pool, vpns[r], z - r, PROT_READ | PROT_WRITE);
 					for (; r < z; r++)
 						result[r] = UKSM_MERGE_NOVMA;
 					continue;
@@ -579,8 +635,6 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 				for (; r < z; r++) {
 					struct uksm_pte *pte = &pool->ptes[vpns[r]];
 
-					uksm_frame_put(pool, pte->pfn);
-					pte->spare[0] &= ~UKSM_PTE_HINT;
 					pte->state = UKSM_PTE_ZERO;
 					pte->pfn = 0;
 					pool->st.zero_pages++;
@@ -590,7 +644,6 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 				pool->st.merge_runs++;
 			}
 		}
-		uksm_frames_flush(pool);
 		uksm_unlock(pool);
 		i = j;
 	}

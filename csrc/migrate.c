@@ -1,564 +1,675 @@
 // SPDX-License-Identifier: MIT
 /*
- * migrate.c - moving frames: compaction and offlining (seed patches 7, 8).
+ * migrate.c - moving stable frames: compaction and offlining of the frame
+ * store, by rmap walk.
  *
- * Merging, COW and freeing scatter a long-lived pool's frames over its
- * memfd: the file keeps its high-water size, and a buffer whose pages sit on
- * scattered frames is a mapping per page (VMAs, vm.max_map_count).
- * uksm_compact() moves frames so that the live ones fill [0, frames_used)
- * and each buffer's pages lie on consecutive frames again, then truncates
- * the memfd.  With @shrink_frames it also takes that many frames off the
- * top of the pool for good, migrating whatever lives there below first: the
- * memory hot-remove of patch 8.
+ * The frame store holds nothing but stable frames, and deferred ones that a
+ * forked child may still map.  Merges take the lowest free pfn, but COW
+ * breaks and freed buffers give frames back wherever they happen to be, so
+ * a long-lived pool's memfd keeps the size of its busiest moment: the holes
+ * are punched and cost no memory, but the file stays at its high-water
+ * mark.  uksm_compact() moves the highest live frames into the lowest holes,
+ * so that the live ones fill [0, live) again, and truncates the memfd after
+ * them.  Frames already below that line stay where they are.  With
+ * @shrink_frames it also takes that many pfns off the top of the store for
+ * good, moving whatever lives there below first: memory hot-remove.
  *
- * The plan.  Walking the page table in address order, each frame is given
- * the next free slot the first time a page mapping it is met: NORMAL runs
- * get runs of frames, and the pages merged onto a KSM run follow it.  The
- * plan is made under pool->lock, together with the rmap: every mapped vpn
- * sorted by frame (a counting sort of the page table) - rmap_walk_ksm()'s
- * list of rmap items, built when needed instead of kept.
+ * The rmap.  Nothing points from a frame to its views: rmap_walk_ksm() has
+ * its list of rmap items, we build ours when needed, by one counting sort of
+ * the page table by pfn.  The pass is O(virtual pages), so it is made
+ * without pool->lock, which a faulting writer may be waiting for; nothing it
+ * reads is trusted beyond indexing.  A frame is moved only if, under the
+ * lock, the views the rmap lists for it are all its mapcount: a frame that
+ * gained a view behind our back is left in place.
  *
- * The moves.  Slots are filled in order.  A slot still occupied by some
- * other frame is first evacuated (that frame moves out of the way, to a free
- * frame above the live region when there is one, and later on to its own
- * slot).  Moving a run of frames, under pool->lock, is the migration write
- * barrier of Mesh: write-protect its NORMAL mappers (KSM mappers are
- * read-only already), copy through the direct map, remap every mapper onto
- * the new frames (one mmap per run of mappers), fix the tables, punch the
- * old frames.  A writer that faults meanwhile waits on pool->lock in the
- * fault handler and then writes to the new frame; readers never see a
- * half-copied page, because the page they map changes only by one mmap
- * after the copy is complete.  A KSM frame keeps its key when all its
- * mappers moved, and the move is logged, so the scanner's stable node
- * follows it by pfn; a frame that lost or gained mappers behind the plan's
- * back is simply not moved.  Pinned pages (pool.pin: a device or O_DIRECT
- * may be writing into them) are never moved.
+ * The move, per batch of frames, under pool->lock:
  *
- * Each lock hold is one run of at most UKSM_RUN_MAX frames: the pause a
- * writer can see is one such move, reported as max_hold_ns.
+ *   write barrier	mprotect the views PROT_READ.  Frames are never written
+ *			once filled, so the copy needs no barrier; the remap
+ *			does.  With cow="kernel" a view is read-write and the
+ *			kernel copies it on write without telling us: a view
+ *			copied between our check and our mmap would lose the
+ *			user's write.  A read-only view cannot be copied; a
+ *			writer faults, waits on pool->lock in the SIGSEGV
+ *			handler, and retries on the new frame.
+ *   pagemap check	a view pagemap shows copied already holds the user's
+ *			data: it is a private page now (uksm_page_cowed), and is
+ *			not moved.
+ *   copy		through the direct map, into freshly allocated frames.
+ *   remap		one mmap per run of views on consecutive frames.  The
+ *			mapcount, key, flags and group go with the frame, the
+ *			move is logged for the scanner (a keyhole is (pfn, key):
+ *			the stable node follows by pfn), and the old frame is
+ *			punched, or deferred if a fork epoch is open.
+ *   release		write access back for whatever was not remapped.
+ *
+ * A remap that fails (ENOMEM at vm.max_map_count) leaves its views on the
+ * old frame, whose content is theirs: a frame some of whose views moved
+ * becomes two stable frames of the same content, and the stable node keeps
+ * the old one.  No frame is freed while a view maps it.  Deferred frames
+ * are never moved, written or freed: compaction fills around them, and an
+ * offlining that would leave one in the range taken away is refused.
+ *
+ * Truncation.  Punching a hole leaves a view's private copies alone, but
+ * cutting the file does not: the kernel unmaps even the COWed pages of a
+ * private mapping beyond the new end (truncate_pagecache()), and what the
+ * user wrote would read as SIGBUS.  A page copied on write stays in its
+ * view's mapping, at the offset of the frame it came from; so before the
+ * cut, such pages above it get anonymous memory of their own, their content
+ * copied across under the same write barrier, and the cut, checked against
+ * /proc/self/maps under the lock, never goes below an offset a private
+ * mapping of the store still covers.  While a fork epoch is open the file
+ * is not cut at all: a child's mappings are not in our maps.
+ *
+ * Each hold of pool->lock moves at most UKSM_RUN_MAX frames (and a bounded
+ * number of views) or pages: the pause a writer can see, max_hold_ns.
  */
 #include "uksm_internal.h"
 
-#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 
-struct mapper {
-	uint32_t vpn;
-	uint32_t off;		/* which frame of the run it maps */
-};
+#define NONE		UINT32_MAX
+#define BATCH_VIEWS	(4 * UKSM_RUN_MAX)	/* views looked at per hold */
+#define EVAC_MAX	16384			/* mappings to empty above the cut */
+#define READ_ONCE(x)	__atomic_load_n(&(x), __ATOMIC_RELAXED)
 
-struct compact_scratch {
-	uint32_t *rmap_head;	/* nr_frames + 1: rmap of orig frame f is ...      */
-	uint32_t *rmap_vpn;	/* ... rmap_vpn[rmap_head[f] .. rmap_head[f + 1]) */
-	uint32_t *plan;		/* slot s gets orig frame plan[s], or NONE         */
-	uint32_t *seq;		/* frames in address order of their first mapper  */
-	uint8_t *taken;		/* slots already given out                         */
-	uint32_t *plan_key;	/* its key when planned                            */
-	uint32_t *cur;		/* nr_frames: where orig frame f is now            */
-	uint32_t *slot_of;	/* nr_frames: the slot planned for orig frame f    */
-	uint32_t *orig_at;	/* nr_frames: orig frame now at pfn p, or NONE     */
-	struct mapper *mappers;	/* scratch for one run                             */
-	uint32_t moved[UKSM_RUN_MAX];	/* per frame of a run: mappers moved       */
-	size_t nr_slots, nr_mapped, bytes;
+struct compact_ctl {
+	size_t online;		/* frames_online before a shrink */
+	size_t live, deferred;	/* frames, at the start */
+	size_t base, top;	/* the rmap covers frames [base, top) */
+	size_t scan;		/* next frame to consider moving */
+	uint32_t *head;		/* rmap of frame f: vpn[head[f - base] ..      */
+	uint32_t *vpn;		/*   head[f - base + 1]), NONE in unused slots */
+	uint32_t *idx;		/* frame f's index in the batch, or NONE */
+	uint64_t *wp;		/* per vpn: write-protected by this batch */
+	uint64_t *pm;		/* UKSM_RUN_MAX pagemap entries */
+	uint32_t *src, *dst, *moved;	/* the batch, UKSM_RUN_MAX each */
+	size_t n;
+	uint32_t *evac;		/* (vpn, pages) of mappings above the cut */
+	size_t nr_evac;
+	char *bounce;		/* UKSM_RUN_MAX pages */
 	void *mem;
+	size_t bytes;
 };
 
-#define NONE UINT32_MAX
-/* runs at least this long, already in place, are not moved (and slack) */
-#define ANCHOR_RUN 16
+#define for_each_batch_vpn(c, i, j, v)						\
+	for ((i) = 0; (i) < (c)->n; (i)++)					\
+		for ((j) = (c)->head[(c)->src[i] - (c)->base];			\
+		     (j) < (c)->head[(c)->src[i] - (c)->base + 1]; (j)++)	\
+			if (((v) = (c)->vpn[j]) == NONE) {} else
 
-static uint64_t now_ns(void)
+static uint64_t hold_begin(struct uksm_pool *pool)
 {
 	struct timespec t;
 
+	uksm_lock(pool);
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-static int mapped_state(uint8_t state)
+static void hold_end(struct uksm_pool *pool, uint64_t t0, struct uksm_compact_stats *out)
 {
-	return state == UKSM_PTE_NORMAL || state == UKSM_PTE_KSM;
-}
-
-/*
- * Sort a run's mappers by vpn, in place and without malloc (qsort may
- * allocate, and we hold pool->lock): Shell's sort, gaps 3h + 1.
- */
-static void sort_mappers(struct mapper *m, size_t n)
-{
-	size_t gap = 1;
-
-	while (gap < n / 3)
-		gap = 3 * gap + 1;
-	for (; gap; gap /= 3) {
-		for (size_t i = gap; i < n; i++) {
-			struct mapper t = m[i];
-			size_t j = i;
-
-			while (j >= gap && m[j - gap].vpn > t.vpn) {
-				m[j] = m[j - gap];
-				j -= gap;
-			}
-			m[j] = t;
-		}
-	}
-}
-
-/* End of the run of consecutive NORMAL mappers starting at @a (@a if none). */
-static size_t normal_run_end(struct uksm_pool *pool, const struct mapper *m,
-			     size_t n, size_t a)
-{
-	size_t b = a;
-
-	if (a >= n || pool->ptes[m[a].vpn].state != UKSM_PTE_NORMAL)
-		return a;
-	b++;
-	while (b < n && m[b].vpn == m[b - 1].vpn + 1 &&
-	       pool->ptes[m[b].vpn].state == UKSM_PTE_NORMAL)
-		b++;
-	return b;
-}
-
-/*
- * The plan and the rmap, read WITHOUT pool->lock: the pass is O(virtual
- * pages) and a faulting writer must not wait for it.  The page table may
- * change under us (COW breaks, frees, swap-ins later), so nothing read here
- * is trusted beyond indexing: every bucket is bounded, and every move checks
- * again under the lock what it relies on (frame key, the mappers found
- * against the mapcount).  One anonymous mapping holds all the tables, sized
- * for the worst case and touched only as far as used.
- */
-static int plan_compaction(struct uksm_pool *pool, struct compact_scratch *sc,
-			   size_t live)
-{
-	size_t nf = pool->nr_frames, nv = pool->va_pages, next = 0;
-	char *p;
-
-	size_t L = live + ANCHOR_RUN < pool->frames_online ? live + ANCHOR_RUN :
-								pool->frames_online;
-
-	sc->bytes = (nf + 1) * 4 + nv * 4 + 2 * L * 4 + live * 4 + L + 3 * nf * 4 +
-		    (nv + 1) * sizeof(struct mapper);
-	sc->mem = mmap(NULL, sc->bytes, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (sc->mem == MAP_FAILED)
-		return -ENOMEM;
-	p = sc->mem;
-	sc->rmap_head = (uint32_t *)p;		p += (nf + 1) * 4;
-	sc->rmap_vpn = (uint32_t *)p;		p += nv * 4;
-	sc->plan = (uint32_t *)p;		p += L * 4;
-	sc->plan_key = (uint32_t *)p;		p += L * 4;
-	sc->seq = (uint32_t *)p;		p += live * 4;
-	sc->cur = (uint32_t *)p;		p += nf * 4;
-	sc->slot_of = (uint32_t *)p;		p += nf * 4;
-	sc->orig_at = (uint32_t *)p;		p += nf * 4;
-	sc->mappers = (struct mapper *)p;	p += (nv + 1) * sizeof(struct mapper);
-	sc->taken = (uint8_t *)p;		/* bytes last: the rest stay aligned */
-
-	/* rmap: counting sort of the mapped vpns by frame */
-	for (size_t v = 0; v < nv; v++) {
-		struct uksm_pte pte = pool->ptes[v];
-
-		if (mapped_state(pte.state) && pte.pfn < nf)
-			sc->rmap_head[pte.pfn + 1]++;
-	}
-	for (size_t f = 0; f < nf; f++)
-		sc->rmap_head[f + 1] += sc->rmap_head[f];
-	/* slot_of counts each frame's vpns placed so far, for now (zeroed) */
-	for (size_t v = 0; v < nv; v++) {
-		struct uksm_pte pte = pool->ptes[v];
-		uint32_t f = pte.pfn;
-
-		if (!mapped_state(pte.state) || f >= nf ||
-		    sc->slot_of[f] >= sc->rmap_head[f + 1] - sc->rmap_head[f])
-			continue;
-		sc->rmap_vpn[sc->rmap_head[f] + sc->slot_of[f]++] = (uint32_t)v;
-	}
-	for (size_t f = 0; f < nf; f++) {
-		sc->cur[f] = (uint32_t)f;
-		sc->orig_at[f] = (uint32_t)f;
-		sc->slot_of[f] = NONE;
-	}
-	/* the order: frames in address order of their first mapper */
-	for (size_t v = 0; v < nv && next < live; v++) {
-		struct uksm_pte pte = pool->ptes[v];
-		uint32_t f = pte.pfn;
-
-		if (!mapped_state(pte.state) || f >= nf || sc->slot_of[f] != NONE)
-			continue;
-		sc->slot_of[f] = (uint32_t)next;
-		sc->seq[next++] = f;
-	}
-	/*
-	 * The plan.  A long run of the order that already sits on consecutive
-	 * frames inside the final size stays where it is (moving it would gain
-	 * nothing: think of one hole below a large merged buffer); the other
-	 * frames fill the free slots below the final size in order, so short
-	 * runs and scattered pages come together.
-	 */
-	for (size_t s = 0; s < L; s++)
-		sc->plan[s] = NONE;
-	for (size_t i = 0; i < next;) {
-		size_t j = i + 1;
-
-		while (j < next && sc->seq[j] == sc->seq[j - 1] + 1)
-			j++;
-		if (j - i >= ANCHOR_RUN && sc->seq[i] + (j - i) <= L) {
-			for (size_t k = i; k < j; k++) {
-				sc->plan[sc->seq[k]] = sc->seq[k];
-				sc->taken[sc->seq[k]] = 1;
-			}
-		}
-		i = j;
-	}
-	for (size_t i = 0, cursor = 0; i < next; i++) {
-		uint32_t f = sc->seq[i];
-
-		if (f < L && sc->plan[f] == f)
-			continue;		/* anchored */
-		while (cursor < L && sc->taken[cursor])
-			cursor++;
-		if (cursor >= L)
-			break;			/* no room: the rest stay put */
-		sc->plan[cursor] = f;
-		sc->taken[cursor] = 1;
-	}
-	for (size_t s = 0; s < L; s++)
-		if (sc->plan[s] != NONE)
-			sc->plan_key[s] = pool->frames[sc->plan[s]].key;
-	sc->nr_slots = L;
-	return 0;
-}
-
-/*
- * move_run - migrate the @k frames now at @from (orig frames @orig..) to the
- * free frames at @to.  Caller holds pool->lock and has checked that frames
- * from..from+k hold orig..orig+k.  Returns @k, or 0 if the run must stay
- * (a mapper is pinned, a mapper unknown to the rmap, no room, ENOMEM).
- */
-static size_t move_run(struct uksm_pool *pool, struct compact_scratch *sc,
-		       size_t orig, size_t from, size_t to, size_t k,
-		       uint32_t *log_from, uint32_t *log_to, size_t log_cap,
-		       size_t *log_n)
-{
-	size_t nm = 0, done, barrier_end;
-	int err = 0;
-
-	for (size_t i = 0; i < k; i++) {
-		size_t f = orig + i, found = 0;
-
-		for (uint32_t j = sc->rmap_head[f]; j < sc->rmap_head[f + 1]; j++) {
-			struct uksm_pte *pte = &pool->ptes[sc->rmap_vpn[j]];
-
-			if (!mapped_state(pte->state) || pte->pfn != from + i)
-				continue;
-			if (pte->spare[0] & UKSM_PTE_PINNED)
-				return 0;
-			sc->mappers[nm].vpn = sc->rmap_vpn[j];
-			sc->mappers[nm].off = (uint32_t)i;
-			nm++;
-			found++;
-		}
-		/* a mapper we do not know of would keep mapping the old frame */
-		if (found != pool->frames[from + i].mapcount || !found)
-			return 0;
-	}
-	done = uksm_frame_alloc_at(pool, to, k, pool->frames_online);
-	if (done != k) {
-		/* alloc_at takes what it can: give a partial run back */
-		for (size_t i = 0; i < done; i++) {
-			pool->frames[to + i].mapcount = 1;
-			uksm_frame_put(pool, to + i);
-		}
-		return 0;
-	}
-	sort_mappers(sc->mappers, nm);
-
-	/* the write barrier: NORMAL mappers read-only while we copy */
-	barrier_end = nm;
-	for (size_t a = 0; a < nm;) {
-		size_t b = normal_run_end(pool, sc->mappers, nm, a);
-
-		if (b == a) {
-			a++;
-			continue;
-		}
-		if (uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG, PROT_READ)) {
-			err = -errno;
-			barrier_end = a;
-			break;
-		}
-		a = b;
-	}
-	done = 0;
-	if (!err) {
-		memcpy(frame_addr(pool, to), frame_addr(pool, from), k * PG);
-		/* remap: one mmap per run of mappers on consecutive frames */
-		while (done < nm) {
-			size_t b = done + 1;
-			uint8_t st = pool->ptes[sc->mappers[done].vpn].state;
-
-			while (b < nm && sc->mappers[b].vpn == sc->mappers[b - 1].vpn + 1 &&
-			       sc->mappers[b].off == sc->mappers[b - 1].off + 1 &&
-			       pool->ptes[sc->mappers[b].vpn].state == st)
-				b++;
-			err = uksm_map_frames(pool, sc->mappers[done].vpn, b - done,
-					      to + sc->mappers[done].off,
-					      st == UKSM_PTE_NORMAL);
-			if (err)
-				break;
-			done = b;
-		}
-	}
-	if (err) {
-		/*
-		 * ENOMEM (vm.max_map_count) part way.  Remapping anything back
-		 * would meet the same limit, so roll forward instead, with no
-		 * more mmaps: mappers [0, done) are on the new frames, the rest
-		 * on the old ones.  Lift the write barrier from those still on
-		 * the old frames, over the runs it was put on (should even that
-		 * fail, the fault handler mends a NORMAL page on its first write).
-		 */
-		for (size_t a = done; a < barrier_end;) {
-			size_t b = normal_run_end(pool, sc->mappers, barrier_end, a);
-
-			if (b == a) {
-				a++;
-				continue;
-			}
-			uksm_mprotect(page_addr(pool, sc->mappers[a].vpn), (b - a) * PG,
-				      PROT_READ | PROT_WRITE);
-			for (size_t c = a; c < b; c++)
-				pool->ptes[sc->mappers[c].vpn].spare[0] &= ~UKSM_PTE_HINT;
-			a = b;
-		}
-	}
-
-	/* the tables: each page where its mapping now is, then the frames */
-	for (size_t i = 0; i < k; i++)
-		sc->moved[i] = 0;
-	for (size_t a = 0; a < done; a++) {
-		const struct mapper *m = &sc->mappers[a];
-
-		pool->ptes[m->vpn].pfn = (uint32_t)(to + m->off);
-		pool->ptes[m->vpn].spare[0] &= ~UKSM_PTE_HINT;	/* mapped accessible now */
-		sc->moved[m->off]++;
-	}
-	for (size_t i = 0; i < k; i++) {
-		struct uksm_frame *old = &pool->frames[from + i];
-		struct uksm_frame *new = &pool->frames[to + i];
-
-		if (!sc->moved[i]) {		/* nothing maps the copy */
-			new->mapcount = 1;
-			uksm_frame_put(pool, to + i);
-			continue;
-		}
-		new->flags = old->flags;
-		uksm_recharge(pool, to + i, old->group);
-		if (new->flags & UKSM_FRAME_KSM)
-			pool->st.ksm_frames++;
-		if (sc->moved[i] < old->mapcount) {
-			/*
-			 * Some mappers of a KSM frame moved, some did not: two
-			 * read-only copies of the same page, each a KSM frame of
-			 * its own.  The stable node keeps the old one; the new one
-			 * has a fresh key and is simply not indexed.
-			 */
-			new->mapcount = sc->moved[i];
-			old->mapcount -= sc->moved[i];
-			continue;
-		}
-		new->mapcount = old->mapcount;
-		new->key = old->key;	/* the keyhole moves with the frame */
-		if ((new->flags & UKSM_FRAME_KSM) && *log_n < log_cap) {
-			log_from[*log_n] = (uint32_t)(from + i);
-			log_to[*log_n] = (uint32_t)(to + i);
-			(*log_n)++;
-		}
-		old->mapcount = 1;
-		uksm_frame_put(pool, from + i);	/* frees, new key, punches */
-		sc->cur[orig + i] = (uint32_t)(to + i);
-		sc->orig_at[to + i] = (uint32_t)(orig + i);
-		sc->orig_at[from + i] = NONE;
-	}
-	return err ? 0 : k;
-}
-
-/* A free frame for an evacuee: above the live region if possible. */
-static size_t evacuation_target(struct uksm_pool *pool, size_t live, size_t avoid_lo,
-				size_t avoid_hi)
-{
-	size_t f = uksm_find_zero_bit(pool->frame_map, live, pool->frames_online);
-
-	while (f < pool->frames_online && f >= avoid_lo && f < avoid_hi)
-		f = uksm_find_zero_bit(pool->frame_map, avoid_hi, pool->frames_online);
-	if (f < pool->frames_online)
-		return f;
-	f = uksm_find_zero_bit(pool->frame_map, 0, pool->frames_online);
-	while (f < pool->frames_online && f >= avoid_lo && f < avoid_hi)
-		f = uksm_find_zero_bit(pool->frame_map, avoid_hi, pool->frames_online);
-	return f < pool->frames_online ? f : NONE;
-}
-
-static void hold_end(struct uksm_pool *pool, uint64_t t0,
-		     struct uksm_compact_stats *out)
-{
+	struct timespec t;
 	uint64_t held;
 
 	uksm_frames_flush(pool);
 	uksm_unlock(pool);
-	held = now_ns() - t0;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	held = (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec - t0;
 	if (held > out->max_hold_ns)
 		out->max_hold_ns = held;
 }
 
+/* First set bit at or after @from, below @limit; @limit if none. */
+static size_t find_set_bit(const uint64_t *map, size_t from, size_t limit)
+{
+	for (size_t i = from; i < limit; i = (i & ~(size_t)63) + 64) {
+		uint64_t w = map[i >> 6] & ~((1ULL << (i & 63)) - 1);
+
+		if (w) {
+			i = (i & ~(size_t)63) + (size_t)__builtin_ctzll(w);
+			return i < limit ? i : limit;
+		}
+	}
+	return limit;
+}
+
+/* One past the last set bit below @limit; 0 if none. */
+static size_t last_set_bit(const uint64_t *map, size_t limit)
+{
+	for (size_t w = (limit + 63) / 64; w--;) {
+		uint64_t m = map[w];
+
+		if ((w + 1) * 64 > limit)
+			m &= (1ULL << (limit & 63)) - 1;
+		if (m)
+			return w * 64 + 64 - (size_t)__builtin_clzll(m);
+	}
+	return 0;
+}
+
+static uint32_t batch_idx(const struct compact_ctl *c, size_t pfn)
+{
+	return pfn >= c->base && pfn < c->top ? c->idx[pfn - c->base] : NONE;
+}
+
+/* A view of a frame of this batch. */
+static int batch_view(struct uksm_pool *pool, const struct compact_ctl *c, size_t vpn)
+{
+	const struct uksm_pte *pte = &pool->ptes[vpn];
+
+	return pte->state == UKSM_PTE_KSM && batch_idx(c, pte->pfn) != NONE;
+}
+
+/* ... write-protected, checked, and not remapped yet. */
+static int remappable(struct uksm_pool *pool, const struct compact_ctl *c, size_t vpn)
+{
+	return uksm_bit_test(c->wp, vpn) && batch_view(pool, c, vpn);
+}
+
+/* Do views @vpn and @vpn + 1 go, in one mmap, onto consecutive new frames? */
+static int remap_next(struct uksm_pool *pool, const struct compact_ctl *c, size_t vpn)
+{
+	const struct uksm_pte *a = &pool->ptes[vpn], *b = a + 1;
+
+	return vpn + 1 < pool->va_pages && remappable(pool, c, vpn) &&
+	       remappable(pool, c, vpn + 1) && b->pfn == a->pfn + 1 &&
+	       c->dst[batch_idx(c, b->pfn)] == c->dst[batch_idx(c, a->pfn)] + 1;
+}
+
+/* The protection a page we write-protected gets back. */
+static int page_prot(struct uksm_pool *pool, size_t vpn)
+{
+	return pool->ptes[vpn].state == UKSM_PTE_KSM ? view_prot(pool) : PROT_READ | PROT_WRITE;
+}
+
+/*
+ * The first hold: an heir takes a store of its own; an offlining is checked
+ * and its range taken from the allocator at once, so that no merge puts a
+ * frame there meanwhile.
+ */
+static int compact_begin(struct uksm_pool *pool, uint64_t shrink_frames,
+			 struct compact_ctl *c)
+{
+	size_t end, p;
+	int err;
+
+	if (pool->heir) {
+		err = uksm_detach(pool);
+		if (err)
+			return err;
+	}
+	c->online = pool->frames_online;
+	c->top = pool->file_frames;
+	c->deferred = pool->st.frames_deferred;
+	c->live = pool->st.frames_used - pool->st.frames_deferred;
+	if (!shrink_frames)
+		return 0;
+	if (shrink_frames >= c->online || c->online - shrink_frames < pool->st.frames_used)
+		return -ENOSPC;
+	end = c->online < c->top ? c->online : c->top;
+	for (p = find_set_bit(pool->frame_map, c->online - shrink_frames, end); p < end;
+	     p = find_set_bit(pool->frame_map, p + 1, end))
+		if (!(pool->frames[p].flags & UKSM_FRAME_KSM))
+			return -EBUSY;		/* deferred: may not move */
+	pool->frames_online = c->online - shrink_frames;
+	return 0;
+}
+
+/*
+ * Without pool->lock: the line below which the live frames fit (the pfns not
+ * deferred, counted up to @live), and the rmap of the frames above it, in
+ * one scratch mapping sized for the worst case and touched as far as used.
+ */
+static int compact_plan(struct uksm_pool *pool, struct compact_ctl *c)
+{
+	size_t nv = pool->va_pages, nr, p = c->live, seen = 0;
+	char *m;
+
+	if (c->deferred)
+		for (p = 0; p < c->top && seen < c->live; p++)
+			seen += !(READ_ONCE(pool->frames[p].flags) & UKSM_FRAME_DEFERRED);
+	if (p > pool->frames_online)
+		p = pool->frames_online;
+	c->scan = c->base = p < c->top ? p : c->top;
+	nr = c->top - c->base;
+	c->bytes = UKSM_RUN_MAX * (PG + 8 + 3 * 4) + (nv + 63) / 64 * 8 + EVAC_MAX * 8 +
+		   (2 * nr + 1) * 4 + nv * 4;
+	m = mmap(NULL, c->bytes, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (m == MAP_FAILED)
+		return -ENOMEM;
+	c->mem = m;
+	c->bounce = m;			m += UKSM_RUN_MAX * PG;
+	c->pm = (uint64_t *)m;		m += UKSM_RUN_MAX * 8;
+	c->wp = (uint64_t *)m;		m += (nv + 63) / 64 * 8;
+	c->evac = (uint32_t *)m;	m += EVAC_MAX * 8;
+	c->src = (uint32_t *)m;		m += UKSM_RUN_MAX * 4;
+	c->dst = (uint32_t *)m;		m += UKSM_RUN_MAX * 4;
+	c->moved = (uint32_t *)m;	m += UKSM_RUN_MAX * 4;
+	c->head = (uint32_t *)m;	m += (nr + 1) * 4;
+	c->idx = (uint32_t *)m;		m += nr * 4;
+	c->vpn = (uint32_t *)m;
+
+	for (size_t v = 0; nr && v < nv; v++) {
+		uint32_t f = READ_ONCE(pool->ptes[v].pfn);
+
+		if (READ_ONCE(pool->ptes[v].state) == UKSM_PTE_KSM && f >= c->base && f < c->top)
+			c->head[f - c->base + 1]++;
+	}
+	for (size_t f = 0; f < nr; f++)
+		c->head[f + 1] += c->head[f];
+	/* idx counts each bucket's fill for now: the page table may change */
+	for (size_t v = 0; nr && v < nv; v++) {
+		uint32_t f = READ_ONCE(pool->ptes[v].pfn);
+
+		if (READ_ONCE(pool->ptes[v].state) != UKSM_PTE_KSM || f < c->base || f >= c->top)
+			continue;
+		f -= (uint32_t)c->base;
+		if (c->head[f] + c->idx[f] < c->head[f + 1])
+			c->vpn[c->head[f] + c->idx[f]++] = (uint32_t)v;
+	}
+	for (size_t f = 0; f < nr; f++) {
+		for (uint32_t j = c->head[f] + c->idx[f]; j < c->head[f + 1]; j++)
+			c->vpn[j] = NONE;
+		c->idx[f] = NONE;
+	}
+	return 0;
+}
+
+/* Does the rmap list every view frame @pfn has? */
+static int rmap_complete(struct uksm_pool *pool, const struct compact_ctl *c, size_t pfn)
+{
+	uint32_t found = 0;
+
+	for (uint32_t j = c->head[pfn - c->base]; j < c->head[pfn - c->base + 1]; j++) {
+		uint32_t v = c->vpn[j];
+
+		found += v != NONE && pool->ptes[v].state == UKSM_PTE_KSM &&
+			 pool->ptes[v].pfn == pfn;
+	}
+	return found == pool->frames[pfn].mapcount;
+}
+
+/*
+ * Step 1: the next live frames above the line, in pfn order, each with a
+ * fresh frame in the lowest hole below it (runs of holes: one fallocate).
+ * Returns 0 when there is nothing left to move.
+ */
+static int batch_collect(struct uksm_pool *pool, struct compact_ctl *c,
+			 struct uksm_compact_stats *out)
+{
+	size_t p = c->scan, views = 0, i = 0;
+
+	c->n = 0;
+	while (c->n < UKSM_RUN_MAX && views < BATCH_VIEWS &&
+	       (p = find_set_bit(pool->frame_map, p, c->top)) < c->top) {
+		const struct uksm_frame *f = &pool->frames[p];
+
+		if (f->flags & UKSM_FRAME_KSM) {	/* deferred ones stay */
+			views += c->head[p - c->base + 1] - c->head[p - c->base] + 1;
+			if (rmap_complete(pool, c, p))
+				c->src[c->n++] = (uint32_t)p;
+			else
+				out->frames_skipped++;	/* a view the rmap missed */
+		}
+		p++;
+	}
+	c->scan = p;
+	while (i < c->n) {
+		size_t lim = c->src[i] < pool->frames_online ? c->src[i] : pool->frames_online;
+		size_t d = uksm_find_zero_bit(pool->frame_map, pool->frame_hint, lim), got;
+
+		got = d < lim ? uksm_frame_alloc_at(pool, d, c->n - i, pool->frames_online) : 0;
+		if (!got)
+			break;
+		pool->frame_hint = d + got;
+		for (size_t k = i; k < i + got; k++) {
+			c->dst[k] = (uint32_t)(d + k - i);
+			c->moved[k] = 0;
+			c->idx[c->src[k] - c->base] = (uint32_t)k;
+		}
+		i += got;
+	}
+	if (i < c->n) {
+		/* no room below c->src[i]: retry it next time, or give it up */
+		out->frames_skipped += !i;
+		c->scan = i ? c->src[i] : c->src[0] + 1;
+		c->n = i;
+	}
+	return c->n || c->scan < c->top;
+}
+
+/*
+ * Step 2: the write barrier, one mprotect per run of consecutive views, and
+ * the pagemap check under it: a view copied already leaves the batch.
+ */
+static void batch_protect(struct uksm_pool *pool, struct compact_ctl *c)
+{
+	size_t i, j, v, e, a, len;
+
+	for_each_batch_vpn(c, i, j, v) {
+		if (!batch_view(pool, c, v) || uksm_bit_test(c->wp, v) ||
+		    (v && batch_view(pool, c, v - 1) && !uksm_bit_test(c->wp, v - 1)))
+			continue;	/* not a run's start, or done */
+		for (e = v + 1; e < pool->va_pages && batch_view(pool, c, e) &&
+		     !uksm_bit_test(c->wp, e); e++)
+			;
+		if (uksm_mprotect(page_addr(pool, v), (e - v) * PG, PROT_READ)) {
+			/* these stay; undo what a partial mprotect did */
+			(void)uksm_mprotect(page_addr(pool, v), (e - v) * PG, view_prot(pool));
+			continue;
+		}
+		for (a = v; a < e; a++)
+			uksm_bit_set(c->wp, a);
+		for (a = v; a < e; a += len) {
+			len = e - a < UKSM_RUN_MAX ? e - a : UKSM_RUN_MAX;
+			if (uksm_pagemap_read((size_t)page_addr(pool, a), len, c->pm)) {
+				(void)uksm_mprotect(page_addr(pool, a), len * PG, view_prot(pool));
+				for (size_t k = a; k < a + len; k++)
+					uksm_bit_clear(c->wp, k);
+				continue;
+			}
+			for (size_t k = 0; k < len; k++)
+				if (pm_cowed(c->pm[k]))
+					uksm_page_cowed(pool, a + k);
+		}
+	}
+}
+
+/* Step 3: copy the frames still mapped, runs of them at once. */
+static void batch_copy(struct uksm_pool *pool, struct compact_ctl *c)
+{
+	for (size_t i = 0, k; i < c->n; i += k) {
+		k = 1;
+		if (!pool->frames[c->src[i]].mapcount)
+			continue;	/* every view was copied: it is gone */
+		while (i + k < c->n && c->src[i + k] == c->src[i] + k &&
+		       c->dst[i + k] == c->dst[i] + k && pool->frames[c->src[i + k]].mapcount)
+			k++;
+		memcpy(frames_addr(pool, c->dst[i], k), frames_addr(pool, c->src[i], k), k * PG);
+	}
+}
+
+/* Step 4: map the checked views onto the new frames, one mmap per run. */
+static void batch_remap(struct uksm_pool *pool, struct compact_ctl *c)
+{
+	size_t i, j, v, e;
+
+	for_each_batch_vpn(c, i, j, v) {
+		if (!remappable(pool, c, v) || (v && remap_next(pool, c, v - 1)))
+			continue;
+		for (e = v + 1; remap_next(pool, c, e - 1); e++)
+			;
+		/* on failure the views stay on the old frame, which is theirs */
+		if (uksm_map_view(pool, v, e - v, pool->ro_fd,
+				  c->dst[batch_idx(c, pool->ptes[v].pfn)], view_prot(pool)))
+			continue;
+		for (size_t k = v; k < e; k++) {
+			struct uksm_pte *pte = &pool->ptes[k];
+			uint32_t b = batch_idx(c, pte->pfn);
+
+			pte->pfn = c->dst[b];
+			c->moved[b]++;
+			uksm_bit_clear(c->wp, k);
+		}
+	}
+}
+
+/* Step 5: the frame table: what moved takes its count, key and group along. */
+static void batch_finish(struct uksm_pool *pool, struct compact_ctl *c,
+			 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
+			 size_t *log_n, struct uksm_compact_stats *out)
+{
+	for (size_t i = 0; i < c->n; i++) {
+		struct uksm_frame *old = &pool->frames[c->src[i]];
+		struct uksm_frame *new = &pool->frames[c->dst[i]];
+
+		if (!c->moved[i]) {
+			out->frames_skipped += old->mapcount != 0;
+			new->mapcount = 1;
+			uksm_frame_put(pool, c->dst[i]);	/* never mapped */
+			continue;
+		}
+		new->mapcount = c->moved[i];
+		new->flags = UKSM_FRAME_KSM;
+		new->group = old->group;
+		pool->st.ksm_frames++;
+		out->frames_moved++;
+		out->runs_moved += !(i && c->moved[i - 1] && c->src[i] == c->src[i - 1] + 1 &&
+				     c->dst[i] == c->dst[i - 1] + 1);
+		if (old->mapcount > c->moved[i]) {
+			old->mapcount -= c->moved[i];	/* two frames now */
+			continue;
+		}
+		new->key = old->key;	/* the keyhole moves with the frame */
+		if (*log_n < log_cap) {
+			log_from[*log_n] = c->src[i];
+			log_to[*log_n] = c->dst[i];
+			(*log_n)++;
+		}
+		old->mapcount = 1;
+		uksm_frame_put(pool, c->src[i]);	/* new key; punched or deferred */
+	}
+}
+
+/* Step 6: write access back for every page protected and not remapped. */
+static void batch_release(struct uksm_pool *pool, struct compact_ctl *c)
+{
+	size_t i, j, v, e;
+
+	for_each_batch_vpn(c, i, j, v) {
+		int prot = page_prot(pool, v);
+
+		if (!uksm_bit_test(c->wp, v) ||
+		    (v && uksm_bit_test(c->wp, v - 1) && page_prot(pool, v - 1) == prot))
+			continue;
+		for (e = v + 1; e < pool->va_pages && uksm_bit_test(c->wp, e) &&
+		     page_prot(pool, e) == prot; e++)
+			;
+		/* should this fail, the handler mends the page on its first write */
+		(void)uksm_mprotect(page_addr(pool, v), (e - v) * PG, prot);
+		for (size_t k = v; k < e; k++)
+			uksm_bit_clear(c->wp, k);
+	}
+	for (i = 0; i < c->n; i++)
+		c->idx[c->src[i] - c->base] = NONE;
+}
+
+/* A number in /proc/self/maps, and the separator after it. */
+static uint64_t maps_num(const char **s, unsigned int base)
+{
+	uint64_t v = 0;
+
+	for (;; (*s)++) {
+		char ch = **s;
+		unsigned int d = ch >= '0' && ch <= '9' ? (unsigned int)(ch - '0') :
+				 ch >= 'a' && ch <= 'f' ? (unsigned int)(ch - 'a' + 10) : 99;
+
+		if (d >= base)
+			break;
+		v = v * base + d;
+	}
+	*s += **s != 0;
+	return v;
+}
+
+/*
+ * The private mappings of the store that reach at or above frame @cut:
+ * returns the highest frame any of them covers (@cut if none), or -errno.
+ * With @c, their parts above the cut in the pool's range are noted in
+ * c->evac.  Reads /proc/self/maps with read(2) into the stack: no malloc.
+ */
+static long store_maps(struct uksm_pool *pool, struct compact_ctl *c, size_t cut)
+{
+	uintptr_t va = (uintptr_t)pool->va, va_end = va + pool->va_pages * PG;
+	char buf[8192];
+	size_t have = 0, top = cut;
+	struct stat st;
+	ssize_t r;
+	int fd;
+
+	if (fstat(pool->fd, &st))
+		return -errno;
+	fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	while ((r = read(fd, buf + have, sizeof(buf) - 1 - have)) > 0 || (r < 0 && errno == EINTR)) {
+		char *line = buf, *nl;
+
+		have += r > 0 ? (size_t)r : 0;
+		buf[have] = 0;
+		for (; (nl = strchr(line, '\n')); line = nl + 1) {
+			const char *s = line;
+			uint64_t lo = maps_num(&s, 16), hi = maps_num(&s, 16), off, dev, end;
+			char private = s[3];
+
+			s += 5;
+			off = maps_num(&s, 16) / PG;
+			dev = maps_num(&s, 16);
+			dev = makedev(dev, maps_num(&s, 16));
+			end = off + (hi - lo) / PG;
+			if (private != 'p' || maps_num(&s, 10) != st.st_ino || dev != st.st_dev ||
+			    end <= cut)
+				continue;
+			top = end > top ? end : top;
+			if (c && lo >= va && hi <= va_end && c->nr_evac < EVAC_MAX) {
+				uint64_t first = (lo - va) / PG + (off < cut ? cut - off : 0);
+
+				c->evac[2 * c->nr_evac] = (uint32_t)first;
+				c->evac[2 * c->nr_evac++ + 1] = (uint32_t)((hi - va) / PG - first);
+			}
+		}
+		if (line == buf && have == sizeof(buf) - 1)
+			break;		/* no line is this long */
+		have -= (size_t)(line - buf);
+		memmove(buf, line, have);
+	}
+	close(fd);
+	return r || have ? -EIO : (long)top;
+}
+
+/*
+ * Give the copied-on-write pages above the cut anonymous memory of their
+ * own, a run of at most UKSM_RUN_MAX per hold: write-protect, copy out, map
+ * anonymous memory over them, copy back.  Best effort: what stays keeps the
+ * file from being cut below it (compact_end).
+ */
+static void compact_evacuate(struct uksm_pool *pool, struct compact_ctl *c,
+			     struct uksm_compact_stats *out)
+{
+	size_t cut = last_set_bit(pool->frame_map, pool->file_frames);
+
+	if (!c->mem || uksm_must_defer(pool) || cut >= pool->file_frames ||
+	    store_maps(pool, c, cut) < 0)
+		return;
+	for (size_t r = 0; r < c->nr_evac; r++) {
+		size_t v = c->evac[2 * r], end = v + c->evac[2 * r + 1];
+
+		for (size_t n; v < end; v += n) {
+			uint64_t t0 = hold_begin(pool);
+
+			n = end - v < UKSM_RUN_MAX ? end - v : UKSM_RUN_MAX;
+			for (size_t a = v, e; a < v + n; a = e + 1) {
+				for (e = a; e < v + n && pool->ptes[e].state == UKSM_PTE_PRIVATE &&
+				     !(pool->ptes[e].flags & UKSM_PTE_PINNED); e++)
+					;
+				if (e == a || uksm_mprotect(page_addr(pool, a), (e - a) * PG, PROT_READ))
+					continue;
+				memcpy(c->bounce, page_addr(pool, a), (e - a) * PG);
+				if (uksm_map_anon(pool, a, e - a, PROT_READ | PROT_WRITE))
+					(void)uksm_mprotect(page_addr(pool, a), (e - a) * PG,
+							    PROT_READ | PROT_WRITE);
+				else
+					memcpy(page_addr(pool, a), c->bounce, (e - a) * PG);
+			}
+			hold_end(pool, t0, out);
+		}
+	}
+}
+
+/*
+ * The last hold: an offlining that left a live frame behind is undone; the
+ * memfd is cut after the highest frame in use or deferred, and after every
+ * private mapping of it.
+ */
+static int compact_end(struct uksm_pool *pool, struct compact_ctl *c, int err,
+		       struct uksm_compact_stats *out)
+{
+	size_t end = c->online < pool->file_frames ? c->online : pool->file_frames;
+	long top;
+
+	for (size_t p = find_set_bit(pool->frame_map, pool->frames_online, end);
+	     !err && p < end; p = find_set_bit(pool->frame_map, p + 1, end))
+		if (pool->frames[p].flags & UKSM_FRAME_KSM)
+			err = -EBUSY;
+	if (err)
+		pool->frames_online = c->online;
+	uksm_frames_flush(pool);
+	top = last_set_bit(pool->frame_map, pool->file_frames);
+	if (!uksm_must_defer(pool) && (size_t)top < pool->file_frames)
+		top = store_maps(pool, NULL, (size_t)top);
+	else
+		top = -1;
+	if (top >= 0 && (size_t)top < pool->file_frames &&
+	    !ftruncate(pool->fd, (off_t)top * (off_t)PG)) {
+		pool->file_frames = (size_t)top;
+		pool->st.frames_file = (size_t)top;
+	}
+	out->file_frames_after = pool->file_frames;
+	return err;
+}
+
 /*
  * uksm_compact - compaction, and offlining of @shrink_frames frames from the
- * top of the pool (0: just compact).  KSM frames moved are logged in
- * log_from/log_to (in order: a frame may move twice), so the scanner can
- * move its stable nodes along.  -ENOSPC if the live frames would not fit
- * below the new top (nothing changed then); -EBUSY if some frame above it
- * could not be moved (pinned, or raced): the shrink is undone.
+ * top of the store (0: just compact).  KSM frames moved are logged in
+ * log_from/log_to, in order, so that the scanner can move its stable nodes
+ * along.  -ENOSPC if the frames in use would not fit below the new top, and
+ * -EBUSY if a frame there cannot be moved (deferred, raced, no room): then
+ * nothing is taken away.  What was moved stays moved.
  */
 int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 		 size_t *log_n, struct uksm_compact_stats *out)
 {
-	struct compact_scratch sc;
-	size_t online_before, capacity_before, live, top;
+	struct compact_ctl c;
 	uint64_t t0;
-	int err;
+	int err, more = 1;
 
 	memset(out, 0, sizeof(*out));
-	memset(&sc, 0, sizeof(sc));
+	memset(&c, 0, sizeof(c));
 	*log_n = 0;
 
-	t0 = now_ns();
-	uksm_lock(pool);
-	out->file_frames_before = pool->file_frames;
-	online_before = pool->frames_online;
-	capacity_before = pool->capacity_frames;
-	if (shrink_frames) {
-		if (shrink_frames >= pool->frames_online ||
-		    pool->frames_online - shrink_frames < pool->st.frames_used ||
-		    shrink_frames > pool->capacity_frames ||
-		    pool->capacity_frames - shrink_frames < pool->st.frames_used) {
-			uksm_unlock(pool);
-			return -ENOSPC;
-		}
-		/* from now on nothing new is allocated in the range going away */
-		pool->frames_online -= shrink_frames;
-		pool->capacity_frames -= shrink_frames;
-	}
-	live = pool->st.frames_used;
+	t0 = hold_begin(pool);
+	out->file_frames_before = out->file_frames_after = pool->file_frames;
+	err = compact_begin(pool, shrink_frames, &c);
 	hold_end(pool, t0, out);
-	err = plan_compaction(pool, &sc, live);
 	if (err)
-		goto undo_shrink;
+		return err;
 
-	for (size_t s = 0; s < sc.nr_slots;) {
-		size_t orig = sc.plan[s], from, k = 1;
-
-		if (orig == NONE) {
-			s++;
-			continue;
-		}
-		t0 = now_ns();
-		uksm_lock(pool);
-		from = sc.cur[orig];
-		if (from == s || pool->frames[from].key != sc.plan_key[s] ||
-		    !pool->frames[from].mapcount) {
-			hold_end(pool, t0, out);
-			s++;
-			continue;
-		}
-		/* extend: consecutive slots wanting consecutive frames, not overlapping */
-		while (s + k < sc.nr_slots && k < UKSM_RUN_MAX &&
-		       sc.plan[s + k] == orig + k && sc.cur[orig + k] == from + k &&
-		       pool->frames[from + k].key == sc.plan_key[s + k] &&
-		       (from > s ? s + k < from : from + k < s))
-			k++;
-		/* clear the slots: evacuate whoever sits there */
-		for (size_t i = 0; i < k; i++) {
-			size_t occ = s + i, dst;
-			uint32_t who;
-
-			if (!uksm_bit_test(pool->frame_map, occ))
-				continue;
-			who = sc.orig_at[occ];
-			dst = evacuation_target(pool, live, s, s + k);
-			if (who == NONE || dst == NONE ||
-			    !move_run(pool, &sc, who, occ, dst, 1, log_from, log_to,
-				      log_cap, log_n)) {
-				k = i;	/* move what we can */
-				break;
-			}
-			out->frames_moved++;
-			out->runs_moved++;
-		}
-		/* the evacuated slots are free only once punched */
-		uksm_frames_flush(pool);
-		if (k && move_run(pool, &sc, orig, from, s, k, log_from, log_to,
-				  log_cap, log_n)) {
-			out->frames_moved += k;
-			out->runs_moved++;
-		} else {
-			out->frames_skipped += k ? k : 1;
-			k = k ? k : 1;
-		}
-		hold_end(pool, t0, out);
-		s += k;
-	}
-
-	/* offlining: anything left above the new top must go below it */
-	for (size_t f = online_before - shrink_frames; shrink_frames && f < online_before &&
-	     !err; f++) {
-		size_t dst;
-
-		t0 = now_ns();
-		uksm_lock(pool);
-		if (pool->frames[f].mapcount) {
-			dst = uksm_find_zero_bit(pool->frame_map, 0, pool->frames_online);
-			if (dst >= pool->frames_online || sc.orig_at[f] == NONE ||
-			    !move_run(pool, &sc, sc.orig_at[f], f, dst, 1, log_from,
-				      log_to, log_cap, log_n)) {
-				err = -EBUSY;
-			} else {
-				out->frames_moved++;
-				out->runs_moved++;
-			}
+	err = compact_plan(pool, &c);
+	while (!err && more) {
+		t0 = hold_begin(pool);
+		more = batch_collect(pool, &c, out);
+		if (c.n) {
+			batch_protect(pool, &c);
+			batch_copy(pool, &c);
+			batch_remap(pool, &c);
+			batch_finish(pool, &c, log_from, log_to, log_cap, log_n, out);
+			batch_release(pool, &c);
 		}
 		hold_end(pool, t0, out);
 	}
-	t0 = now_ns();
-	uksm_lock(pool);
-	if (err) {
-		pool->frames_online = online_before;
-		pool->capacity_frames = capacity_before;
-	}
-	/* truncate the memfd to what is live, in whole 64 KiB clusters */
-	top = pool->frames_online;
-	while (top > 0 && !uksm_bit_test(pool->frame_map, top - 1))
-		top--;
-	top = (top + 15) & ~(size_t)15;
-	if (top > pool->frames_online)
-		top = pool->frames_online;
-	uksm_frames_flush(pool);
-	if (top < pool->file_frames && !ftruncate(pool->fd, (off_t)(top * PG))) {
-		pool->file_frames = top;
-		pool->st.frames_file = top;
-	}
-	out->file_frames_after = pool->file_frames;
+	compact_evacuate(pool, &c, out);
+
+	t0 = hold_begin(pool);
+	err = compact_end(pool, &c, err, out);
 	hold_end(pool, t0, out);
-	munmap(sc.mem, sc.bytes);
-	return err;
-
-undo_shrink:
-	uksm_lock(pool);
-	pool->frames_online = online_before;
-	pool->capacity_frames = capacity_before;
-	uksm_unlock(pool);
+	if (c.mem)
+		munmap(c.mem, c.bytes);
 	return err;
 }

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: MIT
 /*
- * pool.c - the backing store: the memfd and its direct map, the frame and
- * page tables, the frame and virtual-page allocators, buffers, and fork.
+ * pool.c - the pool: its virtual range and page table, the frame store and
+ * its allocator, buffers, memory figures, and fork epochs.
  */
 #include "uksm_internal.h"
 
-#include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -19,10 +20,13 @@ struct uksm_pool *_Atomic uksm_pools[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_lo[UKSM_MAX_POOLS];
 _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 _Atomic size_t uksm_pools_high;
+_Atomic uint32_t uksm_fork_gen;
+_Atomic uint32_t uksm_oldest_epoch;
 /*
- * Serialises pool creation and destruction against fork: the fork hooks
- * hold it from prepare to parent/child, so no pool they locked can be
- * unmapped under them.  Never taken by the fault handler.
+ * Serialises pool creation and destruction against fork, and guards the
+ * epoch table: the fork hooks hold it from prepare to parent/child, so no
+ * pool they locked can be unmapped under them.  Never taken by the fault
+ * handler.
  */
 static _Atomic int registry_lock;
 
@@ -34,12 +38,12 @@ int uksm_bit_test(const uint64_t *map, size_t i)
 	return (map[i >> 6] >> (i & 63)) & 1;
 }
 
-static void bit_set(uint64_t *map, size_t i)
+void uksm_bit_set(uint64_t *map, size_t i)
 {
 	map[i >> 6] |= 1ULL << (i & 63);
 }
 
-static void bit_clear(uint64_t *map, size_t i)
+void uksm_bit_clear(uint64_t *map, size_t i)
 {
 	map[i >> 6] &= ~(1ULL << (i & 63));
 }
@@ -61,6 +65,41 @@ size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit)
 	return limit;
 }
 
+/*
+ * /proc/self/pagemap, opened once per process: a descriptor opened by the
+ * parent would go on reading the parent's page tables in a forked child,
+ * so the child's fork hook closes it and the next read reopens.
+ */
+static _Atomic int pagemap_fd = -1;
+
+int uksm_pagemap_read(size_t va, size_t n, uint64_t *out)
+{
+	int fd = atomic_load(&pagemap_fd);
+	size_t got = 0;
+
+	if (fd < 0) {
+		int nfd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+		int none = -1;
+
+		if (nfd < 0)
+			return -errno;
+		if (!atomic_compare_exchange_strong(&pagemap_fd, &none, nfd))
+			close(nfd);
+		fd = atomic_load(&pagemap_fd);
+	}
+	while (got < n) {
+		ssize_t r = pread(fd, out + got, (n - got) * 8,
+				  (off_t)((va / PG + got) * 8));
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return r < 0 ? -errno : -EIO;
+		got += (size_t)r / 8;
+	}
+	return 0;
+}
+
 int uksm_grow_file(struct uksm_pool *pool, size_t end)
 {
 	size_t want;
@@ -79,12 +118,21 @@ int uksm_grow_file(struct uksm_pool *pool, size_t end)
 	return 0;
 }
 
+/* Zap the direct map's entries for the frames touched under this hold. */
+void uksm_direct_zap(struct uksm_pool *pool)
+{
+	madvise(pool->direct + pool->direct_lo * PG,
+		(pool->direct_hi - pool->direct_lo) * PG, MADV_DONTNEED);
+	pool->direct_lo = pool->direct_hi = 0;
+}
+
 /*
  * uksm_frame_alloc_run - take up to @want free frames below @limit, as one
  * run starting at the lowest free pfn.  Returns how many were taken (0 when
- * none is free), *pfn_out the first.  The frames read as zeroes (every freed
- * frame was punched) and carry a fresh key.  Caller holds pool->lock and sets
- * the mapcounts.  Async-signal-safe: the fault handler uses it.
+ * none is free), *pfn_out the first.  The frames are allocated in the
+ * memfd (fallocate: one call for the run, instead of a shmem fault per
+ * page on the copy, and a full tmpfs fails here rather than with SIGBUS)
+ * and carry a fresh key.  Caller holds pool->lock and sets the mapcounts.
  */
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 			    size_t *pfn_out)
@@ -114,22 +162,26 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 {
 	size_t n = 0;
 
+	if (pool->heir && uksm_detach(pool))
+		return 0;
 	if (limit > pool->frames_online)
 		limit = pool->frames_online;
 	while (n < want && pfn + n < limit && !uksm_bit_test(pool->frame_map, pfn + n))
 		n++;
 	if (!n || uksm_grow_file(pool, pfn + n))
 		return 0;
+	if (uksm_fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG)))
+		return 0;
 	for (size_t i = 0; i < n; i++) {
 		struct uksm_frame *f = &pool->frames[pfn + i];
 
-		bit_set(pool->frame_map, pfn + i);
+		uksm_bit_set(pool->frame_map, pfn + i);
 		f->key = ++pool->next_key;
 		f->flags = 0;
 		f->mapcount = 0;
-		f->group = 0;		/* the caller recharges it to its owner */
+		f->group = 0;
+		f->gen = 0;
 	}
-	pool->group_frames[0] += n;
 	pool->st.frames_used += n;
 	return n;
 }
@@ -141,27 +193,35 @@ void uksm_frames_flush(struct uksm_pool *pool)
 
 	if (!len)
 		return;
-	/*
-	 * Punching is what gives the memory back, and what makes the next
-	 * owner of these frames read zeroes: a frame must never be reused
-	 * before its hole is punched.  If the punch fails, the frames are
-	 * zeroed by hand instead, so the guarantee holds anyway.
-	 */
-	if (uksm_fallocate(pool->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-		      (off_t)(start * PG), (off_t)(len * PG)))
-		memset(frame_addr(pool, start), 0, len * PG);
+	/* punching gives the memory back; a failed punch only keeps it */
+	(void)uksm_fallocate(pool->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			     (off_t)(start * PG), (off_t)(len * PG));
 	for (size_t i = 0; i < len; i++)
-		bit_clear(pool->frame_map, start + i);
+		uksm_bit_clear(pool->frame_map, start + i);
 	if (start < pool->frame_hint)
 		pool->frame_hint = start;
 	pool->punch_len = 0;
 }
 
+static void frame_release(struct uksm_pool *pool, size_t pfn)
+{
+	pool->st.frames_used--;
+	if (pool->punch_len && pool->punch_start + pool->punch_len == pfn) {
+		pool->punch_len++;
+		return;
+	}
+	uksm_frames_flush(pool);
+	pool->punch_start = pfn;
+	pool->punch_len = 1;
+}
+
 /*
- * uksm_frame_put - one mapping of @pfn is gone.  The last one frees the
- * frame: its key changes (so stable nodes see through the keyhole that it is
- * gone) and it joins the run to be punched by uksm_frames_flush(), which the
- * caller must call before dropping pool->lock.
+ * uksm_frame_put - one view of @pfn is gone.  The last one frees the frame:
+ * its key changes (so stable nodes see through the keyhole that it is
+ * gone), and it is punched by uksm_frames_flush(), which the caller calls
+ * before dropping pool->lock - unless a forked child may still map it:
+ * then it waits, DEFERRED, for the child (uksm_fork_poll).  An heir never
+ * punches: the store is its parent's.
  */
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn)
 {
@@ -173,40 +233,60 @@ void uksm_frame_put(struct uksm_pool *pool, size_t pfn)
 		pool->st.ksm_frames--;
 	f->flags = 0;
 	f->key = ++pool->next_key;
-	pool->group_frames[f->group]--;
 	f->group = 0;
-	pool->st.frames_used--;
-	if (pool->punch_len && pool->punch_start + pool->punch_len == pfn) {
-		pool->punch_len++;
+	if (uksm_must_defer(pool)) {
+		f->flags = UKSM_FRAME_DEFERRED;
+		f->gen = pool->heir ? UINT32_MAX : atomic_load(&uksm_fork_gen);
+		pool->st.frames_deferred++;
 		return;
 	}
+	frame_release(pool, pfn);
+}
+
+/* Deferred frames whose children are all gone go back now. */
+static void release_deferred(struct uksm_pool *pool)
+{
+	if (!pool->st.frames_deferred || pool->heir)
+		return;
+	for (size_t pfn = 0; pfn < pool->file_frames && pool->st.frames_deferred; pfn++) {
+		struct uksm_frame *f = &pool->frames[pfn];
+
+		if (!(f->flags & UKSM_FRAME_DEFERRED) || !uksm_gen_released(f->gen))
+			continue;
+		f->flags = 0;
+		pool->st.frames_deferred--;
+		frame_release(pool, pfn);
+	}
 	uksm_frames_flush(pool);
-	pool->punch_start = pfn;
-	pool->punch_len = 1;
 }
 
-/* Map @n virtual pages from @vpn onto the frames from @pfn: one mmap call. */
-int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
-		    int writable)
+/*
+ * Map @n pages from @vpn as a MAP_PRIVATE view of @fd from page @off: one
+ * mmap call, one VMA for a run of consecutive offsets.
+ */
+int uksm_map_view(struct uksm_pool *pool, size_t vpn, size_t n, int fd,
+		  size_t off, int prot)
 {
-	void *p = uksm_mmap(page_addr(pool, vpn), n * PG,
-		       PROT_READ | (writable ? PROT_WRITE : 0),
-		       MAP_SHARED | MAP_FIXED, pool->fd, (off_t)(pfn * PG));
+	void *p = uksm_mmap(page_addr(pool, vpn), n * PG, prot,
+			    MAP_PRIVATE | MAP_FIXED, fd, (off_t)(off * PG));
 
-	if (p == MAP_FAILED)
-		return -errno;
-	for (size_t i = vpn; i < vpn + n; i++)	/* accessible: no longer a hint */
-		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
-	return 0;
+	return p == MAP_FAILED ? -errno : 0;
 }
 
-static int map_none(struct uksm_pool *pool, size_t vpn, size_t n)
+/*
+ * Fresh anonymous memory over @n pages from @vpn: what they held is gone
+ * (a COWed copy too: MADV_DONTNEED on a view would re-expose the file's
+ * page instead).  Read-write pages are charged to the commit limit like
+ * numpy's own; PROT_NONE ones are not.
+ */
+int uksm_map_anon(struct uksm_pool *pool, size_t vpn, size_t n, int prot)
 {
-	/* anonymous PROT_NONE: a touch faults as NONE and chains (a crash) */
-	void *p = uksm_mmap(page_addr(pool, vpn), n * PG, PROT_NONE,
-		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
-		       -1, 0);
+	int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED;
+	void *p;
 
+	if (prot == PROT_NONE)
+		flags |= MAP_NORESERVE;
+	p = uksm_mmap(page_addr(pool, vpn), n * PG, prot, flags, -1, 0);
 	return p == MAP_FAILED ? -errno : 0;
 }
 
@@ -237,23 +317,35 @@ static size_t bitmap_bytes(size_t bits)
 	return ((bits + 63) / 64) * 8;
 }
 
+/* A read-only descriptor of @fd, for views: no view can write the file. */
+int uksm_reopen_ro(int fd)
+{
+	char path[40];
+	int ro;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	ro = open(path, O_RDONLY | O_CLOEXEC);
+	/* no /proc: views of the read-write descriptor are private all the same */
+	return ro >= 0 ? ro : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
 /*
- * uksm_pool_create - a pool of @capacity_frames frames for the API, plus
- * @reserve_frames only the COW fault may take, and @va_pages of virtual
- * space for buffers.  Reserving address space and table space costs nothing
+ * uksm_pool_create - a pool whose buffers may span @capacity_pages, in a
+ * virtual range of @va_pages (huge-page aligned), with a frame store of up
+ * to @nr_frames.  Reserving address space and table space costs nothing
  * until touched: all of it is MAP_NORESERVE anonymous memory.
  */
-int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
-		     size_t va_pages, struct uksm_pool **out)
+int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
+		     int cow_mode, struct uksm_pool **out)
 {
 	struct uksm_pool *pool;
-	size_t nr_frames = capacity_frames + reserve_frames;
-	size_t off, slot;
-	char *meta;
+	size_t off, slot, align = UKSM_HPAGE_PAGES * PG;
+	char *meta, *va;
 	int err;
 
-	if (!capacity_frames || !va_pages || nr_frames >= UINT32_MAX ||
-	    va_pages >= UINT32_MAX)
+	if (!capacity_pages || !va_pages || !nr_frames || nr_frames >= UINT32_MAX ||
+	    va_pages >= UINT32_MAX || capacity_pages > va_pages ||
+	    (cow_mode != UKSM_COW_KERNEL && cow_mode != UKSM_COW_SIGNAL))
 		return -EINVAL;
 	pthread_once(&atfork_once, register_atfork);
 
@@ -264,11 +356,11 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	memset(pool, 0, sizeof(*pool));
 	pool->nr_frames = nr_frames;
 	pool->frames_online = nr_frames;
-	pool->capacity_frames = capacity_frames;
+	pool->capacity_pages = capacity_pages;
 	pool->va_pages = va_pages;
-	pool->fd = -1;
-	pool->swap_fd = -1;
-	pool->swap_dir_fd = -1;
+	pool->cow_mode = cow_mode;
+	pool->fd = pool->ro_fd = -1;
+	pool->swap_fd = pool->swap_ro_fd = pool->swap_dir_fd = -1;
 	pool->vma_soft_limit = INT64_MAX;
 	pool->va = MAP_FAILED;
 	pool->direct = MAP_FAILED;
@@ -294,14 +386,22 @@ int uksm_pool_create(size_t capacity_frames, size_t reserve_frames,
 	pool->fd = memfd_create("uksm", MFD_CLOEXEC);
 	if (pool->fd < 0)
 		goto out_errno;
+	pool->ro_fd = uksm_reopen_ro(pool->fd);
+	if (pool->ro_fd < 0)
+		goto out_errno;
 	pool->direct = mmap(NULL, nr_frames * PG, PROT_READ | PROT_WRITE,
 			    MAP_SHARED | MAP_NORESERVE, pool->fd, 0);
 	if (pool->direct == MAP_FAILED)
 		goto out_errno;
-	pool->va = mmap(NULL, va_pages * PG, PROT_NONE,
-			MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (pool->va == MAP_FAILED)
+	/* huge-page aligned, so that big private buffers get THP */
+	va = mmap(NULL, va_pages * PG + align, PROT_NONE,
+		  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (va == MAP_FAILED)
 		goto out_errno;
+	pool->va = (char *)(((uintptr_t)va + align - 1) & ~(uintptr_t)(align - 1));
+	if (pool->va > va)
+		munmap(va, (size_t)(pool->va - va));
+	munmap(pool->va + va_pages * PG, (size_t)(va + align - pool->va));
 
 	uksm_futex_lock(&registry_lock);
 	for (slot = 0; slot < UKSM_MAX_POOLS; slot++) {
@@ -343,12 +443,19 @@ void uksm_pool_destroy(struct uksm_pool *pool)
 		atomic_store(&uksm_pools[slot], NULL);
 	}
 	uksm_futex_unlock(&registry_lock);
+	/*
+	 * A forked child may still map our frames and slots through its own
+	 * views: they stay valid after we close and unmap ours, since the
+	 * child's mappings hold the files.  Nothing to defer here.
+	 */
 	if (pool->va != MAP_FAILED)
 		munmap(pool->va, pool->va_pages * PG);
 	if (pool->direct != MAP_FAILED)
 		munmap(pool->direct, pool->nr_frames * PG);
 	if (pool->fd >= 0)
 		close(pool->fd);
+	if (pool->ro_fd >= 0)
+		close(pool->ro_fd);
 	uksm_swap_destroy(pool);
 	if (pool->meta != MAP_FAILED)
 		munmap(pool->meta, pool->meta_bytes);
@@ -365,13 +472,8 @@ int uksm_pool_fd(struct uksm_pool *pool)
 	return pool->fd;
 }
 
-size_t uksm_pool_va_pages(struct uksm_pool *pool)
-{
-	return pool->va_pages;
-}
-
-/* The scanner's latest count of the process's VMAs, and where COW should
- * start breaking whole runs rather than single pages. */
+/* The scanner's latest count of the process's VMAs, and where protection
+ * changes should start covering whole runs. */
 void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit)
 {
 	uksm_lock(pool);
@@ -392,20 +494,28 @@ void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st)
 	uksm_unlock(pool);
 }
 
-/* First-fit run of @n free virtual pages; caller holds pool->lock. */
+/*
+ * First-fit run of @n free virtual pages; caller holds pool->lock.  Runs
+ * of a huge page or more start on a huge-page boundary, so that the kernel
+ * can back them with THP.
+ */
 static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 {
+	size_t align = n >= UKSM_HPAGE_PAGES ? UKSM_HPAGE_PAGES : 1;
 	size_t start = uksm_find_zero_bit(pool->va_map, pool->va_hint, pool->va_pages);
 	size_t first = start;
 
-	while (start + n <= pool->va_pages) {
+	for (;;) {
 		size_t len = 0;
 
+		start = (start + align - 1) & ~(align - 1);
+		if (start + n > pool->va_pages || start + n < start)
+			return -ENOSPC;
 		while (len < n && !uksm_bit_test(pool->va_map, start + len))
 			len++;
 		if (len == n) {
 			for (size_t i = 0; i < n; i++)
-				bit_set(pool->va_map, start + i);
+				uksm_bit_set(pool->va_map, start + i);
 			if (start == first)
 				pool->va_hint = start + n;
 			*vpn_out = start;
@@ -413,111 +523,75 @@ static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 		}
 		start = uksm_find_zero_bit(pool->va_map, start + len, pool->va_pages);
 	}
-	return -ENOSPC;
 }
 
 void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	uksm_lock(pool);
 	for (size_t i = 0; i < npages; i++)
-		bit_clear(pool->va_map, vpn + i);
+		uksm_bit_clear(pool->va_map, vpn + i);
 	if (vpn < pool->va_hint)
 		pool->va_hint = vpn;
 	uksm_unlock(pool);
 }
 
 /*
- * uksm_alloc - a new buffer of @npages: virtual pages and fresh frames, in
- * as few runs as the free frames allow, mapped read-write.  The frames are
- * allocated in the memfd at once with fallocate, so that the kernel's
- * accounting (st_blocks) equals frames_used, and so that a full tmpfs
- * fails here, cleanly, rather than with SIGBUS on a later touch.
- * On failure nothing is left allocated and *vpn_out says which step failed
- * (UKSM_ALLOC_*): capacity (-ENOMEM), the virtual range (-ENOSPC), or the
- * kernel: fallocate (a full tmpfs: -ENOSPC) or mmap (-ENOMEM at
- * vm.max_map_count).
+ * uksm_alloc - a new buffer of @npages: private anonymous memory over a run
+ * of virtual pages, mapped read-write in one call and nothing touched: it
+ * is committed page by page as it is written, like numpy's own arrays, and
+ * the kernel's overcommit policy answers for it at once (ENOMEM here, not
+ * the OOM killer later).  On failure nothing is left allocated and *stage
+ * says which step failed (enum uksm_alloc_stage).
  */
-int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out)
+int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out, int *stage)
 {
-	size_t vpn, done = 0, stage = UKSM_ALLOC_CAPACITY;
-	int err = 0;
+	size_t vpn;
+	int err;
 
-	*vpn_out = UKSM_ALLOC_CAPACITY;
-	/* over the resident budget: make room first (direct reclaim) */
-	if (pool->swap_fd >= 0 && pool->st.frames_used + npages > pool->max_resident)
-		uksm_reclaim(pool, pool->st.frames_used + npages - pool->max_resident, -1);
+	*stage = UKSM_ALLOC_CAPACITY;
+	if (!npages || npages > pool->capacity_pages)
+		return -ENOMEM;
 	uksm_lock(pool);
-	if (pool->st.frames_used + npages > pool->capacity_frames) {
+	if (pool->st.pages_mapped + npages > pool->capacity_pages) {
 		uksm_unlock(pool);
 		return -ENOMEM;
 	}
 	err = va_alloc(pool, npages, &vpn);
 	if (err) {
 		uksm_unlock(pool);
-		*vpn_out = UKSM_ALLOC_VA;
+		*stage = UKSM_ALLOC_VA;
 		return err;
 	}
-	/*
-	 * Populate in chunks, dropping pool->lock between them: fallocate of
-	 * a large buffer takes a while, and faulting writers wait on the lock.
-	 * Nobody else looks at these pages yet (the scanner learns of the
-	 * buffer only when we return); a competing allocation that takes the
-	 * last frames meanwhile just makes this one fail cleanly.
-	 */
-	while (done < npages) {
-		size_t pfn, n, want = npages - done;
-
-		if (want > 8 * UKSM_RUN_MAX)
-			want = 8 * UKSM_RUN_MAX;
-		if (done)
-			uksm_lock(pool);
-		n = uksm_frame_alloc_run(pool, want, pool->capacity_frames, &pfn);
-		if (!n) {
-			err = -ENOMEM;
-			stage = UKSM_ALLOC_CAPACITY;
-		} else if (uksm_fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
-			err = -errno;
-			stage = UKSM_ALLOC_FALLOCATE;
-		} else {
-			err = uksm_map_frames(pool, vpn + done, n, pfn, 1);
-			stage = UKSM_ALLOC_MMAP;
-		}
-		for (size_t i = 0; i < n; i++) {
-			pool->frames[pfn + i].mapcount = 1;
-			if (err) {	/* give this run back */
-				uksm_frame_put(pool, pfn + i);
-				continue;
-			}
-			pool->ptes[vpn + done + i].pfn = (uint32_t)(pfn + i);
-			pool->ptes[vpn + done + i].state = UKSM_PTE_NORMAL;
-		}
-		if (!err) {
-			pool->st.pages_mapped += n;
-			done += n;
-		}
-		uksm_frames_flush(pool);
-		uksm_unlock(pool);
-		if (err)
-			break;
-	}
+	err = uksm_map_anon(pool, vpn, npages, PROT_READ | PROT_WRITE);
 	if (err) {
-		/* unwind the runs mapped so far; nothing else changed */
-		uksm_release(pool, vpn, done);
-		uksm_lock(pool);
-		map_none(pool, vpn, npages);
+		for (size_t i = 0; i < npages; i++)
+			uksm_bit_clear(pool->va_map, vpn + i);
+		if (vpn < pool->va_hint)
+			pool->va_hint = vpn;
 		uksm_unlock(pool);
-		uksm_va_free(pool, vpn, npages);
-		*vpn_out = stage;
+		*stage = UKSM_ALLOC_COMMIT;
 		return err;
 	}
+	if (npages >= UKSM_HPAGE_PAGES)
+		(void)madvise(page_addr(pool, vpn), npages * PG, MADV_HUGEPAGE);
+	for (size_t i = vpn; i < vpn + npages; i++) {
+		pool->ptes[i].state = UKSM_PTE_PRIVATE;
+		pool->ptes[i].pfn = 0;
+		pool->ptes[i].flags = 0;
+		pool->ptes[i].group = 0;
+	}
+	pool->st.pages_mapped += npages;
+	uksm_unlock(pool);
 	*vpn_out = vpn;
+	*stage = UKSM_ALLOC_OK;
 	return 0;
 }
 
 /*
- * uksm_release - a buffer is gone: make its virtual pages PROT_NONE first,
- * so nothing can reach its frames any more, then drop its frame mappings.
- * The virtual range stays reserved until uksm_va_free(): the scanner must
+ * uksm_release - a buffer is gone: cut its pages off first (PROT_NONE
+ * anonymous memory over them gives the private pages back to the kernel
+ * and unmaps every view), then drop the frame and slot references.  The
+ * virtual range stays reserved until uksm_va_free(): the scanner must
  * forget the pages before the range can belong to another buffer.
  */
 int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
@@ -532,10 +606,10 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 		uksm_lock(pool);
 		/*
 		 * The frames may go back only once nothing can reach them: if
-		 * neither remapping nor mprotect can cut the pages off (ENOMEM at
-		 * vm.max_map_count), keep this chunk as it is and report it.
+		 * neither remapping nor mprotect can cut the pages off (ENOMEM
+		 * at vm.max_map_count), keep this chunk as it is and report it.
 		 */
-		if (map_none(pool, vpn + done, n) &&
+		if (uksm_map_anon(pool, vpn + done, n, PROT_NONE) &&
 		    uksm_mprotect(page_addr(pool, vpn + done), n * PG, PROT_NONE)) {
 			err = -errno;
 			uksm_unlock(pool);
@@ -548,15 +622,15 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 			switch (pte->state) {
 			case UKSM_PTE_KSM:
 				pool->st.ksm_mappings--;
-				/* fall through */
-			case UKSM_PTE_NORMAL:
 				uksm_frame_put(pool, pte->pfn);
 				break;
 			case UKSM_PTE_ZERO:
 				pool->st.zero_pages--;
 				break;
 			case UKSM_PTE_SWAPPED:
-				uksm_slot_put(pool, pte->pfn, uksm_pte_group(pte));
+				uksm_slot_put(pool, pte->pfn, pte->group);
+				break;
+			case UKSM_PTE_PRIVATE:
 				break;
 			default:
 				continue;
@@ -564,7 +638,7 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 			pool->st.pages_mapped--;
 			pte->state = UKSM_PTE_NONE;
 			pte->pfn = 0;
-			pte->spare[0] = 0;
+			pte->flags = 0;
 		}
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
@@ -573,17 +647,17 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 	return err;
 }
 
-/* pool.pin(): mark pages that must not be migrated while pinned */
+/* pool.pin(): pages that must not be merged, moved or swapped while pinned */
 int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 {
-	if (vpn + npages > pool->va_pages)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = vpn; i < vpn + npages; i++) {
 		if (on)
-			pool->ptes[i].spare[0] |= UKSM_PTE_PINNED;
+			pool->ptes[i].flags |= UKSM_PTE_PINNED;
 		else
-			pool->ptes[i].spare[0] &= ~UKSM_PTE_PINNED;
+			pool->ptes[i].flags &= ~UKSM_PTE_PINNED;
 	}
 	uksm_unlock(pool);
 	return 0;
@@ -592,7 +666,7 @@ int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
 		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount)
 {
-	if (vpn + npages > pool->va_pages)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = 0; i < npages; i++) {
@@ -600,9 +674,8 @@ int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
 
 		state[i] = pte->state;
 		pfn[i] = pte->pfn;
-		mapcount[i] = (pte->state == UKSM_PTE_NORMAL ||
-			       pte->state == UKSM_PTE_KSM) ?
-			      pool->frames[pte->pfn].mapcount : 0;
+		mapcount[i] = pte->state == UKSM_PTE_KSM ? pool->frames[pte->pfn].mapcount :
+			      pte->state == UKSM_PTE_SWAPPED ? pool->swap_map[pte->pfn] : 0;
 	}
 	uksm_unlock(pool);
 	return 0;
@@ -626,60 +699,170 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 }
 
 /*
- * Fork.  The child cannot keep sharing the memfd with its parent (the
- * MAP_SHARED trap: each would see the other's writes), so it copies every
- * frame in use into a memfd of its own and remaps its pages there.  That
- * copy must be a snapshot of the moment of fork, as a real fork's is:
- *
- *   prepare  takes every pool->lock (no merge, COW, free or punch can run)
- *	      and write-protects every NORMAL page, so that no thread of the
- *	      parent can change a frame while the child copies it: a writer
- *	      faults and waits on pool->lock in the handler;
- *   child    copies, remaps, closes its end of a pipe;
- *   parent   waits for that EOF (the child copied, or died trying), gives
- *	      the NORMAL pages their write access back, drops the locks, and
- *	      the waiting writers retry, as Mesh does it.
- *
- * A syscall writing into a NORMAL page during those milliseconds gets
- * EFAULT, as with any write-protected page.  Only syscalls and memcpy in
- * the child: a forked child of a threaded process may do nothing else.
+ * uksm_memory - what the kernel holds for pages [vpn, vpn + npages) of the
+ * pool, from its own accounting: pagemap for the pages (present, anonymous
+ * or a view), st_blocks for the frame store, mincore for the swap file's
+ * page cache.  The figures RSS, USS and PSS are made of; the caller adds
+ * them up (uksm/pool.py).  Not for the handler: it reads a lot.
  */
+int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
+		struct uksm_memory *out)
+{
+	uint64_t pm[UKSM_RUN_MAX];
+	struct stat stbuf;
+	uint16_t *seen = NULL;
+	size_t seen_bytes = 0;
+	int err = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+		return -EINVAL;
+	/* views present per frame, to tell frames mapped once from shared ones */
+	if (pool->file_frames) {
+		seen_bytes = pool->file_frames * sizeof(*seen);
+		seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (seen == MAP_FAILED)
+			return -ENOMEM;
+	}
+	for (size_t done = 0; done < npages && !err;) {
+		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
+
+		int any = 0;
+
+		uksm_lock(pool);
+		for (size_t i = 0; i < n && !any; i++)
+			any = pool->ptes[vpn + done + i].state != UKSM_PTE_NONE;
+		err = any ? uksm_pagemap_read((size_t)page_addr(pool, vpn + done), n, pm) : 0;
+		for (size_t i = 0; i < n && any && !err; i++) {
+			const struct uksm_pte *pte = &pool->ptes[vpn + done + i];
+			uint64_t e = pm[i];
+
+			if (!(e & PM_PRESENT))
+				continue;
+			if (!(e & PM_FILE) || pte->state == UKSM_PTE_PRIVATE ||
+			    pte->state == UKSM_PTE_ZERO) {
+				/* anonymous: ours alone, or shared with a relative */
+				if (pm_cowed(e) || pte->state == UKSM_PTE_PRIVATE) {
+					out->private_present++;
+					out->private_shared += !(e & PM_EXCLUSIVE);
+				}
+			} else if (pte->state == UKSM_PTE_KSM) {
+				out->views_present++;
+				if (seen && pte->pfn < pool->file_frames && seen[pte->pfn] < UINT16_MAX)
+					seen[pte->pfn]++;
+			} else if (pte->state == UKSM_PTE_SWAPPED) {
+				out->swap_views_present++;
+			}
+		}
+		uksm_unlock(pool);
+		done += n;
+	}
+	for (size_t f = 0; seen && f < pool->file_frames; f++) {
+		out->frames_single += seen[f] == 1;
+		out->frames_present += seen[f] > 0;
+	}
+	if (seen)
+		munmap(seen, seen_bytes);
+	if (!fstat(pool->fd, &stbuf))
+		out->frames_blocks = (uint64_t)stbuf.st_blocks * 512 / PG;
+	if (pool->swap_fd >= 0 && pool->st.swap_file_slots) {
+		size_t len = pool->st.swap_file_slots * PG;
+		void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, pool->swap_fd, 0);
+
+		if (m != MAP_FAILED) {
+			unsigned char vec[UKSM_RUN_MAX];
+
+			for (size_t s = 0; s < pool->st.swap_file_slots; s += UKSM_RUN_MAX) {
+				size_t k = pool->st.swap_file_slots - s;
+
+				if (k > UKSM_RUN_MAX)
+					k = UKSM_RUN_MAX;
+				if (mincore((char *)m + s * PG, k * PG, vec))
+					break;
+				for (size_t i = 0; i < k; i++)
+					out->swap_cached += vec[i] & 1;
+			}
+			munmap(m, len);
+		}
+	}
+	return err;
+}
+
+/*
+ * Fork epochs.  Each fork that finds a pool opens one: a pipe whose write
+ * end only the child keeps (close-on-exec, so an exec ends it too, and a
+ * grandchild inherits it).  Its read end here reads EOF exactly when the
+ * child and all that inherited the end have exited or exec'd; only then
+ * may the frames and slots freed meanwhile go back.
+ */
+#define MAX_EPOCHS	4096
+static struct {
+	int fd;
+	uint32_t gen;
+} epochs[MAX_EPOCHS];
+static size_t nr_epochs;
 static int fork_pipe[2] = { -1, -1 };
 static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
 
-/*
- * Pinned pages are left writable: pin() promises that, and a device or
- * O_DIRECT transfer writing into them would not be stopped by mprotect
- * anyway.  Their snapshot in the child is only as good as such I/O allows.
- */
-static int snapshot_protects(const struct uksm_pte *pte)
+static int untracked;
+
+static void update_oldest(void)
 {
-	/* hinted pages are PROT_NONE already: leave them so */
-	return pte->state == UKSM_PTE_NORMAL &&
-	       !(pte->spare[0] & (UKSM_PTE_PINNED | UKSM_PTE_HINT));
+	uint32_t oldest = untracked ? 1 : 0;
+
+	for (size_t i = 0; i < nr_epochs; i++)
+		if (!oldest || epochs[i].gen < oldest)
+			oldest = epochs[i].gen;
+	atomic_store(&uksm_oldest_epoch, oldest);
 }
 
-/* mprotect every run of NORMAL pages; the runs are whole VMAs already */
-static void protect_normal(struct uksm_pool *pool, int prot)
+/*
+ * uksm_fork_poll - close the epochs whose children are gone and give back
+ * what they held.  From the API and the scanner thread, never the handler.
+ * Returns the epochs still open.
+ */
+int uksm_fork_poll(void)
 {
-	size_t vpn = 0;
+	size_t kept = 0;
+	int closed = 0;
 
-	while (vpn < pool->va_pages) {
-		size_t n = 0;
+	uksm_futex_lock(&registry_lock);
+	for (size_t i = 0; i < nr_epochs; i++) {
+		struct pollfd p = { .fd = epochs[i].fd, .events = POLLIN };
 
-		if (!snapshot_protects(&pool->ptes[vpn])) {
-			vpn++;
+		if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLIN | POLLERR))) {
+			close(epochs[i].fd);
+			closed = 1;
 			continue;
 		}
-		while (vpn + n < pool->va_pages && snapshot_protects(&pool->ptes[vpn + n]))
-			n++;
-		/* failing to restore leaves a NORMAL page read-only, which the
-		 * fault handler mends on the first write */
-		mprotect(page_addr(pool, vpn), n * PG, prot);
-		vpn += n;
+		epochs[kept++] = epochs[i];
 	}
+	nr_epochs = kept;
+	update_oldest();
+	if (closed || !nr_epochs) {
+		size_t high = atomic_load(&uksm_pools_high);
+
+		for (size_t slot = 0; slot < high; slot++) {
+			struct uksm_pool *pool = atomic_load(&uksm_pools[slot]);
+
+			if (!pool || (!pool->st.frames_deferred && !pool->deferred_slots))
+				continue;
+			uksm_lock(pool);
+			release_deferred(pool);
+			uksm_swap_release_deferred(pool);
+			uksm_unlock(pool);
+		}
+	}
+	uksm_futex_unlock(&registry_lock);
+	return (int)kept;
 }
 
+/*
+ * prepare: take the registry and every pool->lock, so that no page is in
+ * transit (write-protected mid-merge) when the address space is copied,
+ * and open the epoch.  O(pools): the kernel copies the mappings.
+ */
 static void uksm_atfork_prepare(void)
 {
 	int any = 0;
@@ -691,128 +874,184 @@ static void uksm_atfork_prepare(void)
 		fork_locked[slot] = pool;
 		if (pool) {
 			uksm_lock(pool);
-			protect_normal(pool, PROT_READ);
 			any = 1;
 		}
 	}
-	if (!any || pipe2(fork_pipe, O_CLOEXEC))
-		fork_pipe[0] = fork_pipe[1] = -1;
+	fork_pipe[0] = fork_pipe[1] = -1;
+	if (any && nr_epochs < MAX_EPOCHS && !pipe2(fork_pipe, O_CLOEXEC))
+		atomic_fetch_add(&uksm_fork_gen, 1);
+	/*
+	 * No pipe (no descriptors left, or MAX_EPOCHS live children): this
+	 * child cannot be followed, so from now on every free is deferred for
+	 * good (untracked).  Memory is kept, never reused under a child.
+	 */
+	if (any && fork_pipe[0] < 0)
+		untracked = 1;
 }
 
 static void uksm_atfork_parent(void)
 {
 	if (fork_pipe[0] >= 0) {
-		char c;
-
 		close(fork_pipe[1]);
-		while (read(fork_pipe[0], &c, 1) < 0 && errno == EINTR)
-			;
-		close(fork_pipe[0]);
+		epochs[nr_epochs].fd = fork_pipe[0];
+		epochs[nr_epochs].gen = atomic_load(&uksm_fork_gen);
+		nr_epochs++;
+		update_oldest();
 		fork_pipe[0] = fork_pipe[1] = -1;
+	} else {
+		update_oldest();
 	}
-	/*
-	 * Without a pipe (pipe2 failed: no file descriptors left) we cannot
-	 * know when the child is done; the parent goes on at once and the
-	 * child's copy is only as good as a copy racing the parent can be.
-	 */
 	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
 		struct uksm_pool *pool = fork_locked[slot];
 
 		if (!pool)
 			continue;
-		protect_normal(pool, PROT_READ | PROT_WRITE);
-		uksm_unlock(pool);
+		uksm_futex_unlock(&pool->lock);
 		fork_locked[slot] = NULL;
 	}
 	uksm_futex_unlock(&registry_lock);
 }
 
-static void fork_die(const char *why)
+/*
+ * child: keep the write end for life; the parent's epochs are not ours;
+ * our pools are heirs until they need a store of their own.  Syscalls and
+ * plain stores only: a forked child of a threaded process may do no more.
+ */
+static void uksm_atfork_child(void)
 {
-	static const char msg[] = "uksm: forked child cannot copy its pool: ";
+	int pm = atomic_exchange(&pagemap_fd, -1);
 
-	(void)!write(2, msg, sizeof(msg) - 1);
-	(void)!write(2, why, strlen(why));
-	(void)!write(2, "\n", 1);
-	_exit(70);
+	if (pm >= 0)
+		close(pm);
+	if (fork_pipe[0] >= 0)
+		close(fork_pipe[0]);
+	fork_pipe[0] = fork_pipe[1] = -1;
+	for (size_t i = 0; i < nr_epochs; i++)
+		close(epochs[i].fd);
+	nr_epochs = 0;
+	untracked = 0;
+	atomic_store(&uksm_oldest_epoch, 0);
+	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
+		struct uksm_pool *pool = fork_locked[slot];
+
+		fork_locked[slot] = NULL;
+		if (!pool)
+			continue;
+		pool->heir = 1;
+		pool->punch_len = 0;	/* the parent punches its own */
+		atomic_store(&pool->lock, 0);
+	}
+	atomic_store(&registry_lock, 0);	/* the child's own, now */
 }
 
-static void remap_child(struct uksm_pool *pool)
+/*
+ * uksm_detach - an heir takes a frame store of its own: a new memfd with a
+ * copy of every frame its views map (and of its swap file), its views
+ * remapped there, one mmap per run.  Frames it freed as an heir were never
+ * punched (the parent's): here they are simply not copied.  Caller holds
+ * pool->lock.  On failure nothing changed: the pool stays an heir and the
+ * operation that needed a store fails.
+ */
+int uksm_detach(struct uksm_pool *pool)
 {
-	size_t vpn = 0;
+	int fd, ro, err;
+	char *copy;
+	size_t bytes = pool->file_frames * PG;
 
-	while (vpn < pool->va_pages) {
+	fd = memfd_create("uksm", MFD_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	ro = uksm_reopen_ro(fd);
+	if (ro < 0 || ftruncate(fd, (off_t)bytes)) {
+		err = -errno;
+		goto fail;
+	}
+	for (size_t pfn = 0; pfn < pool->file_frames;) {
+		size_t n = 0;
+
+		while (pfn + n < pool->file_frames && pool->frames[pfn + n].mapcount)
+			n++;
+		if (n && fallocate(fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
+			err = -errno;
+			goto fail;
+		}
+		pfn += n + !n;
+	}
+	copy = mmap(NULL, bytes ? bytes : PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (copy == MAP_FAILED) {
+		err = -errno;
+		goto fail;
+	}
+	for (size_t pfn = 0; pfn < pool->file_frames; pfn++)
+		if (pool->frames[pfn].mapcount)
+			memcpy(copy + pfn * PG, pool->direct + pfn * PG, PG);
+	munmap(copy, bytes ? bytes : PG);
+	madvise(pool->direct, bytes, MADV_DONTNEED);
+	err = uksm_swap_detach(pool);
+	if (err)
+		goto fail;
+	/* from here on nothing can fail that leaves a view on the old store */
+	if (mmap(pool->direct, pool->nr_frames * PG, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fd, 0) == MAP_FAILED) {
+		err = -errno;
+		goto fail;
+	}
+	for (size_t vpn = 0; vpn < pool->va_pages;) {
 		struct uksm_pte *pte = &pool->ptes[vpn];
 		size_t n = 1;
 
-		if (pte->state != UKSM_PTE_NORMAL && pte->state != UKSM_PTE_KSM) {
+		if (pte->state != UKSM_PTE_KSM) {
 			vpn++;
 			continue;
 		}
-		while (vpn + n < pool->va_pages &&
-		       pool->ptes[vpn + n].state == pte->state &&
+		while (vpn + n < pool->va_pages && n < UKSM_RUN_MAX &&
+		       pool->ptes[vpn + n].state == UKSM_PTE_KSM &&
 		       pool->ptes[vpn + n].pfn == pte->pfn + n)
 			n++;
-		if (uksm_map_frames(pool, vpn, n, pte->pfn,
-				    pte->state == UKSM_PTE_NORMAL))
-			fork_die("mmap failed");
-		for (size_t i = vpn; i < vpn + n; i++)
-			pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;	/* accessible again */
+		/*
+		 * A view the kernel already copied holds the child's own
+		 * write: keep it, let the next reconcile find it.  pagemap per
+		 * run tells which.
+		 */
+		{
+			uint64_t pm[UKSM_RUN_MAX];
+			int have = !uksm_pagemap_read((size_t)page_addr(pool, vpn), n, pm);
+
+			for (size_t i = 0; i < n;) {
+				size_t e = i;
+
+				while (e < n && !(have && pm_cowed(pm[e])))
+					e++;
+				if (e > i)
+					(void)uksm_map_view(pool, vpn + i, e - i, ro,
+							    pte->pfn + i, view_prot(pool));
+				i = e + (e < n);
+			}
+		}
 		vpn += n;
 	}
-}
+	for (size_t pfn = 0; pfn < pool->file_frames; pfn++) {
+		struct uksm_frame *f = &pool->frames[pfn];
 
-static void uksm_atfork_child(void)
-{
-	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
-		struct uksm_pool *pool = uksm_pools[slot];
-		size_t bytes, pfn;
-		char *copy;
-		int fd;
-
-		if (!pool)
-			continue;
-		bytes = pool->file_frames * PG;
-		fd = memfd_create("uksm", MFD_CLOEXEC);
-		if (fd < 0 || ftruncate(fd, (off_t)bytes))
-			fork_die("memfd_create/ftruncate failed");
-		/*
-		 * Allocate the used runs in bulk first (holes stay holes): a
-		 * shmem allocation fault per copied page costs more than the copy.
-		 */
-		for (pfn = 0; pfn < pool->file_frames;) {
-			size_t n = 0;
-
-			while (pfn + n < pool->file_frames && pool->frames[pfn + n].mapcount)
-				n++;
-			if (n && fallocate(fd, 0, (off_t)(pfn * PG), (off_t)(n * PG)))
-				fork_die("fallocate failed (out of memory for the copy?)");
-			pfn += n + !n;
+		if (f->flags & UKSM_FRAME_DEFERRED) {
+			f->flags = 0;
+			pool->st.frames_deferred--;
+			pool->st.frames_used--;
+			uksm_bit_clear(pool->frame_map, pfn);
+			if (pfn < pool->frame_hint)
+				pool->frame_hint = pfn;
 		}
-		copy = mmap(NULL, bytes ? bytes : PG, PROT_READ | PROT_WRITE,
-			    MAP_SHARED, fd, 0);
-		if (copy == MAP_FAILED)
-			fork_die("mmap failed");
-		for (pfn = 0; pfn < pool->file_frames; pfn++)
-			if (pool->frames[pfn].mapcount)
-				memcpy(copy + pfn * PG, frame_addr(pool, pfn), PG);
-		munmap(copy, bytes ? bytes : PG);
-		if (dup3(fd, pool->fd, O_CLOEXEC) < 0)
-			fork_die("dup3 failed");
-		close(fd);
-		if (mmap(pool->direct, pool->nr_frames * PG, PROT_READ | PROT_WRITE,
-			 MAP_SHARED | MAP_FIXED | MAP_NORESERVE, pool->fd, 0) == MAP_FAILED)
-			fork_die("mmap of the direct map failed");
-		remap_child(pool);
-		uksm_swap_fork_child(pool);
-		atomic_store(&pool->lock, 0);
 	}
-	if (fork_pipe[1] >= 0) {
-		close(fork_pipe[0]);
-		close(fork_pipe[1]);	/* the parent may go on */
-		fork_pipe[0] = fork_pipe[1] = -1;
-	}
-	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++)
-		fork_locked[slot] = NULL;
-	atomic_store(&registry_lock, 0);	/* the child's own, now */
+	dup3(fd, pool->fd, O_CLOEXEC);
+	dup3(ro, pool->ro_fd, O_CLOEXEC);
+	close(fd);
+	close(ro);
+	pool->heir = 0;
+	pool->st.detaches++;
+	return 0;
+fail:
+	if (ro >= 0)
+		close(ro);
+	close(fd);
+	return err;
 }

@@ -1,57 +1,56 @@
 // SPDX-License-Identifier: MIT
 /*
  * swap.c - a swap area of the pool's own: shared pages swappable (seed
- * patches 1, 2, 3, 6, 9).
+ * patches 1, 2, 3, 6, 9), with the kernel doing the swap-in.
  *
- * With max_resident set, the pool keeps at most that many frames in memory
- * and writes cold ones to a swap file of its own (unlinked, 0600), so a
- * program holds more than its memory budget on machines with no swap.
+ * With max_resident set, the pool keeps what it holds in memory - private
+ * pages present, frames in the store, and its swap file's pages in the
+ * page cache - under that budget, and writes the rest to a swap file of its
+ * own (unlinked, 0600), so a program holds more than its memory budget on
+ * machines with no swap.
  *
- * Aging (page_referenced, patch 2).  There is no accessed bit in userspace:
- * the reclaim clock makes a page PROT_NONE as a reference hint
- * (UKSM_PTE_HINT) the first time round; a touch faults, and the handler
- * gives the page (and its hinted neighbours in an aligned 16-page cluster,
- * to keep VMAs and faults few) its protection back.  A page still hinted
- * when the hand comes round again was not referenced: a candidate.  A
- * shared frame is referenced if any of its mappers is: it is evicted only
- * when every mapper is still hinted.  Rik's two hands are the hand's two
- * visits; the distance between them is one revolution.
+ * A swapped page is a MAP_PRIVATE view of its slot, mapped from a
+ * read-only descriptor.  That is the whole of swap-in: an access by the
+ * program or by the kernel (read(2) from the page, np.save) reads the slot
+ * back through the page cache, with the kernel's readahead over the
+ * clustered slots around it; a write copies it, as for a KSM view, and
+ * reconcile (merge.c) then finds the page private again.  Nothing faults
+ * into our handler, and nothing can fail for want of a frame.
  *
- * Eviction (try_to_unmap_ksm, patch 2).  A batch of candidates is written
- * with pwritev to a run of consecutive slots (one syscall for the batch,
- * straight from the direct map), then every mapper becomes SWAPPED, its
- * pte holding the slot; the mappers are PROT_NONE already, so no syscall is
- * needed to unmap them.  A shared frame is written once, to one slot, for
- * all its mappers.  The frame is punched.  A write error (ENOSPC, EFBIG,
- * EIO) stops the batch before anything is unmapped: the pages stay
- * resident, the error is counted, nothing is lost.
+ * Eviction (try_to_unmap_ksm, patch 2).  The reclaim clock walks the page
+ * table from its hand and takes private pages that are present and KSM
+ * frames none of whose mappers is locked.  A batch is write-protected (the
+ * page lock: a write meanwhile waits in the handler and cannot be lost),
+ * pagemap re-read (a view the kernel copied since is private, not the
+ * frame's any more), written with pwritev to a run of consecutive slots
+ * (one syscall for the batch, straight from the pages or the direct map),
+ * and every page of it, every mapper of a shared frame, becomes a view of
+ * its slot: one mmap per run of consecutive pages on consecutive slots.
+ * The anonymous pages and the frames go back to the kernel with that.  A
+ * shared frame is written once, to one slot, for all its mappers: sharing
+ * survives swapping.  Writeback is started at once (sync_file_range) and
+ * the clean pages are dropped from the page cache at the next pass
+ * (POSIX_FADV_DONTNEED): that is when the memory really goes.  A write
+ * error (ENOSPC, EFBIG, EIO) stops the batch before anything is remapped:
+ * the pages stay resident, the error is counted, nothing is lost.
+ *
+ * Aging.  Userspace has no accessed bit; the hint faults of old (pages made
+ * PROT_NONE to see if they are touched) made kernel I/O into them fail.
+ * Here the page cache gives the second chance instead: a page evicted while
+ * in use is read back by the kernel at page-cache speed and stays a view of
+ * its slot, clean; the next pass drops the slots' cached pages that no view
+ * maps before it evicts anything else.
  *
  * The swap map (swapfile.c's swap_map): a count per slot of the ptes still
- * swapped on it; the slot is freed when the last goes (swap-in, free).
- * Each slot also keeps the XXH3 of what was written: a slot that reads
- * back different is reported, never returned.
+ * viewing it; the slot is freed when the last goes (written, freed), and
+ * its disk blocks are punched later, in runs (uksm_swap_trim).  A slot
+ * freed while a forked child may still view it is deferred, like a frame.
  *
- * Swap-in (the fault handler).  A touch of a SWAPPED page reads its slot
- * into a fresh frame (pread, async-signal-safe) and maps it.  Where the seed
- * copied per mapper (ksm_might_need_to_copy, "disappointingly primitive"),
- * uksm keeps a swap cache: a slot with other mappers still swapped on it
- * remembers the frame it was read into (keyhole-checked, as stable nodes
- * are) and holds a reference on it until its last swapped mapper is gone;
- * the next mappers map that same frame, read-only, as a KSM frame: sharing
- * survives swapping.  A write after that is an ordinary COW, which copies
- * even for a sole present mapper, leaving the cached frame to the others.
- *
- * mlock (patch 1): a LOCKED or PINNED mapper keeps its frame resident, so
- * a merged frame stays locked while any locker is left.  Groups (patch 6):
- * every frame is charged to a group (csrc/uksm_internal.h uksm_recharge),
- * the frame a COW break or a swap-in makes to the group of the page that
- * faulted; a group over its own limit has its own frames reclaimed.  No cap
- * on shared frames (patch 9): limits are on frames, not nodes.
- *
- * Reclaim runs under pool->lock, one batch per hold: from the API (an
- * allocation over budget, the background scanner) and, when frames run
- * past the budget by a whole batch, from the fault handler itself: pwritev,
- * pread, mprotect and punching are all async-signal-safe.
+ * mlock (patch 1): a LOCKED page is never evicted, and a frame with a
+ * LOCKED mapper stays resident.  Groups (patch 6): a buffer's pages are
+ * charged to its group, a frame to the group of its first view; a group
+ * over its own limit has its own pages evicted.  No cap on shared frames
+ * (patch 9): limits are on pages, not nodes.
  */
 #include "uksm_internal.h"
 
@@ -59,12 +58,12 @@
 #include <sys/uio.h>
 #include <time.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
-#define HINT_CLUSTER	16
 #define IOV_BATCH	256
 #define EVICT_MAX	4096
+/* swap_map value of a freed slot that a forked child may still view */
+#define SWAP_MAP_DEFERRED	UINT16_MAX
+/* the most views counted on one slot: max_page_sharing is below it */
+#define SWAP_MAP_MAX		(UINT16_MAX - 1)
 
 static uint64_t mono_now_ns(void)
 {
@@ -74,55 +73,45 @@ static uint64_t mono_now_ns(void)
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
-/* A swap write failed moments ago: the fault handler does not retry yet. */
-int uksm_swap_backing_off(struct uksm_pool *pool)
-{
-	return pool->swap_backoff_ns && mono_now_ns() < pool->swap_backoff_ns;
-}
-
-static int resident_state(uint8_t s)
-{
-	return s == UKSM_PTE_NORMAL || s == UKSM_PTE_KSM;
-}
-
 int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
-		     size_t max_resident_frames, size_t batch)
+		     size_t max_resident_pages, size_t batch)
 {
 	size_t nv = pool->va_pages, nf = pool->nr_frames;
+	int ro;
 	char *p;
 
-	if (pool->swap_fd >= 0 || swap_fd < 0 || !max_resident_frames)
+	if (pool->swap_fd >= 0 || swap_fd < 0 || !max_resident_pages)
 		return -EINVAL;
 	if (batch < 1)
 		batch = 1;
 	if (batch > EVICT_MAX)
 		batch = EVICT_MAX;
-	pool->swap_meta_bytes = nv * (2 + 8 + 4 + 4 + 1) + nf * (1 + 4 + 4 + 4) +
-				2 * EVICT_MAX * 4;
+	ro = uksm_reopen_ro(swap_fd);
+	if (ro < 0)
+		return -errno;
+	pool->swap_meta_bytes = nv * (2 + 4 + 1) + nf * (1 + 4) + 2 * EVICT_MAX * 4;
 	pool->swap_meta = mmap(NULL, pool->swap_meta_bytes, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (pool->swap_meta == MAP_FAILED) {
 		pool->swap_meta = NULL;
+		close(ro);
 		return -ENOMEM;
 	}
 	p = pool->swap_meta;
-	pool->slot_sum = (uint64_t *)p;		p += nv * 8;
-	pool->slot_cache = (uint32_t *)p;	p += nv * 4;
-	pool->slot_cache_key = (uint32_t *)p;	p += nv * 4;
-	pool->evict_frames = (uint32_t *)p;	p += EVICT_MAX * 4;
-	pool->evict_slots = (uint32_t *)p;	p += EVICT_MAX * 4;
+	pool->evict_vpn = (uint32_t *)p;	p += EVICT_MAX * 4;
+	pool->evict_slot = (uint32_t *)p;	p += EVICT_MAX * 4;
+	pool->slot_gen = (uint32_t *)p;		p += nv * 4;
 	pool->evict_slot_of = (uint32_t *)p;	p += nf * 4;
-	pool->evict_vpn = (uint32_t *)p;	p += nf * 4;
-	pool->cache_slot_of = (uint32_t *)p;	p += nf * 4;
 	pool->swap_map = (uint16_t *)p;		p += nv * 2;
 	pool->slot_stale = (uint8_t *)p;	p += nv;
 	pool->evict_mark = (uint8_t *)p;
 	uksm_lock(pool);
 	pool->nr_slots = nv;
-	pool->max_resident = max_resident_frames;
+	pool->max_resident = max_resident_pages;
 	pool->reclaim_batch = batch;
 	pool->swap_dir_fd = dir_fd;
 	pool->swap_fd = swap_fd;
+	pool->swap_ro_fd = ro;
 	uksm_unlock(pool);
 	return 0;
 }
@@ -131,18 +120,20 @@ void uksm_swap_destroy(struct uksm_pool *pool)
 {
 	if (pool->swap_fd >= 0)
 		close(pool->swap_fd);
+	if (pool->swap_ro_fd >= 0)
+		close(pool->swap_ro_fd);
 	if (pool->swap_dir_fd >= 0)
 		close(pool->swap_dir_fd);
 	if (pool->swap_meta)
 		munmap(pool->swap_meta, pool->swap_meta_bytes);
 }
 
-int uksm_set_max_resident(struct uksm_pool *pool, size_t frames)
+int uksm_set_max_resident(struct uksm_pool *pool, size_t pages)
 {
-	if (pool->swap_fd < 0 || !frames)
+	if (pool->swap_fd < 0 || !pages)
 		return -EINVAL;
 	uksm_lock(pool);
-	pool->max_resident = frames;
+	pool->max_resident = pages;
 	uksm_unlock(pool);
 	return 0;
 }
@@ -163,7 +154,20 @@ static size_t slot_alloc_run(struct uksm_pool *pool, size_t want, size_t *start)
 	return n;
 }
 
-/* One pte swapped on @slot is gone (swapped in, or freed with its buffer). */
+static void slot_free(struct uksm_pool *pool, size_t slot)
+{
+	pool->swap_map[slot] = 0;
+	if (slot < pool->slot_hint)
+		pool->slot_hint = slot;
+	/*
+	 * The disk space goes back later, in runs, from uksm_swap_trim(): a
+	 * punch per slot costs ~100 us on ext4, too much for a hot path.
+	 */
+	pool->slot_stale[slot] = 1;
+	pool->stale_slots++;
+}
+
+/* One view of @slot is gone (written to, or freed with its buffer). */
 void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group)
 {
 	pool->st.pages_swapped--;
@@ -172,32 +176,32 @@ void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group)
 	if (--pool->swap_map[slot])
 		return;
 	pool->st.slots_used--;
-	if (pool->slot_cache[slot]) {
-		/* the last user is gone: the swap cache lets go of its frame */
-		size_t f = pool->slot_cache[slot] - 1;
-
-		if (pool->frames[f].key == pool->slot_cache_key[slot] &&
-		    pool->cache_slot_of[f] == slot + 1 && pool->frames[f].mapcount) {
-			pool->cache_slot_of[f] = 0;
-			uksm_frame_put(pool, f);
-		}
+	if (uksm_must_defer(pool)) {
+		pool->swap_map[slot] = SWAP_MAP_DEFERRED;
+		pool->slot_gen[slot] = pool->heir ? UINT32_MAX : atomic_load(&uksm_fork_gen);
+		pool->deferred_slots++;
+		return;
 	}
-	pool->slot_cache[slot] = 0;
-	if (slot < pool->slot_hint)
-		pool->slot_hint = slot;
-	/*
-	 * The disk space goes back later, in runs, from uksm_swap_trim(): a
-	 * punch of a slot already written back costs ~100 us on ext4, too much
-	 * for the fault handler that swaps a page in.
-	 */
-	pool->slot_stale[slot] = 1;
-	pool->stale_slots++;
+	slot_free(pool, slot);
+}
+
+/* Deferred slots whose children are all gone are free again. */
+void uksm_swap_release_deferred(struct uksm_pool *pool)
+{
+	if (!pool->deferred_slots || pool->heir)
+		return;
+	for (size_t s = 0; s < pool->st.swap_file_slots && pool->deferred_slots; s++) {
+		if (pool->swap_map[s] != SWAP_MAP_DEFERRED || !uksm_gen_released(pool->slot_gen[s]))
+			continue;
+		pool->deferred_slots--;
+		slot_free(pool, s);
+	}
 }
 
 /*
  * Punch the freed slots' disk blocks, in runs (the API and the scanner
- * thread call this; never the fault handler).  Below @min stale slots it
- * waits for more.  Returns slots trimmed.
+ * thread call this).  Below @min stale slots it waits for more.  Returns
+ * slots trimmed.
  */
 int uksm_swap_trim(struct uksm_pool *pool, size_t min)
 {
@@ -206,7 +210,7 @@ int uksm_swap_trim(struct uksm_pool *pool, size_t min)
 	if (pool->swap_fd < 0)
 		return 0;
 	uksm_lock(pool);
-	if (pool->stale_slots < (min ? min : 1)) {
+	if (pool->heir || pool->stale_slots < (min ? min : 1)) {
 		uksm_unlock(pool);
 		return 0;
 	}
@@ -233,97 +237,230 @@ int uksm_swap_trim(struct uksm_pool *pool, size_t min)
 }
 
 /*
- * A hinted page was touched: it is referenced.  Give it, and the hinted
- * pages of the same state around it in its aligned cluster, their
- * protection back with one mprotect.  Near vm.max_map_count (or if that
- * mprotect fails) give the whole hinted run back instead: its ends are
- * mapping boundaries already, so that needs no split and only removes
- * VMAs.  Caller holds pool->lock.
+ * Make every SWAPPED page of [vpn, vpn + n) private: one
+ * MADV_POPULATE_WRITE per run, the kernel reading the slots in and copying
+ * them.  Caller holds pool->lock.
  */
-int uksm_hint_restore(struct uksm_pool *pool, size_t vpn)
+static int populate_swapped(struct uksm_pool *pool, size_t vpn, size_t n)
 {
-	uint8_t state = pool->ptes[vpn].state;
-	int prot = PROT_READ | (state == UKSM_PTE_NORMAL ? PROT_WRITE : 0);
-	size_t lo = vpn & ~(size_t)(HINT_CLUSTER - 1), hi = lo + HINT_CLUSTER;
-	size_t a = vpn, b = vpn + 1;
+	for (size_t r = vpn; r < vpn + n;) {
+		size_t e = r;
 
-	if (hi > pool->va_pages)
-		hi = pool->va_pages;
-	if (pool->vma_estimate + 2 <= pool->vma_soft_limit) {
-		while (a > lo && pool->ptes[a - 1].state == state &&
-		       (pool->ptes[a - 1].spare[0] & UKSM_PTE_HINT))
-			a--;
-		while (b < hi && pool->ptes[b].state == state &&
-		       (pool->ptes[b].spare[0] & UKSM_PTE_HINT))
-			b++;
-		if (!uksm_mprotect(page_addr(pool, a), (b - a) * PG, prot)) {
-			pool->vma_estimate += 2;
-			goto done;
+		while (e < vpn + n && pool->ptes[e].state == UKSM_PTE_SWAPPED)
+			e++;
+		if (e == r) {
+			r++;
+			continue;
 		}
+		if (pool->cow_mode == UKSM_COW_SIGNAL &&
+		    uksm_mprotect(page_addr(pool, r), (e - r) * PG, PROT_READ | PROT_WRITE))
+			return -errno;
+		if (madvise(page_addr(pool, r), (e - r) * PG, MADV_POPULATE_WRITE)) {
+			int err = -errno;
+
+			if (!uksm_pagemap_read((size_t)page_addr(pool, r), e - r, pool->run.pm))
+				uksm_reconcile_locked(pool, r, e - r, pool->run.pm);
+			return err;
+		}
+		for (size_t i = r; i < e; i++)
+			uksm_page_cowed(pool, i);
+		r = e;
 	}
-	a = vpn;
-	b = vpn + 1;
-	while (a > 0 && pool->ptes[a - 1].state == state &&
-	       (pool->ptes[a - 1].spare[0] & UKSM_PTE_HINT))
-		a--;
-	while (b < pool->va_pages && pool->ptes[b].state == state &&
-	       (pool->ptes[b].spare[0] & UKSM_PTE_HINT))
-		b++;
-	if (uksm_mprotect(page_addr(pool, a), (b - a) * PG, prot))
-		return -errno;
-done:
-	for (size_t i = a; i < b; i++)
-		pool->ptes[i].spare[0] &= ~UKSM_PTE_HINT;
-	pool->st.hint_faults++;
 	return 0;
 }
 
-/*
- * Make a run of resident pages PROT_NONE reference hints.  Not near the
- * map limit: hints cost VMAs, and the touches that end them more.
- */
-static void hint_run(struct uksm_pool *pool, size_t vpn, size_t n)
+/* Swap in every SWAPPED page of a range (pin, lock). */
+int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
-	if (!n || pool->vma_estimate + 2 > pool->vma_soft_limit ||
-	    uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_NONE))
-		return;		/* no hint, no eviction: nothing lost */
-	pool->vma_estimate += 2;
-	for (size_t i = vpn; i < vpn + n; i++)
-		pool->ptes[i].spare[0] |= UKSM_PTE_HINT;
+	int err = 0;
+
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+		return -EINVAL;
+	if (pool->swap_fd < 0)
+		return 0;
+	for (size_t done = 0; done < npages && !err;) {
+		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
+
+		uksm_lock(pool);
+		err = populate_swapped(pool, vpn + done, n);
+		uksm_frames_flush(pool);
+		uksm_unlock(pool);
+		done += n;
+	}
+	return err;
+}
+
+/*
+ * Drop the swap file's clean pages from the page cache.  A page that a
+ * view maps (read back and not written) is kept by the kernel while mapped:
+ * unmapping such a view (MADV_DONTNEED on a view the kernel has not copied
+ * just re-exposes the same slot) lets it go, unless @keep_mapped.  Caller
+ * holds pool->lock.
+ */
+static void drop_swap_cache(struct uksm_pool *pool, int keep_mapped)
+{
+	if (!pool->st.swap_file_slots)
+		return;
+	for (size_t v = 0; !keep_mapped && v < pool->va_pages; v += UKSM_RUN_MAX) {
+		size_t n = pool->va_pages - v < UKSM_RUN_MAX ? pool->va_pages - v : UKSM_RUN_MAX;
+		uint64_t *pm = pool->run.pm;
+		int any = 0;
+
+		for (size_t i = 0; i < n && !any; i++)
+			any = pool->ptes[v + i].state == UKSM_PTE_SWAPPED;
+		if (!any || uksm_pagemap_read((size_t)page_addr(pool, v), n, pm))
+			continue;
+		uksm_reconcile_locked(pool, v, n, pm);
+		for (size_t i = 0; i < n;) {
+			size_t e = i;
+
+			while (e < n && pool->ptes[v + e].state == UKSM_PTE_SWAPPED &&
+			       (pm[e] & PM_PRESENT) && (pm[e] & PM_FILE))
+				e++;
+			if (e > i)
+				(void)madvise(page_addr(pool, v + i), (e - i) * PG, MADV_DONTNEED);
+			i = e + (e == i);
+		}
+	}
+	(void)posix_fadvise(pool->swap_fd, 0, (off_t)(pool->st.swap_file_slots * PG),
+			    POSIX_FADV_DONTNEED);
+}
+
+/* Swap file pages in the page cache, by mincore over a mapping of it. */
+static size_t swap_cached_pages(struct uksm_pool *pool)
+{
+	size_t len = pool->st.swap_file_slots * PG, cached = 0;
+	unsigned char vec[UKSM_RUN_MAX];
+	char *m;
+
+	if (!len)
+		return 0;
+	m = mmap(NULL, len, PROT_READ, MAP_SHARED, pool->swap_fd, 0);
+	if (m == MAP_FAILED)
+		return 0;
+	for (size_t s = 0; s < pool->st.swap_file_slots; s += UKSM_RUN_MAX) {
+		size_t k = pool->st.swap_file_slots - s;
+
+		if (k > UKSM_RUN_MAX)
+			k = UKSM_RUN_MAX;
+		if (mincore(m + s * PG, k * PG, vec))
+			break;
+		for (size_t i = 0; i < k; i++)
+			cached += vec[i] & 1;
+	}
+	munmap(m, len);
+	return cached;
+}
+
+/*
+ * Count what the pool holds resident, per group too: private pages present
+ * (pagemap; reconciling on the way), frames in use, and the swap file's
+ * cached pages.  Takes pool->lock a chunk at a time.
+ */
+static size_t count_resident(struct uksm_pool *pool)
+{
+	uint64_t groups[UKSM_MAX_GROUPS] = { 0 };
+	size_t total;
+
+	for (size_t v = 0; v < pool->va_pages; v += UKSM_RUN_MAX) {
+		size_t n = pool->va_pages - v < UKSM_RUN_MAX ? pool->va_pages - v : UKSM_RUN_MAX;
+		uint64_t *pm = pool->run.pm;
+		int any = 0;
+
+		uksm_lock(pool);
+		for (size_t i = 0; i < n && !any; i++)
+			any = pool->ptes[v + i].state != UKSM_PTE_NONE;
+		if (any && !uksm_pagemap_read((size_t)page_addr(pool, v), n, pm)) {
+			uksm_reconcile_locked(pool, v, n, pm);
+			uksm_frames_flush(pool);
+			for (size_t i = 0; i < n; i++)
+				if (pool->ptes[v + i].state == UKSM_PTE_PRIVATE &&
+				    (pm[i] & PM_PRESENT))
+					groups[pool->ptes[v + i].group]++;
+		}
+		uksm_unlock(pool);
+	}
+	uksm_lock(pool);
+	for (size_t f = 0; f < pool->file_frames; f++)
+		if (pool->frames[f].mapcount)
+			groups[pool->frames[f].group]++;
+	total = swap_cached_pages(pool);
+	for (int g = 0; g < UKSM_MAX_GROUPS; g++) {
+		pool->group_pages[g] = groups[g];
+		total += groups[g];
+	}
+	pool->resident_pages = total;
+	uksm_unlock(pool);
+	return total;
 }
 
 static int evictable(const struct uksm_pte *pte)
 {
-	return resident_state(pte->state) &&
-	       !(pte->spare[0] & (UKSM_PTE_PINNED | UKSM_PTE_LOCKED));
+	return !(pte->flags & (UKSM_PTE_PINNED | UKSM_PTE_LOCKED));
 }
 
-/* swap_map counts mappers in 16 bits */
-#define SWAP_MAP_MAX	(UINT16_MAX - 1)
+/*
+ * Pick a batch of up to @want candidates from the clock hand: private pages
+ * present, and KSM frames (by one of their views; mark 1).  Caller holds
+ * pool->lock.  Returns candidates in evict_vpn[].
+ */
+static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t *walked)
+{
+	size_t n = 0;
 
-/* pwritev a batch: frames evict_frames[a..b) to slots evict_slots[a..b). */
+	while (n < want && *walked < pool->va_pages) {
+		size_t v = pool->clock_hand;
+		size_t k = pool->va_pages - v < UKSM_RUN_MAX ? pool->va_pages - v : UKSM_RUN_MAX;
+		uint64_t *pm = pool->run.pm;
+
+		if (uksm_pagemap_read((size_t)page_addr(pool, v), k, pm))
+			break;
+		uksm_reconcile_locked(pool, v, k, pm);
+		for (size_t i = 0; i < k; i++) {
+			const struct uksm_pte *pte = &pool->ptes[v + i];
+
+			(*walked)++;
+			pool->clock_hand = v + i + 1 < pool->va_pages ? v + i + 1 : 0;
+			if (!evictable(pte) || (group >= 0 && pte->group != (uint32_t)group))
+				continue;
+			if (pte->state == UKSM_PTE_PRIVATE && (pm[i] & PM_PRESENT)) {
+				pool->evict_vpn[n++] = (uint32_t)(v + i);
+			} else if (pte->state == UKSM_PTE_KSM && !pool->evict_mark[pte->pfn] &&
+				   pool->frames[pte->pfn].mapcount <= SWAP_MAP_MAX) {
+				pool->evict_mark[pte->pfn] = 1;
+				pool->evict_vpn[n++] = (uint32_t)(v + i);
+			}
+			if (n == want)
+				break;
+		}
+	}
+	return n;
+}
+
+/* pwritev the batch to slots evict_slot[a..b): pages, or frames. */
 static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 {
 	struct iovec iov[IOV_BATCH];
 
 	while (a < b) {
-		size_t n = 0, first = pool->evict_slots[a];
+		size_t n = 0, first = pool->evict_slot[a];
 		ssize_t done;
-		size_t want;
 
-		while (a + n < b && n < IOV_BATCH &&
-		       pool->evict_slots[a + n] == first + n) {
-			iov[n].iov_base = frame_addr(pool, pool->evict_frames[a + n]);
+		while (a + n < b && n < IOV_BATCH && pool->evict_slot[a + n] == first + n) {
+			const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[a + n]];
+
+			iov[n].iov_base = pte->state == UKSM_PTE_KSM ?
+					  frame_addr(pool, pte->pfn) :
+					  page_addr(pool, pool->evict_vpn[a + n]);
 			iov[n].iov_len = PG;
 			n++;
 		}
-		want = n * PG;
 		if (uksm_injected(UKSM_OP_PWRITE))
 			return -errno;
 		done = pwritev(pool->swap_fd, iov, (int)n, (off_t)(first * PG));
 		if (done < 0)
 			return -errno;
-		if ((size_t)done != want)
+		if ((size_t)done != n * PG)
 			return -ENOSPC;	/* a short write: the disk is full */
 		if (first + n > pool->st.swap_file_slots)
 			pool->st.swap_file_slots = first + n;
@@ -332,332 +469,271 @@ static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 	return 0;
 }
 
-/* The pte at @v maps a frame just written to its slot: it is swapped now. */
-static void unmap_to_slot(struct uksm_pool *pool, size_t v)
+static void to_slot(struct uksm_pool *pool, size_t v, uint32_t slot)
 {
 	struct uksm_pte *pte = &pool->ptes[v];
-	uint32_t s = pool->evict_slot_of[pte->pfn];
 
-	if (pte->state == UKSM_PTE_KSM)
+	if (pte->state == UKSM_PTE_KSM) {
 		pool->st.ksm_mappings--;
+		uksm_frame_put(pool, pte->pfn);
+	}
 	pte->state = UKSM_PTE_SWAPPED;
-	pte->pfn = s;
-	pool->swap_map[s]++;
+	pte->pfn = slot;
+	pool->swap_map[slot]++;
 	pool->st.pages_swapped++;
-	pool->group_swapped[uksm_pte_group(pte)]++;
+	pool->group_swapped[pte->group]++;
 }
 
 /*
- * Evict candidates evict_frames[0..n) (evict_mark set).  Caller holds
- * pool->lock.  Returns frames freed, or -errno if the write failed (then
- * nothing changed but the error count).
+ * Evict candidates evict_vpn[0..n).  Caller holds pool->lock.  Returns
+ * pages of memory given back, or -errno if the write failed (then nothing
+ * changed but the error count).
  */
 static long evict_batch(struct uksm_pool *pool, size_t n)
 {
-	size_t ok = 0;
+	size_t ok = 0, got, s = 0;
+	long freed = 0;
 	int shared = 0, err;
 
+	/* a frame with a locked mapper stays; every mapper is protected */
 	for (size_t i = 0; i < n; i++)
-		shared |= pool->frames[pool->evict_frames[i]].mapcount > 1;
+		shared |= pool->ptes[pool->evict_vpn[i]].state == UKSM_PTE_KSM;
 	if (shared) {
-		/* every mapper of a shared candidate must still be hinted */
 		for (size_t v = 0; v < pool->va_pages; v++) {
 			const struct uksm_pte *pte = &pool->ptes[v];
 
-			if (resident_state(pte->state) && pool->evict_mark[pte->pfn] == 1 &&
-			    (!(pte->spare[0] & UKSM_PTE_HINT) || !evictable(pte)))
+			if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1 &&
+			    !evictable(pte))
 				pool->evict_mark[pte->pfn] = 2;
 		}
 	}
 	for (size_t i = 0; i < n; i++) {
-		uint32_t f = pool->evict_frames[i];
+		uint32_t v = pool->evict_vpn[i];
+		const struct uksm_pte *pte = &pool->ptes[v];
 
-		if (pool->evict_mark[f] == 1)
-			pool->evict_frames[ok++] = f;
-		else
-			pool->evict_mark[f] = 0;
+		if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] != 1) {
+			pool->evict_mark[pte->pfn] = 0;
+			continue;
+		}
+		pool->evict_vpn[ok++] = v;
 	}
-	/* clustered slots: consecutive frames of the batch, consecutive slots */
+	/* the page lock: write-protect the private candidates */
 	for (size_t i = 0; i < ok;) {
-		size_t s, got = slot_alloc_run(pool, ok - i, &s);
+		size_t e = i + 1;
 
-		if (!got) {
-			/* no slot left: evict what has one, forget the rest */
-			for (size_t j = i; j < ok; j++)
-				pool->evict_mark[pool->evict_frames[j]] = 0;
-			ok = i;
+		while (e < ok && pool->evict_vpn[e] == pool->evict_vpn[e - 1] + 1)
+			e++;
+		if (uksm_mprotect(page_addr(pool, pool->evict_vpn[i]), (e - i) * PG, PROT_READ)) {
+			/* not protected: not evicted */
+			for (size_t k = i; k < e; k++) {
+				const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[k]];
+
+				if (pte->state == UKSM_PTE_KSM)
+					pool->evict_mark[pte->pfn] = 0;
+				pool->evict_vpn[k] = UINT32_MAX;
+			}
+		}
+		i = e;
+	}
+	/*
+	 * Views of shared candidates elsewhere: protect them as well, then
+	 * pagemap says which the kernel copied before we did (private now).
+	 */
+	if (shared) {
+		for (size_t v = 0; v < pool->va_pages; v++) {
+			const struct uksm_pte *pte = &pool->ptes[v];
+
+			if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1) {
+				uint64_t e;
+
+				(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ);
+				if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) &&
+				    pm_cowed(e)) {
+					uksm_page_cowed(pool, v);
+					(void)uksm_mprotect(page_addr(pool, v), PG,
+							    PROT_READ | PROT_WRITE);
+				}
+			}
+		}
+	}
+	got = 0;
+	for (size_t i = 0; i < ok; i++) {
+		uint32_t v = pool->evict_vpn[i];
+		const struct uksm_pte *pte;
+
+		if (v == UINT32_MAX)
+			continue;
+		pte = &pool->ptes[v];
+		if (pte->state != UKSM_PTE_PRIVATE &&
+		    !(pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1))
+			continue;	/* copied on write since: stays */
+		pool->evict_vpn[got++] = v;
+	}
+	/* clustered slots: the batch on consecutive slots */
+	for (size_t i = 0; i < got;) {
+		size_t k = slot_alloc_run(pool, got - i, &s);
+
+		if (!k) {
+			got = i;
 			break;
 		}
-		for (size_t k = 0; k < got; k++) {
-			pool->evict_slots[i + k] = (uint32_t)(s + k);
-			pool->swap_map[s + k] = UINT16_MAX;	/* taken, for now */
+		for (size_t j = 0; j < k; j++) {
+			pool->evict_slot[i + j] = (uint32_t)(s + j);
+			pool->swap_map[s + j] = SWAP_MAP_DEFERRED;	/* taken, for now */
 		}
-		pool->slot_hint = s + got;
-		i += got;
+		pool->slot_hint = s + k;
+		i += k;
 	}
-	err = write_slots(pool, 0, ok);
+	err = write_slots(pool, 0, got);
 	if (err) {
-		for (size_t i = 0; i < ok; i++) {
-			pool->swap_map[pool->evict_slots[i]] = 0;
-			if (pool->evict_slots[i] < pool->slot_hint)
-				pool->slot_hint = pool->evict_slots[i];
+		for (size_t i = 0; i < got; i++) {
+			pool->swap_map[pool->evict_slot[i]] = 0;
+			if (pool->evict_slot[i] < pool->slot_hint)
+				pool->slot_hint = pool->evict_slot[i];
 		}
-		for (size_t i = 0; i < n; i++)
-			pool->evict_mark[pool->evict_frames[i]] = 0;
-		for (size_t i = 0; i < ok; i++)
-			pool->evict_mark[pool->evict_frames[i]] = 0;
+		got = 0;
 		pool->st.swap_errors++;
 		pool->st.last_swap_errno = (uint64_t)-err;
 		pool->swap_backoff_ns = mono_now_ns() + 200000000ull;
-		return err;
 	}
-	for (size_t i = 0; i < ok; i++) {
-		uint32_t f = pool->evict_frames[i], s = pool->evict_slots[i];
+	/* the slots are written: map the pages, all mappers of a frame, */
+	for (size_t i = 0; i < got; i++) {
+		const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[i]];
 
-		pool->slot_sum[s] = XXH3_64bits(frame_addr(pool, f), PG);
-		pool->swap_map[s] = 0;
-		pool->evict_slot_of[f] = s;
-		pool->evict_mark[f] = 3;	/* written: unmap its mappers below */
+		pool->swap_map[pool->evict_slot[i]] = 0;
 		pool->st.slots_used++;
 		pool->st.swap_outs++;
+		if (pte->state == UKSM_PTE_KSM) {
+			pool->evict_slot_of[pte->pfn] = pool->evict_slot[i];
+			pool->evict_mark[pte->pfn] = 3;
+		}
 	}
-	/* try_to_unmap: every mapper of a written frame now refers to its slot */
-	if (shared) {
-		for (size_t v = 0; v < pool->va_pages; v++)
-			if (resident_state(pool->ptes[v].state) &&
-			    pool->evict_mark[pool->ptes[v].pfn] == 3)
-				unmap_to_slot(pool, v);
-	} else {
-		for (size_t i = 0; i < ok; i++)		/* the one mapper is known */
-			unmap_to_slot(pool, pool->evict_vpn[pool->evict_frames[i]]);
-	}
-	for (size_t i = 0; i < ok; i++) {
-		uint32_t f = pool->evict_frames[i];
+	for (size_t i = 0; i < got;) {
+		size_t e = i + 1;
+		uint32_t *vp = pool->evict_vpn, *sl = pool->evict_slot;
 
-		pool->evict_mark[f] = 0;
-		pool->cache_slot_of[f] = 0;	/* its slot's cache is stale now */
-		pool->frames[f].mapcount = 1;
-		uksm_frame_put(pool, f);	/* frees, new key (stale nodes), punch */
+		while (e < got && vp[e] == vp[e - 1] + 1 && sl[e] == sl[e - 1] + 1)
+			e++;
+		if (uksm_map_view(pool, vp[i], e - i, pool->swap_ro_fd, sl[i], view_prot(pool))) {
+			/* vm.max_map_count: these pages stay; so do their frames */
+			for (size_t k = i; k < e; k++) {
+				const struct uksm_pte *pte = &pool->ptes[vp[k]];
+
+				if (pte->state == UKSM_PTE_KSM)
+					pool->evict_mark[pte->pfn] = 1;
+				pool->st.slots_used--;
+				pool->st.swap_outs--;
+				slot_free(pool, sl[k]);
+			}
+			i = e;
+			continue;
+		}
+		for (size_t k = i; k < e; k++) {
+			freed += pool->ptes[vp[k]].state == UKSM_PTE_PRIVATE ||
+				 pool->frames[pool->ptes[vp[k]].pfn].mapcount == 1;
+			to_slot(pool, vp[k], sl[k]);
+		}
+		i = e;
+	}
+	/*
+	 * try_to_unmap: the other mappers of an evicted frame follow it to
+	 * its slot; those of a frame that stays get their protection back.
+	 */
+	if (shared) {
+		for (size_t v = 0; v < pool->va_pages; v++) {
+			const struct uksm_pte *pte = &pool->ptes[v];
+			uint8_t mark;
+
+			if (pte->state != UKSM_PTE_KSM)
+				continue;
+			mark = pool->evict_mark[pte->pfn];
+			if (mark == 3) {
+				uint32_t slot = pool->evict_slot_of[pte->pfn];
+
+				if (!uksm_map_view(pool, v, 1, pool->swap_ro_fd, slot,
+						   view_prot(pool))) {
+					freed += pool->frames[pte->pfn].mapcount == 1;
+					to_slot(pool, v, slot);
+					continue;
+				}
+			}
+			if (mark)
+				(void)uksm_mprotect(page_addr(pool, v), PG, view_prot(pool));
+		}
+		for (size_t f = 0; f < pool->file_frames; f++)
+			pool->evict_mark[f] = 0;
+	}
+	/* what stayed private gets its write access back */
+	for (size_t i = 0; i < ok; i++) {
+		uint32_t v = pool->evict_vpn[i];
+
+		if (v != UINT32_MAX && v < pool->va_pages &&
+		    pool->ptes[v].state == UKSM_PTE_PRIVATE)
+			(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ | PROT_WRITE);
 	}
 	uksm_frames_flush(pool);
-	pool->st.reclaim_runs++;
-	return (long)ok;
+	if (got) {
+		/* start writeback now; the next pass drops the clean pages */
+		(void)sync_file_range(pool->swap_fd, (off_t)(pool->evict_slot[0] * (size_t)PG),
+				      (off_t)(got * PG), SYNC_FILE_RANGE_WRITE);
+		pool->st.reclaim_runs++;
+	}
+	return err ? err : freed;
 }
 
 /*
- * The clock: walk from the hand, hinting resident pages not hinted yet and
- * taking those still hinted as candidates, until @nr frames are freed or
- * @revolutions pass (the fault handler does one: a page it hints now must
- * have a revolution's time to be touched before it can go).  @group >= 0: only that group's frames.  Caller
- * holds pool->lock.
+ * uksm_reclaim - evict until @nr_pages more are given back, or, with
+ * @nr_pages 0, until the pool (and @group, if >= 0, under its own limit)
+ * is back under budget.  One batch per hold of pool->lock.  Returns pages
+ * given back, or -errno of a failed swap write.
  */
-void uksm_reclaim_locked(struct uksm_pool *pool, size_t nr, int group, int revolutions)
+int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
 {
-	size_t freed = 0, walked = 0, limit = (size_t)revolutions * pool->va_pages;
+	size_t freed = 0, walked = 0, resident, limit, want;
 
 	if (pool->swap_fd < 0)
-		return;
-	while (freed < nr && walked < limit) {
-		size_t n = 0, want = nr - freed, run = 0, run_start = 0;
+		return -EINVAL;
+	if (group >= UKSM_MAX_GROUPS)
+		return -EINVAL;
+	if (pool->swap_backoff_ns && mono_now_ns() < pool->swap_backoff_ns)
+		return 0;
+	uksm_lock(pool);
+	if (pool->heir) {
+		int err = uksm_detach(pool);
+
+		if (err) {
+			uksm_unlock(pool);
+			return err;
+		}
+	}
+	drop_swap_cache(pool, 0);
+	uksm_unlock(pool);
+	resident = count_resident(pool);
+	if (nr_pages) {
+		want = nr_pages;
+	} else if (group >= 0 && pool->group_max[group]) {
+		want = pool->group_pages[group] > pool->group_max[group] ?
+		       pool->group_pages[group] - pool->group_max[group] : 0;
+	} else {
+		limit = pool->max_resident;
+		want = resident > limit ? resident - limit : 0;
+	}
+	while (freed < want && walked < 2 * pool->va_pages) {
+		size_t n;
 		long r;
 
-		if (want > pool->reclaim_batch)
-			want = pool->reclaim_batch;
-		while (n < want && walked < limit) {
-			size_t v = pool->clock_hand;
-			struct uksm_pte *pte = &pool->ptes[v];
-
-			pool->clock_hand = v + 1 < pool->va_pages ? v + 1 : 0;
-			walked++;
-			if (!evictable(pte) ||
-			    (group >= 0 && pool->frames[pte->pfn].group != (uint32_t)group)) {
-				hint_run(pool, run_start, run);
-				run = 0;
-				continue;
-			}
-			if (!(pte->spare[0] & UKSM_PTE_HINT)) {
-				/* second chance: hint it, take it next time round */
-				if (run && (v != run_start + run ||
-					    pool->ptes[run_start].state != pte->state)) {
-					hint_run(pool, run_start, run);
-					run = 0;
-				}
-				if (!run)
-					run_start = v;
-				run++;
-				if (v + 1 == pool->va_pages) {
-					hint_run(pool, run_start, run);
-					run = 0;
-				}
-				continue;
-			}
-			hint_run(pool, run_start, run);
-			run = 0;
-			if (pool->evict_mark[pte->pfn] ||
-			    pool->frames[pte->pfn].mapcount >= SWAP_MAP_MAX)
-				continue;
-			pool->evict_mark[pte->pfn] = 1;
-			pool->evict_vpn[pte->pfn] = (uint32_t)v;
-			pool->evict_frames[n++] = pte->pfn;
-		}
-		hint_run(pool, run_start, run);
-		if (!n)
-			continue;
-		r = evict_batch(pool, n);
+		uksm_lock(pool);
+		n = pick_batch(pool, want - freed < pool->reclaim_batch ?
+				     want - freed : pool->reclaim_batch, group, &walked);
+		r = n ? evict_batch(pool, n) : 0;
+		uksm_unlock(pool);
 		if (r < 0)
-			return;		/* the write failed: stop evicting */
+			return (int)r;
+		if (!n)
+			break;
 		freed += (size_t)r;
 	}
-}
-
-/*
- * uksm_reclaim - evict until @nr more frames are free, or, with @nr 0,
- * until frames_used is back under max_resident (and @group, if >= 0, under
- * its own limit).  One batch per hold of pool->lock.  Returns frames freed,
- * or -errno of a failed swap write.
- */
-int uksm_reclaim(struct uksm_pool *pool, size_t nr, int group)
-{
-	size_t freed = 0;
-
-	if (pool->swap_fd < 0)
-		return -EINVAL;
-	for (;;) {
-		size_t want, before;
-		uint64_t errors;
-
-		uksm_lock(pool);
-		if (nr)
-			want = nr > freed ? nr - freed : 0;
-		else if (group >= 0 && group < UKSM_MAX_GROUPS && pool->group_max[group])
-			want = pool->group_frames[group] > pool->group_max[group] ?
-			       pool->group_frames[group] - pool->group_max[group] : 0;
-		else
-			want = pool->st.frames_used > pool->max_resident ?
-			       pool->st.frames_used - pool->max_resident : 0;
-		if (!want) {
-			uksm_unlock(pool);
-			return (int)freed;
-		}
-		if (want > pool->reclaim_batch)
-			want = pool->reclaim_batch;
-		before = pool->st.frames_used;
-		errors = pool->st.swap_errors;
-		uksm_reclaim_locked(pool, want, group, 2);
-		freed += before > pool->st.frames_used ? before - pool->st.frames_used : 0;
-		if (pool->st.swap_errors != errors) {
-			int e = (int)pool->st.last_swap_errno;
-
-			uksm_unlock(pool);
-			return -e;
-		}
-		if (before <= pool->st.frames_used) {	/* nothing evictable left */
-			uksm_unlock(pool);
-			return (int)freed;
-		}
-		uksm_unlock(pool);
-	}
-}
-
-/*
- * Swap in the page at @vpn (SWAPPED), into a frame below @limit (the API's
- * capacity, or the whole table with the COW reserve for the fault handler),
- * evicting others first if none is free.  Caller holds pool->lock.  Returns 0,
- * -ENOMEM (no frame), -EIO (read failed), -EBADMSG (the slot fails its
- * checksum), -errno of mmap.  Async-signal-safe.
- */
-int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn, size_t limit)
-{
-	struct uksm_pte *pte = &pool->ptes[vpn];
-	uint32_t s = pte->pfn, g = uksm_pte_group(pte), cached = pool->slot_cache[s];
-	size_t f;
-	int err, shared;
-
-	if (cached && pool->frames[cached - 1].key == pool->slot_cache_key[s] &&
-	    pool->frames[cached - 1].mapcount &&
-	    (pool->frames[cached - 1].flags & UKSM_FRAME_KSM)) {
-		/* the swap cache: map the frame another mapper read it into */
-		f = cached - 1;
-		err = uksm_map_frames(pool, vpn, 1, f, 0);
-		if (err)
-			return err;
-		pool->frames[f].mapcount++;
-		pool->st.ksm_mappings++;
-		pool->st.swap_cache_hits++;
-		pte->state = UKSM_PTE_KSM;
-		pte->pfn = (uint32_t)f;
-		uksm_slot_put(pool, s, g);
-		return 0;
-	}
-	if (!uksm_frame_alloc_run(pool, 1, limit, &f)) {
-		/* make room: evict cold pages (not this one: it is swapped) */
-		uksm_reclaim_locked(pool, pool->reclaim_batch, -1, 2);
-		if (!uksm_frame_alloc_run(pool, 1, limit, &f))
-			return -ENOMEM;
-	}
-	pool->frames[f].mapcount = 1;
-	if (pread(pool->swap_fd, frame_addr(pool, f), PG, (off_t)((size_t)s * PG)) != (ssize_t)PG) {
-		uksm_frame_put(pool, f);
-		return -EIO;
-	}
-	if (XXH3_64bits(frame_addr(pool, f), PG) != pool->slot_sum[s]) {
-		uksm_frame_put(pool, f);
-		return -EBADMSG;
-	}
-	shared = pool->swap_map[s] > 1;
-	err = uksm_map_frames(pool, vpn, 1, f, !shared);
-	if (err) {
-		uksm_frame_put(pool, f);
-		return err;
-	}
-	uksm_recharge(pool, f, g);
-	if (g < UKSM_MAX_GROUPS)
-		pool->group_swap_ins[g]++;
-	pool->st.swap_ins++;
-	if (shared) {
-		/* others are still swapped on this slot: share, via the cache */
-		pool->frames[f].flags |= UKSM_FRAME_KSM;
-		pool->frames[f].key = ++pool->next_key;
-		pool->st.ksm_frames++;
-		pool->st.ksm_mappings++;
-		pool->slot_cache[s] = (uint32_t)f + 1;
-		pool->slot_cache_key[s] = pool->frames[f].key;
-		pool->cache_slot_of[f] = s + 1;
-		/* the cache's own reference: the frame outlives a COW by its
-		 * one present mapper, for the mappers still swapped out */
-		pool->frames[f].mapcount++;
-		pte->state = UKSM_PTE_KSM;
-	} else {
-		pte->state = UKSM_PTE_NORMAL;
-	}
-	pte->pfn = (uint32_t)f;
-	uksm_slot_put(pool, s, g);
-	return 0;
-}
-
-/* Swap in every SWAPPED page of a range (pin, lock, unmerge). */
-int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages)
-{
-	int err = 0;
-
-	if (vpn + npages > pool->va_pages)
-		return -EINVAL;
-	for (size_t done = 0; done < npages && !err;) {
-		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
-
-		uksm_lock(pool);
-		for (size_t i = vpn + done; i < vpn + done + n && !err; i++) {
-			if (pool->ptes[i].state == UKSM_PTE_SWAPPED)
-				err = uksm_swap_in_locked(pool, i, pool->capacity_frames);
-			else if (resident_state(pool->ptes[i].state) &&
-				 (pool->ptes[i].spare[0] & UKSM_PTE_HINT))
-				err = uksm_hint_restore(pool, i);
-		}
-		uksm_frames_flush(pool);
-		uksm_unlock(pool);
-		done += n;
-	}
-	return err;
+	return (int)freed;
 }
 
 /* pool.lock()/unlock(): LOCKED pages are swapped in and never evicted. */
@@ -665,9 +741,9 @@ int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 {
 	int err = 0;
 
-	if (vpn + npages > pool->va_pages)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
-	if (on && pool->swap_fd >= 0) {
+	if (on) {
 		/* in first, then locked: a lock that fails leaves nothing locked */
 		err = uksm_swap_in_range(pool, vpn, npages);
 		if (err)
@@ -676,52 +752,53 @@ int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 	uksm_lock(pool);
 	for (size_t i = vpn; i < vpn + npages; i++) {
 		if (on)
-			pool->ptes[i].spare[0] |= UKSM_PTE_LOCKED;
+			pool->ptes[i].flags |= UKSM_PTE_LOCKED;
 		else
-			pool->ptes[i].spare[0] &= ~UKSM_PTE_LOCKED;
+			pool->ptes[i].flags &= ~UKSM_PTE_LOCKED;
 	}
 	uksm_unlock(pool);
 	return err;
 }
 
-/* Put a buffer's pages in @group; their private frames follow. */
+/* Put a buffer's pages in @group; their private pages are charged there. */
 int uksm_set_group(struct uksm_pool *pool, size_t vpn, size_t npages, int group)
 {
-	if (vpn + npages > pool->va_pages || group < 0 || group >= UKSM_MAX_GROUPS)
+	if (vpn + npages > pool->va_pages || vpn + npages < vpn || group < 0 ||
+	    group >= UKSM_MAX_GROUPS)
 		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = vpn; i < vpn + npages; i++) {
 		struct uksm_pte *pte = &pool->ptes[i];
 
 		if (pte->state == UKSM_PTE_SWAPPED) {
-			pool->group_swapped[uksm_pte_group(pte)]--;
+			pool->group_swapped[pte->group]--;
 			pool->group_swapped[group]++;
 		}
-		pte->spare[1] = (uint8_t)group;
-		if (pte->state == UKSM_PTE_NORMAL)
-			uksm_recharge(pool, pte->pfn, (uint32_t)group);
+		pte->group = (uint8_t)group;
 	}
 	uksm_unlock(pool);
 	return 0;
 }
 
-int uksm_group_limit(struct uksm_pool *pool, int group, size_t max_frames)
+int uksm_group_limit(struct uksm_pool *pool, int group, size_t max_pages)
 {
 	if (group < 0 || group >= UKSM_MAX_GROUPS)
 		return -EINVAL;
 	uksm_lock(pool);
-	pool->group_max[group] = max_frames;
+	pool->group_max[group] = max_pages;
 	uksm_unlock(pool);
 	return 0;
 }
 
-/* frames charged, pages swapped, swap-ins, limit */
+/* resident pages charged (at the last count), pages swapped, swap-ins, limit */
 int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4)
 {
 	if (group < 0 || group >= UKSM_MAX_GROUPS)
 		return -EINVAL;
+	if (pool->swap_fd >= 0)
+		count_resident(pool);
 	uksm_lock(pool);
-	out4[0] = pool->group_frames[group];
+	out4[0] = pool->group_pages[group];
 	out4[1] = pool->group_swapped[group];
 	out4[2] = pool->group_swap_ins[group];
 	out4[3] = pool->group_max[group];
@@ -730,28 +807,18 @@ int uksm_group_stats(struct uksm_pool *pool, int group, uint64_t *out4)
 }
 
 /*
- * Fork: the child must not share its parent's swap file either (the parent
- * frees and reuses slots).  It copies the file into one of its own, in the
- * same directory, unlinked.  Syscalls only.
+ * An heir's swap file is its parent's, which it must never write: at its
+ * detach it takes a copy of its own, in the same directory, unlinked, and
+ * moves its swap views there.  Caller holds pool->lock; syscalls only.
  */
-static void uksm_swap_fork_die(const char *why)
-{
-	static const char msg[] = "uksm: forked child: ";
-
-	(void)!write(2, msg, sizeof(msg) - 1);
-	(void)!write(2, why, strlen(why));
-	(void)!write(2, "\n", 1);
-	_exit(70);
-}
-
-void uksm_swap_fork_child(struct uksm_pool *pool)
+int uksm_swap_detach(struct uksm_pool *pool)
 {
 	loff_t in = 0, out = 0;
 	size_t left;
-	int fd;
+	int fd, ro;
 
 	if (pool->swap_fd < 0)
-		return;
+		return 0;
 	fd = openat(pool->swap_dir_fd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
 	if (fd < 0) {
 		/* no O_TMPFILE here: a named file, unlinked at once */
@@ -767,7 +834,7 @@ void uksm_swap_fork_child(struct uksm_pool *pool)
 			unlinkat(pool->swap_dir_fd, name, 0);
 	}
 	if (fd < 0)
-		uksm_swap_fork_die("cannot create the child's own swap file");
+		return -errno;
 	left = pool->st.swap_file_slots * PG;
 	while (left) {
 		ssize_t n = copy_file_range(pool->swap_fd, &in, fd, &out, left, 0);
@@ -776,10 +843,29 @@ void uksm_swap_fork_child(struct uksm_pool *pool)
 			break;
 		left -= (size_t)n;
 	}
-	if (!left && dup3(fd, pool->swap_fd, O_CLOEXEC) >= 0) {
+	ro = left ? -1 : uksm_reopen_ro(fd);
+	if (ro < 0) {
 		close(fd);
-		return;
+		return -EIO;
 	}
-	/* sharing the parent's slots would end in checksum failures: stop */
-	uksm_swap_fork_die("cannot copy the swap file into the child's own");
+	for (size_t v = 0; v < pool->va_pages; v++) {
+		uint64_t e;
+
+		if (pool->ptes[v].state != UKSM_PTE_SWAPPED)
+			continue;
+		if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) && pm_cowed(e))
+			continue;	/* the child's own copy: reconcile finds it */
+		(void)uksm_map_view(pool, v, 1, ro, pool->ptes[v].pfn, view_prot(pool));
+	}
+	for (size_t s = 0; s < pool->st.swap_file_slots; s++) {
+		if (pool->swap_map[s] == SWAP_MAP_DEFERRED) {
+			pool->deferred_slots--;
+			slot_free(pool, s);
+		}
+	}
+	dup3(fd, pool->swap_fd, O_CLOEXEC);
+	dup3(ro, pool->swap_ro_fd, O_CLOEXEC);
+	close(fd);
+	close(ro);
+	return 0;
 }

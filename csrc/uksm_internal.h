@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * uksm_internal.h - the pool structure, pool->lock and the frame allocator,
- * shared by pool.c, merge.c and fault.c.  Everything here may be called from
+ * shared by every file of the core.  Everything here may be called from
  * the SIGSEGV handler, so it must stay async-signal-safe: syscalls, atomics,
  * plain memory; no malloc, no stdio, no locks but pool->lock.
  */
@@ -21,7 +21,7 @@
 #include <sys/mman.h>
 
 /*
- * Fault injection, for the tests (issue 6): uksm_inject() arms an operation
+ * Fault injection, for the tests: uksm_inject() arms an operation
  * so that, after @skip more calls succeed, the next @fail calls fail with
  * @err (fail < 0: all of them).  Unarmed, the cost is one relaxed load per
  * call.  Every mapping change, protection change and block allocation the
@@ -73,31 +73,50 @@ static inline int uksm_fallocate(int fd, int mode, off_t off, off_t len)
 
 #define PG		UKSM_PAGE_SIZE
 
-/* struct uksm_pte.spare[0] */
-#define UKSM_PTE_PINNED	0x1	/* pool.pin(): never migrated, never swapped */
-#define UKSM_PTE_LOCKED	0x2	/* pool.lock(): never swapped (mlock) */
-#define UKSM_PTE_HINT	0x4	/* PROT_NONE as a reference hint (aging) */
-/* struct uksm_pte.spare[1]: the page's group (its buffer's) */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE	23
+#endif
+
+/* /proc/self/pagemap entry bits */
+#define PM_PRESENT	(1ULL << 63)
+#define PM_SWAP		(1ULL << 62)
+#define PM_FILE		(1ULL << 61)	/* file page or shared anonymous */
+#define PM_EXCLUSIVE	(1ULL << 56)	/* mapped exactly once */
+
+/*
+ * Has the kernel copied this view on write?  A view's page not yet
+ * written is the file's page (bit 61) or not mapped in at all; once copied
+ * it is anonymous (present or swapped, bit 61 clear), for good.
+ */
+static inline int pm_cowed(uint64_t e)
+{
+	return (e & (PM_PRESENT | PM_SWAP)) && !(e & PM_FILE);
+}
 
 /* Scratch for one run of uksm_merge(); used only under pool->lock. */
 struct uksm_run_ctx {
-	int64_t target[UKSM_RUN_MAX];	/* frame each src would map, or -1 */
-	uint8_t promoted[UKSM_RUN_MAX];	/* anchor upgraded in place here */
+	int64_t target[UKSM_RUN_MAX];	/* frame each src maps, or a TARGET_* */
 	uint8_t wp[UKSM_RUN_MAX];	/* src write-protected here */
+	uint8_t anchor_wp[UKSM_RUN_MAX];	/* unstable anchor write-protected here */
+	uint8_t ok[UKSM_RUN_MAX];	/* compared equal */
+	uint64_t pm[UKSM_RUN_MAX];	/* pagemap entries */
 };
 
 struct uksm_pool {
-	int fd;				/* the backing memfd */
+	int fd;				/* the frame store: a memfd */
+	int ro_fd;			/* the same, read-only: views map this */
+	int cow_mode;			/* enum uksm_cow_mode */
+	int heir;			/* a forked child's: store and swap are the parent's */
 	char *va;			/* user virtual range, va_pages long */
 	size_t va_pages;
+	size_t capacity_pages;		/* pages of live buffers allowed */
 	char *direct;			/* linear rw map of the whole memfd */
-	size_t nr_frames;		/* frame table size: capacity + reserve */
+	size_t nr_frames;		/* frame table size */
 	size_t frames_online;		/* frames below this may be used (shrink) */
-	size_t capacity_frames;		/* what uksm_alloc() may use */
 	size_t file_frames;		/* current ftruncate()d size, in frames */
 
 	struct uksm_frame *frames;	/* nr_frames entries */
-	uint64_t *frame_map;		/* bit set = frame in use */
+	uint64_t *frame_map;		/* bit set = frame in use (or deferred) */
 	size_t frame_hint;		/* no free frame below this pfn */
 
 	struct uksm_pte *ptes;		/* va_pages entries */
@@ -107,45 +126,45 @@ struct uksm_pool {
 	uint32_t next_key;
 	size_t punch_start;		/* run of freed frames not yet punched */
 	size_t punch_len;
+	size_t direct_lo, direct_hi;	/* frames touched through the direct map */
 	_Atomic int lock;		/* 0 free, 1 held, 2 held with waiters */
 	struct uksm_stats st;
 	struct uksm_run_ctx run;
 	/*
-	 * VMA pressure, for the fault handler, which cannot count maps: the
-	 * scanner sets vma_estimate to /proc/self/maps' count whenever it
-	 * recounts; each single-page COW adds the two VMAs it may cost.  Past
-	 * vma_soft_limit, COW breaks whole runs, which only ever removes VMAs.
+	 * VMA pressure: the scanner sets vma_estimate to /proc/self/maps'
+	 * count whenever it recounts; the fault handler, which cannot count,
+	 * adds what it may split.  Past vma_soft_limit, protection changes
+	 * cover whole runs, which only ever remove VMAs.
 	 */
 	int64_t vma_estimate;
 	int64_t vma_soft_limit;
 
 	/* swap (swap.c): all NULL / -1 until uksm_swap_enable() */
 	int swap_fd;			/* the swap file: unlinked, 0600 */
-	int swap_dir_fd;		/* its directory, for a forked child's copy */
-	size_t max_resident;		/* frames: reclaim keeps frames_used below */
-	size_t reclaim_batch;		/* frames freed per eviction batch */
+	int swap_ro_fd;			/* the same, read-only: swap views map this */
+	int swap_dir_fd;		/* its directory, for a detaching child's copy */
+	size_t max_resident;		/* pages: reclaim keeps resident below */
+	size_t reclaim_batch;		/* pages evicted per batch */
 	size_t nr_slots;		/* slot table size (= va_pages) */
 	size_t slot_hint;		/* no free slot below this */
 	size_t clock_hand;		/* the reclaim clock, a vpn */
 	uint16_t *swap_map;		/* per slot: swapped mappers (0 = free) */
-	uint64_t *slot_sum;		/* per slot: XXH3 of the page written */
-	uint32_t *slot_cache;		/* per slot: swap cache frame, or UINT32_MAX */
-	uint32_t *slot_cache_key;	/* its key then (keyhole again) */
-	uint8_t *evict_mark;		/* per frame: reclaim scratch */
-	uint32_t *evict_frames;		/* reclaim scratch: candidates */
-	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
-	uint32_t *evict_vpn;		/* per frame: the page that nominated it */
-	uint32_t *cache_slot_of;	/* per frame: slot + 1 it caches, or 0 */
+	uint32_t *slot_gen;		/* per slot: fork generation of a deferred free */
 	uint8_t *slot_stale;		/* per slot: freed, disk blocks not punched */
 	size_t stale_slots;
-	uint64_t swap_backoff_ns;	/* no direct reclaim before (a write failed) */
-	uint32_t *evict_slots;		/* and their slots */
+	size_t deferred_slots;
+	uint64_t swap_backoff_ns;	/* no eviction before (a write failed) */
+	uint32_t *evict_vpn;		/* reclaim scratch: candidate pages */
+	uint32_t *evict_slot;		/* and their slots */
+	uint8_t *evict_mark;		/* per frame: reclaim scratch */
+	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
 	size_t swap_meta_bytes;
 	void *swap_meta;
-	uint64_t group_frames[UKSM_MAX_GROUPS];
-	uint64_t group_max[UKSM_MAX_GROUPS];	/* frames; 0: no limit */
+	uint64_t group_pages[UKSM_MAX_GROUPS];	/* resident pages charged, at last count */
+	uint64_t group_max[UKSM_MAX_GROUPS];	/* pages; 0: no limit */
 	uint64_t group_swapped[UKSM_MAX_GROUPS];
 	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
+	uint64_t resident_pages;	/* private + frames + swap cache, at last count */
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
 };
@@ -193,14 +212,38 @@ static inline int uksm_trylock(struct uksm_pool *pool)
 	return atomic_compare_exchange_strong(&pool->lock, &c, 1);
 }
 
+void uksm_direct_zap(struct uksm_pool *pool);
+
+/* Drop pool->lock; the direct map's page table entries go first. */
 static inline void uksm_unlock(struct uksm_pool *pool)
 {
+	if (pool->direct_hi)
+		uksm_direct_zap(pool);
 	uksm_futex_unlock(&pool->lock);
+}
+
+/*
+ * The direct map address of frame @pfn.  Everything that touches a frame
+ * through it records the range, so that uksm_unlock() can zap those page
+ * table entries: a frame must count once per view in RSS, not once more.
+ */
+static inline char *frames_addr(struct uksm_pool *pool, size_t pfn, size_t n)
+{
+	if (!pool->direct_hi) {
+		pool->direct_lo = pfn;
+		pool->direct_hi = pfn + n;
+	} else {
+		if (pfn < pool->direct_lo)
+			pool->direct_lo = pfn;
+		if (pfn + n > pool->direct_hi)
+			pool->direct_hi = pfn + n;
+	}
+	return pool->direct + (pfn << UKSM_PAGE_SHIFT);
 }
 
 static inline char *frame_addr(struct uksm_pool *pool, size_t pfn)
 {
-	return pool->direct + (pfn << UKSM_PAGE_SHIFT);
+	return frames_addr(pool, pfn, 1);
 }
 
 static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
@@ -208,21 +251,35 @@ static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
 	return pool->va + (vpn << UKSM_PAGE_SHIFT);
 }
 
+/* Protection of a view (KSM, SWAPPED) or of a ZERO page in this pool. */
+static inline int view_prot(const struct uksm_pool *pool)
+{
+	return pool->cow_mode == UKSM_COW_KERNEL ? PROT_READ | PROT_WRITE : PROT_READ;
+}
+
 /*
- * Would pages @a and @a + 1 sit in one VMA now?  Same kind of mapping, same
- * protection, consecutive frames: the kernel keeps such neighbours merged.
+ * Would pages @a and @a + 1 sit in one VMA now?  Same kind of mapping,
+ * consecutive offsets: the kernel keeps such neighbours merged.  PRIVATE
+ * pages whose VMA is a view that the kernel copied are not told apart
+ * from anonymous ones: the scanner's recount corrects the estimate.
  * Caller holds pool->lock.
  */
 static inline int uksm_same_vma(struct uksm_pool *pool, size_t a)
 {
 	const struct uksm_pte *x = &pool->ptes[a], *y = &pool->ptes[a + 1];
+	int ax = x->state == UKSM_PTE_PRIVATE || x->state == UKSM_PTE_ZERO;
+	int ay = y->state == UKSM_PTE_PRIVATE || y->state == UKSM_PTE_ZERO;
 
-	if (x->state != y->state)
-		return 0;
-	if (x->state == UKSM_PTE_ZERO)
-		return 1;
-	return (x->state == UKSM_PTE_NORMAL || x->state == UKSM_PTE_KSM) &&
-	       y->pfn == x->pfn + 1;
+	if (ax || ay)
+		return ax && ay && (pool->cow_mode == UKSM_COW_KERNEL || x->state == y->state);
+	return x->state == y->state && x->state != UKSM_PTE_NONE && y->pfn == x->pfn + 1;
+}
+
+/* VMAs that changing pages [vpn, vpn + n) alone can add: one per cut end. */
+static inline int64_t uksm_split_cost(struct uksm_pool *pool, size_t vpn, size_t n)
+{
+	return (vpn > 0 && uksm_same_vma(pool, vpn - 1)) +
+	       (vpn + n < pool->va_pages && uksm_same_vma(pool, vpn + n - 1));
 }
 
 /*
@@ -236,50 +293,33 @@ extern _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 /* slots at or above this were never used: walks stop here */
 extern _Atomic size_t uksm_pools_high;
 
-/* Charge frame @f to group @g (moving it from the group it was in). */
-static inline void uksm_recharge(struct uksm_pool *pool, size_t f, uint32_t g)
-{
-	struct uksm_frame *fr = &pool->frames[f];
-
-	if (g >= UKSM_MAX_GROUPS)
-		g = 0;
-	pool->group_frames[fr->group]--;
-	pool->group_frames[g]++;
-	fr->group = g;
-}
-
 /*
- * Is frame @f the swap cache of a slot that still has mappers swapped on
- * it?  Then it must not be taken over by its one present mapper on a write
- * (that would make the others read the slot again): COW copies instead.
+ * Fork epochs (pool.c): the newest fork generation, and the oldest one a
+ * live child may still hold (0: no child at all).  A frame or slot freed
+ * while uksm_oldest_epoch is set waits, tagged with uksm_fork_gen.
  */
-static inline int uksm_swap_cached(struct uksm_pool *pool, size_t f)
-{
-	uint32_t s1;
+extern _Atomic uint32_t uksm_fork_gen;
+extern _Atomic uint32_t uksm_oldest_epoch;
 
-	if (!pool->cache_slot_of)
-		return 0;
-	s1 = pool->cache_slot_of[f];
-	return s1 && pool->slot_cache[s1 - 1] == f + 1 && pool->swap_map[s1 - 1] &&
-	       pool->slot_cache_key[s1 - 1] == pool->frames[f].key;
+static inline int uksm_must_defer(struct uksm_pool *pool)
+{
+	return pool->heir || atomic_load(&uksm_oldest_epoch) != 0;
 }
 
-static inline uint32_t uksm_pte_group(const struct uksm_pte *pte)
+/* May a thing freed in generation @gen go back now? */
+static inline int uksm_gen_released(uint32_t gen)
 {
-	return pte->spare[1];
+	uint32_t oldest = atomic_load(&uksm_oldest_epoch);
+
+	return gen != UINT32_MAX && (!oldest || oldest > gen);
 }
 
-/* pool.c: frame allocator; caller holds pool->lock */
+/* pool.c; caller holds pool->lock */
+int uksm_pagemap_read(size_t va, size_t n, uint64_t *out);
 int uksm_grow_file(struct uksm_pool *pool, size_t end);
-/* swap.c; caller holds pool->lock */
-void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
-int uksm_swap_in_locked(struct uksm_pool *pool, size_t vpn, size_t limit);
-int uksm_hint_restore(struct uksm_pool *pool, size_t vpn);
-void uksm_reclaim_locked(struct uksm_pool *pool, size_t nr, int group, int revolutions);
-void uksm_swap_fork_child(struct uksm_pool *pool);
-int uksm_swap_backing_off(struct uksm_pool *pool);
-void uksm_swap_destroy(struct uksm_pool *pool);
 int uksm_bit_test(const uint64_t *map, size_t i);
+void uksm_bit_set(uint64_t *map, size_t i);
+void uksm_bit_clear(uint64_t *map, size_t i);
 size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit);
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 			    size_t *pfn_out);
@@ -287,10 +327,19 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 			   size_t limit);
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
 void uksm_frames_flush(struct uksm_pool *pool);
+int uksm_map_view(struct uksm_pool *pool, size_t vpn, size_t n, int fd,
+		  size_t off, int prot);
+int uksm_map_anon(struct uksm_pool *pool, size_t vpn, size_t n, int prot);
+int uksm_detach(struct uksm_pool *pool);
+int uksm_reopen_ro(int fd);
 /* merge.c; caller holds pool->lock */
-int uksm_break_cow(struct uksm_pool *pool, size_t vpn, size_t n, size_t limit,
-		   int whole);
-int uksm_map_frames(struct uksm_pool *pool, size_t vpn, size_t n, size_t pfn,
-		    int writable);
+void uksm_page_cowed(struct uksm_pool *pool, size_t vpn);
+int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
+			  const uint64_t *pm);
+/* swap.c; caller holds pool->lock */
+void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
+void uksm_swap_release_deferred(struct uksm_pool *pool);
+int uksm_swap_detach(struct uksm_pool *pool);
+void uksm_swap_destroy(struct uksm_pool *pool);
 
 #endif /* UKSM_INTERNAL_H */

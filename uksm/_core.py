@@ -20,7 +20,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by the smoke test
     raise ImportError(
         "uksm's C core (uksm._native) is not built: install the package with "
-        "`pip install -e .` (needs a C compiler and libxxhash-dev)"
+        "`pip install -e .` (needs a C compiler)"
     ) from exc
 
 import numpy as np  # noqa: E402
@@ -31,10 +31,12 @@ PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
 RUN_MAX: int = lib.UKSM_RUN_MAX
 
 PTE_NONE: int = lib.UKSM_PTE_NONE
-PTE_NORMAL: int = lib.UKSM_PTE_NORMAL
+PTE_PRIVATE: int = lib.UKSM_PTE_PRIVATE
 PTE_KSM: int = lib.UKSM_PTE_KSM
 PTE_ZERO: int = lib.UKSM_PTE_ZERO
 PTE_SWAPPED: int = lib.UKSM_PTE_SWAPPED
+SCAN_UNTOUCHED: int = lib.UKSM_SCAN_UNTOUCHED
+COW_MODES = {"kernel": lib.UKSM_COW_KERNEL, "signal": lib.UKSM_COW_SIGNAL}
 MAX_GROUPS: int = lib.UKSM_MAX_GROUPS
 
 MERGE_OK: int = lib.UKSM_MERGE_OK
@@ -44,6 +46,7 @@ MERGE_BUSY: int = lib.UKSM_MERGE_BUSY
 MERGE_FULL: int = lib.UKSM_MERGE_FULL
 MERGE_NOVMA: int = lib.UKSM_MERGE_NOVMA
 MERGE_SELF: int = lib.UKSM_MERGE_SELF
+MERGE_NOFRAME: int = lib.UKSM_MERGE_NOFRAME
 
 FRAME_KSM: int = lib.UKSM_FRAME_KSM
 
@@ -51,8 +54,8 @@ CHECKSUMS = {"jhash2": lib.UKSM_CSUM_JHASH2, "xxhash": lib.UKSM_CSUM_XXHASH}
 
 # Bytes of C table per tracked page: a uksm_pte per virtual page and a
 # uksm_frame per frame; counted in the metadata figure.
-PTE_BYTES: int = ffi.sizeof("uint32_t") * 2
-FRAME_BYTES: int = ffi.sizeof("uint32_t") * 4
+PTE_BYTES: int = ffi.sizeof("struct uksm_pte")
+FRAME_BYTES: int = ffi.sizeof("struct uksm_frame")
 
 
 def _check(ret: int, what: str) -> int:
@@ -108,18 +111,24 @@ def jhash2(words: bytes, initval: int) -> int:
                                len(words) // 4, initval & 0xFFFFFFFF))
 
 
-class NativePool:
-    """One struct uksm_pool: the memfd, the tables, the user virtual range."""
+def fork_poll() -> int:
+    """Close the fork epochs whose children are gone, give back what they
+    held; returns the epochs still open."""
+    return int(lib.uksm_fork_poll())
 
-    def __init__(self, capacity_frames: int, reserve_frames: int, va_pages: int):
+
+class NativePool:
+    """One struct uksm_pool: the tables, the frame store, the virtual range."""
+
+    def __init__(self, capacity_pages: int, nr_frames: int, va_pages: int, cow: str):
         out = ffi.new("struct uksm_pool **")
-        _check(lib.uksm_pool_create(capacity_frames, reserve_frames, va_pages, out),
-               "pool_create")
+        _check(lib.uksm_pool_create(capacity_pages, nr_frames, va_pages, COW_MODES[cow],
+                                    out), "pool_create")
         self._pool = out[0]
         self.va = int(ffi.cast("uintptr_t", lib.uksm_pool_va(self._pool)))
         self.va_pages = va_pages
-        self.capacity_frames = capacity_frames
-        self.nr_frames = capacity_frames + reserve_frames
+        self.capacity_pages = capacity_pages
+        self.nr_frames = nr_frames
         self._stats = ffi.new("struct uksm_stats *")
         self.closed = False
 
@@ -143,24 +152,26 @@ class NativePool:
 
     def alloc(self, npages: int) -> int:
         vpn = ffi.new("size_t *")
-        ret = lib.uksm_alloc(self._pool, npages, vpn)
+        stage_p = ffi.new("int *")
+        ret = lib.uksm_alloc(self._pool, npages, vpn, stage_p)
         if ret >= 0:
             return int(vpn[0])
-        stage = int(vpn[0])
+        stage = int(stage_p[0])
         if stage == lib.UKSM_ALLOC_CAPACITY:
             raise PoolFullError(
                 f"uksm pool full: {npages} pages wanted, capacity is "
-                f"{self.capacity_frames} frames")
+                f"{self.capacity_pages} pages")
         if stage == lib.UKSM_ALLOC_VA:
             raise VirtualSpaceError(
                 f"uksm pool's virtual range ({self.va_pages} pages) has no free "
                 f"run of {npages} pages")
-        if stage == lib.UKSM_ALLOC_FALLOCATE:
-            raise OSError(-ret, f"uksm: allocating {npages} pages in the backing memfd "
-                                f"failed (fallocate: {os.strerror(-ret)}; is /dev/shm "
-                                f"or memory exhausted?)")
+        if ret == -errno.ENOMEM:
+            raise MemoryError(
+                f"uksm: the kernel refused {npages} pages ({npages * PAGE_SIZE} bytes) "
+                f"of private memory: commit limit (vm.overcommit) or "
+                f"vm.max_map_count reached")
         raise OSError(-ret, f"uksm: mapping {npages} pages failed (mmap: "
-                            f"{os.strerror(-ret)}; vm.max_map_count reached?)")
+                            f"{os.strerror(-ret)})")
 
     def buffer(self, vpn: int, nbytes: int, on_release):
         """A cffi buffer over the pages from @vpn; on_release runs at GC."""
@@ -210,15 +221,25 @@ class NativePool:
     def unmerge(self, vpn: int, npages: int) -> int:
         done = ffi.new("size_t *")
         ret = lib.uksm_unmerge(self._pool, vpn, npages, done)
-        if ret == -errno.ENOSPC:
-            raise PoolFullError(
-                f"uksm pool full: unmerging needs a frame per merged page; "
-                f"{int(done[0])} pages were unmerged before capacity ran out")
+        if ret == -errno.ENOMEM:
+            raise MemoryError(
+                f"uksm: unmerge: the kernel has no memory for the private copies; "
+                f"{int(done[0])} pages were unmerged, the rest stay merged")
         if ret < 0:
-            raise OSError(-ret, f"uksm: unmerge: mapping the private copies failed "
-                                f"({os.strerror(-ret)}; vm.max_map_count reached?); "
-                                f"{int(done[0])} pages were unmerged, the rest stay merged")
+            raise OSError(-ret, f"uksm: unmerge: making the pages private failed "
+                                f"({os.strerror(-ret)}); {int(done[0])} pages were "
+                                f"unmerged, the rest stay merged")
         return int(done[0])
+
+    def reconcile(self, vpn: int, npages: int) -> int:
+        """Learn from pagemap which views the kernel copied on write."""
+        return _check(lib.uksm_reconcile(self._pool, vpn, npages), "reconcile")
+
+    def memory(self, vpn: int, npages: int) -> dict:
+        out = ffi.new("struct uksm_memory *")
+        _check(lib.uksm_memory(self._pool, vpn, npages, out), "memory")
+        return {name: int(getattr(out, name))
+                for name, _ in ffi.typeof("struct uksm_memory").fields}
 
     # -- swap (csrc/swap.c) --------------------------------------------------
 
@@ -247,16 +268,13 @@ class NativePool:
     def swap_in_range(self, vpn: int, npages: int) -> None:
         ret = lib.uksm_swap_in_range(self._pool, vpn, npages)
         if ret == -errno.ENOMEM:
-            raise PoolFullError("uksm pool full: no frame to swap a page in")
-        if ret == -errno.EBADMSG:
-            raise OSError(errno.EBADMSG, "uksm: a swap slot failed its checksum: "
-                                         "the swap file was corrupted")
+            raise MemoryError("uksm: no memory to swap the pages in")
         _check(ret, "swap in")
 
     def set_locked(self, vpn: int, npages: int, on: bool) -> None:
         ret = lib.uksm_set_locked(self._pool, vpn, npages, int(on))
         if ret == -errno.ENOMEM:
-            raise PoolFullError("uksm pool full: no frame to swap a locked page in")
+            raise MemoryError("uksm: no memory to swap a locked page in")
         _check(ret, "lock")
 
     def set_group(self, vpn: int, npages: int, group: int) -> None:
@@ -268,7 +286,7 @@ class NativePool:
     def group_stats(self, group: int) -> dict:
         out = ffi.new("uint64_t[4]")
         _check(lib.uksm_group_stats(self._pool, group, out), "group_stats")
-        return {"frames": int(out[0]), "pages_swapped": int(out[1]),
+        return {"pages": int(out[0]), "pages_swapped": int(out[1]),
                 "swap_ins": int(out[2]), "max_frames": int(out[3])}
 
     def set_pinned(self, vpn: int, npages: int, on: bool) -> None:
@@ -313,10 +331,6 @@ class NativePool:
                              _ptr("uint32_t[]", mapcount), _ptr("uint32_t[]", key),
                              _ptr("uint32_t[]", flags))
         return mapcount, key, flags
-
-    def memcmp_pages(self, vpn_a: int, vpn_b: int) -> bool:
-        """True if the frames behind the two pages hold the same bytes."""
-        return _check(lib.uksm_memcmp_pages(self._pool, vpn_a, vpn_b), "memcmp") == 0
 
     def stats(self) -> dict:
         lib.uksm_pool_stats(self._pool, self._stats)

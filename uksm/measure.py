@@ -258,7 +258,7 @@ class UksmPairs:
         pages = pages_of(self.arr)
         n = self.n
         state, _, _ = self.pool.page_states(self.arr)
-        merged = int(np.count_nonzero(state[n:] != _core.PTE_NORMAL))
+        merged = int(np.count_nonzero(state[n:] != _core.PTE_PRIVATE))
         before = self.pool.stats()["cow_breaks"] + self.pool.stats()["zero_page_cows"]
         t0 = time.perf_counter()
         pages[n:, 0] = 0xA5

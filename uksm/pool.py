@@ -1,19 +1,17 @@
 """uksm.Pool: numpy arrays whose identical pages share memory.
 
-A pool hands out ordinary, writeable, C-contiguous numpy arrays whose
-memory lives in the pool's backing memfd.  Its scanner (the userspace
-ksmd, uksm.scanner) merges pages of equal content onto one frame; a write
-into a merged page faults and the C core gives the writer its own copy
-again.  Nothing else about the arrays changes.
+A pool hands out ordinary, writeable, C-contiguous numpy arrays.  Their
+pages are private anonymous memory, like numpy's own, until the scanner
+(the userspace ksmd, uksm.scanner) finds pages of equal content: those
+become private views of one frame in the pool's frame store, and a write
+into one is copied by the kernel itself, as KSM pages are.  Nothing else
+about the arrays changes: kernel I/O into them works, fork shares them
+copy-on-write, and untouched memory costs nothing (csrc/uksm.h tells how).
 
-Kernel access.  The SIGSEGV handler only sees faults from user code.  When
-the kernel itself writes into a merged (read-only) page, as read(2),
-readinto() and recv_into() do, the syscall fails with EFAULT instead; see
-``Pool.unmerge`` (and the README) for handing a buffer to such I/O.
-
-Fork.  A forked child copies the pool's live frames into a memfd of its
-own at fork time (csrc/pool.c), so parent and child never see each
-other's writes; the child's pool has no scanner thread running.
+Fork.  A forked child shares everything copy-on-write at the kernel's
+cost; the frames and swap slots it may still map are kept for it until it
+exits or execs (fork epochs, csrc/pool.c).  The child's pool has no
+scanner thread running.
 """
 
 from __future__ import annotations
@@ -275,8 +273,10 @@ class _Core:
 class Pool:
     """A pool of page-deduplicated numpy buffers.
 
-    capacity: the most memory (frames) the pool's buffers may use, in bytes
-    or as a size string; allocation beyond it raises PoolFullError.
+    capacity: the most the pool's live buffers may span, in bytes or as a
+    size string (a heap's size: address space, not memory; untouched pages
+    cost nothing); allocation beyond it raises PoolFullError, and one the
+    kernel will not commit raises MemoryError.
     The knobs keep the names and meanings of /sys/kernel/mm/ksm:
 
     pages_to_scan     how many pages to scan before the scanner sleeps
@@ -288,10 +288,16 @@ class Pool:
     advisor_mode      "none" or "scan-time": retune pages_to_scan so a full
                       scan takes advisor_target_scan_time seconds
 
-    virtual_size      address space reserved for buffers (default 4 x
-                      capacity: merged buffers need no frames)
-    cow_reserve       frames beyond capacity kept for COW faults, which
-                      cannot be refused (default capacity/64, >= 1 MiB)
+    cow               "kernel" (default): merged pages are writable private
+                      views and the kernel copies them on write, for user
+                      and kernel accesses alike; "signal": they are
+                      read-only and uksm's SIGSEGV handler forces the copy,
+                      so COW counters are exact at once (kernel writes into
+                      a merged page then fail with EFAULT)
+    virtual_size      address space reserved for buffers (default 2 x
+                      capacity: room for fragmentation)
+    cow_reserve       accepted for compatibility and unused: a COW needs no
+                      frame from the pool any more
     compact_threshold the background scanner compacts (pool.compact())
                       after a full scan when the memfd is this many times
                       larger than the live frames (and 16 MiB or more
@@ -306,7 +312,7 @@ class Pool:
                  advisor_min_pages_to_scan: int = 500,
                  advisor_max_pages_to_scan: int = 30000,
                  advisor_max_cpu: int = 70,
-                 virtual_size: Any = None, cow_reserve: Any = None,
+                 cow: str = "kernel", virtual_size: Any = None, cow_reserve: Any = None,
                  compact_threshold: float = 2.0, max_resident: Any = None,
                  swap_path: Optional[str] = None, swap_batch: Any = "2MiB") -> None:
         self._closed = True     # until fully built, for __del__/close
@@ -345,15 +351,15 @@ class Pool:
                 (compact_threshold != 0 and compact_threshold < 1):
             raise ValueError("compact_threshold must be 0 (off) or a ratio >= 1")
         knobs["compact_threshold"] = float(compact_threshold)
+        if not isinstance(cow, str) or cow not in _core.COW_MODES:
+            raise ValueError(f"unknown cow mode {cow!r}: 'kernel' or 'signal'")
         frames = cap // PAGE_SIZE
-        va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 4 * cap
+        va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 2 * cap
         va_pages = -(-va // PAGE_SIZE)
         if va_pages < frames:
             raise ValueError("virtual_size must be at least capacity")
-        if cow_reserve is None:
-            reserve = max(frames // 64, (1 << 20) // PAGE_SIZE)
-        else:
-            reserve = -(-parse_size(cow_reserve, "cow_reserve") // PAGE_SIZE)
+        if cow_reserve is not None:
+            parse_size(cow_reserve, "cow_reserve")
 
         resident = None
         if max_resident is not None:
@@ -363,7 +369,9 @@ class Pool:
             batch = max(1, parse_size(swap_batch, "swap_batch") // PAGE_SIZE)
         self.capacity = cap
         self.page_size = PAGE_SIZE
-        self._native = _core.NativePool(frames, reserve, va_pages)
+        self._cow = cow
+        # the frame store never holds more frames than there are pages
+        self._native = _core.NativePool(frames, frames, va_pages, cow)
         if resident is not None:
             try:
                 swap_fd, dir_fd = open_swap_file(swap_path)
@@ -483,6 +491,11 @@ class Pool:
         return self._knobs["checksum"]
 
     @property
+    def cow(self) -> str:
+        """The copy-on-write mode: "kernel" or "signal"."""
+        return self._cow
+
+    @property
     def advisor_mode(self) -> str:
         return self._knobs["advisor_mode"]
 
@@ -572,14 +585,16 @@ class Pool:
 
     def _reap(self) -> None:
         self._c.reap()
+        _core.fork_poll()       # frames a child held go back once it is gone
 
     def empty(self, shape, dtype=float) -> np.ndarray:
-        """A new array from the pool.  Its pages are fresh frames, so unlike
-        numpy.empty it reads as zeroes: no old contents ever show through."""
+        """A new array from the pool.  Its pages are fresh anonymous memory,
+        so unlike numpy.empty it reads as zeroes: no old contents ever show
+        through; nothing is committed until written."""
         return self._new_array(shape, dtype)
 
     def zeros(self, shape, dtype=float) -> np.ndarray:
-        """A new array of zeroes (fresh frames are zero: nothing is written)."""
+        """A new array of zeroes (fresh pages are zero: nothing is written)."""
         return self._new_array(shape, dtype)
 
     def full(self, shape, fill_value, dtype=None) -> np.ndarray:
@@ -639,11 +654,10 @@ class Pool:
     # -- merging control ------------------------------------------------------------
 
     def unmerge(self, arr: np.ndarray) -> int:
-        """MADV_UNMERGEABLE: give every merged page of @arr its own frame again
-        and stop scanning it.  Returns the pages unmerged; PoolFullError if
-        capacity runs out part way (the rest stay merged, nothing is lost).
-        For handing @arr to read(2), readinto() or recv_into() use pin():
-        compaction may still move (briefly write-protect) unmerged pages."""
+        """MADV_UNMERGEABLE: make every merged, zero or swapped page of @arr
+        private again (one MADV_POPULATE_WRITE per run) and stop scanning
+        it.  Returns the pages unmerged; MemoryError if the kernel runs out
+        of memory part way (the rest stay merged, nothing is lost)."""
         self._check_open()
         with self._lock:
             self._reap()
@@ -670,13 +684,14 @@ class Pool:
     @contextlib.contextmanager
     def pin(self, arr: np.ndarray):
         """Keep @arr private, writable and unmerged for the block: its merged
-        pages get their own frames on entry and the scanner leaves it alone
-        until the block ends (blocks nest).  Needed around anything that
-        lets the kernel or a device write into the buffer: read(2),
-        readinto(), recv_into() (EFAULT on a merged page otherwise), and
-        I/O that pins pages (O_DIRECT, io_uring, AIO, RDMA, GPU pinned
-        memory), whose writes would land in a frame the scanner had already
-        merged away and be lost.  Compaction does not move pinned pages."""
+        and swapped pages become private on entry and the scanner and
+        reclaim leave it alone until the block ends (blocks nest).  Plain
+        read(2), readinto() and recv_into() need no pin (the kernel copies
+        a merged page for its own writes); I/O that pins pages for longer
+        (O_DIRECT, io_uring, AIO, RDMA, GPU pinned memory) does, since its
+        writes would land in a page the scanner had merged away meanwhile.
+        With cow="signal" a merged page is read-only to the kernel too:
+        pin() around kernel writes there."""
         self._check_open()
         with self._lock:
             self._reap()
@@ -859,6 +874,8 @@ class Pool:
                 raise PoolClosedError("uksm pool is closed and its memory released")
             self._reap()
             sc = self._scanner
+            # pagemap first: it also reconciles, so the counters below are fresh
+            mem = self._native.memory(0, self._native.va_pages)
             c = self._native.stats()
             chains, dups = sc.stable.chains()
             meta = sc.metadata_bytes()
@@ -870,6 +887,8 @@ class Pool:
             pages_shared = c["ksm_frames"]
             pages_sharing = c["ksm_mappings"] - c["ksm_frames"]
             unshared = sc.pages_unshared
+            private = mem["private_present"]
+            frames = st.st_blocks * 512 // PAGE_SIZE
             out = {
                 "pages_shared": pages_shared,
                 "pages_sharing": pages_sharing,
@@ -882,7 +901,20 @@ class Pool:
                 "stable_node_dups": dups,
                 "ksm_zero_pages": c["zero_pages"],
                 "general_profit": (pages_sharing + c["zero_pages"]) * PAGE_SIZE - meta_total,
-                "bytes_resident": c["frames_used"] * PAGE_SIZE,
+                # what the kernel holds for the pool, by its own accounting:
+                # private pages present (pagemap), the frame store's blocks
+                # (st_blocks) and the swap file's cached pages (mincore)
+                "bytes_resident": (private + frames + mem["swap_cached"]) * PAGE_SIZE,
+                "bytes_private": private * PAGE_SIZE,
+                "bytes_frames": frames * PAGE_SIZE,
+                "bytes_swap_cached": mem["swap_cached"] * PAGE_SIZE,
+                # the pool's part of psutil's memory_full_info() figures
+                "rss_bytes": (private + mem["views_present"] + mem["swap_views_present"])
+                * PAGE_SIZE,
+                "uss_bytes": (private - mem["private_shared"] + mem["frames_single"])
+                * PAGE_SIZE,
+                "pss_bytes": (private - mem["private_shared"] // 2 + mem["frames_present"]
+                              + mem["swap_views_present"]) * PAGE_SIZE,
                 "bytes_mapped": mapped * PAGE_SIZE,
                 "memfd_bytes": st.st_blocks * 512,
                 "memfd_size": st.st_size,
@@ -892,22 +924,24 @@ class Pool:
                 "max_page_sharing": self._knobs["max_page_sharing"],
                 "use_zero_pages": int(self._knobs["use_zero_pages"]),
                 "smart_scan": int(self._knobs["smart_scan"]),
-                "cow_breaks": c["cow_breaks"] + c["cow_reuse"],
+                "cow": self._cow,
+                "cow_breaks": c["cow_breaks"],
+                "cow_breaks_signal": c["cow_signal"],
                 "zero_page_cows": c["zero_cow"],
                 "pages_merged_total": c["pages_merged"],
                 "merge_runs": c["merge_runs"],
                 "merges_skipped_vma": sc.merges_skipped_vma,
-                "cow_reserve_used_max": c["frames_reserve_used"],
                 "fault_lock_waits": c["fault_waits"],
+                "transit_faults": c["transit_faults"],
+                "frames_deferred": c["frames_deferred"],
+                "fork_detaches": c["detaches"],
                 "pages_swapped": c["pages_swapped"],
                 "swap_outs": c["swap_outs"],
                 "swap_ins": c["swap_ins"],
-                "swap_cache_hits": c["swap_cache_hits"],
                 "swap_slots_used": c["slots_used"],
                 "swap_file_bytes": c["swap_file_slots"] * PAGE_SIZE,
                 "swap_errors": c["swap_errors"],
                 "last_swap_errno": c["last_swap_errno"],
-                "reference_hint_faults": c["hint_faults"],
                 "reclaim_batches": c["reclaim_runs"],
                 "max_resident": self.max_resident,
                 "groups": {name: g.stats() for name, g in self._groups.items()},
@@ -929,6 +963,7 @@ class Pool:
         self._check_open()
         with self._lock:
             rec = self._record(arr)
+            self._native.reconcile(rec.vpn, rec.npages)
             state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
         ksm = state == _core.PTE_KSM
         zero = state == _core.PTE_ZERO
@@ -945,10 +980,13 @@ class Pool:
 
     def page_states(self, arr: np.ndarray):
         """(state, pfn, mapcount) arrays for each page of @arr: the page table,
-        for tests and tools.  States: 1 normal, 2 KSM, 3 zero page."""
+        for tests and tools.  States (uksm.PageState): 1 private, 2 KSM (pfn:
+        its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
+        copies on write are reconciled first."""
         self._check_open()
         with self._lock:
             rec = self._record(arr)
+            self._native.reconcile(rec.vpn, rec.npages)
             return self._native.pages_info(rec.vpn, rec.npages)
 
     def __repr__(self) -> str:

@@ -19,18 +19,21 @@ The scan.  ksmd visits ``pages_to_scan`` pages per wake-up, in address
 order, buffer after buffer; a pass over all of them is a full scan.  For a
 batch of pages, as cmp_and_merge_page() does for one:
 
- 1. the C core hashes each NORMAL page through the direct map (KSM and ZERO
-    pages are merged already: nothing to do; smart_scan's skipped pages
-    are not even hashed);
+ 1. the C core first learns from pagemap which merged pages the kernel
+    has copied on write since (they are private again), then hashes each
+    private page where it is mapped (KSM, ZERO and swapped pages are
+    merged or out already: nothing to do; a private page never written is
+    the zero page already, and is not even read; smart_scan's skipped
+    pages are not hashed);
  2. stable tree search: a page equal to an existing KSM frame is merged into
     it (the merge, write-protected, confirms equality with memcmp);
  3. the checksum gate: a page whose checksum changed since the previous
     visit is volatile and goes no further this time;
- 4. use_zero_pages: a stable page of zeroes is mapped to the kernel's zero
-    page and its frame freed;
+ 4. use_zero_pages: a stable page of zeroes is given back (fresh anonymous
+    memory over it reads as the kernel's zero page);
  5. unstable tree search/insert: a stable page equal to one already seen in
-    this full scan is merged with it, the tree page's own frame upgraded in
-    place to the KSM frame (patch 5) and a stable node made for it;
+    this full scan is merged with it: the tree page is copied into a fresh
+    frame once, both become views of it, and a stable node is made for it;
     otherwise the page joins the unstable tree.
 
 Everything is done for the whole batch at once: numpy sorts and searches,
@@ -62,10 +65,11 @@ VMA budget.  Every protection change or remap of part of a mapping can
 split it; the process dies at vm.max_map_count.  Merges draw on a budget of
 half of max_map_count less the maps already there, re-counted from
 /proc/self/maps when the estimate runs low; merges beyond it are skipped
-and counted (merges_skipped_vma), never forced.  COW can split merged runs
-again later; the fault handler is told the count at each recount and,
-past 90% of the limit (or if mmap says ENOMEM), breaks COW on the whole run
-of merged pages around a fault, which removes VMAs instead of adding two.
+and counted (merges_skipped_vma), never forced.  The kernel's own COW
+never splits a mapping; with cow="signal" the fault handler is told the
+count at each recount and, past 90% of the limit (or if mprotect says
+ENOMEM), makes the whole run of merged pages around a fault writable,
+which needs no split.
 
 Locking: the caller holds the pool's Python lock around every method here;
 the C core takes its own lock inside each call.
@@ -370,7 +374,7 @@ class Scanner:
         if merged.any():
             self.age[vpns[merged]] = 0
             self.skips[vpns[merged]] = 0
-        normal = states == _core.PTE_NORMAL
+        normal = states == _core.PTE_PRIVATE
         if skip is not None:
             skipped = normal & (skip != 0)
             self.pages_skipped += int(np.count_nonzero(skipped))

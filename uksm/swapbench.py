@@ -706,7 +706,7 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
         "fault_unsynced_p99_us": fl["unsynced"]["p99_us"],
         "faults": fl, "read_overhead_us": overhead * 1e6,
         "latency_samples": fl["cold"]["n"], "contents_ok": contents_ok,
-        "swap_errors": st["swap_errors"], "reference_hint_faults": st["reference_hint_faults"],
+        "swap_errors": st["swap_errors"], "transit_faults": st["transit_faults"],
         "swap_file_bytes": st["swap_file_bytes"],
     }
 
