@@ -3,69 +3,64 @@
  * migrate.c - moving stable frames: compaction and offlining of the frame
  * store, by rmap walk.
  *
- * The frame store holds nothing but stable frames, and deferred ones that a
- * forked child may still map.  Merges take the lowest free pfn, but COW
- * breaks and freed buffers give frames back wherever they happen to be, so
- * a long-lived pool's memfd keeps the size of its busiest moment: the holes
- * are punched and cost no memory, but the file stays at its high-water
- * mark.  uksm_compact() moves the highest live frames into the lowest holes,
- * so that the live ones fill [0, live) again, and truncates the memfd after
- * them.  Frames already below that line stay where they are.  With
- * @shrink_frames it also takes that many pfns off the top of the store for
- * good, moving whatever lives there below first: memory hot-remove.
+ * The frame store holds only stable frames, and deferred ones a forked child
+ * may still map.  Merges take the lowest free pfn, but COW breaks and freed
+ * buffers give frames back wherever they are, so the memfd keeps the size
+ * of the pool's busiest moment: the holes are punched and cost nothing, but
+ * the file stays at its high-water mark.  uksm_compact() moves the highest
+ * live frames into the lowest holes, so that the live ones fill [0, live)
+ * again, and cuts the file after them; frames already below that line stay
+ * put.  With @shrink_frames it also takes that many pfns off the top of the
+ * store for good, moving what lives there below first: memory hot-remove.
  *
- * The rmap.  Nothing points from a frame to its views: rmap_walk_ksm() has
- * its list of rmap items, we build ours when needed, by one counting sort of
- * the page table by pfn.  The pass is O(virtual pages), so it is made
- * without pool->lock, which a faulting writer may be waiting for; nothing it
- * reads is trusted beyond indexing.  A frame is moved only if, under the
- * lock, the views the rmap lists for it are all its mapcount: a frame that
- * gained a view behind our back is left in place.
+ * The rmap is built when needed, where rmap_walk_ksm() keeps its list of
+ * rmap items: one counting sort of the page table by pfn, made without
+ * pool->lock (a faulting writer may be waiting for it), and trusted only as
+ * far as indexing.  A frame moves only if, under the lock, the views the
+ * rmap lists for it are all of its mapcount.
  *
- * The move, per batch of frames, under pool->lock:
+ * A move, for a batch of frames under pool->lock:
  *
  *   write barrier	mprotect the views PROT_READ.  Frames are never written
- *			once filled, so the copy needs no barrier; the remap
- *			does.  With cow="kernel" a view is read-write and the
- *			kernel copies it on write without telling us: a view
- *			copied between our check and our mmap would lose the
- *			user's write.  A read-only view cannot be copied; a
- *			writer faults, waits on pool->lock in the SIGSEGV
- *			handler, and retries on the new frame.
- *   pagemap check	a view pagemap shows copied already holds the user's
- *			data: it is a private page now (uksm_page_cowed), and is
- *			not moved.
+ *			once filled, so the copy needs no barrier, but the remap
+ *			does: with cow="kernel" the kernel copies a view on write
+ *			without telling us, and a view copied between our check
+ *			and our mmap would lose the write.  A writer faults now,
+ *			waits on pool->lock in the SIGSEGV handler, and retries.
+ *   pagemap check	a view found copied already holds the user's data: it is
+ *			private now (uksm_page_cowed), and stays where it is.
  *   copy		through the direct map, into freshly allocated frames.
  *   remap		one mmap per run of views on consecutive frames.  The
- *			mapcount, key, flags and group go with the frame, the
- *			move is logged for the scanner (a keyhole is (pfn, key):
- *			the stable node follows by pfn), and the old frame is
- *			punched, or deferred if a fork epoch is open.
- *   release		write access back for whatever was not remapped.
+ *			mapcount, key, flags and group go with the frame; the
+ *			move is logged, so that the scanner's stable node follows
+ *			its (pfn, key) keyhole; the old frame is punched, or
+ *			deferred while a fork epoch is open.
+ *   release		write access back for what was not remapped.
  *
  * A remap that fails (ENOMEM at vm.max_map_count) leaves its views on the
- * old frame, whose content is theirs: a frame some of whose views moved
- * becomes two stable frames of the same content, and the stable node keeps
- * the old one.  No frame is freed while a view maps it.  Deferred frames
- * are never moved, written or freed: compaction fills around them, and an
- * offlining that would leave one in the range taken away is refused.
+ * old frame, whose content is theirs: a frame some of whose views moved is
+ * two stable frames then, and the stable node keeps the old one.  No frame
+ * is freed while a view maps it.  Deferred frames are never moved, written
+ * or freed: compaction fills around them, and an offlining that finds one
+ * in the range to be taken away is refused.
  *
- * Truncation.  Punching a hole leaves a view's private copies alone, but
- * cutting the file does not: the kernel unmaps even the COWed pages of a
- * private mapping beyond the new end (truncate_pagecache()), and what the
- * user wrote would read as SIGBUS.  A page copied on write stays in its
- * view's mapping, at the offset of the frame it came from; so before the
- * cut, such pages above it get anonymous memory of their own, their content
- * copied across under the same write barrier, and the cut, checked against
- * /proc/self/maps under the lock, never goes below an offset a private
- * mapping of the store still covers.  While a fork epoch is open the file
- * is not cut at all: a child's mappings are not in our maps.
+ * Cutting the file.  A punched hole leaves a view's private copy alone, but
+ * ftruncate() does not: truncate_pagecache() unmaps even the COWed pages of
+ * private mappings beyond the new size, and the user's data would be gone.
+ * A page copied on write stays in its view's mapping, at the offset of the
+ * frame it came from; so such pages above the cut first get anonymous memory
+ * of their own (copied under the write barrier, put in place whole by
+ * mremap), and the cut, checked against /proc/self/maps under the lock,
+ * never goes below an offset that a private mapping of the store covers.
+ * While a fork epoch is open the file is not cut: a child's mappings are not
+ * in our maps.
  *
- * Each hold of pool->lock moves at most UKSM_RUN_MAX frames (and a bounded
- * number of views) or pages: the pause a writer can see, max_hold_ns.
+ * Each hold of pool->lock handles at most UKSM_RUN_MAX frames or pages: the
+ * pause a writer can see, max_hold_ns.
  */
 #include "uksm_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -73,7 +68,7 @@
 #include <time.h>
 
 #define NONE		UINT32_MAX
-#define BATCH_VIEWS	(4 * UKSM_RUN_MAX)	/* views looked at per hold */
+#define BATCH_VIEWS	(4 * UKSM_RUN_MAX)	/* rmap entries looked at per hold */
 #define EVAC_MAX	16384			/* mappings to empty above the cut */
 #define READ_ONCE(x)	__atomic_load_n(&(x), __ATOMIC_RELAXED)
 
@@ -81,7 +76,7 @@ struct compact_ctl {
 	size_t online;		/* frames_online before a shrink */
 	size_t live, deferred;	/* frames, at the start */
 	size_t base, top;	/* the rmap covers frames [base, top) */
-	size_t scan;		/* next frame to consider moving */
+	size_t scan;		/* the next frame to consider moving */
 	uint32_t *head;		/* rmap of frame f: vpn[head[f - base] ..      */
 	uint32_t *vpn;		/*   head[f - base + 1]), NONE in unused slots */
 	uint32_t *idx;		/* frame f's index in the batch, or NONE */
@@ -91,7 +86,6 @@ struct compact_ctl {
 	size_t n;
 	uint32_t *evac;		/* (vpn, pages) of mappings above the cut */
 	size_t nr_evac;
-	char *bounce;		/* UKSM_RUN_MAX pages */
 	void *mem;
 	size_t bytes;
 };
@@ -102,33 +96,34 @@ struct compact_ctl {
 		     (j) < (c)->head[(c)->src[i] - (c)->base + 1]; (j)++)	\
 			if (((v) = (c)->vpn[j]) == NONE) {} else
 
-static uint64_t hold_begin(struct uksm_pool *pool)
+static uint64_t now_ns(void)
 {
 	struct timespec t;
 
-	uksm_lock(pool);
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
+static uint64_t hold_begin(struct uksm_pool *pool)
+{
+	uksm_lock(pool);
+	return now_ns();
+}
+
 static void hold_end(struct uksm_pool *pool, uint64_t t0, struct uksm_compact_stats *out)
 {
-	struct timespec t;
-	uint64_t held;
-
 	uksm_frames_flush(pool);
 	uksm_unlock(pool);
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	held = (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec - t0;
-	if (held > out->max_hold_ns)
-		out->max_hold_ns = held;
+	t0 = now_ns() - t0;
+	if (t0 > out->max_hold_ns)
+		out->max_hold_ns = t0;
 }
 
 /* First set bit at or after @from, below @limit; @limit if none. */
 static size_t find_set_bit(const uint64_t *map, size_t from, size_t limit)
 {
-	for (size_t i = from; i < limit; i = (i & ~(size_t)63) + 64) {
-		uint64_t w = map[i >> 6] & ~((1ULL << (i & 63)) - 1);
+	for (size_t i = from; i < limit; i = (i | 63) + 1) {
+		uint64_t w = map[i >> 6] & (~0ULL << (i & 63));
 
 		if (w) {
 			i = (i & ~(size_t)63) + (size_t)__builtin_ctzll(w);
@@ -142,10 +137,8 @@ static size_t find_set_bit(const uint64_t *map, size_t from, size_t limit)
 static size_t last_set_bit(const uint64_t *map, size_t limit)
 {
 	for (size_t w = (limit + 63) / 64; w--;) {
-		uint64_t m = map[w];
+		uint64_t m = map[w] & ((w + 1) * 64 > limit ? (1ULL << (limit & 63)) - 1 : ~0ULL);
 
-		if ((w + 1) * 64 > limit)
-			m &= (1ULL << (limit & 63)) - 1;
 		if (m)
 			return w * 64 + 64 - (size_t)__builtin_clzll(m);
 	}
@@ -160,9 +153,7 @@ static uint32_t batch_idx(const struct compact_ctl *c, size_t pfn)
 /* A view of a frame of this batch. */
 static int batch_view(struct uksm_pool *pool, const struct compact_ctl *c, size_t vpn)
 {
-	const struct uksm_pte *pte = &pool->ptes[vpn];
-
-	return pte->state == UKSM_PTE_KSM && batch_idx(c, pte->pfn) != NONE;
+	return pool->ptes[vpn].state == UKSM_PTE_KSM && batch_idx(c, pool->ptes[vpn].pfn) != NONE;
 }
 
 /* ... write-protected, checked, and not remapped yet. */
@@ -196,13 +187,10 @@ static int compact_begin(struct uksm_pool *pool, uint64_t shrink_frames,
 			 struct compact_ctl *c)
 {
 	size_t end, p;
-	int err;
+	int err = pool->heir ? uksm_detach(pool) : 0;
 
-	if (pool->heir) {
-		err = uksm_detach(pool);
-		if (err)
-			return err;
-	}
+	if (err)
+		return err;
 	c->online = pool->frames_online;
 	c->top = pool->file_frames;
 	c->deferred = pool->st.frames_deferred;
@@ -237,14 +225,12 @@ static int compact_plan(struct uksm_pool *pool, struct compact_ctl *c)
 		p = pool->frames_online;
 	c->scan = c->base = p < c->top ? p : c->top;
 	nr = c->top - c->base;
-	c->bytes = UKSM_RUN_MAX * (PG + 8 + 3 * 4) + (nv + 63) / 64 * 8 + EVAC_MAX * 8 +
-		   (2 * nr + 1) * 4 + nv * 4;
+	c->bytes = UKSM_RUN_MAX * 20 + (nv + 63) / 64 * 8 + EVAC_MAX * 8 + (2 * nr + 1 + nv) * 4;
 	m = mmap(NULL, c->bytes, PROT_READ | PROT_WRITE,
 		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (m == MAP_FAILED)
 		return -ENOMEM;
 	c->mem = m;
-	c->bounce = m;			m += UKSM_RUN_MAX * PG;
 	c->pm = (uint64_t *)m;		m += UKSM_RUN_MAX * 8;
 	c->wp = (uint64_t *)m;		m += (nv + 63) / 64 * 8;
 	c->evac = (uint32_t *)m;	m += EVAC_MAX * 8;
@@ -255,23 +241,20 @@ static int compact_plan(struct uksm_pool *pool, struct compact_ctl *c)
 	c->idx = (uint32_t *)m;		m += nr * 4;
 	c->vpn = (uint32_t *)m;
 
-	for (size_t v = 0; nr && v < nv; v++) {
-		uint32_t f = READ_ONCE(pool->ptes[v].pfn);
+	/* count, then place; idx counts each bucket's fill, as the table may change */
+	for (int place = 0; nr && place < 2; place++) {
+		for (size_t v = 0; v < nv; v++) {
+			uint32_t f = READ_ONCE(pool->ptes[v].pfn) - (uint32_t)c->base;
 
-		if (READ_ONCE(pool->ptes[v].state) == UKSM_PTE_KSM && f >= c->base && f < c->top)
-			c->head[f - c->base + 1]++;
-	}
-	for (size_t f = 0; f < nr; f++)
-		c->head[f + 1] += c->head[f];
-	/* idx counts each bucket's fill for now: the page table may change */
-	for (size_t v = 0; nr && v < nv; v++) {
-		uint32_t f = READ_ONCE(pool->ptes[v].pfn);
-
-		if (READ_ONCE(pool->ptes[v].state) != UKSM_PTE_KSM || f < c->base || f >= c->top)
-			continue;
-		f -= (uint32_t)c->base;
-		if (c->head[f] + c->idx[f] < c->head[f + 1])
-			c->vpn[c->head[f] + c->idx[f]++] = (uint32_t)v;
+			if (READ_ONCE(pool->ptes[v].state) != UKSM_PTE_KSM || f >= nr)
+				continue;
+			if (!place)
+				c->head[f + 1]++;
+			else if (c->head[f] + c->idx[f] < c->head[f + 1])
+				c->vpn[c->head[f] + c->idx[f]++] = (uint32_t)v;
+		}
+		for (size_t f = 0; !place && f < nr; f++)
+			c->head[f + 1] += c->head[f];
 	}
 	for (size_t f = 0; f < nr; f++) {
 		for (uint32_t j = c->head[f] + c->idx[f]; j < c->head[f + 1]; j++)
@@ -286,18 +269,15 @@ static int rmap_complete(struct uksm_pool *pool, const struct compact_ctl *c, si
 {
 	uint32_t found = 0;
 
-	for (uint32_t j = c->head[pfn - c->base]; j < c->head[pfn - c->base + 1]; j++) {
-		uint32_t v = c->vpn[j];
-
-		found += v != NONE && pool->ptes[v].state == UKSM_PTE_KSM &&
-			 pool->ptes[v].pfn == pfn;
-	}
+	for (uint32_t j = c->head[pfn - c->base]; j < c->head[pfn - c->base + 1]; j++)
+		found += c->vpn[j] != NONE && pool->ptes[c->vpn[j]].state == UKSM_PTE_KSM &&
+			 pool->ptes[c->vpn[j]].pfn == pfn;
 	return found == pool->frames[pfn].mapcount;
 }
 
 /*
  * Step 1: the next live frames above the line, in pfn order, each with a
- * fresh frame in the lowest hole below it (runs of holes: one fallocate).
+ * fresh frame in the lowest hole below it (a run of holes: one fallocate).
  * Returns 0 when there is nothing left to move.
  */
 static int batch_collect(struct uksm_pool *pool, struct compact_ctl *c,
@@ -305,19 +285,15 @@ static int batch_collect(struct uksm_pool *pool, struct compact_ctl *c,
 {
 	size_t p = c->scan, views = 0, i = 0;
 
-	c->n = 0;
-	while (c->n < UKSM_RUN_MAX && views < BATCH_VIEWS &&
-	       (p = find_set_bit(pool->frame_map, p, c->top)) < c->top) {
-		const struct uksm_frame *f = &pool->frames[p];
-
-		if (f->flags & UKSM_FRAME_KSM) {	/* deferred ones stay */
-			views += c->head[p - c->base + 1] - c->head[p - c->base] + 1;
-			if (rmap_complete(pool, c, p))
-				c->src[c->n++] = (uint32_t)p;
-			else
-				out->frames_skipped++;	/* a view the rmap missed */
-		}
-		p++;
+	for (c->n = 0; c->n < UKSM_RUN_MAX && views < BATCH_VIEWS &&
+	     (p = find_set_bit(pool->frame_map, p, c->top)) < c->top; p++) {
+		if (!(pool->frames[p].flags & UKSM_FRAME_KSM))
+			continue;			/* deferred: it stays */
+		views += c->head[p - c->base + 1] - c->head[p - c->base] + 1;
+		if (rmap_complete(pool, c, p))
+			c->src[c->n++] = (uint32_t)p;
+		else
+			out->frames_skipped++;		/* a view the rmap missed */
 	}
 	c->scan = p;
 	while (i < c->n) {
@@ -336,7 +312,7 @@ static int batch_collect(struct uksm_pool *pool, struct compact_ctl *c,
 		i += got;
 	}
 	if (i < c->n) {
-		/* no room below c->src[i]: retry it next time, or give it up */
+		/* no room below c->src[i]: try it again next time, or give it up */
 		out->frames_skipped += !i;
 		c->scan = i ? c->src[i] : c->src[0] + 1;
 		c->n = i;
@@ -381,10 +357,15 @@ static void batch_protect(struct uksm_pool *pool, struct compact_ctl *c)
 	}
 }
 
-/* Step 3: copy the frames still mapped, runs of them at once. */
-static void batch_copy(struct uksm_pool *pool, struct compact_ctl *c)
+/*
+ * Step 3: copy the frames still mapped (runs of them at once), and map the
+ * checked views onto the copies, one mmap per run.
+ */
+static void batch_remap(struct uksm_pool *pool, struct compact_ctl *c)
 {
-	for (size_t i = 0, k; i < c->n; i += k) {
+	size_t i, j, v, e, k;
+
+	for (i = 0; i < c->n; i += k) {
 		k = 1;
 		if (!pool->frames[c->src[i]].mapcount)
 			continue;	/* every view was copied: it is gone */
@@ -393,13 +374,6 @@ static void batch_copy(struct uksm_pool *pool, struct compact_ctl *c)
 			k++;
 		memcpy(frames_addr(pool, c->dst[i], k), frames_addr(pool, c->src[i], k), k * PG);
 	}
-}
-
-/* Step 4: map the checked views onto the new frames, one mmap per run. */
-static void batch_remap(struct uksm_pool *pool, struct compact_ctl *c)
-{
-	size_t i, j, v, e;
-
 	for_each_batch_vpn(c, i, j, v) {
 		if (!remappable(pool, c, v) || (v && remap_next(pool, c, v - 1)))
 			continue;
@@ -409,18 +383,17 @@ static void batch_remap(struct uksm_pool *pool, struct compact_ctl *c)
 		if (uksm_map_view(pool, v, e - v, pool->ro_fd,
 				  c->dst[batch_idx(c, pool->ptes[v].pfn)], view_prot(pool)))
 			continue;
-		for (size_t k = v; k < e; k++) {
-			struct uksm_pte *pte = &pool->ptes[k];
-			uint32_t b = batch_idx(c, pte->pfn);
+		for (k = v; k < e; k++) {
+			uint32_t b = batch_idx(c, pool->ptes[k].pfn);
 
-			pte->pfn = c->dst[b];
+			pool->ptes[k].pfn = c->dst[b];
 			c->moved[b]++;
 			uksm_bit_clear(c->wp, k);
 		}
 	}
 }
 
-/* Step 5: the frame table: what moved takes its count, key and group along. */
+/* Step 4: the frame table: what moved takes its count, key and group along. */
 static void batch_finish(struct uksm_pool *pool, struct compact_ctl *c,
 			 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 			 size_t *log_n, struct uksm_compact_stats *out)
@@ -449,15 +422,14 @@ static void batch_finish(struct uksm_pool *pool, struct compact_ctl *c,
 		new->key = old->key;	/* the keyhole moves with the frame */
 		if (*log_n < log_cap) {
 			log_from[*log_n] = c->src[i];
-			log_to[*log_n] = c->dst[i];
-			(*log_n)++;
+			log_to[(*log_n)++] = c->dst[i];
 		}
 		old->mapcount = 1;
 		uksm_frame_put(pool, c->src[i]);	/* new key; punched or deferred */
 	}
 }
 
-/* Step 6: write access back for every page protected and not remapped. */
+/* Step 5: write access back for every page protected and not remapped. */
 static void batch_release(struct uksm_pool *pool, struct compact_ctl *c)
 {
 	size_t i, j, v, e;
@@ -480,35 +452,17 @@ static void batch_release(struct uksm_pool *pool, struct compact_ctl *c)
 		c->idx[c->src[i] - c->base] = NONE;
 }
 
-/* A number in /proc/self/maps, and the separator after it. */
-static uint64_t maps_num(const char **s, unsigned int base)
-{
-	uint64_t v = 0;
-
-	for (;; (*s)++) {
-		char ch = **s;
-		unsigned int d = ch >= '0' && ch <= '9' ? (unsigned int)(ch - '0') :
-				 ch >= 'a' && ch <= 'f' ? (unsigned int)(ch - 'a' + 10) : 99;
-
-		if (d >= base)
-			break;
-		v = v * base + d;
-	}
-	*s += **s != 0;
-	return v;
-}
-
 /*
- * The private mappings of the store that reach at or above frame @cut:
- * returns the highest frame any of them covers (@cut if none), or -errno.
- * With @c, their parts above the cut in the pool's range are noted in
- * c->evac.  Reads /proc/self/maps with read(2) into the stack: no malloc.
+ * The private mappings of the store that reach frame @cut or above: returns
+ * the end of the highest (@cut if none), or -errno.  With @c, their parts
+ * above the cut inside the pool are noted in c->evac.  /proc/self/maps is
+ * read into the stack: no malloc, no stdio.
  */
 static long store_maps(struct uksm_pool *pool, struct compact_ctl *c, size_t cut)
 {
 	uintptr_t va = (uintptr_t)pool->va, va_end = va + pool->va_pages * PG;
-	char buf[8192];
 	size_t have = 0, top = cut;
+	char buf[8192], *line, *nl;
 	struct stat st;
 	ssize_t r;
 	int fd;
@@ -518,23 +472,24 @@ static long store_maps(struct uksm_pool *pool, struct compact_ctl *c, size_t cut
 	fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	while ((r = read(fd, buf + have, sizeof(buf) - 1 - have)) > 0 || (r < 0 && errno == EINTR)) {
-		char *line = buf, *nl;
-
+	while ((r = read(fd, buf + have, sizeof(buf) - 1 - have)) > 0 ||
+	       (r < 0 && errno == EINTR)) {
 		have += r > 0 ? (size_t)r : 0;
 		buf[have] = 0;
-		for (; (nl = strchr(line, '\n')); line = nl + 1) {
-			const char *s = line;
-			uint64_t lo = maps_num(&s, 16), hi = maps_num(&s, 16), off, dev, end;
-			char private = s[3];
+		for (line = buf; (nl = strchr(line, '\n')); line = nl + 1) {
+			/* lo-hi perms offset major:minor inode path */
+			char *s, private;
+			uint64_t lo = strtoull(line, &s, 16), hi, off, end;
+			unsigned int major, minor;
 
-			s += 5;
-			off = maps_num(&s, 16) / PG;
-			dev = maps_num(&s, 16);
-			dev = makedev(dev, maps_num(&s, 16));
+			hi = strtoull(s + 1, &s, 16);
+			private = s[4];
+			off = strtoull(s + 6, &s, 16) / PG;
+			major = (unsigned int)strtoul(s + 1, &s, 16);
+			minor = (unsigned int)strtoul(s + 1, &s, 16);
 			end = off + (hi - lo) / PG;
-			if (private != 'p' || maps_num(&s, 10) != st.st_ino || dev != st.st_dev ||
-			    end <= cut)
+			if (private != 'p' || strtoull(s + 1, NULL, 10) != st.st_ino ||
+			    makedev(major, minor) != st.st_dev || end <= cut)
 				continue;
 			top = end > top ? end : top;
 			if (c && lo >= va && hi <= va_end && c->nr_evac < EVAC_MAX) {
@@ -554,10 +509,32 @@ static long store_maps(struct uksm_pool *pool, struct compact_ctl *c, size_t cut
 }
 
 /*
- * Give the copied-on-write pages above the cut anonymous memory of their
- * own, a run of at most UKSM_RUN_MAX per hold: write-protect, copy out, map
- * anonymous memory over them, copy back.  Best effort: what stays keeps the
- * file from being cut below it (compact_end).
+ * Pages [vpn, vpn + n), copied on write, get anonymous memory of their own:
+ * write-protected, copied into a fresh mapping, which mremap puts in their
+ * place whole (writable memory mapped first and filled after would let a
+ * write in before the copy, and the copy over it).  The kernel checks the
+ * map count before it unmaps anything: if it refuses, nothing changed.
+ */
+static void evacuate_run(struct uksm_pool *pool, size_t vpn, size_t n)
+{
+	char *p = page_addr(pool, vpn), *tmp;
+
+	if (uksm_mprotect(p, n * PG, PROT_READ))
+		return;
+	tmp = uksm_mmap(NULL, n * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (tmp != MAP_FAILED) {
+		memcpy(tmp, p, n * PG);
+		if (mremap(tmp, n * PG, n * PG, MREMAP_MAYMOVE | MREMAP_FIXED, p) != MAP_FAILED)
+			return;
+		munmap(tmp, n * PG);
+	}
+	(void)uksm_mprotect(p, n * PG, PROT_READ | PROT_WRITE);
+}
+
+/*
+ * The private pages in mappings of the store above the cut, a run of at
+ * most UKSM_RUN_MAX per hold.  Best effort: what stays keeps the file from
+ * being cut below it (compact_end).
  */
 static void compact_evacuate(struct uksm_pool *pool, struct compact_ctl *c,
 			     struct uksm_compact_stats *out)
@@ -578,14 +555,8 @@ static void compact_evacuate(struct uksm_pool *pool, struct compact_ctl *c,
 				for (e = a; e < v + n && pool->ptes[e].state == UKSM_PTE_PRIVATE &&
 				     !(pool->ptes[e].flags & UKSM_PTE_PINNED); e++)
 					;
-				if (e == a || uksm_mprotect(page_addr(pool, a), (e - a) * PG, PROT_READ))
-					continue;
-				memcpy(c->bounce, page_addr(pool, a), (e - a) * PG);
-				if (uksm_map_anon(pool, a, e - a, PROT_READ | PROT_WRITE))
-					(void)uksm_mprotect(page_addr(pool, a), (e - a) * PG,
-							    PROT_READ | PROT_WRITE);
-				else
-					memcpy(page_addr(pool, a), c->bounce, (e - a) * PG);
+				if (e > a)
+					evacuate_run(pool, a, e - a);
 			}
 			hold_end(pool, t0, out);
 		}
@@ -594,7 +565,7 @@ static void compact_evacuate(struct uksm_pool *pool, struct compact_ctl *c,
 
 /*
  * The last hold: an offlining that left a live frame behind is undone; the
- * memfd is cut after the highest frame in use or deferred, and after every
+ * file is cut after the highest frame in use or deferred, and after every
  * private mapping of it.
  */
 static int compact_end(struct uksm_pool *pool, struct compact_ctl *c, int err,
@@ -610,11 +581,11 @@ static int compact_end(struct uksm_pool *pool, struct compact_ctl *c, int err,
 	if (err)
 		pool->frames_online = c->online;
 	uksm_frames_flush(pool);
-	top = last_set_bit(pool->frame_map, pool->file_frames);
-	if (!uksm_must_defer(pool) && (size_t)top < pool->file_frames)
-		top = store_maps(pool, NULL, (size_t)top);
-	else
+	top = (long)last_set_bit(pool->frame_map, pool->file_frames);
+	if (uksm_must_defer(pool) || (size_t)top >= pool->file_frames)
 		top = -1;
+	else
+		top = store_maps(pool, NULL, (size_t)top);
 	if (top >= 0 && (size_t)top < pool->file_frames &&
 	    !ftruncate(pool->fd, (off_t)top * (off_t)PG)) {
 		pool->file_frames = (size_t)top;
@@ -657,7 +628,6 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		more = batch_collect(pool, &c, out);
 		if (c.n) {
 			batch_protect(pool, &c);
-			batch_copy(pool, &c);
 			batch_remap(pool, &c);
 			batch_finish(pool, &c, log_from, log_to, log_cap, log_n, out);
 			batch_release(pool, &c);

@@ -703,7 +703,9 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
  * pool, from its own accounting: pagemap for the pages (present, anonymous
  * or a view), st_blocks for the frame store, mincore for the swap file's
  * page cache.  The figures RSS, USS and PSS are made of; the caller adds
- * them up (uksm/pool.py).  Not for the handler: it reads a lot.
+ * them up (uksm/pool.py).  Reconciles on the way, so that the counters
+ * read next know every copy the kernel made.  Not for the handler: it
+ * reads a lot.
  */
 int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		struct uksm_memory *out)
@@ -734,6 +736,11 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		for (size_t i = 0; i < n && !any; i++)
 			any = pool->ptes[vpn + done + i].state != UKSM_PTE_NONE;
 		err = any ? uksm_pagemap_read((size_t)page_addr(pool, vpn + done), n, pm) : 0;
+		if (any && !err) {
+			/* the counters read after this must know the kernel's copies */
+			uksm_reconcile_locked(pool, vpn + done, n, pm);
+			uksm_frames_flush(pool);
+		}
 		for (size_t i = 0; i < n && any && !err; i++) {
 			const struct uksm_pte *pte = &pool->ptes[vpn + done + i];
 			uint64_t e = pm[i];

@@ -733,6 +733,16 @@ int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
 			break;
 		freed += (size_t)r;
 	}
+	if (freed) {
+		/*
+		 * The evicted pages sit dirty in the page cache until written
+		 * back: only then does the memory go.  Write back and drop them
+		 * now, without pool->lock (readers of the views need none).
+		 */
+		(void)sync_file_range(pool->swap_fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE |
+				      SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+		(void)posix_fadvise(pool->swap_fd, 0, 0, POSIX_FADV_DONTNEED);
+	}
 	return (int)freed;
 }
 

@@ -47,3 +47,51 @@ def page(a: np.ndarray, i: int) -> np.ndarray:
 def states(pool, a):
     """The page-table state of each page of @a."""
     return pool.page_states(a)[0]
+
+
+PRIVATE, SWAPPED = 1, 4         # NORMAL is PRIVATE's old name
+
+
+@pytest.fixture(params=["kernel", "signal"])
+def cow_pool(request):
+    """pool, once with each copy-on-write mode: the kernel's fault path, and
+    uksm's SIGSEGV handler."""
+    p = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0, cow=request.param)
+    yield p
+    p.close()
+
+
+def pool_smaps(pool, field: str = "Anonymous") -> int:
+    """Bytes of @field summed over /proc/self/smaps for the mappings that lie
+    in @pool's buffer range: the kernel's own count, page by page."""
+    lo_va = pool._native.va
+    hi_va = lo_va + pool._native.va_pages * PAGE
+    total, inside, key = 0, False, field + ":"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            if not parts[0].endswith(":"):          # a mapping's header line
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                inside = lo < hi_va and hi > lo_va
+            elif inside and parts[0] == key:
+                total += int(parts[1]) * 1024
+    return total
+
+
+def kernel_private_bytes(pool) -> int:
+    """Anonymous memory the kernel holds in @pool's range: its private pages
+    (written fresh pages and pages copied on write out of a view)."""
+    return pool_smaps(pool, "Anonymous")
+
+
+def kernel_resident_bytes(pool) -> int:
+    """What the kernel holds for @pool without swap: its anonymous pages plus
+    the frame store's allocated blocks (stats()["bytes_resident"]'s parts)."""
+    return kernel_private_bytes(pool) + memfd_bytes(pool)
+
+
+def uss_bytes() -> int:
+    """This process's unique set size (psutil)."""
+    return psutil.Process().memory_full_info().uss

@@ -1,13 +1,17 @@
 """Copy-on-write and the SIGSEGV handler (csrc/fault.c), with real faults.
 
 A write into a merged (KSM or zero) page must give the writer its own copy
-and leave every other sharer as it was; faults from GIL-releasing numpy
-loops and from several threads racing the background scanner must all be
-served; and faults that are not the pool's (a wild pointer, a freed buffer,
-kill -SEGV) must still kill the process with SIGSEGV, through
-faulthandler's traceback when it is enabled.
+and leave every other sharer as it was, in both COW modes: cow="kernel",
+where the kernel's fault path copies and uksm learns of it from pagemap,
+and cow="signal", where merged pages are read-only and uksm's handler
+forces the copy.  Faults from GIL-releasing numpy loops and from several
+threads racing the background scanner must all be served; and faults that
+are not the pool's (a wild pointer, a freed buffer, kill -SEGV) must still
+kill the process with SIGSEGV, through faulthandler's traceback when it is
+enabled.
 """
 import faulthandler
+import os
 import signal
 import subprocess
 import sys
@@ -22,9 +26,20 @@ from hypothesis import strategies as st
 
 import uksm
 
-from conftest import KSM, NORMAL, ZERO, memfd_bytes, page, states
+from conftest import (KSM, PRIVATE, ZERO, kernel_private_bytes, memfd_bytes, page,
+                      states)
 
 PAGE = uksm.PAGE_SIZE
+COW_MODES = ["kernel", "signal"]
+
+
+def cow_counts(pool, before: dict, breaks: int) -> None:
+    """@breaks more COW breaks than @before; taken by the handler in signal
+    mode, by the kernel alone (no signal at all) in kernel mode."""
+    s = pool.stats()
+    assert s["cow_breaks"] == before["cow_breaks"] + breaks, (s, before)
+    signalled = breaks if pool.cow == "signal" else 0
+    assert s["cow_breaks_signal"] == before["cow_breaks_signal"] + signalled, (s, before)
 
 
 def make_sharers(pool, nsharers: int, npages: int, seed: int):
@@ -40,7 +55,8 @@ def make_sharers(pool, nsharers: int, npages: int, seed: int):
 # --- single writes -----------------------------------------------------------------
 
 
-def test_cow_write_gives_writer_private_copy(pool):
+def test_cow_write_gives_writer_private_copy(cow_pool):
+    pool = cow_pool
     arrs, shadows = make_sharers(pool, 3, 8, seed=1)
     pool.scan(full_scans=2)
     for a in arrs:
@@ -48,36 +64,62 @@ def test_cow_write_gives_writer_private_copy(pool):
         assert (st_ == KSM).all(), st_
         assert (mc == 3).all(), mc
     pfn_before = pool.page_states(arrs[0])[1].copy()
-    cow_before = pool.stats()["cow_breaks"]
+    before = pool.stats()
+    assert before["bytes_private"] == kernel_private_bytes(pool) == 0
 
     page(arrs[1], 3)[100] ^= 0xFF
     shadows[1][3 * PAGE + 100] ^= 0xFF
 
     for a, s in zip(arrs, shadows):
         assert np.array_equal(a, s)
+    # the writer's page is private anonymous memory now: no frame, no mapcount
     st1, pfn1, mc1 = pool.page_states(arrs[1])
-    assert st1[3] == NORMAL and mc1[3] == 1
-    assert pfn1[3] != pfn_before[3], "writer still maps the shared frame"
+    assert st1[3] == PRIVATE and pfn1[3] == 0 and mc1[3] == 0
     assert (np.delete(st1, 3) == KSM).all()
+    assert np.array_equal(np.delete(pfn1, 3), np.delete(pfn_before, 3))
     for other in (arrs[0], arrs[2]):
         st_, pfn, mc = pool.page_states(other)
         assert (st_ == KSM).all()
         assert np.array_equal(pfn, pfn_before), "other sharers were moved"
         assert mc[3] == 2 and (np.delete(mc, 3) == 3).all()
-    assert pool.stats()["cow_breaks"] == cow_before + 1
+    cow_counts(pool, before, 1)
+    # the copy is one anonymous page, by the kernel's count; the frame stays
+    s = pool.stats()
+    assert s["bytes_private"] == kernel_private_bytes(pool) == PAGE
+    assert s["bytes_frames"] == memfd_bytes(pool) == before["bytes_frames"]
 
 
-def test_last_sharer_gets_the_frame_back(pool):
+def test_last_sharer_keeps_its_view_until_it_writes(cow_pool):
+    """The last sharer of a frame does not get it back writable: its page
+    stays a view of the frame (mapcount 1) until written, and that write
+    copies it like any other; the frame then has no view and goes back to
+    the kernel (its hole punched: it reads as zeroes)."""
+    pool = cow_pool
     arrs, shadows = make_sharers(pool, 2, 2, seed=2)
     pool.scan(full_scans=2)
     shared_pfn = pool.page_states(arrs[0])[1][0]
+    frames_before = memfd_bytes(pool)
+    assert frames_before == 2 * PAGE
     page(arrs[0], 0)[0] = 0
     shadows[0][0] = 0
-    # arrs[1] is now the only mapper of the KSM frame: its write reuses it
+    # (the writer's range first: page_states() reconciles only the range
+    # it is asked about, and until then the kernel's copy is not known)
+    assert pool.page_states(arrs[0])[0][0] == PRIVATE
+    st_, pfn, mc = pool.page_states(arrs[1])
+    assert st_[0] == KSM and pfn[0] == shared_pfn and mc[0] == 1
+    assert memfd_bytes(pool) == frames_before
+    s = pool.stats()
+    assert (s["pages_shared"], s["pages_sharing"]) == (2, 1)
+    before = s
     page(arrs[1], 0)[1] = 0
     shadows[1][1] = 0
     st_, pfn, mc = pool.page_states(arrs[1])
-    assert st_[0] == NORMAL and pfn[0] == shared_pfn and mc[0] == 1
+    assert st_[0] == PRIVATE and mc[0] == 0
+    cow_counts(pool, before, 1)
+    s = pool.stats()
+    assert (s["pages_shared"], s["pages_sharing"]) == (1, 1)
+    assert memfd_bytes(pool) == s["bytes_frames"] == frames_before - PAGE
+    assert os.pread(pool.fd, PAGE, int(shared_pfn) * PAGE).count(0) == PAGE
     for a, s in zip(arrs, shadows):
         assert np.array_equal(a, s)
 
@@ -88,9 +130,10 @@ NSHARERS = 4
 NPAGES = 6
 
 
-@pytest.fixture(scope="module")
-def prop_pool():
-    p = uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False)
+@pytest.fixture(scope="module", params=COW_MODES)
+def prop_pool(request):
+    p = uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False,
+                  cow=request.param)
     yield p
     p.close()
 
@@ -119,11 +162,14 @@ def test_cow_isolation_property(prop_pool, writes, seed):
         for a, s in zip(arrs, shadows):
             assert np.array_equal(a, s)
     # the page table agrees: a writer has its own page, the others still
-    # share one frame whose mapcount is the number of sharers left
+    # share one frame whose mapcount is the number of sharers left (once
+    # every copy the kernel made is known: stats() reconciles them all)
+    pool.stats()
     unwritten_per_page = NSHARERS - written.sum(axis=0)
     for who, a in enumerate(arrs):
         st_, _, mc = pool.page_states(a)
-        assert (st_[written[who]] == NORMAL).all()
+        assert (st_[written[who]] == PRIVATE).all()
+        assert (mc[written[who]] == 0).all()
         assert (st_[~written[who]] == KSM).all()
         assert (mc[~written[who]] == unwritten_per_page[~written[who]]).all()
     del arrs
@@ -132,48 +178,63 @@ def test_cow_isolation_property(prop_pool, writes, seed):
 # --- zero pages ---------------------------------------------------------------------
 
 
-def test_write_into_zero_pages():
-    with uksm.Pool("16MiB", use_zero_pages=True) as pool:
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_write_into_zero_pages(cow):
+    with uksm.Pool("16MiB", use_zero_pages=True, cow=cow) as pool:
         z = pool.zeros(16 * PAGE, np.uint8)
-        before = memfd_bytes(pool)
+        # written, then zero again: pages that cost memory (pages never
+        # written are the kernel's zero page already, and are not scanned)
+        z.fill(1)
+        z.fill(0)
+        before = kernel_private_bytes(pool)
+        assert before == 16 * PAGE
         st_ = pool.scan(full_scans=2)
         assert (states(pool, z) == ZERO).all()
         assert st_["ksm_zero_pages"] == 16
-        assert memfd_bytes(pool) <= before - 16 * PAGE
+        assert kernel_private_bytes(pool) == st_["bytes_resident"] == 0
+        assert memfd_bytes(pool) == 0              # the zero page takes no frame
 
         page(z, 5)[17] = 42
         s = states(pool, z)
-        assert s[5] == NORMAL and (np.delete(s, 5) == ZERO).all()
-        assert pool.stats()["zero_page_cows"] == 1
+        assert s[5] == PRIVATE and (np.delete(s, 5) == ZERO).all()
+        st_ = pool.stats()
+        assert st_["zero_page_cows"] == 1 and st_["ksm_zero_pages"] == 15
+        assert st_["bytes_private"] == kernel_private_bytes(pool) == PAGE
         expect = np.zeros(16 * PAGE, np.uint8)
         expect[5 * PAGE + 17] = 42
         assert np.array_equal(z, expect)
 
         # a numpy loop writing every zero page
         z[:] = np.arange(z.size, dtype=np.uint64).astype(np.uint8)
-        assert (states(pool, z) == NORMAL).all()
+        assert (states(pool, z) == PRIVATE).all()
         assert np.array_equal(z, np.arange(z.size, dtype=np.uint64).astype(np.uint8))
-        assert pool.stats()["ksm_zero_pages"] == 0
+        st_ = pool.stats()
+        assert st_["ksm_zero_pages"] == 0 and st_["zero_page_cows"] == 16
+        assert st_["bytes_private"] == kernel_private_bytes(pool) == 16 * PAGE
 
 
 # --- numpy loops that release the GIL -------------------------------------------------
 
 
-def test_numpy_fill_of_multi_mib_merged_array(pool):
+def test_numpy_fill_of_multi_mib_merged_array(cow_pool):
+    pool = cow_pool
     # 4 MiB of float64, 1024 pages, each page different, a and b equal
     src = np.random.default_rng(5).random(4 * 1024 * 1024 // 8)
     a = pool.asarray(src)
     b = pool.asarray(src)
     pool.scan(full_scans=2)
     assert (states(pool, a) == KSM).all() and (states(pool, b) == KSM).all()
+    before = pool.stats()
     a[:] = 7                                      # every page faults, GIL released
     assert (a == 7).all()
     np.testing.assert_array_equal(b, src)
-    assert (states(pool, a) == NORMAL).all()
+    assert (states(pool, a) == PRIVATE).all()
     assert (states(pool, b) == KSM).all()
+    cow_counts(pool, before, 1024)
 
 
-def test_numpy_ufunc_out_into_merged_pages(pool):
+def test_numpy_ufunc_out_into_merged_pages(cow_pool):
+    pool = cow_pool
     rng = np.random.default_rng(3)
     src = rng.random(2 * 1024 * 1024 // 8)        # 2 MiB
     x = pool.asarray(src)
@@ -185,17 +246,24 @@ def test_numpy_ufunc_out_into_merged_pages(pool):
     np.testing.assert_array_equal(c, src + 1.0)
     np.testing.assert_array_equal(x, src)
     np.testing.assert_array_equal(y, src)
-    assert (states(pool, c) == NORMAL).all()
+    assert (states(pool, c) == PRIVATE).all()
     assert (states(pool, x) == KSM).all()
     np.multiply(y, 2.0, out=y)                    # in place, on itself
     np.testing.assert_array_equal(y, src * 2.0)
     np.testing.assert_array_equal(x, src)
+    assert (states(pool, y) == PRIVATE).all()
+    # x is the last view of each frame now, and still a view
+    assert (states(pool, x) == KSM).all()
+    assert (pool.page_states(x)[2] == 1).all()
 
 
-def test_two_threads_numpy_writes_into_merged_arrays(pool):
+def test_two_threads_numpy_writes_into_merged_arrays(cow_pool):
+    pool = cow_pool
     n = 2 * 1024 * 1024 // 8
     arrs = [pool.full(n, 1.5) for _ in range(3)]
     pool.scan(full_scans=2)
+    assert all((states(pool, a) == KSM).all() for a in arrs)
+    before = pool.stats()
     errors = []
 
     def work(a, v):
@@ -213,14 +281,16 @@ def test_two_threads_numpy_writes_into_merged_arrays(pool):
     assert not errors
     assert (arrs[0] == 10.0).all() and (arrs[1] == 11.0).all()
     assert (arrs[2] == 1.5).all()
+    cow_counts(pool, before, 2 * n * 8 // PAGE)
 
 
 # --- writers racing the background scanner -------------------------------------------
 
 
-def test_writer_threads_race_background_scanner():
-    NARR, NP, NTHREADS, RUN = 6, 64, 4, 3.0
-    pool = uksm.Pool("32MiB", pages_to_scan=200, sleep_millisecs=0)
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_writer_threads_race_background_scanner(cow):
+    NARR, NP, NTHREADS, RUN = 6, 64, 4, 2.0
+    pool = uksm.Pool("32MiB", pages_to_scan=200, sleep_millisecs=0, cow=cow)
     try:
         rng = np.random.default_rng(4)
         patterns = rng.integers(1, 256, (3, PAGE), dtype=np.uint8)
@@ -294,6 +364,10 @@ def test_writer_threads_race_background_scanner():
             assert np.array_equal(a, expect), f"array {k} lost writes"
         st_ = pool.stats()
         assert st_["cow_breaks"] > 0
+        if cow == "signal":
+            assert st_["cow_breaks_signal"] > 0
+        else:
+            assert st_["cow_breaks_signal"] == 0        # the kernel copied: no signal
         assert st_["pages_merged_total"] > merged0, "scanner merged nothing while racing"
         # and the pool is still consistent: a quiet scan keeps the data
         pool.scan(full_scans=2)
@@ -327,14 +401,20 @@ PRELUDE = textwrap.dedent("""
         assert a[5] == 9 and a[3 * 4096] == 11
         assert (b == 3).all()
         assert pool.page_states(a)[0][0] == 1
+        s = pool.stats()
+        assert s["cow_breaks"] == 2, s
+        # signal mode: both COWs went through uksm's handler
+        assert s["cow_breaks_signal"] == (2 if COW == "signal" else 0), s
         sys.stderr.write("COW-OK\\n")
         sys.stderr.flush()
         print("COW-OK", flush=True)
 """)
 
 
-def run_child(body: str, *flags: str, timeout: float = 60):
-    code = PRELUDE + textwrap.dedent(body)
+def run_child(body: str, *flags: str, cow: str, timeout: float = 60):
+    """Run @body after PRELUDE in a fresh interpreter; COW names the pool's
+    copy-on-write mode there."""
+    code = f"COW = {cow!r}\n" + PRELUDE + textwrap.dedent(body)
     try:
         return subprocess.run([sys.executable, *flags, "-c", code],
                               capture_output=True, text=True, timeout=timeout)
@@ -356,14 +436,15 @@ def crash_report_after_cow(stderr: str) -> str:
     return after
 
 
-def test_wild_pointer_crashes_with_faulthandler_traceback():
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_wild_pointer_crashes_with_faulthandler_traceback(cow):
     proc = run_child("""
-        pool = uksm.Pool("16MiB")
+        pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """, "-X", "faulthandler")
+    """, "-X", "faulthandler", cow=cow)
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     after = crash_report_after_cow(proc.stderr)
@@ -371,9 +452,10 @@ def test_wild_pointer_crashes_with_faulthandler_traceback():
     assert "string_at" in after or 'File "<string>"' in after, after
 
 
-def test_faulthandler_enabled_after_pool():
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_faulthandler_enabled_after_pool(cow):
     proc = run_child("""
-        pool = uksm.Pool("16MiB")
+        pool = uksm.Pool("16MiB", cow=COW)
         faulthandler.enable()
         faulthandler.disable()
         faulthandler.enable()          # as pytest does, around a run
@@ -383,7 +465,7 @@ def test_faulthandler_enabled_after_pool():
         c[0] = 6                        # a write that is not a COW still works
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """)
+    """, cow=cow)
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     after = crash_report_after_cow(proc.stderr)
@@ -391,22 +473,24 @@ def test_faulthandler_enabled_after_pool():
     assert after.count("Fatal Python error") == 1, after
 
 
-def test_wild_pointer_crashes_without_faulthandler():
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_wild_pointer_crashes_without_faulthandler(cow):
     proc = run_child("""
-        pool = uksm.Pool("16MiB")
+        pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """)
+    """, cow=cow)
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
 
 
 @pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")], ids=["plain", "faulthandler"])
-def test_touching_freed_buffer_crashes(flags):
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_touching_freed_buffer_crashes(flags, cow):
     proc = run_child("""
-        pool = uksm.Pool("16MiB")
+        pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         # a's pages 1..3 still share b's frame: a freed view must not reach it
@@ -416,7 +500,7 @@ def test_touching_freed_buffer_crashes(flags):
         print("READ", int(a[4096]), flush=True)
         a[4096] = 1
         print("WROTE", flush=True)
-    """, *flags)
+    """, *flags, cow=cow)
     assert_died_by_sigsegv(proc)
     assert "FREED" in proc.stdout
     assert "READ" not in proc.stdout and "WROTE" not in proc.stdout
@@ -427,9 +511,10 @@ def test_touching_freed_buffer_crashes(flags):
 
 @pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")], ids=["plain", "faulthandler"])
 @pytest.mark.parametrize("scanner", [False, True], ids=["idle", "ksmd-running"])
-def test_kill_sigsegv_still_kills(flags, scanner):
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_kill_sigsegv_still_kills(flags, scanner, cow):
     proc = run_child(f"""
-        pool = uksm.Pool("16MiB", sleep_millisecs=0)
+        pool = uksm.Pool("16MiB", sleep_millisecs=0, cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         if {scanner!r}:
@@ -438,7 +523,7 @@ def test_kill_sigsegv_still_kills(flags, scanner):
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)
         print("SURVIVED", flush=True)
-    """, *flags, timeout=30)
+    """, *flags, cow=cow, timeout=30)
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     if flags:
@@ -451,17 +536,23 @@ def _maps_count():
         return f.read().count(b"\n")
 
 
-def test_cow_under_vma_pressure_breaks_whole_runs():
-    """Sparse writes into a big merged run would add two VMAs per write and
-    end at vm.max_map_count; past the soft limit the handler breaks COW on
-    the whole run instead, so the map count stops growing and every write
-    lands.  The soft limit is lowered (a policy knob, not the machinery) so
-    the test needs a few hundred writes, not tens of thousands."""
-    with uksm.Pool("64MiB", sleep_millisecs=0) as pool:
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_cow_under_vma_pressure_breaks_whole_runs(cow):
+    """With cow="signal", sparse writes into a big merged run would add two
+    VMAs per write (an mprotect of one page) and end at vm.max_map_count;
+    past the soft limit the handler makes the whole run writable instead,
+    so the map count stops growing and every write lands (the kernel COWs
+    the rest of the run, and reconcile finds it).  With cow="kernel" a
+    write changes no mapping at all.  The soft limit is lowered (a policy
+    knob, not the machinery) so the test needs a few hundred writes, not
+    tens of thousands."""
+    with uksm.Pool("64MiB", sleep_millisecs=0, cow=cow) as pool:
         a = pool.zeros(16 << 20, np.uint8)           # 4096 pages
+        a.fill(1)
+        a.fill(0)                                    # used, and zero again
         pool.scan(full_scans=2)
         st, _, _ = pool.page_states(a)
-        assert (st == 3).all()
+        assert (st == ZERO).all()
         base = _maps_count()
         pool._native.set_vma_state(base, base + 200)
         shadow = np.zeros_like(np.asarray(a))
@@ -472,31 +563,41 @@ def test_cow_under_vma_pressure_breaks_whole_runs():
             if i % 64 == 0:
                 peak = max(peak, _maps_count())
         peak = max(peak, _maps_count())
-        assert peak <= base + 200 + 8, (base, peak)
-        assert np.array_equal(np.asarray(a), shadow)
+        if cow == "signal":
+            assert peak <= base + 200 + 8, (base, peak)
+        else:
+            assert peak <= base + 8, (base, peak)
+        # every written page is private, every other one still the zero page
         st, _, _ = pool.page_states(a)
-        # the whole-run break left no page merged after the first write past
-        # the limit: all the rest became private in one go
-        assert (st == 1).sum() > 2048
+        assert (st[0::2] == PRIVATE).all() and (st[1::2] == ZERO).all()
+        s = pool.stats()
+        assert s["zero_page_cows"] == 2048 and s["ksm_zero_pages"] == 2048
+        assert s["bytes_private"] == kernel_private_bytes(pool) == 2048 * PAGE
+        assert np.array_equal(np.asarray(a), shadow)
 
 
-def test_real_segfault_under_pytest_still_dies_with_a_traceback(tmp_path):
+@pytest.mark.parametrize("cow", COW_MODES)
+def test_real_segfault_under_pytest_still_dies_with_a_traceback(tmp_path, cow):
     """pytest enables faulthandler for the run and disables it after; in
-    between, COW faults must still be uksm's and a wild pointer must still
-    kill the process by SIGSEGV with faulthandler's traceback."""
+    between, COW faults must still be uksm's (with cow="signal" the handler
+    takes them) and a wild pointer must still kill the process by SIGSEGV
+    with faulthandler's traceback."""
     test = tmp_path / "test_crash.py"
-    test.write_text(textwrap.dedent("""
+    test.write_text(textwrap.dedent(f"""
         import ctypes
         import numpy as np
         import uksm
 
         def test_crash():
-            pool = uksm.Pool("16MiB")
+            pool = uksm.Pool("16MiB", cow={cow!r})
             a = pool.full(64 * 4096, 3, dtype=np.uint8)
             b = pool.full(64 * 4096, 3, dtype=np.uint8)
             pool.scan(full_scans=2)
-            b[0] = 4                          # a COW fault, inside pytest
+            b[0] = 4                          # a COW, inside pytest
             assert a[0] == 3 and b[0] == 4
+            s = pool.stats()
+            assert s["cow_breaks"] == 1
+            assert s["cow_breaks_signal"] == {int(cow == "signal")}
             print("COW-OK", flush=True)
             ctypes.string_at(1)
     """))
