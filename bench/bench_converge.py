@@ -3,7 +3,9 @@
 Workload of shared/tools/kernel_ksm_reference.c: 2 x 128 MiB where page i
 equals page N + i, pages_to_scan=10000, sleep_millisecs=0, until 99% of the
 N pairs share.  Targets: uksm/kernel <= 0.5 for wall and CPU time; bytes
-saved (memfd blocks, PSS) >= 0.99 of one page per pair.
+saved >= 0.99 of one page per pair, both by the pool's memory as the
+kernel accounts for it (private pages before, less private pages and memfd
+blocks after) and by the process's PSS.
 
 Then the selftests' -P workload (ksm_tests.c ksm_merge_time): a region of
 '*' bytes, the time for two full scans, in MiB/s, for both.
@@ -106,17 +108,17 @@ def test_converge_uksm(benchmark, shared, checksum, driver):
            f"{measure.fmt(s.get('runq_wait'))}); kernel wall "
            f"{measure.fmt(k_wall)} s, ksmd {measure.fmt(k_cpu)} s; uksm/kernel wall "
            f"{measure.fmt(r_wall, 2)} CPU {measure.fmt(r_cpu, 2)} (target <= 0.5); "
-           f"saved memfd {s['saved_memfd']:.4f} PSS {s['saved_pss']:.4f} of ideal "
+           f"saved private+frames {s['saved_held']:.4f} PSS {s['saved_pss']:.4f} of ideal "
            f"(target >= 0.99)",
            pairs=n, checksum=checksum, driver=driver,
            wall_s=s["wall"], cpu_s=s["cpu"], scanner_cpu_s=s["scanner_cpu"],
            runq_wait_s=s.get("runq_wait"), kernel_wall_s=k_wall, kernel_cpu_s=k_cpu,
            ratio_wall=r_wall, ratio_cpu=r_cpu, ratio_scanner_cpu=r_scanner_cpu,
-           saved_memfd_fraction=s["saved_memfd"], saved_pss_fraction=s["saved_pss"],
+           saved_held_fraction=s["saved_held"], saved_pss_fraction=s["saved_pss"],
            full_scans=results[-1]["full_scans"],
            metadata_bytes_per_page=results[-1]["metadata_bytes_per_page"],
            meets_ratio_target=(None if r_wall is None else r_wall <= 0.5 and r_cpu <= 0.5),
-           meets_savings_target=s["saved_memfd"] >= 0.99 and s["saved_pss"] >= 0.99,
+           meets_savings_target=s["saved_held"] >= 0.99 and s["saved_pss"] >= 0.99,
            rounds=len(results))
 
 

@@ -5,15 +5,19 @@ live in the package, uksm.measure, and are re-exported here under their old
 names: the duplicate-pairs workload for uksm and for ksmd (UksmPairs,
 KernelPairs, kernel_converge_rounds), the selftests' -P merge time
 (uksm_merge_time, kernel_merge_time), and the helpers (pss, memfd_bytes,
-median, ratio, fmt, summarize, fill_pairs, expected_sharing).
+pool_held, touch, median, ratio, fmt, summarize, fill_pairs,
+expected_sharing).
 
 What stays here is only what the microbenchmarks need and the harness does
 not: the COW floor (bench/floor.c, compiled at run time), checksum cost per
 page in the C core, memcmp for reference, and metadata bytes per page.
 
-Savings are measured twice, as the kernel sees them: blocks of the pool's
-memfd (fstat st_blocks * 512) and the process's PSS, each as a fraction of
-the ideal (one page saved per duplicate pair).
+Savings are measured twice, as the kernel sees them: what the pool holds
+(its private pages present, from pagemap, plus its frames, the blocks of
+its memfd: fstat st_blocks * 512) before and after, and the process's PSS
+(with the data read after merging: a merged page's view is mapped in when
+touched), each as a fraction of the ideal (one page saved per duplicate
+pair).
 """
 
 from __future__ import annotations
@@ -31,16 +35,16 @@ import uksm
 from uksm import _core
 from uksm.measure import (MiB, PAGE, KernelPairs, UksmPairs, expected_sharing,
                           fill_pairs, fmt, kernel_converge_rounds, kernel_merge_time,
-                          median, memfd_bytes, pages_of, pss, pss_private, ratio,
-                          runq_wait, summarize, uksm_merge_time)
+                          median, memfd_bytes, pages_of, pool_held, pss, pss_private,
+                          ratio, runq_wait, summarize, touch, uksm_merge_time)
 
 _pages = pages_of
 
 __all__ = [
     # re-exported from uksm.measure
     "MiB", "PAGE", "KernelPairs", "UksmPairs", "expected_sharing", "fill_pairs", "fmt",
-    "kernel_converge_rounds", "kernel_merge_time", "median", "memfd_bytes", "pss",
-    "pss_private", "ratio", "runq_wait", "summarize", "uksm_merge_time",
+    "kernel_converge_rounds", "kernel_merge_time", "median", "memfd_bytes", "pool_held",
+    "pss", "pss_private", "ratio", "runq_wait", "summarize", "touch", "uksm_merge_time",
     # bench only
     "FLOOR_SOURCE", "compile_floor", "run_floor", "ChecksumPages", "memcmp_seconds",
     "meta_duplicates", "meta_unique",

@@ -13,11 +13,13 @@
  * put.  With @shrink_frames it also takes that many pfns off the top of the
  * store for good, moving what lives there below first: memory hot-remove.
  *
- * The rmap is built when needed, where rmap_walk_ksm() keeps its list of
- * rmap items: one counting sort of the page table by pfn, made without
- * pool->lock (a faulting writer may be waiting for it), and trusted only as
- * far as indexing.  A frame moves only if, under the lock, the views the
- * rmap lists for it are all of its mapcount.
+ * First it learns of the copies the kernel made, as reconcile does: a frame
+ * that only copied views still referred to is freed, not moved.  Then the
+ * rmap is built, where rmap_walk_ksm() keeps its list of rmap items: one
+ * counting sort of the page table by pfn, made without pool->lock (a
+ * faulting writer may be waiting for it), and trusted only as far as
+ * indexing.  A frame moves only if, under the lock, the views the rmap
+ * lists for it are all of its mapcount.
  *
  * A move, for a batch of frames under pool->lock:
  *
@@ -55,8 +57,9 @@
  * While a fork epoch is open the file is not cut: a child's mappings are not
  * in our maps.
  *
- * Each hold of pool->lock handles at most UKSM_RUN_MAX frames or pages: the
- * pause a writer can see, max_hold_ns.
+ * Each hold of pool->lock moves at most UKSM_RUN_MAX frames or pages (the
+ * last one reads /proc/self/maps too): the pause a writer can see, reported
+ * as max_hold_ns.
  */
 #include "uksm_internal.h"
 
@@ -614,9 +617,11 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 	memset(out, 0, sizeof(*out));
 	memset(&c, 0, sizeof(c));
 	*log_n = 0;
+	out->file_frames_before = READ_ONCE(pool->file_frames);
 
+	(void)uksm_reconcile(pool, 0, pool->va_pages);	/* best effort */
 	t0 = hold_begin(pool);
-	out->file_frames_before = out->file_frames_after = pool->file_frames;
+	out->file_frames_after = pool->file_frames;
 	err = compact_begin(pool, shrink_frames, &c);
 	hold_end(pool, t0, out);
 	if (err)

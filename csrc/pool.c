@@ -7,6 +7,7 @@
 
 #include <poll.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -72,8 +73,54 @@ size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit)
  */
 static _Atomic int pagemap_fd = -1;
 
+/*
+ * PAGEMAP_SCAN (Linux 6.7), for the one thing pagemap's entries cannot
+ * say: that a present anonymous page is the kernel's zero page (a page
+ * only ever read).  Such a page costs nothing, and is reported as not
+ * present.  Declared here since older libc headers lack it; on an older
+ * kernel the ioctl fails and the entries stand as read.
+ */
+struct uksm_page_region {
+	uint64_t start, end, categories;
+};
+
+struct uksm_pm_scan_arg {
+	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+
+#define UKSM_PAGEMAP_SCAN	_IOWR('f', 16, struct uksm_pm_scan_arg)
+#define UKSM_PAGE_IS_PFNZERO	(1 << 5)
+
+static void clear_zero_pfn(int fd, size_t va, size_t n, uint64_t *out)
+{
+	struct uksm_page_region regs[32];
+	uint64_t start = va, end = va + n * PG;
+
+	while (start < end) {
+		struct uksm_pm_scan_arg arg = {
+			.size = sizeof(arg), .start = start, .end = end,
+			.vec = (uintptr_t)regs, .vec_len = 32,
+			.category_mask = UKSM_PAGE_IS_PFNZERO,
+			.return_mask = UKSM_PAGE_IS_PFNZERO,
+		};
+		long r = ioctl(fd, UKSM_PAGEMAP_SCAN, &arg);
+
+		if (r < 0)
+			return;
+		for (long i = 0; i < r; i++)
+			for (uint64_t a = regs[i].start; a < regs[i].end; a += PG)
+				out[(a - va) / PG] &= ~PM_PRESENT;
+		if (r < 32 || arg.walk_end <= start)
+			return;
+		start = arg.walk_end;
+	}
+}
+
 int uksm_pagemap_read(size_t va, size_t n, uint64_t *out)
 {
+	int shared_anon = 0;
+
 	int fd = atomic_load(&pagemap_fd);
 	size_t got = 0;
 
@@ -97,6 +144,10 @@ int uksm_pagemap_read(size_t va, size_t n, uint64_t *out)
 			return r < 0 ? -errno : -EIO;
 		got += (size_t)r / 8;
 	}
+	for (size_t i = 0; i < n && !shared_anon; i++)
+		shared_anon = (out[i] & PM_PRESENT) && !(out[i] & (PM_FILE | PM_EXCLUSIVE));
+	if (shared_anon)
+		clear_zero_pfn(fd, va, n, out);
 	return 0;
 }
 
@@ -712,21 +763,22 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 {
 	uint64_t pm[UKSM_RUN_MAX];
 	struct stat stbuf;
-	uint16_t *seen = NULL;
-	size_t seen_bytes = 0;
+	uint16_t *seen = NULL, *seen_slot;
+	size_t seen_bytes = 0, nslots = pool->swap_fd >= 0 ? pool->st.swap_file_slots : 0;
 	int err = 0;
 
 	memset(out, 0, sizeof(*out));
 	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
 	/* views present per frame, to tell frames mapped once from shared ones */
-	if (pool->file_frames) {
-		seen_bytes = pool->file_frames * sizeof(*seen);
+	if (pool->file_frames + nslots) {
+		seen_bytes = (pool->file_frames + nslots) * sizeof(*seen);
 		seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (seen == MAP_FAILED)
 			return -ENOMEM;
 	}
+	seen_slot = seen ? seen + pool->file_frames : NULL;
 	for (size_t done = 0; done < npages && !err;) {
 		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
 
@@ -760,6 +812,8 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 					seen[pte->pfn]++;
 			} else if (pte->state == UKSM_PTE_SWAPPED) {
 				out->swap_views_present++;
+				if (seen_slot && pte->pfn < nslots && seen_slot[pte->pfn] < UINT16_MAX)
+					seen_slot[pte->pfn]++;
 			}
 		}
 		uksm_unlock(pool);
@@ -769,6 +823,8 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		out->frames_single += seen[f] == 1;
 		out->frames_present += seen[f] > 0;
 	}
+	for (size_t sl = 0; seen_slot && sl < nslots; sl++)
+		out->slots_present += seen_slot[sl] > 0;
 	if (seen)
 		munmap(seen, seen_bytes);
 	if (!fstat(pool->fd, &stbuf))
@@ -1022,8 +1078,11 @@ int uksm_detach(struct uksm_pool *pool)
 		 */
 		{
 			uint64_t pm[UKSM_RUN_MAX];
-			int have = !uksm_pagemap_read((size_t)page_addr(pool, vpn), n, pm);
+			int have;
 
+			/* read-only first: no copy can happen between pagemap and mmap */
+			(void)uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_READ);
+			have = !uksm_pagemap_read((size_t)page_addr(pool, vpn), n, pm);
 			for (size_t i = 0; i < n;) {
 				size_t e = i;
 
@@ -1032,6 +1091,9 @@ int uksm_detach(struct uksm_pool *pool)
 				if (e > i)
 					(void)uksm_map_view(pool, vpn + i, e - i, ro,
 							    pte->pfn + i, view_prot(pool));
+				if (e < n)
+					(void)uksm_mprotect(page_addr(pool, vpn + e), PG,
+							    view_prot(pool));
 				i = e + (e < n);
 			}
 		}

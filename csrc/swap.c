@@ -317,10 +317,36 @@ static void drop_swap_cache(struct uksm_pool *pool, int keep_mapped)
 			while (e < n && pool->ptes[v + e].state == UKSM_PTE_SWAPPED &&
 			       (pm[e] & PM_PRESENT) && (pm[e] & PM_FILE))
 				e++;
-			if (e > i)
-				(void)madvise(page_addr(pool, v + i), (e - i) * PG, MADV_DONTNEED);
+			if (e > i) {
+				uint64_t now[UKSM_RUN_MAX];
+				char *a = page_addr(pool, v + i);
+
+				/*
+				 * The page lock first: a write between our pagemap
+				 * read and MADV_DONTNEED would be a copy that the
+				 * DONTNEED throws away.  Read-only, the kernel cannot
+				 * copy; pagemap again, then drop what is still the
+				 * slot's own page.
+				 */
+				if (!uksm_mprotect(a, (e - i) * PG, PROT_READ) &&
+				    !uksm_pagemap_read((size_t)a, e - i, now)) {
+					for (size_t k = 0; k < e - i;) {
+						size_t m = k;
+
+						while (m < e - i && !pm_cowed(now[m]))
+							m++;
+						if (m > k)
+							(void)madvise(a + k * PG, (m - k) * PG,
+								      MADV_DONTNEED);
+						k = m + (m == k);
+					}
+					uksm_reconcile_locked(pool, v + i, e - i, now);
+				}
+				(void)uksm_mprotect(a, (e - i) * PG, view_prot(pool));
+			}
 			i = e + (e == i);
 		}
+		uksm_frames_flush(pool);
 	}
 	(void)posix_fadvise(pool->swap_fd, 0, (off_t)(pool->st.swap_file_slots * PG),
 			    POSIX_FADV_DONTNEED);
@@ -406,9 +432,10 @@ static int evictable(const struct uksm_pte *pte)
  */
 static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t *walked)
 {
-	size_t n = 0;
+	size_t n = 0, limit = *walked + pool->va_pages;
 
-	while (n < want && *walked < pool->va_pages) {
+	/* at most one trip round per batch: never the same page twice */
+	while (n < want && *walked < limit) {
 		size_t v = pool->clock_hand;
 		size_t k = pool->va_pages - v < UKSM_RUN_MAX ? pool->va_pages - v : UKSM_RUN_MAX;
 		uint64_t *pm = pool->run.pm;
@@ -416,7 +443,7 @@ static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t 
 		if (uksm_pagemap_read((size_t)page_addr(pool, v), k, pm))
 			break;
 		uksm_reconcile_locked(pool, v, k, pm);
-		for (size_t i = 0; i < k; i++) {
+		for (size_t i = 0; i < k && *walked < limit; i++) {
 			const struct uksm_pte *pte = &pool->ptes[v + i];
 
 			(*walked)++;
@@ -863,8 +890,13 @@ int uksm_swap_detach(struct uksm_pool *pool)
 
 		if (pool->ptes[v].state != UKSM_PTE_SWAPPED)
 			continue;
-		if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) && pm_cowed(e))
-			continue;	/* the child's own copy: reconcile finds it */
+		/* read-only first: no copy can happen between pagemap and mmap */
+		(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ);
+		if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) && pm_cowed(e)) {
+			/* the child's own copy: reconcile finds it */
+			(void)uksm_mprotect(page_addr(pool, v), PG, view_prot(pool));
+			continue;
+		}
 		(void)uksm_map_view(pool, v, 1, ro, pool->ptes[v].pfn, view_prot(pool));
 	}
 	for (size_t s = 0; s < pool->st.swap_file_slots; s++) {

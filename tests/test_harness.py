@@ -1,7 +1,11 @@
-"""The benchmark harness (uksm.harness, ``python -m uksm bench``) on tiny sizes.
+"""The benchmark harness (uksm.harness, ``python -m uksm bench``) on tiny sizes,
+and the other subcommands (``demo``, ``stats``).
 
 Every suite runs and its outputs parse: results.json holds every suite,
-report.md has the table, the PNGs are PNG files.  The kernel side is skipped
+report.md has the table, the PNGs are PNG files.  The savings it reports
+are the kernel's: the pool's private pages before merging less its private
+pages and frames (memfd blocks) after, equal to what the KSM counters say,
+and the process's PSS (psutil) agrees within the scanner's metadata.  The kernel side is skipped
 cleanly where it cannot run (simulated by pointing kernelksm at a missing
 sysfs directory), and as root the kernel's KSM knobs are back to what they
 were after a failure or a Ctrl-C injected while a session had them changed.
@@ -9,6 +13,7 @@ were after a failure or a Ctrl-C injected while a session had them changed.
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -21,6 +26,7 @@ from uksm import harness, kernelksm, measure
 from uksm.__main__ import main
 
 MiB = 1 << 20
+PAGE = harness.PAGE_SIZE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "| suite | metric | uksm | kernel | ratio | unit |"
 
@@ -89,6 +95,50 @@ def test_every_suite_runs(full):
     real = {m["key"]: m for m in results["suites"]["realistic"]["metrics"]}
     assert real["saved_fraction"]["uksm"] >= 0.99
     assert results["suites"]["realistic"]["timelines"]["uksm"][0]["samples"]
+
+
+def test_savings_are_the_kernels(full):
+    """Suites 2 and 3 by the kernel's accounting: the bytes uksm saved, by
+    pagemap and the memfd's blocks, are exactly the pages the counters say
+    share (pages_sharing + ksm_zero_pages), and the process's PSS fell by
+    about as much (less what the scanner's own tables take, which matters
+    at these tiny sizes)."""
+    _, results, _, _ = full
+    pairs = [r for r in results["suites"]["pairs"]["runs"] if r["side"] == "uksm"]
+    n = results["suites"]["pairs"]["parameters"]["pairs"]
+    assert pairs
+    for r in pairs:
+        assert r["saved_held_bytes"] == r["saved_counter_bytes"], r
+        assert r["saved_held_bytes"] >= 0.99 * n * PAGE
+        assert r["bytes_frames"] == r["pages_sharing"] * PAGE or r["ksm_zero_pages"], r
+        assert 0.75 * r["saved_held_bytes"] <= r["saved_pss_bytes"] <= \
+            1.05 * r["saved_held_bytes"] + MiB, r
+    real = [r for r in results["suites"]["realistic"]["runs"] if r["side"] == "uksm"]
+    assert real
+    for r in real:
+        saved = r["resident_before"] - r["resident_after"]
+        assert saved == r["saved_counter_bytes"] >= 0.99 * r["ideal_pages"] * PAGE, r
+        assert 0.75 * saved <= r["saved_pss_bytes"] <= 1.05 * saved + MiB, r
+
+
+def test_swap_rounds_swap_out_the_same_pages(full):
+    """Suite 5, uksm: each round writes out all but the budget's worth of
+    the (private) pages and ends within the budget, by bytes_resident; the
+    reads leave the pages views of their slots, and each round makes them
+    private again for the next."""
+    _, results, _, _ = full
+    s = results["suites"]["swap"]
+    budget = s["parameters"]["budget_mib"] * MiB
+    runs = [r for r in s["runs"] if r["side"] == "uksm"]
+    assert runs
+    for r in runs:
+        assert r["contents_ok"] and r["swap_errors"] == 0
+        pages = r["bytes"] // PAGE
+        for name, rnd in r["rounds"].items():
+            assert rnd["reached"], (name, rnd)
+            assert rnd["expected"] == pages - budget // PAGE == rnd["pages_written"], (name, rnd)
+            assert rnd["bytes_resident_after"] <= budget, (name, rnd)
+            assert rnd["swapped"] == rnd["expected"] and rnd["still_swapped"] == 0, (name, rnd)
 
 
 def test_results_json_parses(full):
@@ -275,3 +325,41 @@ def test_cli_bench_subcommand(tmp_path, capsys):
     assert HEADER in (out / "report.md").read_text()
     assert main(["bench", "--suites", "nine"]) == 2
     assert main(["bench", "--suites", "5", "--repeats", "0", "--output", str(out)]) == 2
+
+
+def test_cli_demo_shows_real_savings(capsys):
+    """``python -m uksm demo``: the saving by the pool's memory (private
+    pages before, less private pages and frames after) is the ideal one,
+    and the process's PSS and USS (psutil) fell by about as much."""
+    assert main(["demo", "--size", "4MiB", "--copies", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    figures = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+saved, (pool|process PSS|process USS)\b.*?:\s+([\d.]+) MiB"
+                     r"(?: of an ideal ([\d.]+) MiB)?", line)
+        if m:
+            figures[m.group(1)] = float(m.group(2))
+            if m.group(3):
+                figures["ideal"] = float(m.group(3))
+    assert set(figures) == {"pool", "process PSS", "process USS", "ideal"}, out
+    assert figures["ideal"] == 12.0                  # 2 duplicate copies + the zeroes
+    assert figures["pool"] == figures["ideal"], out
+    for key in ("process PSS", "process USS"):
+        assert 0.75 * figures["pool"] <= figures[key] <= 1.1 * figures["pool"] + 1, out
+    assert "data intact after merging: yes; copy-on-write isolated: yes" in out
+
+
+def test_cli_stats_prints_the_counters(capsys):
+    """``python -m uksm stats``: the demo's workload after two full scans, as
+    JSON: every duplicate page shared, every zeroed page the zero page, the
+    frames in the memfd exactly the shared ones."""
+    assert main(["stats", "--size", "1MiB", "--copies", "3"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    pages = MiB // PAGE
+    assert st["pages_shared"] == pages and st["pages_sharing"] == 2 * pages
+    assert st["ksm_zero_pages"] == pages
+    assert st["bytes_frames"] == st["pages_shared"] * PAGE
+    assert st["bytes_private"] == pages * PAGE          # the volatile array
+    assert st["bytes_resident"] == st["bytes_private"] + st["bytes_frames"]
+    for gone in ("cow_reserve_used_max", "swap_cache_hits", "reference_hint_faults"):
+        assert gone not in st

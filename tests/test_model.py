@@ -151,6 +151,37 @@ def _shrink_lowers_capacity() -> bool:
     return False
 
 
+def direct_map_rss(pool) -> int:
+    """Bytes present in the pool's direct map (csrc/uksm.h: the read-write
+    mapping of the whole frame store the core fills frames through, zapped
+    after use): the shared mappings of the memfd outside the buffer range."""
+    ino = str(os.fstat(pool.fd).st_ino)
+    lo_va = pool._native.va
+    hi_va = lo_va + pool._native.va_pages * PAGE
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):          # a mapping's header line
+                lo = int(parts[0].split("-")[0], 16)
+                inside = len(parts) > 4 and parts[4] == ino and not lo_va <= lo < hi_va
+            elif inside and parts[0] == "Rss:":
+                total += int(parts[1]) * 1024
+    return total
+
+
+def _direct_map_kept() -> bool:
+    """Whether a merge leaves a frame mapped in the direct map; see
+    test_direct_map_is_zapped_after_merging."""
+    pal = np.random.default_rng(0).integers(1, 256, (4, PAGE), dtype=np.uint8)
+    with uksm.Pool("1MiB", pages_to_scan=1000, sleep_millisecs=0) as pool:
+        a = pool.asarray(pal[[1, 2, 2, 3, 1, 3, 1]])
+        pool.scan(full_scans=2)
+        kept = direct_map_rss(pool) > 0
+        del a
+    return kept
+
+
 _PROBES = {}
 
 
@@ -159,7 +190,8 @@ def core_bug(name: str) -> bool:
     pins it down): the model avoids or bounds only what that bug touches."""
     if name not in _PROBES:
         _PROBES[name] = {"zero_page_counted": _zero_page_counted,
-                         "shrink_keeps_capacity": lambda: not _shrink_lowers_capacity()}[name]()
+                         "shrink_keeps_capacity": lambda: not _shrink_lowers_capacity(),
+                         "direct_map_kept": _direct_map_kept}[name]()
     return _PROBES[name]
 
 
@@ -211,7 +243,7 @@ class PoolModel(RuleBasedStateMachine):
 
     # -- set-up and tear-down ----------------------------------------------------
 
-    @initialize(cap_kib=st.sampled_from([768, 1024, 2048, 4096]),
+    @initialize(cap_kib=st.sampled_from([384, 768, 1024, 2048, 4096]),
                 checksum=st.sampled_from(["jhash2", "xxhash"]),
                 max_page_sharing=st.sampled_from([2, 3, 256]),
                 use_zero_pages=st.booleans(), smart_scan=st.sampled_from([False, False, True]),
@@ -554,6 +586,7 @@ class PoolModel(RuleBasedStateMachine):
         assert os.pwrite(fd, data.tobytes(), 0) == hi - lo
         if pinned:
             self.populated = True
+            e.committed |= self.pool.page_states(e.obj())[0] != PRIVATE
             with self.pool.pin(e.obj()) as a:
                 got = os.preadv(fd, [memoryview(flat_bytes(a)[lo:hi])], 0)
                 del a
@@ -854,8 +887,17 @@ class PoolModel(RuleBasedStateMachine):
         if k is not None:
             assert k["Anonymous"] == committed * PAGE, (k["Anonymous"] // PAGE, committed)
             assert k["Rss"] == rss, (k["Rss"] // PAGE, committed, n_ksm)
-            assert k["Uss"] == uss, (k["Uss"] // PAGE, committed, single)
-            assert abs(k["Pss"] - pss) < 1e-6 * PAGE, (k["Pss"] / PAGE, pss // PAGE)
+            direct = direct_map_rss(pool)
+            if not core_bug("direct_map_kept"):
+                assert direct == 0, f"{direct // PAGE} frames left in the direct map"
+            if direct == 0:
+                assert k["Uss"] == uss, (k["Uss"] // PAGE, committed, single)
+                assert abs(k["Pss"] - pss) < 1e-6 * PAGE, (k["Pss"] / PAGE, pss // PAGE)
+            else:
+                # a frame the direct map still maps has one more mapper
+                # (test_direct_map_is_zapped_after_merging)
+                assert uss - direct <= k["Uss"] <= uss
+                assert pss - direct / 2 - 1e-6 * PAGE <= k["Pss"] <= pss + 1e-6 * PAGE
         if not core_bug("zero_page_counted"):
             assert s["bytes_private"] == committed * PAGE, (s["bytes_private"] // PAGE,
                                                             committed)
@@ -1031,4 +1073,21 @@ def test_shrink_lowers_the_capacity_allocation_obeys():
         with pytest.raises(uksm.PoolFullError):
             pool.zeros(50 * PAGE, np.uint8)                        # 150 > 128
         assert pool.stats()["bytes_mapped"] == 100 * PAGE
+        del a
+
+
+@pytest.mark.xfail(reason="core bug: a merge leaves a new frame mapped in the direct map "
+                          "(not zapped after the copy), so the kernel counts it one mapper "
+                          "more: RSS twice, and PSS/USS partly outside the pool",
+                   strict=True)
+def test_direct_map_is_zapped_after_merging():
+    """csrc/uksm.h: the direct map is zapped after use, so that RSS counts
+    each frame once per view.  Contents A B B C A C A: after two full scans
+    three frames, each mapped only by its views."""
+    pal = np.random.default_rng(0).integers(1, 256, (4, PAGE), dtype=np.uint8)
+    with uksm.Pool("1MiB", pages_to_scan=1000, sleep_millisecs=0) as pool:
+        a = pool.asarray(pal[[1, 2, 2, 3, 1, 3, 1]])
+        s = pool.scan(full_scans=2)
+        assert s["pages_shared"] == 3 and s["pages_sharing"] == 4
+        assert direct_map_rss(pool) == 0, f"{direct_map_rss(pool) // PAGE} pages"
         del a

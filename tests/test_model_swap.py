@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule, run_state_machine_as_test)
@@ -205,14 +205,18 @@ class SwapModel(RuleBasedStateMachine):
                 + st_["pages_volatile"]) == st_["pages_tracked"]
 
 
-def _run(n, steps):
+def _run(n, steps, **kw):
     run_state_machine_as_test(SwapModel, settings=settings(
         max_examples=n, stateful_step_count=steps, deadline=None, database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **kw))
 
 
 def test_swap_model_short():
-    _run(int(os.environ.get("UKSM_MODEL_EXAMPLES", 25)), 40)
+    """The same examples every run (derandomized), and no shrinking: the
+    short profile is a regression check that passes or fails the same way
+    every time; the long profile explores new examples (and shrinks)."""
+    _run(int(os.environ.get("UKSM_MODEL_EXAMPLES", 25)), 40, derandomize=True,
+         phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.mark.skipif(not LONG, reason="long profile: UKSM_LONG=1")

@@ -1,9 +1,13 @@
-"""Concurrency soak (issue 6, part 2).
+"""Concurrency soak (issue 6, part 2), once with each copy-on-write mode.
 
 Eight threads write and read random pages of several merged arrays while
 the background scanner runs flat out (sleep_millisecs=0, a large
-pages_to_scan) and the main thread keeps fragmenting the pool and calling
-pool.compact().  Each thread owns a disjoint set of pages (page p of every
+pages_to_scan), kswapd keeps a third of the data resident, and the main
+thread keeps fragmenting the pool and calling pool.compact().  With
+cow="kernel" the writers' COW breaks are the kernel's own faults, which
+uksm learns of from pagemap; with cow="signal" each one is a SIGSEGV that
+uksm's handler serves under the pool lock, racing the scanner, reclaim and
+compaction for it.  Each thread owns a disjoint set of pages (page p of every
 array belongs to thread p % 8) and keeps their shadow, so every read is
 checked exactly, without locks; the writes come from a small palette of
 page contents, so pages keep merging, COW-breaking and re-merging across
@@ -18,8 +22,14 @@ run that check, so faulthandler.dump_traceback_later, re-armed each round,
 ends the process after 3 x STALL seconds as a last resort, with the stacks
 in /tmp/uksm-soak-watchdog-<pid>.txt.
 
-Duration: 4 s by default, UKSM_SOAK_SECONDS overrides.  The figures go to
-the module-level SOAK record (printed; see it with pytest -s).
+At the end, memory adds up by the kernel's own accounting: the frame
+store's allocated blocks are bytes_frames, no frame is left deferred (no
+child was forked), and bytes_resident is the private pages, the frames and
+the swap file's cached pages.
+
+Duration: 4 s per mode by default, UKSM_SOAK_SECONDS overrides.  The
+figures go to the module-level SOAK record, by mode (printed; see it with
+pytest -s).
 """
 import faulthandler
 import gc
@@ -34,7 +44,7 @@ import pytest
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-NORMAL, KSM, ZERO = 1, 2, 3
+SWAPPED = 4                      # pool.page_states() value
 THREADS = 8
 ARRAYS = 6
 PAGES = 256                      # per array: 1 MiB
@@ -42,7 +52,7 @@ PALETTE = 6
 STALL = 20.0
 SECONDS = float(os.environ.get("UKSM_SOAK_SECONDS", "4"))
 
-SOAK = {}                        # the record of the last run
+SOAK = {}                        # the record of the last run of each mode
 
 
 def _dump_stacks(path: str) -> str:
@@ -115,7 +125,8 @@ class Worker(threading.Thread):
             self.ops += 1
 
 
-def test_soak_threads_scanner_compaction(tmp_path):
+@pytest.mark.parametrize("cow", ["kernel", "signal"])
+def test_soak_threads_scanner_compaction(tmp_path, cow):
     rng = np.random.default_rng(1234)
     palette = rng.integers(1, 256, (PALETTE, PAGE), dtype=np.uint8)
     palette[0] = 0
@@ -125,7 +136,7 @@ def test_soak_threads_scanner_compaction(tmp_path):
     # a tight budget: about a third of the data resident, the rest swapped,
     # so writers, readers, the scanner, kswapd and compaction all collide
     budget = max(ARRAYS * PAGES * PAGE // 3, 1 << 20)
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash",
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash", cow=cow,
                      max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
                      swap_batch="64KiB")
     threads = []
@@ -197,8 +208,7 @@ def test_soak_threads_scanner_compaction(tmp_path):
         mismatches = [m for t in threads for m in t.mismatches]
         final_bad = [k for k in range(ARRAYS) if not np.array_equal(arrays[k], shadows[k])]
         st = pool.stats()
-        SOAK.clear()
-        SOAK.update({
+        SOAK[cow] = {
             "seconds": round(elapsed, 2),
             "threads": THREADS,
             "operations": sum(t.ops for t in threads),
@@ -213,23 +223,43 @@ def test_soak_threads_scanner_compaction(tmp_path):
             "pages_scanned": st["pages_scanned"],
             "pages_merged_total": st["pages_merged_total"],
             "cow_breaks": st["cow_breaks"],
+            "cow_breaks_signal": st["cow_breaks_signal"],
             "swap_outs": st["swap_outs"],
             "swap_ins": st["swap_ins"],
-            "swap_cache_hits": st["swap_cache_hits"],
             "zero_page_cows": st["zero_page_cows"],
             "fault_lock_waits": st["fault_lock_waits"],
-        })
-        print(f"\nuksm soak: {SOAK}")
+            "transit_faults": st["transit_faults"],
+            "bytes_resident": st["bytes_resident"],
+            "max_resident": st["max_resident"],
+        }
+        print(f"\nuksm soak (cow={cow}): {SOAK[cow]}")
         assert not mismatches, f"{len(mismatches)} reads differed from the shadow: {mismatches[:5]}"
         assert not final_bad, f"arrays {final_bad} differ from their shadows at the end"
-        assert SOAK["operations"] > 0 and all(t.ops > 0 for t in threads)
+        assert SOAK[cow]["operations"] > 0 and all(t.ops > 0 for t in threads)
         assert st["cow_breaks"] > 0 and st["pages_merged_total"] > 0
+        if cow == "kernel":
+            assert st["cow_breaks_signal"] == 0
+        else:
+            # (not <= cow_breaks: test_signal_counts_only_cow_breaks)
+            assert st["cow_breaks_signal"] > 0
         assert compactions > 0
         assert st["swap_outs"] > 0 and st["swap_ins"] > 0
         # the accounting still holds after all that
         assert (st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"]
                 + st["pages_volatile"]) == st["pages_tracked"], st
-        assert st["bytes_resident"] == os.fstat(pool.fd).st_blocks * 512
+        assert st["bytes_frames"] == os.fstat(pool.fd).st_blocks * 512 == st["memfd_bytes"]
+        assert st["bytes_frames"] <= st["pages_shared"] * PAGE
+        assert st["frames_deferred"] == 0 and st["fork_detaches"] == 0
+        assert st["bytes_resident"] == (st["bytes_private"] + st["bytes_frames"]
+                                        + st["bytes_swap_cached"]), st
+        # the budget holds again once reclaim has caught up with the writers
+        # (and with the final reads, which brought swapped pages back into
+        # the page cache)
+        pool._reclaim()
+        st = pool.stats()
+        assert st["bytes_resident"] <= st["max_resident"], \
+            {k: st[k] for k in ("bytes_resident", "bytes_private", "bytes_frames",
+                                "bytes_swap_cached", "max_resident")}
         del junk, arrays
         gc.collect()
     finally:
@@ -244,3 +274,24 @@ def test_soak_threads_scanner_compaction(tmp_path):
         except OSError:
             pass
         pool.close()
+
+
+@pytest.mark.xfail(reason="core bug: with cow=\"signal\" the handler counts a write to a "
+                          "swapped page (a swap-in) in cow_breaks_signal, which is documented "
+                          "as the part of cow_breaks (merged pages copied on write) its "
+                          "handler did; the soak saw cow_breaks_signal > cow_breaks",
+                   strict=True)
+def test_signal_counts_only_cow_breaks(tmp_path):
+    """cow_breaks_signal is the part of cow_breaks that uksm's handler did:
+    a write into a swapped page is a swap-in (swap_ins), not a COW break."""
+    with uksm.Pool("4MiB", sleep_millisecs=0, cow="signal", max_resident="1MiB",
+                   swap_path=str(tmp_path)) as pool:
+        a = pool.full(16 * PAGE, 7, np.uint8)                 # 16 private pages
+        pool.max_resident = 4 * PAGE
+        swapped = int(np.count_nonzero(pool.page_states(a)[0] == SWAPPED))
+        assert swapped >= 12
+        a[::PAGE] = 8                                          # write each one
+        st = pool.stats()
+        assert st["swap_ins"] == swapped and st["cow_breaks"] == 0
+        assert st["cow_breaks_signal"] <= st["cow_breaks"], st["cow_breaks_signal"]
+        del a

@@ -8,7 +8,8 @@ disks are a real 1 MiB tmpfs and a real RLIMIT_FSIZE, a failed write is the
 core's own fault-injection hook.  Every data check compares against numpy
 shadow copies held outside the pool; residency is checked by the pool's own
 stats() and, where it matters, by the kernel's figures through psutil.
-Tests that may (rightly) kill their process, or fork, run in a subprocess.
+Tests that change process-wide limits or identities, or fork, run in a
+subprocess.
 
 Forcing eviction: ``pool.max_resident = <smaller>`` reclaims at once.  A
 locked one-page "ballast" takes the single page a budget of one page leaves,
@@ -52,6 +53,15 @@ GROUP_STATS = ("core bug: uksm/swap.py Group.stats() reads s['frames'], but "
 KSWAPD_GROUPS = ("core bug: the reclaim pass (pool._reclaim(), the scanner thread's "
                  "kswapd) only enforces the pool's budget; a group written over its "
                  "own max_resident stays over it until its next allocation")
+SLOT_LEAK = ("core bug: a reclaim batch whose clock walk wraps past its start picks "
+             "the same private page twice (pick_batch finishes a whole pagemap chunk "
+             "beyond one revolution): the page is written to two slots, mapped on "
+             "the second, and the first slot leaks for good (pages_swapped and "
+             "swap_slots_used count it after every buffer is freed)")
+ZERO_PAGE = ("core bug: a page mapped to the kernel's zero page (a private page "
+             "never written but read, or a ZERO page read) is counted as a private "
+             "resident page (pagemap: present, not a file page) by stats() and by "
+             "reclaim, which then swaps out pages of zeroes that cost nothing")
 PSS_SWAP = ("core bug: stats()['pss_bytes'] counts every present view of a swap "
             "slot as a whole page (swap_views_present), where the kernel's PSS "
             "shares the slot's one cached page among its views")
@@ -465,6 +475,48 @@ def test_cached_slots_dropped_by_the_next_pass_then_read_again(swdir):
     st = pool.stats()
     assert st["swap_slots_used"] == 0 and st["pages_swapped"] == 0
     assert st["bytes_resident"] == 0
+
+
+@pytest.mark.xfail(reason=SLOT_LEAK, strict=True)
+def test_a_reclaim_batch_never_takes_a_page_twice(swdir):
+    """The clock hand left in the middle of a buffer, then a batch wanting
+    more than there is to evict: its walk goes once round the page table
+    and must not come back to the pages it has already taken."""
+    pool = make_pool(swdir, capacity="4MiB", max_resident="4MiB", batch="32KiB")
+    ball = pool.full(16 * PAGE, 1, dtype=np.uint8)
+    pool.lock(ball)
+    z = pool.asarray(rand_pages(np.random.default_rng(14), 4))
+    pool.max_resident = 18 * PAGE       # z's first two pages: the hand stops on the third
+    pool.max_resident = PAGE            # the rest, in one batch
+    st = pool.stats()
+    assert (states(pool, z) == SWAPPED).all()
+    assert st["pages_swapped"] == 4 and st["swap_slots_used"] == 4, st
+    assert st["swap_outs"] == 4
+    del z
+    gc.collect()
+    st = pool.stats()
+    assert st["pages_swapped"] == 0 and st["swap_slots_used"] == 0, st
+    assert ball[0] == 1
+
+
+@pytest.mark.xfail(reason=ZERO_PAGE, strict=True)
+def test_pages_reading_as_the_zero_page_cost_nothing(swdir):
+    """Untouched pages, and pages merged with the zero page, read as the
+    kernel's zero page: not resident for the kernel (RSS), so neither for
+    stats() nor for the budget, and never worth a swap slot."""
+    pool = make_pool(swdir)
+    untouched = pool.zeros(256 * PAGE, np.uint8)
+    zeroed = pool.full(256 * PAGE, 1, dtype=np.uint8)
+    zeroed.fill(0)
+    pool.scan(full_scans=2)
+    assert (states(pool, zeroed) == ZERO).all()
+    assert pool.stats()["bytes_resident"] == 0
+    assert int(untouched.sum()) == 0 and int(zeroed.sum()) == 0
+    st = pool.stats()
+    assert st["bytes_private"] == 0 and st["bytes_resident"] == 0, st
+    assert st["rss_bytes"] == 0, st
+    squeeze(pool)
+    assert pool.stats()["swap_outs"] == 0, "pages of zeroes written to swap"
 
 
 # ------------------------------------------------- 3. writers racing reclaim

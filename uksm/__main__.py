@@ -3,8 +3,10 @@
 demo    builds duplicated arrays in a pool (copies of one dataset, a
         zero-filled array, a buffer that is rewritten while the scanner
         runs), runs the background scanner with a progress bar, then prints
-        memory before and after, as uksm counts it and as the kernel does
-        (memfd allocated blocks, the process's PSS), and the KSM counters.
+        memory before and after as the kernel accounts for it (the pool's
+        private pages from pagemap, its frames from the memfd's allocated
+        blocks, the process's PSS and USS from psutil), the saving by each,
+        and the KSM counters.
 stats   the same workload, just the counters as JSON (for scripts).
 bench   the benchmark harness (uksm.harness): uksm and the kernel's KSM on
         the same content, side by side; writes results.json, report.md and
@@ -29,8 +31,9 @@ def _mib(n: float) -> str:
     return f"{n / (1 << 20):9.1f} MiB"
 
 
-def _pss() -> int:
-    return psutil.Process().memory_full_info().pss
+def _pss_uss():
+    m = psutil.Process().memory_full_info()
+    return m.pss, m.uss
 
 
 def _progress(fraction: float, width: int = 40) -> str:
@@ -39,13 +42,22 @@ def _progress(fraction: float, width: int = 40) -> str:
 
 
 def build_workload(pool: Pool, size: int, copies: int, seed: int = 0):
-    """Copies of one dataset, one zero-filled array, one volatile buffer."""
+    """Copies of one dataset, one zero-filled array, one volatile buffer.
+    The zero-filled array is written with zeroes, as a program zeroes a
+    buffer it has used (an optimizer's gradients): fresh pages never
+    written are the kernel's zero page already and cost nothing, so there
+    would be nothing to save on them."""
     rng = np.random.default_rng(seed)
     n = size // 8
     dataset = rng.standard_normal(n)
     arrays = [pool.asarray(dataset) for _ in range(copies)]
     zeros = pool.zeros(n)
-    volatile = pool.asarray(rng.standard_normal(n))
+    zeros.fill(1.0)
+    zeros.fill(0.0)
+    # random numbers straight into the pool: a temporary this size would
+    # stay in malloc's heap, and in the PSS, after it is freed
+    volatile = pool.empty(n)
+    rng.standard_normal(out=volatile)
     return dataset, arrays, zeros, volatile
 
 
@@ -57,12 +69,12 @@ def demo(args: argparse.Namespace) -> int:
     print(f"uksm demo: {copies} copies of a {_mib(size).strip()} dataset, "
           f"one zero-filled array, one array rewritten while scanning "
           f"(checksum={args.checksum})")
-    pss0 = _pss()
+    pss0, _ = _pss_uss()
     with Pool(capacity, pages_to_scan=args.pages_to_scan, sleep_millisecs=0,
               checksum=args.checksum) as pool:
         dataset, arrays, zeros, volatile = build_workload(pool, size, copies)
         before = pool.stats()
-        pss_before = _pss()
+        pss_before, uss_before = _pss_uss()
         dup_pages = (copies - 1) * (size // PAGE_SIZE)
         zero_pages = size // PAGE_SIZE
         ideal = dup_pages + zero_pages
@@ -90,22 +102,34 @@ def demo(args: argparse.Namespace) -> int:
         if not args.quiet and tty:
             sys.stdout.write("\n")
         after = pool.stats()
-        pss_after = _pss()
+        pss_after, uss_after = _pss_uss()
         ok = all(np.array_equal(a, dataset) for a in arrays) and not zeros.any()
         # copy-on-write: one writer gets its own page, the others keep theirs
         arrays[0][0] = -1.0
         cow_ok = arrays[0][0] == -1.0 and all(a[0] == dataset[0] for a in arrays[1:])
 
+        # The pool's memory is its private pages (anonymous memory, counted
+        # from pagemap) plus its frames (the memfd's allocated blocks): a
+        # merged page is a view of a frame and costs no private page.
+        held_before = before["bytes_private"] + before["bytes_frames"]
+        held_after = after["bytes_private"] + after["bytes_frames"]
         rows = [
-            ("bytes_resident (pool frames)", before["bytes_resident"], after["bytes_resident"]),
-            ("memfd allocated (kernel)", before["memfd_bytes"], after["memfd_bytes"]),
-            ("process PSS (kernel)", pss_before, pss_after),
+            ("private pages (pagemap)", before["bytes_private"], after["bytes_private"]),
+            ("frames (memfd blocks)", before["bytes_frames"], after["bytes_frames"]),
+            ("pool total (private + frames)", held_before, held_after),
+            ("process PSS (psutil)", pss_before, pss_after),
+            ("process USS (psutil)", uss_before, uss_after),
             ("bytes_mapped (live buffers)", before["bytes_mapped"], after["bytes_mapped"]),
         ]
         print(f"\nconverged in {elapsed:.2f} s ({after['full_scans']} full scans)\n")
         print(f"  {'':32s}{'before':>14s}{'after':>14s}")
         for name, b, a in rows:
             print(f"  {name:32s}{_mib(b):>14s}{_mib(a):>14s}")
+        saved = held_before - held_after
+        print(f"\n  saved, pool (private + frames):  {_mib(saved).strip()} of an ideal "
+              f"{_mib(ideal * PAGE_SIZE).strip()}")
+        print(f"  saved, process PSS (psutil):     {_mib(pss_before - pss_after).strip()}")
+        print(f"  saved, process USS (psutil):     {_mib(uss_before - uss_after).strip()}")
         print(f"\n  process PSS before the pool: {_mib(pss0).strip()}")
         print("\n  counters (names as in /sys/kernel/mm/ksm):")
         for key in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -121,8 +145,10 @@ def stats_cmd(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "--size")
     with Pool((args.copies + 2) * size + (64 << 20), sleep_millisecs=0,
               checksum=args.checksum) as pool:
-        build_workload(pool, size, args.copies)
+        # held until the scan is done: a dropped array is freed at once
+        workload = build_workload(pool, size, args.copies)
         json.dump(pool.scan(full_scans=2), sys.stdout, indent=2)
+        del workload
         sys.stdout.write("\n")
     return 0
 

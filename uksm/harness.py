@@ -15,7 +15,8 @@ plots (memory over time while converging; the uksm/kernel ratio per suite).
                merged, bytes saved;
   3 realistic  numpy data with partial overlap, zero-filled regions and a
                volatile region rewritten while the scanner runs: memory
-               (PSS, and bytes_resident or pages_sharing) over time;
+               (PSS, and the pool's private pages and frames or
+               pages_sharing) over time;
   4 steady     scanner CPU per page per full scan once nothing is left to
                merge: smart_scan on, off, and the scan-time advisor;
   5 swap       uksm's swap area (issue 3): swap-out and swap-in MiB/s and
@@ -507,8 +508,9 @@ class Bench:
         T = suite.metric("time_to_99", f"time to 99% merged, 2 x {mib:g} MiB", "s", "lower")
         C = suite.metric("cpu_to_99", "scanner CPU to 99% merged", "s", "lower")
         S_p = suite.metric("saved_pss", "bytes saved (PSS)", "MiB", "higher")
-        S_c = suite.metric("saved_counter", "bytes saved (uksm: memfd blocks; "
-                           "kernel: pages_sharing)", "MiB", "higher")
+        S_c = suite.metric("saved_counter", "bytes saved (uksm: private pages before less "
+                           "private pages and memfd blocks after; kernel: pages_sharing)",
+                           "MiB", "higher")
         if compaction:
             T_d = suite.metric("time_to_99_default", "time to 99% merged, uksm with "
                                "background compaction (its default)", "s", "lower")
@@ -537,7 +539,7 @@ class Bench:
                             else:
                                 res = one
                         cpu = res["scanner_cpu"]
-                        counter = res["saved_memfd_bytes"]
+                        counter = res["saved_held_bytes"]
                         if extra:
                             T_d.put(side, r, extra["wall"])
                             C_d.put(side, r, extra["scanner_cpu"])
@@ -599,15 +601,22 @@ class Bench:
                            "one batch; the kernel's are taken every sampling interval.")
         suite.notes.append("PSS is the process's anonymous + shmem PSS "
                            "(/proc/self/smaps_rollup) less its value before the workload; "
-                           "uksm's includes its own metadata.  Kernel \"resident\" is the "
-                           "bytes mapped less (pages_sharing + ksm_zero_pages) pages.")
+                           "uksm's includes its own metadata.  A merged page is a view of its "
+                           "frame, mapped in when touched: uksm's PSS samples count a frame "
+                           "once something has read it, and the figures after converging "
+                           "are taken with every array read (both sides).  uksm \"resident\" "
+                           "is bytes_resident: the pool's private pages present (pagemap) "
+                           "plus its frames (the memfd's allocated blocks).  Kernel "
+                           "\"resident\" is the bytes mapped less (pages_sharing + "
+                           "ksm_zero_pages) pages.")
         T = suite.metric("time_to_99", f"time to 99% of ideal saving, dataset {size / MiB:g} "
                          "MiB", "s", "lower")
         B = suite.metric("pss_before", "memory before merging (PSS)", "MiB", None)
         A = suite.metric("pss_after", "memory after converging (PSS)", "MiB", "lower")
         S_p = suite.metric("saved_pss", "bytes saved (PSS)", "MiB", "higher")
-        S_c = suite.metric("saved_counter", "bytes saved (uksm: bytes_resident; kernel: "
-                           "pages_sharing + ksm_zero_pages)", "MiB", "higher")
+        S_c = suite.metric("saved_counter", "bytes saved (uksm: bytes_resident, private "
+                           "pages + memfd blocks; kernel: pages_sharing + ksm_zero_pages)",
+                           "MiB", "higher")
         F = suite.metric("saved_fraction", "saving as a fraction of ideal (counters)",
                          "fraction", "higher")
         kknobs = dict(ukn, use_zero_pages=1)
@@ -774,11 +783,13 @@ class Bench:
             "content": "random bytes (incompressible, nothing to merge)",
             "latency_samples": f"up to {samples} sparse random swapped pages (16 apart)",
             "swap_directory": directory,
-            "uksm_driver": "pool.max_resident lowered (timed until pages_swapped is what the "
-                           "budget asks for), raised again, then one element read of each "
-                           "sampled page (timed each), then of every other swapped page in "
-                           "order (timed); rounds cold (swap file fdatasync'ed and dropped "
-                           "from the page cache), warm (fdatasync'ed), never written back",
+            "uksm_driver": "pool.max_resident lowered (timed until bytes_resident is within "
+                           "it), raised again, then one element read of each sampled page "
+                           "(timed each), then of every other swapped page in order (timed), "
+                           "then every page made private again (pool.lock, untimed: a page "
+                           "read stays a view of its slot); rounds cold (swap file "
+                           "fdatasync'ed and dropped from the page cache), warm "
+                           "(fdatasync'ed), never written back",
             "floor": "C helper on the same directory's file system: pwritev 256 pages a "
                      "call + fdatasync; pread one page a call in order and at sparse random "
                      "pages, cold and warm; fallocate PUNCH_HOLE of one slot",
@@ -808,12 +819,15 @@ class Bench:
                            "way (in the uksm column; the kernel's swap does not go through "
                            "a file).  The \"/ floor\" rows divide each side by the matching "
                            "floor figure; their ratio column is then uksm / kernel.")
-        suite.notes.append("uksm frees a swap slot by punching it out of the swap file "
-                           "(fallocate PUNCH_HOLE, csrc/swap.c uksm_slot_put), in the fault "
-                           "handler; the floor's punch row is what one costs once the slot "
-                           "is written back.  The \"slots never written back\" rows are "
-                           "swap-ins whose slots are still only in the page cache, where a "
-                           "punch is cheap.")
+        suite.notes.append("A swapped uksm page is a private view of its slot in the swap "
+                           "file: reading it is the kernel's own file page fault (with its "
+                           "readahead), no handler and no copy, and the page stays a view of "
+                           "the slot until written.  uksm frees a slot when its last view "
+                           "goes and gives its disk blocks back later, in runs (fallocate "
+                           "PUNCH_HOLE, csrc/swap.c uksm_swap_trim), never in a fault; the "
+                           "floor's punch row is what one punch costs once the slot is "
+                           "written back.  The \"slots never written back\" rows are reads "
+                           "of slots still only in the page cache.")
         if reason is not None:
             suite.kernel_note = reason
             suite.notes.append(f"The kernel's swap was not measured: {reason}.")

@@ -31,8 +31,14 @@ Memory is counted as the kernel counts it: the process's PSS (a frame mapped
 k times counts 1/k per mapping, so a merged frame counts once), here its
 anonymous and shmem parts only (``pss_private``: the PSS of shared library
 pages moves whenever another process maps the same library), and for uksm
-also the pool's own frame count (bytes_resident) and its memfd's allocated
-blocks; for the kernel also pages_sharing + ksm_zero_pages.
+also what the pool holds by the kernel's own accounting, ``pool_held``: its
+private pages present (anonymous memory, from pagemap) plus its frames (the
+memfd's allocated blocks; the memfd holds nothing else), so that the saving
+is private bytes before merging less private bytes and frames after; for
+the kernel also pages_sharing + ksm_zero_pages.  A merged page is a view of
+its frame mapped lazily, so a frame is in PSS only once some view of it has
+been touched: uksm's PSS after merging is taken after reading the data, as
+the program that owns it would.
 """
 
 from __future__ import annotations
@@ -92,8 +98,22 @@ def pss_private() -> int:
 
 
 def memfd_bytes(pool: Pool) -> int:
-    """Bytes the kernel has really allocated to the pool's backing memfd."""
+    """Bytes the kernel has really allocated to the pool's backing memfd:
+    its frames (merged pages), not its private pages."""
     return os.fstat(pool.fd).st_blocks * 512
+
+
+def pool_held(pool: Pool) -> int:
+    """What the kernel holds for @pool, less its swap file's page cache: the
+    private pages present (pagemap) plus the frames (memfd blocks)."""
+    st = pool.stats()
+    return st["bytes_private"] + st["bytes_frames"]
+
+
+def touch(arr: np.ndarray) -> int:
+    """Read one byte of every page of @arr (the views of merged pages are
+    mapped in, and so counted in PSS, only once touched)."""
+    return int(pages_of(arr)[:, 0].sum(dtype=np.uint64))
 
 
 def runq_wait() -> Optional[float]:
@@ -129,7 +149,7 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def summarize(results: List[Dict], keys=("wall", "cpu", "saved_pss", "saved_memfd",
+def summarize(results: List[Dict], keys=("wall", "cpu", "saved_pss", "saved_held",
                                          "scanner_cpu", "runq_wait", "us_per_page")) -> Dict:
     """Medians over rounds of the numeric figures present."""
     out = {}
@@ -192,7 +212,7 @@ class UksmPairs:
         polling, the figure closest to ksmd's own CPU time."""
         pool, n = self.pool, self.n
         want = math.ceil(target * n)
-        memfd0, pss0 = memfd_bytes(pool), pss_private()
+        held0, pss0 = pool_held(pool), pss_private()
         q0 = runq_wait()
         t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         ok = False
@@ -223,9 +243,10 @@ class UksmPairs:
         cpu = time.process_time() - c0
         mine = time.thread_time() - m0
         q1 = runq_wait()
+        touch(self.arr)
         st = pool.stats()
         ideal = n * PAGE
-        saved_memfd = memfd0 - memfd_bytes(pool)
+        saved_held = held0 - (st["bytes_private"] + st["bytes_frames"])
         saved_pss = pss0 - pss_private()
         return {
             "wall": wall,
@@ -237,10 +258,13 @@ class UksmPairs:
             "full_scans": st["full_scans"],
             "pages_sharing": st["pages_sharing"],
             "ksm_zero_pages": st["ksm_zero_pages"],
-            "saved_memfd": saved_memfd / ideal,
+            # private bytes before less private bytes and frames after
+            "saved_held": saved_held / ideal,
             "saved_pss": saved_pss / ideal,
-            "saved_memfd_bytes": saved_memfd,
+            "saved_held_bytes": saved_held,
             "saved_pss_bytes": saved_pss,
+            "bytes_private": st["bytes_private"],
+            "bytes_frames": st["bytes_frames"],
             "saved_counter_bytes": (st["pages_sharing"] + st["ksm_zero_pages"]) * PAGE,
             "metadata_bytes_per_page": st["metadata_bytes_per_page"],
         }
@@ -622,7 +646,11 @@ def uksm_realistic(size: int, checksum: str = "jhash2", target: float = 0.99,
     """The realistic workload in a pool, merged by the background scanner
     (pool.start(), as ksmd's run=1) while this thread rewrites the volatile
     region and samples memory: PSS (anon + shmem, less the PSS before the
-    pool) and bytes_resident, and the saving by the counters."""
+    pool) and bytes_resident (private pages present and frames, by pagemap
+    and the memfd's blocks), and the saving by the counters.  While it
+    converges a merged page's view is not mapped in until touched, so the
+    PSS samples count a frame only once something reads it; the final
+    sample is taken after the data is read."""
     knobs.setdefault("pages_to_scan", 10000)
     knobs.setdefault("sleep_millisecs", 0)
     pss0 = pss_private()
@@ -646,8 +674,12 @@ def uksm_realistic(size: int, checksum: str = "jhash2", target: float = 0.99,
         finally:
             pool.stop()
         cpu = time.process_time() - c0 - (time.thread_time() - m0)
-        after = sample()
+        # the data read, as its owner would: a frame is in PSS once a view
+        # of it has been touched
         checks = _check_realistic(arrays)
+        for a in arrays.values():
+            touch(a)
+        after = sample()
         del arrays, w["arrays"]
         return {**tl, "ideal_pages": w["ideal_pages"], "total_bytes": w["total_bytes"],
                 "pss_before": before["pss"], "pss_after": after["pss"],
@@ -712,8 +744,10 @@ def kernel_realistic(size: int, target: float = 0.99, timeout: float = 120.0,
             tl = _timeline_loop(sample, arrays["volatile"], w["ideal_pages"], target,
                                 timeout, tail, interval)
         cpu = kernelksm.ksmd_cpu_seconds() - cpu0
+        checks = _check_realistic(arrays)       # read, as uksm's are
+        for a in arrays.values():
+            touch(a)
         after = sample()
-        checks = _check_realistic(arrays)
         del arrays, w["arrays"]
         return {**tl, "ideal_pages": w["ideal_pages"], "total_bytes": total,
                 "pss_before": before["pss"], "pss_after": after["pss"],

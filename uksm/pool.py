@@ -440,6 +440,11 @@ class Pool:
             sc.recount_maps()
         try:
             self._native.reclaim(0, group)
+            if group < 0:
+                # kswapd's pass: every group back under its own limit too
+                for g in self._groups.values():
+                    if g.max_resident is not None:
+                        self._native.reclaim(0, g.gid)
         except OSError as exc:
             warnings.warn(UksmSwapWarning(str(exc)), stacklevel=3)
         self._note_swap_errors()
@@ -914,7 +919,7 @@ class Pool:
                 "uss_bytes": (private - mem["private_shared"] + mem["frames_single"])
                 * PAGE_SIZE,
                 "pss_bytes": (private - mem["private_shared"] // 2 + mem["frames_present"]
-                              + mem["swap_views_present"]) * PAGE_SIZE,
+                              + mem["slots_present"]) * PAGE_SIZE,
                 "bytes_mapped": mapped * PAGE_SIZE,
                 "memfd_bytes": st.st_blocks * 512,
                 "memfd_size": st.st_size,

@@ -198,8 +198,8 @@ def markdown(results: Dict) -> str:
         out.append("")
         for p in plots:
             caption = {"memory.png": "Memory over time while converging (suite 3): PSS and "
-                                     "bytes_resident for uksm; PSS and the pages_sharing-"
-                                     "derived figure for the kernel",
+                                     "bytes_resident (private pages + frames) for uksm; PSS "
+                                     "and the pages_sharing-derived figure for the kernel",
                        "ratios.png": "uksm / kernel per metric, by suite: bars are medians, "
                                      "dots the individual repeats"}.get(p, p)
             out.append(f"![{caption}]({p})")
@@ -294,7 +294,8 @@ def plot_memory(results: Dict, path: str) -> bool:
     fig = _figure(12, 4.8)
     axes = fig.subplots(1, 2, sharey=True)
     ks = results["kernel_side"]
-    for ax, side, name, second in ((axes[0], "uksm", "uksm", "bytes_resident"),
+    for ax, side, name, second in ((axes[0], "uksm", "uksm",
+                                    "bytes_resident (private pages + frames)"),
                                    (axes[1], "kernel", "kernel KSM",
                                     "mapped - (pages_sharing + ksm_zero_pages)")):
         tl = _pick(s["timelines"][side])

@@ -1,8 +1,9 @@
 """uksm.swap - the swap area's Python side: the swap file, and groups.
 
-The mechanism is csrc/swap.c (its essay tells the design: reference hints
-for aging, clustered eviction, the swap map, checksummed slots, the swap
-cache, direct reclaim).  This module opens the swap file the way a swap
+The mechanism is csrc/swap.c (its essay tells the design: swapped pages
+as private views of their slots, so that the kernel itself swaps them in;
+clustered eviction under the page lock; the swap map; the page cache as
+the second chance).  This module opens the swap file the way a swap
 file must be opened, and gives groups (the memcg analogue of the seed's
 patch 6) their Python face.
 """
@@ -47,10 +48,10 @@ def open_swap_file(swap_path: Optional[str]) -> Tuple[int, int]:
 
 class Group:
     """A group of buffers with a memory limit of its own (the memcg of the
-    seed's patch 6).  Every frame is charged to one group: a buffer's frames
-    to its group, and the frame a copy-on-write break or a swap-in makes to
-    the group of the page that faulted.  A group over its max_resident has
-    its own pages swapped out, whatever the pool's budget."""
+    seed's patch 6).  A buffer's private pages are charged to its group, a
+    stable frame to the group of the page it was first copied from.  A
+    group over its max_resident has its own pages swapped out, whatever the
+    pool's budget, at its allocations and at every reclaim pass."""
 
     def __init__(self, pool: "Pool", name: str, gid: int, max_resident: Optional[int]):
         self.pool = pool
@@ -94,9 +95,10 @@ class Group:
         return arr
 
     def stats(self) -> dict:
-        """bytes_resident (frames charged), pages_swapped, swap_ins, max_resident."""
+        """bytes_resident (private pages and frames charged, at the last
+        count), pages_swapped, swap_ins, max_resident."""
         s = self.pool._native.group_stats(self.gid)
-        return {"name": self.name, "bytes_resident": s["frames"] * self.pool.page_size,
+        return {"name": self.name, "bytes_resident": s["pages"] * self.pool.page_size,
                 "pages_swapped": s["pages_swapped"], "swap_ins": s["swap_ins"],
                 "max_resident": self.max_resident}
 

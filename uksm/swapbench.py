@@ -8,19 +8,24 @@ and suite 5 of uksm.harness (``python -m uksm bench``) both call:
 
   uksm_swap()   a pool holding N bytes of incompressible data, in three
                 rounds: the budget is lowered (``pool.max_resident = B``)
-                and timed until pages_swapped reaches the expected count
-                (swap-out MiB/s, with and without the fdatasync of the swap
-                file), then raised again; one element of each page of a
-                sparse random sample of the swapped pages is read, each
-                read timed (the fault latency of a swap-in, p50 and p99),
-                then one element of every other swapped page in address
-                order (swap-in MiB/s).  Round "cold" drops the fdatasync'ed
-                swap file from the page cache first (POSIX_FADV_DONTNEED),
-                so that pread goes to the disk as the kernel's swap-in
-                does; round "warm" leaves it cached; round "unsynced" never
-                writes it back (its slots are only in the page cache when
-                they are read and freed).  The contents are checked at the
-                end.
+                and timed until bytes_resident is within it (swap-out
+                MiB/s: the pages written over that time, with and without
+                the fdatasync of the swap file), then raised again; one
+                element of each page of a sparse random sample of the
+                swapped pages is read, each read timed (the fault latency
+                of a swap-in: a swapped page is a private view of its slot,
+                and reading it is the kernel's own file page fault, with
+                its readahead), then one element of every other swapped
+                page in address order (swap-in MiB/s).  A page read stays
+                a view of its slot (only a write makes it private again),
+                so each round ends by making every page private (pool.lock,
+                untimed) for the next to swap out the same amount.  Round
+                "cold" drops the fdatasync'ed swap file from the page cache
+                first (POSIX_FADV_DONTNEED), so that the reads go to the
+                disk as the kernel's swap-in does; round "warm" leaves it
+                cached; round "unsynced" never writes it back (its slots
+                are only in the page cache when they are read and freed).
+                The contents are checked at the end.
   floor()       the same amount written and read with the raw syscalls
                 uksm's swap path makes, on the same file system (a file in
                 the same directory): pwritev of 256 pages a call
@@ -557,23 +562,29 @@ def _swapped(pool: Pool, arr: np.ndarray) -> np.ndarray:
 
 def _lower(pool: Pool, budget: int, swap_fd: Optional[int], sync: bool,
            timeout: float) -> Dict:
-    """Lower the budget to @budget bytes and time it until pages_swapped
-    reaches what the budget asks for; then, if @sync, fdatasync the swap
-    file (timed)."""
+    """Lower the budget to @budget bytes and time it until bytes_resident
+    (private pages, frames and the swap file's cached pages, as the kernel
+    counts them) is within it and pages_swapped is what that asks for;
+    then, if @sync, fdatasync the swap file (timed).  Every page is
+    private when this starts (see uksm_swap): all but the budget's worth of
+    them are written out."""
     st = pool.stats()
     before_swapped = st["pages_swapped"]
-    resident = st["bytes_resident"] // PAGE
+    private = st["bytes_private"] // PAGE
     budget_pages = -(-budget // PAGE)
-    expected = before_swapped + max(resident - budget_pages, 0)
+    expected = before_swapped + max(private - budget_pages, 0)
     outs0 = st["swap_outs"]
     t0 = time.perf_counter()
     pool.max_resident = budget
+
+    def done(st):
+        return st["bytes_resident"] <= budget and st["pages_swapped"] >= expected
     t_call = time.perf_counter() - t0
     st = pool.stats()
-    while st["pages_swapped"] < expected and time.perf_counter() - t0 < timeout:
+    while not done(st) and time.perf_counter() - t0 < timeout:
         time.sleep(0.0005)
         st = pool.stats()
-    t_reached = time.perf_counter() - t0 if st["pages_swapped"] >= expected else None
+    t_reached = time.perf_counter() - t0 if done(st) else None
     t_sync = None
     if sync and swap_fd is not None:
         t1 = time.perf_counter()
@@ -584,6 +595,7 @@ def _lower(pool: Pool, budget: int, swap_fd: Optional[int], sync: bool,
             "pages_written": st["swap_outs"] - outs0, "call_s": t_call,
             "reached_s": t_reached, "sync_s": t_sync, "reached": t_reached is not None,
             "bytes_resident_after": st["bytes_resident"],
+            "bytes_swap_cached_after": st["bytes_swap_cached"],
             "reclaim_batches": st["reclaim_batches"], "swap_errors": st["swap_errors"]}
 
 
@@ -606,10 +618,12 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
     """uksm's swap-out and swap-in throughput and swap-in fault latency on
     @nbytes of incompressible data with the budget lowered to @budget
     (default nbytes / 4).  Three rounds (UKSM_PHASES), each: lower the
-    budget (timed until pages_swapped is what the budget asks for), raise
-    it again, read one element of each of @samples sparse random swapped
-    pages (each timed: the fault latency), then one element of every other
-    swapped page in address order (timed: the swap-in throughput).
+    budget (timed until bytes_resident is within it), raise it again, read
+    one element of each of @samples sparse random swapped pages (each
+    timed: the fault latency), then one element of every other swapped page
+    in address order (timed: the swap-in throughput), then make every page
+    private again (pool.lock and unlock, untimed: a page read stays a view
+    of its slot, and the next round must write the same pages).
     Round "cold" fdatasyncs the swap file and drops it from the page cache
     first, round "warm" only fdatasyncs it, round "unsynced" neither (the
     swap-ins then find slots never written back).  Throughputs in MiB/s,
@@ -651,7 +665,6 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
             sparse = idx[idx % SPARSE == 0]
             rng.shuffle(sparse)
             sample = sparse[:samples]
-            ins0 = pool.stats()["swap_ins"]
             got = []
             for o in (sample * PAGE).tolist():
                 t0 = pc()
@@ -662,12 +675,20 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
             t0 = pc()
             by_page[rest, 0].sum()
             dt = pc() - t0
-            left = int(_swapped(pool, arr).size)
+            # read back, the pages are still views of their slots, in the
+            # page cache: bytes_swap_cached (a write, or lock, makes them
+            # private and frees the slots)
+            after = pool.stats()
+            ins0 = after["swap_ins"]
+            pool.lock(arr)
+            pool.unlock(arr)
+            _drop_cache(swap_fd)        # the freed slots' cached pages
             rounds[name] = dict(out, fdatasync=sync, dropped=dropped, swapped=int(idx.size),
                                 latency_pages=len(got), seq_pages=int(rest.size),
                                 seq_s=dt, seq_mib_s=mib_s(rest.size * PAGE, dt),
+                                swap_cached_after_reads=after["bytes_swap_cached"],
                                 swap_ins=pool.stats()["swap_ins"] - ins0,
-                                still_swapped=left)
+                                still_swapped=int(_swapped(pool, arr).size))
         # the same reads once more, the pages resident: what Python's
         # element read costs without a fault, subtracted from the latencies
         base = []
