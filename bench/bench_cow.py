@@ -1,12 +1,16 @@
-"""COW break latency on merged pages, against the bare floor of the same run.
+"""COW break latency on merged pages, against the bare floors of the same run.
 
 A one-byte write into each page of a merged region (pages N..2N-1 of the
-pairs workload, each sharing its frame with page i): us/page.  The floor is
-bench/floor.c, compiled here with the system cc: the SIGSEGV round trip
-alone, and the whole userspace COW break (fault, copy through the linear
-alias, MAP_FIXED remap of a fresh memfd frame).  Target: uksm <= 1.5 x the
-full COW floor.  The kernel KSM's own break, on merged private memory, for
-scale.
+pairs workload, each sharing its frame with page i): us/page, once with
+each copy-on-write mode.  With cow="kernel" (the default) a merged page is
+a MAP_PRIVATE view of its frame and the kernel copies it in its own fault
+path; its floor is that fault alone, on a memfd mapped MAP_PRIVATE
+(measure.private_file_cow).  With cow="signal" uksm's SIGSEGV handler makes
+the view writable and forces the copy; bench/floor.c, compiled here with
+the system cc, gives the SIGSEGV round trip alone and a whole userspace COW
+break (fault, copy through the linear alias, MAP_FIXED remap of a fresh
+memfd frame).  Target: uksm <= 1.5 x the full userspace COW floor.  The
+kernel KSM's own break, on merged private memory, for scale.
 """
 import pytest
 
@@ -48,15 +52,35 @@ def test_cow_floor(benchmark, shared):
            cow_break_us=s["cow_scattered"], cow_break_run_us=s["cow_run"])
 
 
+@pytest.mark.benchmark(group="cow-break")
+def test_cow_private_file_floor(benchmark, shared):
+    n = pairs(benchmark)
+    results = []
+
+    def target():
+        r = measure.private_file_cow(n)
+        results.append(r)
+        return r
+
+    benchmark.pedantic(target, rounds=rounds(benchmark))
+    us = measure.median([r["private_file_cow"] for r in results])
+    shared.cache[("private_file_cow", n)] = us
+    report(benchmark,
+           f"COW floor, kernel ({n} pages): a write into a MAP_PRIVATE memfd page "
+           f"{us:.2f} us/page",
+           pages=n, private_file_cow_us=us)
+
+
+@pytest.mark.parametrize("cow", ["kernel", "signal"])
 @pytest.mark.parametrize("checksum", ["jhash2"])
 @pytest.mark.benchmark(group="cow-break")
-def test_cow_uksm(benchmark, shared, checksum):
+def test_cow_uksm(benchmark, shared, checksum, cow):
     n = pairs(benchmark)
     results = []
     workloads = []
 
     def setup():
-        w = measure.UksmPairs(n, checksum, pages_to_scan=10000, sleep_millisecs=0)
+        w = measure.UksmPairs(n, checksum, pages_to_scan=10000, sleep_millisecs=0, cow=cow)
         workloads.append(w)
         w.merge_all()
         return (w,), {}
@@ -85,11 +109,17 @@ def test_cow_uksm(benchmark, shared, checksum):
     f_cow = floor["cow_scattered"] if floor else None
     f_run = floor["cow_run"] if floor else None
     r_cow = measure.ratio(us, f_cow)
+    f_kernel = shared.get(("private_file_cow", n),
+                          lambda: measure.private_file_cow(n)["private_file_cow"])
     report(benchmark,
-           f"COW break uksm ({n} merged pages): {us:.2f} us/page; floor {measure.fmt(f_cow, 2)} "
-           f"us/page (run layout {measure.fmt(f_run, 2)}); uksm/floor {measure.fmt(r_cow, 2)} "
+           f"COW break uksm[cow={cow}] ({n} merged pages): {us:.2f} us/page; kernel floor "
+           f"{f_kernel:.2f} us/page (uksm/floor {measure.fmt(measure.ratio(us, f_kernel), 2)}); "
+           f"userspace floor {measure.fmt(f_cow, 2)} us/page (run layout "
+           f"{measure.fmt(f_run, 2)}); uksm/userspace floor {measure.fmt(r_cow, 2)} "
            f"(target <= 1.5)",
-           pages=n, us_per_page=us, floor_cow_us=f_cow, floor_cow_run_us=f_run,
+           pages=n, cow=cow, us_per_page=us, floor_cow_us=f_cow, floor_cow_run_us=f_run,
+           floor_private_file_cow_us=f_kernel,
+           ratio_to_kernel_floor=measure.ratio(us, f_kernel),
            floor_sigsegv_mprotect_us=floor["sigsegv_mprotect"] if floor else None,
            ratio_to_floor=r_cow, ratio_to_run_floor=measure.ratio(us, f_run),
            meets_target=None if r_cow is None else r_cow <= 1.5)

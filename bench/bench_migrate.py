@@ -1,5 +1,6 @@
-"""Compaction (issue 4): MiB/s moved, VMAs before and after on a scattered
-merge workload, and the pause a writer thread sees while frames move.
+"""Compaction (issue 4): MiB/s moved, the memfd and VMAs before and after on a
+scattered merge workload, and the pause a writer thread sees while frames
+move.
 
     python -m pytest bench/bench_migrate.py -s -p no:cacheprovider
 """
@@ -21,26 +22,30 @@ def maps_count() -> int:
 
 
 def scattered_workload(pool, pages: int, seed: int = 0):
-    """Identical pages merged, then COW-broken in random order (a frame per
-    page, taken wherever the allocator found one), with freed buffers in
-    between: the memfd and the mappings as fragmented as they get."""
-    a = pool.full(pages * PAGE // 8, 1.0)
-    holes = [pool.full(PAGE // 8 * 64, float(i)) for i in range(pages // 256 + 1)]
-    pool.scan(full_scans=2)
-    del holes
-    gc.collect()
-    view = a.reshape(pages, -1)
+    """@pages distinct pages and a copy of them, merged: a frame per pair,
+    in order.  Then both copies of a random half of the pairs are written:
+    a page copied on write is private memory, and a frame goes back when
+    its last view does, so the live frames are left scattered over a memfd
+    twice their size (its high-water mark).  Returns both copies."""
     rng = np.random.default_rng(seed)
-    for i in rng.permutation(pages):
-        view[i, 1] = float(i)
-    return a
+    a = pool.empty(pages * PAGE // 8)
+    a.reshape(pages, -1)[:] = rng.standard_normal((pages, PAGE // 8))
+    b = pool.asarray(a)
+    pool.scan(full_scans=2)
+    for i in rng.permutation(pages)[: pages // 2]:
+        a.reshape(pages, -1)[i, 1] = float(-i)
+        b.reshape(pages, -1)[i, 1] = float(-i)
+    gc.collect()
+    return a, b
 
 
 def measure_compaction(pages: int) -> dict:
     with uksm.Pool(max(64 << 20, 4 * pages * PAGE), checksum="xxhash",
                    compact_threshold=0) as pool:
-        a = scattered_workload(pool, pages)
+        a, b = scattered_workload(pool, pages)
         shadow = np.array(a)
+        shadow_b = np.array(b)
+        live = pool.stats()["pages_shared"]
         pauses = []
         stop = threading.Event()
 
@@ -63,7 +68,8 @@ def measure_compaction(pages: int) -> dict:
         result = pool.compact()
         stop.set()
         t.join()
-        assert np.array_equal(a, shadow)
+        assert np.array_equal(a, shadow) and np.array_equal(b, shadow_b)
+        result["live_frames_before"] = live
         result["writer_p99_gap_s"] = float(np.percentile(pauses, 99)) if pauses else 0.0
         result["writer_max_gap_s"] = float(max(pauses)) if pauses else 0.0
         result["mib_per_s"] = result["bytes_moved"] / (1 << 20) / max(result["seconds"], 1e-9)
@@ -87,4 +93,7 @@ def test_compaction(benchmark):
           f"{r['memfd_size_before'] >> 20} -> {r['memfd_size_after'] >> 20} MiB; "
           f"longest lock hold {r['max_pause_seconds'] * 1e3:.2f} ms, writer gap "
           f"p99 {r['writer_p99_gap_s'] * 1e3:.2f} ms max {r['writer_max_gap_s'] * 1e3:.2f} ms")
-    assert r["vmas_after"] < r["vmas_before"]
+    # the live frames now fill the bottom of the memfd (the writer may have
+    # freed some meanwhile), and the file is cut after them
+    assert r["frames_moved"] > 0
+    assert r["memfd_size_after"] <= r["live_frames_before"] * PAGE < r["memfd_size_before"]

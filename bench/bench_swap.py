@@ -93,6 +93,9 @@ def test_swap_uksm(benchmark, shared):
         assert r["swap_errors"] == 0, r
         for name, rd in r["rounds"].items():
             assert rd["reached"] and rd["pages_swapped"] == rd["expected"], (name, rd)
+            assert rd["bytes_resident_after"] <= r["budget"], (name, rd)
+            # read back, the pages stayed views of their slots until the
+            # round made them private again (swapbench.uksm_swap)
             assert rd["still_swapped"] == 0, (name, rd)
     u = medians(results)
     shared.cache[("swap_uksm", n)] = u

@@ -9,8 +9,9 @@ pool_held, touch, median, ratio, fmt, summarize, fill_pairs,
 expected_sharing).
 
 What stays here is only what the microbenchmarks need and the harness does
-not: the COW floor (bench/floor.c, compiled at run time), checksum cost per
-page in the C core, memcmp for reference, and metadata bytes per page.
+not: the COW floors (bench/floor.c's userspace break, compiled at run time,
+and the kernel's own copy of a private file page), checksum cost per page in
+the C core, memcmp for reference, and metadata bytes per page.
 
 Savings are measured twice, as the kernel sees them: what the pool holds
 (its private pages present, from pagemap, plus its frames, the blocks of
@@ -23,6 +24,7 @@ pair).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import shutil
 import subprocess
@@ -46,7 +48,8 @@ __all__ = [
     "kernel_converge_rounds", "kernel_merge_time", "median", "memfd_bytes", "pool_held",
     "pss", "pss_private", "ratio", "runq_wait", "summarize", "touch", "uksm_merge_time",
     # bench only
-    "FLOOR_SOURCE", "compile_floor", "run_floor", "ChecksumPages", "memcmp_seconds",
+    "FLOOR_SOURCE", "compile_floor", "run_floor", "private_file_cow", "ChecksumPages",
+    "memcmp_seconds",
     "meta_duplicates", "meta_unique",
 ]
 FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c")
@@ -77,6 +80,34 @@ def run_floor(exe: str, pages: int) -> Dict[str, float]:
         name, value = line.split()
         out[name] = float(value)
     return out
+
+
+def private_file_cow(pages: int) -> Dict[str, float]:
+    """The kernel's own floor under cow="kernel": a merged uksm page is a
+    MAP_PRIVATE view of a memfd page, and a write into it is the kernel's
+    copy of a private file page.  Here @pages pages of a memfd, mapped
+    MAP_PRIVATE and never touched (as a view is after a merge), each get the
+    one-byte write UksmPairs.cow makes, with the same numpy statement: us
+    per page."""
+    fd = os.memfd_create("uksm-cow-floor", os.MFD_CLOEXEC)
+    try:
+        os.pwrite(fd, b"\x01" * (pages * PAGE), 0)    # the page cache holds them
+        m = mmap.mmap(fd, pages * PAGE, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            arr = np.frombuffer(m, np.uint8).reshape(pages, PAGE)
+            t0 = time.perf_counter()
+            arr[:, 0] = 0xA5
+            dt = time.perf_counter() - t0
+            ok = bool(np.all(arr[:, 0] == 0xA5) and np.all(arr[:, 1] == 1))
+            del arr
+        finally:
+            m.close()
+        if os.pread(fd, 1, 0) != b"\x01" or not ok:
+            raise RuntimeError("a private mapping's write reached the file")
+    finally:
+        os.close(fd)
+    return {"private_file_cow": dt / pages * 1e6}
 
 
 # -- checksums ---------------------------------------------------------------------------

@@ -110,7 +110,6 @@ def test_savings_are_the_kernels(full):
     for r in pairs:
         assert r["saved_held_bytes"] == r["saved_counter_bytes"], r
         assert r["saved_held_bytes"] >= 0.99 * n * PAGE
-        assert r["bytes_frames"] == r["pages_sharing"] * PAGE or r["ksm_zero_pages"], r
         assert 0.75 * r["saved_held_bytes"] <= r["saved_pss_bytes"] <= \
             1.05 * r["saved_held_bytes"] + MiB, r
     real = [r for r in results["suites"]["realistic"]["runs"] if r["side"] == "uksm"]
@@ -327,12 +326,17 @@ def test_cli_bench_subcommand(tmp_path, capsys):
     assert main(["bench", "--suites", "5", "--repeats", "0", "--output", str(out)]) == 2
 
 
-def test_cli_demo_shows_real_savings(capsys):
+def test_cli_demo_shows_real_savings():
     """``python -m uksm demo``: the saving by the pool's memory (private
     pages before, less private pages and frames after) is the ideal one,
-    and the process's PSS and USS (psutil) fell by about as much."""
-    assert main(["demo", "--size", "4MiB", "--copies", "3", "--quiet"]) == 0
-    out = capsys.readouterr().out
+    and the process's PSS and USS (psutil) fell by about as much.  In a
+    process of its own: this one's PSS moves with whatever the tests before
+    left for the garbage collector."""
+    proc = subprocess.run([sys.executable, "-m", "uksm", "demo", "--size", "4MiB",
+                           "--copies", "3", "--quiet"], capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
     figures = {}
     for line in out.splitlines():
         m = re.match(r"\s+saved, (pool|process PSS|process USS)\b.*?:\s+([\d.]+) MiB"

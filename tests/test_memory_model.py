@@ -678,9 +678,10 @@ class _Baseline:
         return st
 
 
-@pytest.mark.parametrize("cow", COWS)
-def test_psutil_agrees_with_stats(cow):
-    """psutil.memory_full_info() and smaps_rollup deltas against
+def psutil_child(cow: str) -> None:
+    """(isolated: a fresh interpreter holds no garbage of earlier tests, such
+    as a traceback keeping an old pool's arrays alive, to be freed during the
+    measurement)  psutil.memory_full_info() and smaps_rollup deltas against
     stats()[rss_bytes/uss_bytes/pss_bytes]: 4 copies of 64 MiB written,
     merged, read (views mapped in), 10% copied on write.  A warm-up round in
     the same pool first, so that the scanner's own Python memory is already
@@ -714,16 +715,17 @@ def test_psutil_agrees_with_stats(cow):
         assert st["pages_shared"] == frames + 1
         assert st["uss_bytes"] == cowed * PAGE
         assert st["pss_bytes"] == (cowed + frames) * PAGE
+    print("psutil agrees")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: stats()['uss_bytes'] = private - private_shared + frames_single "
-    "leaves out the swap slots read back with a single view present, which the "
-    "kernel counts as Private_Clean (it needs a slots_single, as frames_single "
-    "for frames).  [pss_bytes had the same fault, one page per swap view "
-    "instead of per slot: fixed by slots_present in the build of 08:41]"))
 @pytest.mark.parametrize("cow", COWS)
-def test_psutil_agrees_with_stats_when_swapped(cow):
+def test_psutil_agrees_with_stats(cow):
+    assert "psutil agrees" in _isolated("psutil_child", cow, timeout=120)
+
+
+def psutil_swapped_child(cow: str) -> None:
+    """(isolated) The same after swapping most of it out, and after reading
+    it back (the swap views mapped in, through the page cache)."""
     size = 16 * MiB
     with uksm.Pool("256MiB", cow=cow, pages_to_scan=20000, sleep_millisecs=0,
                    max_resident="256MiB") as pool:
@@ -740,20 +742,25 @@ def test_psutil_agrees_with_stats_when_swapped(cow):
         st = pool.stats()
         assert st["pages_swapped"] > 0
         base.check(pool, "swapped, read back")
+    print("psutil agrees")
 
 
-@pytest.mark.parametrize("cow", [
-    pytest.param("kernel", marks=pytest.mark.xfail(strict=True, reason=(
-        "core bug: after fork, stats()['pss_bytes'] counts each frame with a "
-        "view present as a whole page of this process (frames_present), but a "
-        "child's copied page tables map it too (fork copies the PTEs of a "
-        "writable view VMA once it has an anon_vma) and the kernel's Pss "
-        "splits it: the parent's pss_bytes is 70.4 MiB where smaps says 41.6"))),
-    "signal"])
-def test_psutil_agrees_with_stats_after_fork(cow):
-    """The parent's figures while a forked child sleeps: RSS as psutil sees
-    it; USS and PSS of the pool's range (the interpreter's own pages become
-    shared with the child too, so process-wide deltas say nothing here)."""
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: stats()['uss_bytes'] = private - private_shared + frames_single "
+    "leaves out the swap slots read back with a single view present, which the "
+    "kernel counts as Private_Clean (it needs a slots_single, as frames_single "
+    "for frames).  [pss_bytes had the same fault, one page per swap view "
+    "instead of per slot: fixed by slots_present in the build of 08:41]"))
+@pytest.mark.parametrize("cow", COWS)
+def test_psutil_agrees_with_stats_when_swapped(cow):
+    assert "psutil agrees" in _isolated("psutil_swapped_child", cow, timeout=120)
+
+
+def psutil_fork_child(cow: str) -> None:
+    """(isolated) The parent's figures while a forked child sleeps: RSS as
+    psutil sees it; USS and PSS of the pool's range (the interpreter's own
+    pages become shared with the child too, so process-wide deltas say
+    nothing here)."""
     size = 16 * MiB
     with uksm.Pool("256MiB", cow=cow, pages_to_scan=20000, sleep_millisecs=0) as pool:
         base = _warm_baseline(pool, size)
@@ -783,6 +790,20 @@ def test_psutil_agrees_with_stats_after_fork(cow):
             os.close(w)
             os.waitpid(pid, 0)
         base.check(pool, "child gone")
+    print("psutil agrees")
+
+
+@pytest.mark.parametrize("cow", [
+    pytest.param("kernel", marks=pytest.mark.xfail(strict=True, reason=(
+        "core bug: after fork, stats()['pss_bytes'] counts each frame with a "
+        "view present as a whole page of this process (frames_present), but a "
+        "child's copied page tables map it too (fork copies the PTEs of a "
+        "writable view VMA once it has an anon_vma) and the kernel's Pss "
+        "splits it: with 4 x 16 MiB merged, read and 10% written, the parent's "
+        "pss_bytes is 17.6 MiB where its smaps say 10.4 MiB"))),
+    "signal"])
+def test_psutil_agrees_with_stats_after_fork(cow):
+    assert "psutil agrees" in _isolated("psutil_fork_child", cow, timeout=120)
 
 
 # --- 5. transparent huge pages --------------------------------------------------------
@@ -966,4 +987,4 @@ def test_compaction_keeps_concurrent_writes(cow):
     """Regression: the .so built before the evacuate_run fix (a fresh
     read-write mapping filled after it was mapped) lost writes made during
     the copy back, in 10-40% of these iterations, in both modes."""
-    _isolated("compaction_race_child", cow, 60, timeout=120)
+    _isolated("compaction_race_child", cow, 40, timeout=120)

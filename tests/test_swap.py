@@ -43,30 +43,6 @@ PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
 KiB, MiB = 1 << 10, 1 << 20
 COWS = ["kernel", "signal"]
 
-LOST_WRITE = ("core bug: with cow='kernel' a reclaim pass racing a write loses it: "
-              "drop_swap_cache() reads pagemap, then MADV_DONTNEEDs the swap views "
-              "it saw present without write-protecting them, so a write the kernel "
-              "copies in between is zapped and the slot's old bytes show through")
-GROUP_STATS = ("core bug: uksm/swap.py Group.stats() reads s['frames'], but "
-               "NativePool.group_stats() returns 'pages': every Group.stats() and "
-               "every pool.stats() of a pool with a group raises KeyError")
-KSWAPD_GROUPS = ("core bug: the reclaim pass (pool._reclaim(), the scanner thread's "
-                 "kswapd) only enforces the pool's budget; a group written over its "
-                 "own max_resident stays over it until its next allocation")
-SLOT_LEAK = ("core bug: a reclaim batch whose clock walk wraps past its start picks "
-             "the same private page twice (pick_batch finishes a whole pagemap chunk "
-             "beyond one revolution): the page is written to two slots, mapped on "
-             "the second, and the first slot leaks for good (pages_swapped and "
-             "swap_slots_used count it after every buffer is freed)")
-ZERO_PAGE = ("core bug: a page mapped to the kernel's zero page (a private page "
-             "never written but read, or a ZERO page read) is counted as a private "
-             "resident page (pagemap: present, not a file page) by stats() and by "
-             "reclaim, which then swaps out pages of zeroes that cost nothing")
-PSS_SWAP = ("core bug: stats()['pss_bytes'] counts every present view of a swap "
-            "slot as a whole page (swap_views_present), where the kernel's PSS "
-            "shares the slot's one cached page among its views")
-
-
 # --------------------------------------------------------------------------- helpers
 
 def make_pool(directory, capacity="16MiB", max_resident="8MiB", batch="64KiB", **kw):
@@ -389,7 +365,6 @@ def test_swapped_shared_page_read_back_counts_once_for_the_kernel(swdir, cow):
     assert ball[0] == 0xB1
 
 
-@pytest.mark.xfail(reason=PSS_SWAP, strict=True)
 def test_pss_bytes_of_read_back_shared_slot_agrees_with_the_kernel(swdir):
     pool = make_pool(swdir, max_page_sharing=1024)
     ball = ballast(pool)
@@ -477,7 +452,6 @@ def test_cached_slots_dropped_by_the_next_pass_then_read_again(swdir):
     assert st["bytes_resident"] == 0
 
 
-@pytest.mark.xfail(reason=SLOT_LEAK, strict=True)
 def test_a_reclaim_batch_never_takes_a_page_twice(swdir):
     """The clock hand left in the middle of a buffer, then a batch wanting
     more than there is to evict: its walk goes once round the page table
@@ -499,7 +473,6 @@ def test_a_reclaim_batch_never_takes_a_page_twice(swdir):
     assert ball[0] == 1
 
 
-@pytest.mark.xfail(reason=ZERO_PAGE, strict=True)
 def test_pages_reading_as_the_zero_page_cost_nothing(swdir):
     """Untouched pages, and pages merged with the zero page, read as the
     kernel's zero page: not resident for the kernel (RSS), so neither for
@@ -562,7 +535,7 @@ RACE_SECONDS = {"kernel": 6.0, "signal": 1.5}
 
 
 @pytest.mark.parametrize("cow", [
-    pytest.param("kernel", marks=pytest.mark.xfail(reason=LOST_WRITE, strict=True)),
+    "kernel",
     "signal"])
 def test_background_scanner_swaps_while_a_thread_writes(swdir, cow):
     """kswapd: the scanner thread merges and reclaims while the test thread
@@ -577,7 +550,7 @@ def test_background_scanner_swaps_while_a_thread_writes(swdir, cow):
 
 
 @pytest.mark.parametrize("cow", [
-    pytest.param("kernel", marks=pytest.mark.xfail(reason=LOST_WRITE, strict=True)),
+    "kernel",
     "signal"])
 def test_write_after_read_of_a_swapped_page_survives_concurrent_reclaim(swdir, cow):
     """A page read back (its view maps the cached slot) and then written:
@@ -717,7 +690,6 @@ def test_lock_then_merge_into_an_existing_shared_frame(swdir):
 
 # --------------------------------------------------------------- 5. groups
 
-@pytest.mark.xfail(reason=GROUP_STATS, strict=True)
 def test_group_limit_swaps_its_own_pages_only(swdir):
     glimit, batch = 256 * KiB, 64 * KiB
     pool = make_pool(swdir, capacity="32MiB", max_resident="16MiB", batch=batch)
@@ -761,7 +733,6 @@ def test_group_limit_swaps_its_own_pages_only(swdir):
     assert np.array_equal(garrs[0], gsh[0])
 
 
-@pytest.mark.xfail(reason=KSWAPD_GROUPS, strict=True)
 def test_reclaim_pass_brings_a_written_group_back_under_its_limit(swdir):
     """Allocation commits nothing, so a group fills up as it is written;
     the next reclaim pass must evict its pages down to its own limit (and
@@ -781,7 +752,6 @@ def test_reclaim_pass_brings_a_written_group_back_under_its_limit(swdir):
     assert not (states(pool, other) == SWAPPED).any()
 
 
-@pytest.mark.xfail(reason=GROUP_STATS, strict=True)
 @pytest.mark.parametrize("cow", COWS)
 def test_group_charging_of_cow_breaks_and_swapped_writes(swdir, cow):
     pool = make_pool(swdir, cow=cow)

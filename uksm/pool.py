@@ -691,12 +691,16 @@ class Pool:
         """Keep @arr private, writable and unmerged for the block: its merged
         and swapped pages become private on entry and the scanner and
         reclaim leave it alone until the block ends (blocks nest).  Plain
-        read(2), readinto() and recv_into() need no pin (the kernel copies
-        a merged page for its own writes); I/O that pins pages for longer
-        (O_DIRECT, io_uring, AIO, RDMA, GPU pinned memory) does, since its
-        writes would land in a page the scanner had merged away meanwhile.
-        With cow="signal" a merged page is read-only to the kernel too:
-        pin() around kernel writes there."""
+        read(2), readinto() and recv_into() into a merged or swapped page
+        work without a pin (the kernel copies it for its own writes), but a
+        kernel write that hits a page in the microseconds it is
+        write-protected in transit (being merged, moved or swapped out by
+        the scanner) fails with EFAULT, where a user write would wait: pin()
+        buffers the scanner may be working on around kernel I/O into them.
+        I/O that pins pages for longer (O_DIRECT, io_uring, AIO, RDMA, GPU
+        pinned memory) always needs it, since its writes would land in a page
+        the scanner had merged away meanwhile.  With cow="signal" a merged
+        page is read-only to the kernel too."""
         self._check_open()
         with self._lock:
             self._reap()
@@ -779,11 +783,13 @@ class Pool:
         return result
 
     def shrink(self, nbytes) -> dict:
-        """Give back the top @nbytes of the pool's frame space for good (the
-        memory hot-remove analogue): frames living there, shared ones
-        included, are migrated below it first, and the pool's capacity drops
-        by @nbytes.  PoolFullError if the live data would not fit below;
-        UksmError if pinned pages live in that range."""
+        """Give back the top @nbytes of the pool's frame store for good (the
+        memory hot-remove analogue): stable frames living there are migrated
+        below it first, with every view that maps them, and later merges
+        stay below.  capacity (the span of live buffers) is unchanged:
+        private pages are not frames.  PoolFullError if the live frames
+        would not fit below; UksmError if a frame there cannot move (a
+        forked child may still map it, or a remap failed)."""
         self._check_open()
         n = parse_size(nbytes, "shrink size")
         if n % PAGE_SIZE:
@@ -796,11 +802,11 @@ class Pool:
                 raise PoolFullError(f"uksm: cannot shrink by {n} bytes: the live data "
                                     f"would not fit in what remains")
             if err == -errno.EBUSY:
-                raise UksmError("uksm: cannot shrink: pinned (or concurrently "
-                                "changing) pages live in the range; nothing was removed")
+                raise UksmError("uksm: cannot shrink: a frame in the range cannot move "
+                                "(a forked child may still map it, or a remap failed: "
+                                "vm.max_map_count?); nothing was removed")
             if err < 0:
                 raise OSError(-err, f"uksm: shrink: {os.strerror(-err)}")
-            self.capacity -= n
         return result
 
     # -- the scanner ------------------------------------------------------------------
