@@ -542,6 +542,12 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		len = j - i;
 
 		uksm_lock(pool);
+		/* a forked child's first merge takes a frame store of its own */
+		if (pool->heir && uksm_detach(pool)) {
+			uksm_unlock(pool);
+			i = j;
+			continue;	/* BUSY: the next scan tries again */
+		}
 		merge_resolve(pool, i, len, src_vpn, dst_vpn, dst_pfn, dst_key, result);
 		merge_write_protect(pool, i, len, src_vpn, dst_vpn, vma_budget, result);
 		merge_compare(pool, i, len, src_vpn, dst_vpn, max_sharing, result);

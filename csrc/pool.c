@@ -823,8 +823,10 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		out->frames_single += seen[f] == 1;
 		out->frames_present += seen[f] > 0;
 	}
-	for (size_t sl = 0; seen_slot && sl < nslots; sl++)
+	for (size_t sl = 0; seen_slot && sl < nslots; sl++) {
+		out->slots_single += seen_slot[sl] == 1;
 		out->slots_present += seen_slot[sl] > 0;
+	}
 	if (seen)
 		munmap(seen, seen_bytes);
 	if (!fstat(pool->fd, &stbuf))

@@ -239,6 +239,7 @@ struct uksm_memory {
 	uint64_t frames_present;	/* frames with at least one view present */
 	uint64_t swap_views_present;	/* SWAPPED views mapped in */
 	uint64_t slots_present;		/* slots with at least one view present */
+	uint64_t slots_single;		/* slots with exactly one view present */
 	uint64_t swap_cached;		/* swap file pages in the page cache */
 	uint64_t frames_blocks;		/* memfd blocks allocated, in pages */
 };

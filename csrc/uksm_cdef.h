@@ -88,6 +88,7 @@ struct uksm_memory {
 	uint64_t frames_present;
 	uint64_t swap_views_present;
 	uint64_t slots_present;
+	uint64_t slots_single;
 	uint64_t swap_cached;
 	uint64_t frames_blocks;
 };

@@ -287,15 +287,7 @@ def test_two_threads_numpy_writes_into_merged_arrays(cow_pool):
 # --- writers racing the background scanner -------------------------------------------
 
 
-@pytest.mark.parametrize("cow", [
-    "kernel",
-    # not strict: the loss shows in a few runs in a hundred, not in every run
-    pytest.param("signal", marks=pytest.mark.xfail(
-        reason="core bug: with cow='signal', a writer racing the background scanner "
-               "now and then finds its page holding another frame's contents (or "
-               "zeroes): a frame freed and reused while a view still maps it",
-        strict=False)),
-])
+@pytest.mark.parametrize("cow", COW_MODES)
 def test_writer_threads_race_background_scanner(cow):
     NARR, NP, NTHREADS, RUN = 6, 64, 4, 2.0
     pool = uksm.Pool("32MiB", pages_to_scan=200, sleep_millisecs=0, cow=cow)

@@ -588,13 +588,6 @@ def first_merge_child() -> None:
     print("first merge ok")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core (spec deviation): a child whose first merge is a stable-tree hit on "
-    "a frame it inherited maps the parent's store (uksm_merge never calls "
-    "uksm_detach; only uksm_frame_alloc_at does) and stays an heir: "
-    "fork_detaches stays 0 and pool.fd is still the parent's memfd, while "
-    "the spec says the first merge detaches.  Harmless for data (the parent "
-    "defers that frame while the epoch is open) but not what is documented"))
 def test_child_first_merge_into_an_inherited_frame_detaches():
     assert "first merge ok" in _isolated("first_merge_child", timeout=90)
 
@@ -631,26 +624,30 @@ def every_state_pool(cow: str):
     return pool, bufs
 
 
-def scribble(bufs: dict, value: int) -> dict:
-    """Write @value into pages 1 (whole) and 3 (one byte) of every buffer
-    but the twin; returns the expected contents."""
+def scribble(bufs: dict, value: int, pages=(1,)) -> dict:
+    """Write @value into @pages (whole) and one byte of page 3 of every
+    buffer but the twin; returns the expected contents."""
     out = {}
     for name, (arr, exp) in bufs.items():
         exp = exp.copy()
         if name != "twin":
-            page(arr, 1)[:] = value
+            for p in pages:
+                page(arr, p)[:] = value
+                exp[p * PAGE:(p + 1) * PAGE] = value
             arr[3 * PAGE + 9] = value
-            exp[PAGE:2 * PAGE] = value
             exp[3 * PAGE + 9] = value
         out[name] = exp
     return out
 
 
 def both_sides_child(cow: str) -> None:
-    """Both sides write into merged, zero, swapped and private pages after
-    the fork; each sees exactly its own writes.  Meanwhile the parent frees
-    the twin, merges new contents and swaps new pages out (fresh frames and
-    slots: none may be one the child still maps)."""
+    """(isolated) Both sides write into merged, zero, swapped and private
+    pages after the fork; each sees exactly its own writes.  The parent also
+    writes pages 5 and 6, which the child leaves alone, and frees the twin:
+    their frames and slots lose their last views in the parent while the
+    child still maps them; then it merges new contents and swaps new pages
+    out (fresh frames and slots: were one of those reused, the child would
+    read the new contents in its pages 5 and 6)."""
     pool, bufs = every_state_pool(cow)
     try:
         at_fork = {k: e.copy() for k, (_, e) in bufs.items()}
@@ -677,7 +674,7 @@ def both_sides_child(cow: str) -> None:
             assert os.read(c_ready_r, 1) == b"w"
             for k, (arr, _) in bufs.items():
                 assert np.array_equal(arr, at_fork[k]), f"parent sees the child's write: {k}"
-            ours = scribble(bufs, 0x9A)
+            ours = scribble(bufs, 0x9A, pages=(1, 5, 6))
             # fresh frames and slots while the child lives
             twin = bufs.pop("twin")[0]
             ours.pop("twin")

@@ -482,11 +482,6 @@ def test_overflowing_shape_is_refused_not_a_crash():
     assert "refused" in out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (uksm/pool.py _new_array): a shape of more than 2**76 bytes "
-    "reaches the cffi call uksm_alloc(size_t npages) unchecked and raises "
-    "OverflowError ('int too big to convert'), neither MemoryError nor "
-    "ValueError (numpy itself raises ValueError: array is too big)"))
 @pytest.mark.parametrize("shape", [(2 ** 32, 2 ** 32, 2 ** 32), (2 ** 70, 2 ** 10)])
 def test_overflowing_shape_beyond_size_t_is_refused(shape):
     out = _isolated("overflow_child", shape, "uint8", timeout=60)
@@ -745,12 +740,6 @@ def psutil_swapped_child(cow: str) -> None:
     print("psutil agrees")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: stats()['uss_bytes'] = private - private_shared + frames_single "
-    "leaves out the swap slots read back with a single view present, which the "
-    "kernel counts as Private_Clean (it needs a slots_single, as frames_single "
-    "for frames).  [pss_bytes had the same fault, one page per swap view "
-    "instead of per slot: fixed by slots_present in the build of 08:41]"))
 @pytest.mark.parametrize("cow", COWS)
 def test_psutil_agrees_with_stats_when_swapped(cow):
     assert "psutil agrees" in _isolated("psutil_swapped_child", cow, timeout=120)

@@ -569,6 +569,9 @@ class Pool:
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimensions are not allowed: {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > sys.maxsize:
+            raise MemoryError(f"uksm: an array of shape {shape} and dtype {dtype} would "
+                              f"take {nbytes} bytes, more than any address space holds")
         npages = max(1, -(-nbytes // PAGE_SIZE))
         core = self._c
         with self._lock:
@@ -922,8 +925,8 @@ class Pool:
                 # the pool's part of psutil's memory_full_info() figures
                 "rss_bytes": (private + mem["views_present"] + mem["swap_views_present"])
                 * PAGE_SIZE,
-                "uss_bytes": (private - mem["private_shared"] + mem["frames_single"])
-                * PAGE_SIZE,
+                "uss_bytes": (private - mem["private_shared"] + mem["frames_single"]
+                              + mem["slots_single"]) * PAGE_SIZE,
                 "pss_bytes": (private - mem["private_shared"] // 2 + mem["frames_present"]
                               + mem["slots_present"]) * PAGE_SIZE,
                 "bytes_mapped": mapped * PAGE_SIZE,
