@@ -213,7 +213,7 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 				sums[j] = 0;
 				if (pte->state != UKSM_PTE_PRIVATE)
 					continue;
-				if (!(pm[j - i] & (PM_PRESENT | PM_SWAP))) {
+				if (!pm_anon_present(pm[j - i])) {
 					state[j] = UKSM_SCAN_UNTOUCHED;
 					continue;
 				}

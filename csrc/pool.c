@@ -23,6 +23,8 @@ _Atomic uintptr_t uksm_pool_hi[UKSM_MAX_POOLS];
 _Atomic size_t uksm_pools_high;
 _Atomic uint32_t uksm_fork_gen;
 _Atomic uint32_t uksm_oldest_epoch;
+/* this process forked, or is a forked child: anonymous pages may be shared */
+static _Atomic int uksm_ever_forked;
 /*
  * Serialises pool creation and destruction against fork, and guards the
  * epoch table: the fork hooks hold it from prepare to parent/child, so no
@@ -146,8 +148,21 @@ int uksm_pagemap_read(size_t va, size_t n, uint64_t *out)
 	}
 	for (size_t i = 0; i < n && !shared_anon; i++)
 		shared_anon = (out[i] & PM_PRESENT) && !(out[i] & (PM_FILE | PM_EXCLUSIVE));
-	if (shared_anon)
-		clear_zero_pfn(fd, va, n, out);
+	if (!shared_anon)
+		return 0;
+	/*
+	 * An anonymous page mapped more than once is the zero page (4 KiB or
+	 * huge) - or, once this process has forked, a page it shares with a
+	 * relative.  Before any fork there is no doubt; after one, PAGEMAP_SCAN
+	 * tells the 4 KiB zero page (this kernel does not flag the huge one).
+	 */
+	if (!atomic_load(&uksm_ever_forked)) {
+		for (size_t i = 0; i < n; i++)
+			if ((out[i] & PM_PRESENT) && !(out[i] & (PM_FILE | PM_EXCLUSIVE)))
+				out[i] &= ~PM_PRESENT;
+		return 0;
+	}
+	clear_zero_pfn(fd, va, n, out);
 	return 0;
 }
 
@@ -802,7 +817,7 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 			if (!(e & PM_FILE) || pte->state == UKSM_PTE_PRIVATE ||
 			    pte->state == UKSM_PTE_ZERO) {
 				/* anonymous: ours alone, or shared with a relative */
-				if (pm_cowed(e) || pte->state == UKSM_PTE_PRIVATE) {
+				if (pm_anon_present(e)) {
 					out->private_present++;
 					out->private_shared += !(e & PM_EXCLUSIVE);
 				}
@@ -933,6 +948,7 @@ static void uksm_atfork_prepare(void)
 	int any = 0;
 
 	uksm_futex_lock(&registry_lock);
+	atomic_store(&uksm_ever_forked, 1);
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = slot < uksm_pools_high ? uksm_pools[slot] : NULL;
 

@@ -401,7 +401,7 @@ static size_t count_resident(struct uksm_pool *pool)
 			uksm_frames_flush(pool);
 			for (size_t i = 0; i < n; i++)
 				if (pool->ptes[v + i].state == UKSM_PTE_PRIVATE &&
-				    (pm[i] & PM_PRESENT))
+				    pm_anon_present(pm[i]))
 					groups[pool->ptes[v + i].group]++;
 		}
 		uksm_unlock(pool);
@@ -450,7 +450,7 @@ static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t 
 			pool->clock_hand = v + i + 1 < pool->va_pages ? v + i + 1 : 0;
 			if (!evictable(pte) || (group >= 0 && pte->group != (uint32_t)group))
 				continue;
-			if (pte->state == UKSM_PTE_PRIVATE && (pm[i] & PM_PRESENT)) {
+			if (pte->state == UKSM_PTE_PRIVATE && pm_anon_present(pm[i])) {
 				pool->evict_vpn[n++] = (uint32_t)(v + i);
 			} else if (pte->state == UKSM_PTE_KSM && !pool->evict_mark[pte->pfn] &&
 				   pool->frames[pte->pfn].mapcount <= SWAP_MAP_MAX) {

@@ -93,6 +93,17 @@ static inline int pm_cowed(uint64_t e)
 	return (e & (PM_PRESENT | PM_SWAP)) && !(e & PM_FILE);
 }
 
+/*
+ * Is this private (anonymous) page's memory really there?  Present and not
+ * a file page: an untouched page read maps the zero page, whose entry says
+ * "file" when it is the huge zero page (uksm_pagemap_read clears the 4 KiB
+ * one's present bit).  Either costs nothing.
+ */
+static inline int pm_anon_present(uint64_t e)
+{
+	return (e & (PM_PRESENT | PM_FILE)) == PM_PRESENT || (e & PM_SWAP);
+}
+
 /* Scratch for one run of uksm_merge(); used only under pool->lock. */
 struct uksm_run_ctx {
 	int64_t target[UKSM_RUN_MAX];	/* frame each src maps, or a TARGET_* */

@@ -531,14 +531,6 @@ def test_reading_untouched_pages_costs_nothing():
 
 
 @pytest.mark.skipif(thp_mode() == "never", reason="no transparent huge pages")
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: a buffer of 2 MiB or more (MADV_HUGEPAGE) whose untouched "
-    "pages are read maps the kernel's HUGE zero page; pagemap shows it present "
-    "(not file, not exclusive) and PAGEMAP_SCAN's PAGE_IS_PFNZERO, which "
-    "uksm_pagemap_read now uses to clear 4 KiB zero pages, does not report the "
-    "huge zero page on this kernel (6.18): stats() counts 256 MiB in "
-    "bytes_private/rss_bytes/bytes_resident (the kernel's Rss is 0) and a "
-    "max_resident pool writes those zeroes to its swap file"))
 def test_reading_untouched_huge_pages_costs_nothing():
     _untouched_read_costs_nothing(256 * MiB)
 

@@ -859,9 +859,9 @@ class PoolModel(RuleBasedStateMachine):
                 zero_broke += int(np.count_nonzero((e.state == ZERO) & (st_ == PRIVATE)))
                 if not core_bug("zero_page_counted"):
                     # a page never written is the zero page already: never merged
-                    untouched = (e.state == PRIVATE) & ~e.committed
-                    assert not (untouched & (st_ != PRIVATE)).any(), \
-                        f"pages never written were merged: {np.flatnonzero(untouched & (st_ != PRIVATE))[:10]}"
+                    merged = np.flatnonzero((e.state == PRIVATE) & ~e.committed
+                                            & (st_ != PRIVATE))
+                    assert not len(merged), f"pages never written were merged: {merged[:10]}"
             e.state = st_.copy()
             e.committed &= st_ == PRIVATE           # merged away, or given back as zero
         assert s["cow_breaks"] - self.cow_seen == broke, (s["cow_breaks"], self.cow_seen, broke)

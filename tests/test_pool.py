@@ -338,10 +338,7 @@ def test_allocation_commits_nothing(pool):
     (256, False),
     (256, True),
     # big enough for huge pages: a read maps the kernel's huge zero page
-    pytest.param(1024, False, marks=pytest.mark.xfail(
-        reason="core bug: a fresh huge-page-sized buffer that is only read maps the "
-               "huge zero page, yet bytes_private/bytes_resident/rss_bytes count it "
-               "as resident private memory", strict=True)),
+    (1024, False),
     (1024, True),
 ], ids=["fresh", "zero-merged", "fresh-huge", "zero-merged-huge"])
 def test_reading_zero_pages_commits_nothing(pool, n, merged):

@@ -136,8 +136,8 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
     # a tight budget: about a third of the data resident, the rest swapped,
     # so writers, readers, the scanner, kswapd and compaction all collide
     budget = max(ARRAYS * PAGES * PAGE // 3, 1 << 20)
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash", cow=cow,
-                     max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash",
+                     cow=cow, max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
                      swap_batch="64KiB")
     threads = []
     stop = threading.Event()

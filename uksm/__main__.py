@@ -101,6 +101,12 @@ def demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - t0
         if not args.quiet and tty:
             sys.stdout.write("\n")
+        # reading the data maps the merged pages' views in, as any use of it
+        # would: a frame is in the PSS only once a view of it is touched.  One
+        # word a page, before the check below, whose temporaries would stay
+        # in malloc's heap and in the PSS.
+        for a in arrays + [zeros]:
+            float(a[::PAGE_SIZE // 8].sum())
         after = pool.stats()
         pss_after, uss_after = _pss_uss()
         ok = all(np.array_equal(a, dataset) for a in arrays) and not zeros.any()
@@ -129,7 +135,8 @@ def demo(args: argparse.Namespace) -> int:
         print(f"\n  saved, pool (private + frames):  {_mib(saved).strip()} of an ideal "
               f"{_mib(ideal * PAGE_SIZE).strip()}")
         print(f"  saved, process PSS (psutil):     {_mib(pss_before - pss_after).strip()}")
-        print(f"  saved, process USS (psutil):     {_mib(uss_before - uss_after).strip()}")
+        print(f"  saved, process USS (psutil):     {_mib(uss_before - uss_after).strip()} "
+              f"(a frame shared by several views is in no one's USS)")
         print(f"\n  process PSS before the pool: {_mib(pss0).strip()}")
         print("\n  counters (names as in /sys/kernel/mm/ksm):")
         for key in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
