@@ -226,24 +226,74 @@ static int view_state(uint8_t state)
 
 /*
  * Make page @vpn writable.  mprotect of one page may need a split; near
- * the map limit, or if it fails, the whole run of pages of the same state
- * around it is made writable instead, which needs none.
+ * the map limit, or if it fails, a whole run around it is made writable
+ * instead, whose ends are mapping boundaries already, so it needs none:
+ * in signal mode the run of pages in the same state; in kernel mode every
+ * page but NONE is read-write at rest, so the run of pages not NONE.
  */
 static int make_writable(struct uksm_pool *pool, size_t vpn)
 {
 	uint8_t state = pool->ptes[vpn].state;
+	int64_t cut = uksm_split_cost(pool, vpn, 1);
 	size_t a = vpn, b = vpn + 1;
 
-	if (pool->vma_estimate + 2 <= pool->vma_soft_limit &&
+	if (pool->vma_estimate + cut <= pool->vma_soft_limit &&
 	    !uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE)) {
-		pool->vma_estimate += 2;
+		pool->vma_estimate += cut;
 		return 0;
 	}
-	while (a > 0 && pool->ptes[a - 1].state == state)
-		a--;
-	while (b < pool->va_pages && pool->ptes[b].state == state)
-		b++;
+	if (pool->cow_mode == UKSM_COW_KERNEL) {
+		while (a > 0 && pool->ptes[a - 1].state != UKSM_PTE_NONE)
+			a--;
+		while (b < pool->va_pages && pool->ptes[b].state != UKSM_PTE_NONE)
+			b++;
+	} else {
+		while (a > 0 && pool->ptes[a - 1].state == state)
+			a--;
+		while (b < pool->va_pages && pool->ptes[b].state == state)
+			b++;
+	}
 	return uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE);
+}
+
+/*
+ * The kernel's copy of a private view, now: a write that changes nothing.
+ * volatile and atomic, so that no compiler turns it into a fence or drops
+ * it: the store itself is the point.
+ */
+static void force_cow(struct uksm_pool *pool, size_t vpn)
+{
+	__atomic_fetch_add((volatile uint64_t *)page_addr(pool, vpn), 0, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * The same pool address faulting again and again, with nothing changing:
+ * not a write mprotect can fix (an instruction fetch into a buffer, a
+ * protection key).  Such a fault goes on to the previous handler, to crash
+ * as it would without us, instead of spinning here for ever.
+ */
+#define LOOP_SLOTS 64
+static struct {
+	_Atomic pid_t tid;
+	void *_Atomic addr;
+	_Atomic unsigned count;
+	_Atomic uint64_t since_ns;
+} loops[LOOP_SLOTS];
+
+static int fault_loops(void *addr)
+{
+	pid_t tid = my_tid();
+	unsigned slot = (unsigned)tid % LOOP_SLOTS;
+	uint64_t now = mono_ns();
+
+	if (atomic_load(&loops[slot].tid) != tid || atomic_load(&loops[slot].addr) != addr ||
+	    now - atomic_load(&loops[slot].since_ns) > 1000000000ull) {
+		atomic_store(&loops[slot].tid, tid);
+		atomic_store(&loops[slot].addr, addr);
+		atomic_store(&loops[slot].since_ns, now);
+		atomic_store(&loops[slot].count, 0);
+	}
+	return atomic_fetch_add(&loops[slot].count, 1) >= LOOP_FAULTS;
 }
 
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
@@ -262,7 +312,31 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	vpn = (size_t)((char *)si->si_addr - pool->va) >> UKSM_PAGE_SHIFT;
 	pte = &pool->ptes[vpn];
+	if (fault_loops(si->si_addr)) {
+		chain(sig, si, uc);
+		errno = saved_errno;
+		return;
+	}
 	if (!uksm_trylock(pool)) {
+		if (atomic_load(&uksm_fork_frozen)) {
+			/*
+			 * A fork's prepare holds every pool->lock, and may be
+			 * waiting for this very thread (another library's prepare
+			 * handler joining its workers): nothing is in transit, so
+			 * mend the page without the lock.  In signal mode the
+			 * copy is forced here and reconcile counts it later.
+			 */
+			uint8_t state = pte->state;
+
+			if (state != UKSM_PTE_NONE &&
+			    !uksm_mprotect(page_addr(pool, vpn), PG, PROT_READ | PROT_WRITE)) {
+				if (pool->cow_mode == UKSM_COW_SIGNAL &&
+				    (state == UKSM_PTE_KSM || state == UKSM_PTE_SWAPPED))
+					force_cow(pool, vpn);
+				errno = saved_errno;
+				return;
+			}
+		}
 		uksm_lock(pool);
 		pool->st.fault_waits++;
 	}
@@ -277,12 +351,10 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 
 		if (make_writable(pool, vpn))
 			uksm_fatal("copy-on-write: cannot make a page writable (mprotect "
-				   "failed: vm.max_map_count reached?); the write "
-				   "cannot be kept");
+				   "failed: vm.max_map_count, the commit limit or "
+				   "RLIMIT_DATA reached?); the write cannot be kept");
 		if (state != UKSM_PTE_ZERO) {
-			/* the kernel's COW, now: a write that changes nothing */
-			__atomic_fetch_add((volatile uint64_t *)page_addr(pool, vpn), 0,
-					   __ATOMIC_SEQ_CST);
+			force_cow(pool, vpn);
 			pool->st.cow_signal++;
 		}
 		uksm_page_cowed(pool, vpn);

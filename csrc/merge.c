@@ -104,7 +104,8 @@ int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
 		if (pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_SWAPPED)
 			cowed = pm_cowed(pm[i]);
 		else if (pte->state == UKSM_PTE_ZERO)
-			cowed = (pm[i] & PM_PRESENT) && (pm[i] & PM_EXCLUSIVE);
+			cowed = ((pm[i] & PM_PRESENT) && (pm[i] & PM_EXCLUSIVE)) ||
+				(pm[i] & PM_SWAP);
 		else
 			continue;
 		if (cowed) {

@@ -333,6 +333,13 @@ static void release_deferred(struct uksm_pool *pool)
 int uksm_map_view(struct uksm_pool *pool, size_t vpn, size_t n, int fd,
 		  size_t off, int prot)
 {
+	/*
+	 * Mapped with its final protection in one call: a read-only view
+	 * mapped writable first would let a writer copy it unseen between the
+	 * two calls (signal mode counts every copy as it happens).  The price:
+	 * under vm.overcommit_memory=2 or RLIMIT_DATA, the write that makes a
+	 * read-only view writable is charged then, and may be refused.
+	 */
 	void *p = uksm_mmap(page_addr(pool, vpn), n * PG, prot,
 			    MAP_PRIVATE | MAP_FIXED, fd, (off_t)(off * PG));
 
@@ -368,10 +375,11 @@ static void register_atfork(void)
 
 /*
  * Register at load time.  Prepare handlers run in reverse order of
- * registration, so registering before other libraries (uksm/_core.py loads
- * us before numpy) makes ours run last: after, say, OpenBLAS has stopped its
- * worker threads, which might otherwise be waiting on our pool->lock in the
- * fault handler while its prepare handler waits for them.
+ * registration, so a library registered before us (OpenBLAS, when numpy
+ * was imported first) runs its prepare after ours, while we hold every
+ * pool->lock: if it then joins a worker thread that faulted on a pool page,
+ * that worker must not wait for our lock - it does not, since
+ * uksm_fork_frozen tells the handler that nothing is in transit.
  */
 __attribute__((constructor)) static void uksm_init(void)
 {
@@ -779,21 +787,22 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 	uint64_t pm[UKSM_RUN_MAX];
 	struct stat stbuf;
 	uint16_t *seen = NULL, *seen_slot;
-	size_t seen_bytes = 0, nslots = pool->swap_fd >= 0 ? pool->st.swap_file_slots : 0;
+	size_t nframes = pool->file_frames, seen_bytes = 0;
+	size_t nslots = pool->swap_fd >= 0 ? pool->st.swap_file_slots : 0;
 	int err = 0;
 
 	memset(out, 0, sizeof(*out));
 	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
 		return -EINVAL;
 	/* views present per frame, to tell frames mapped once from shared ones */
-	if (pool->file_frames + nslots) {
-		seen_bytes = (pool->file_frames + nslots) * sizeof(*seen);
+	if (nframes + nslots) {
+		seen_bytes = (nframes + nslots) * sizeof(*seen);
 		seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (seen == MAP_FAILED)
 			return -ENOMEM;
 	}
-	seen_slot = seen ? seen + pool->file_frames : NULL;
+	seen_slot = seen ? seen + nframes : NULL;
 	for (size_t done = 0; done < npages && !err;) {
 		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
 
@@ -823,7 +832,7 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 				}
 			} else if (pte->state == UKSM_PTE_KSM) {
 				out->views_present++;
-				if (seen && pte->pfn < pool->file_frames && seen[pte->pfn] < UINT16_MAX)
+				if (seen && pte->pfn < nframes && seen[pte->pfn] < UINT16_MAX)
 					seen[pte->pfn]++;
 			} else if (pte->state == UKSM_PTE_SWAPPED) {
 				out->swap_views_present++;
@@ -834,7 +843,7 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		uksm_unlock(pool);
 		done += n;
 	}
-	for (size_t f = 0; seen && f < pool->file_frames; f++) {
+	for (size_t f = 0; seen && f < nframes; f++) {
 		out->frames_single += seen[f] == 1;
 		out->frames_present += seen[f] > 0;
 	}
@@ -870,11 +879,15 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 }
 
 /*
- * Fork epochs.  Each fork that finds a pool opens one: a pipe whose write
- * end only the child keeps (close-on-exec, so an exec ends it too, and a
- * grandchild inherits it).  Its read end here reads EOF exactly when the
- * child and all that inherited the end have exited or exec'd; only then
- * may the frames and slots freed meanwhile go back.
+ * Fork epochs.  Each fork that finds a pool opens one: a one-page memfd
+ * that the forking process maps MAP_SHARED and writable just before the
+ * fork and unmaps just after, so that only the child (and whatever it
+ * forks in turn) keeps a writable shared mapping of it.  While one exists,
+ * F_SEAL_WRITE cannot be added (EBUSY); when the child and every
+ * descendant that inherited the mapping have exited or exec'd, the seal
+ * goes on, and the frames and slots freed meanwhile may go back.  A
+ * mapping, not a descriptor: a child that closes every descriptor it
+ * inherited (daemons, closerange before exec) is still followed.
  */
 #define MAX_EPOCHS	4096
 static struct {
@@ -882,19 +895,27 @@ static struct {
 	uint32_t gen;
 } epochs[MAX_EPOCHS];
 static size_t nr_epochs;
-static int fork_pipe[2] = { -1, -1 };
+static int fork_epoch_fd = -1;
+static void *fork_epoch_map = MAP_FAILED;
 static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
-
-static int untracked;
+/* a fork whose epoch could not be made: from then on nothing is released */
+static _Atomic int untracked;
+/* prepare holds every pool->lock: no page is in transit (fault.c) */
+_Atomic int uksm_fork_frozen;
 
 static void update_oldest(void)
 {
-	uint32_t oldest = untracked ? 1 : 0;
+	uint32_t oldest = 0;
 
 	for (size_t i = 0; i < nr_epochs; i++)
 		if (!oldest || epochs[i].gen < oldest)
 			oldest = epochs[i].gen;
 	atomic_store(&uksm_oldest_epoch, oldest);
+}
+
+int uksm_untracked(void)
+{
+	return atomic_load(&untracked);
 }
 
 /*
@@ -909,9 +930,7 @@ int uksm_fork_poll(void)
 
 	uksm_futex_lock(&registry_lock);
 	for (size_t i = 0; i < nr_epochs; i++) {
-		struct pollfd p = { .fd = epochs[i].fd, .events = POLLIN };
-
-		if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLIN | POLLERR))) {
+		if (fcntl(epochs[i].fd, F_ADD_SEALS, F_SEAL_WRITE) == 0) {
 			close(epochs[i].fd);
 			closed = 1;
 			continue;
@@ -938,6 +957,24 @@ int uksm_fork_poll(void)
 	return (int)kept;
 }
 
+/* The epoch a fork opens: the memfd and its writable shared page. */
+static int epoch_open(void)
+{
+	int fd = memfd_create("uksm-epoch", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+	if (fd < 0)
+		return -1;
+	if (ftruncate(fd, PG) == 0) {
+		fork_epoch_map = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		if (fork_epoch_map != MAP_FAILED) {
+			fork_epoch_fd = fd;
+			return 0;
+		}
+	}
+	close(fd);
+	return -1;
+}
+
 /*
  * prepare: take the registry and every pool->lock, so that no page is in
  * transit (write-protected mid-merge) when the address space is copied,
@@ -955,33 +992,36 @@ static void uksm_atfork_prepare(void)
 		fork_locked[slot] = pool;
 		if (pool) {
 			uksm_lock(pool);
+			uksm_frames_flush(pool);	/* the child must not inherit a pending punch */
 			any = 1;
 		}
 	}
-	fork_pipe[0] = fork_pipe[1] = -1;
-	if (any && nr_epochs < MAX_EPOCHS && !pipe2(fork_pipe, O_CLOEXEC))
-		atomic_fetch_add(&uksm_fork_gen, 1);
+	atomic_store(&uksm_fork_frozen, any);
+	if (!any)
+		return;
+	/* a generation of its own, whether or not it can be followed */
+	atomic_fetch_add(&uksm_fork_gen, 1);
 	/*
-	 * No pipe (no descriptors left, or MAX_EPOCHS live children): this
-	 * child cannot be followed, so from now on every free is deferred for
-	 * good (untracked).  Memory is kept, never reused under a child.
+	 * No epoch (no descriptors left, no memory, or MAX_EPOCHS live
+	 * children): this child cannot be followed, so from now on every free
+	 * is deferred for good.  Memory is kept, never reused under a child.
 	 */
-	if (any && fork_pipe[0] < 0)
-		untracked = 1;
+	if (nr_epochs >= MAX_EPOCHS || epoch_open())
+		atomic_store(&untracked, 1);
 }
 
 static void uksm_atfork_parent(void)
 {
-	if (fork_pipe[0] >= 0) {
-		close(fork_pipe[1]);
-		epochs[nr_epochs].fd = fork_pipe[0];
+	if (fork_epoch_fd >= 0) {
+		munmap(fork_epoch_map, PG);	/* only the child's mapping is left */
+		fork_epoch_map = MAP_FAILED;
+		epochs[nr_epochs].fd = fork_epoch_fd;
 		epochs[nr_epochs].gen = atomic_load(&uksm_fork_gen);
 		nr_epochs++;
-		update_oldest();
-		fork_pipe[0] = fork_pipe[1] = -1;
-	} else {
-		update_oldest();
+		fork_epoch_fd = -1;
 	}
+	update_oldest();
+	atomic_store(&uksm_fork_frozen, 0);
 	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
 		struct uksm_pool *pool = fork_locked[slot];
 
@@ -994,9 +1034,10 @@ static void uksm_atfork_parent(void)
 }
 
 /*
- * child: keep the write end for life; the parent's epochs are not ours;
- * our pools are heirs until they need a store of their own.  Syscalls and
- * plain stores only: a forked child of a threaded process may do no more.
+ * child: keep the epoch's mapping for life (it is what tells our parent we
+ * live); the parent's epochs are not ours; our pools are heirs until they
+ * need a store of their own.  Syscalls and plain stores only: a forked
+ * child of a threaded process may do no more.
  */
 static void uksm_atfork_child(void)
 {
@@ -1004,14 +1045,16 @@ static void uksm_atfork_child(void)
 
 	if (pm >= 0)
 		close(pm);
-	if (fork_pipe[0] >= 0)
-		close(fork_pipe[0]);
-	fork_pipe[0] = fork_pipe[1] = -1;
+	if (fork_epoch_fd >= 0)
+		close(fork_epoch_fd);	/* the mapping stays */
+	fork_epoch_fd = -1;
+	fork_epoch_map = MAP_FAILED;
 	for (size_t i = 0; i < nr_epochs; i++)
 		close(epochs[i].fd);
 	nr_epochs = 0;
-	untracked = 0;
+	atomic_store(&untracked, 0);
 	atomic_store(&uksm_oldest_epoch, 0);
+	atomic_store(&uksm_fork_frozen, 0);
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = fork_locked[slot];
 
@@ -1019,7 +1062,7 @@ static void uksm_atfork_child(void)
 		if (!pool)
 			continue;
 		pool->heir = 1;
-		pool->punch_len = 0;	/* the parent punches its own */
+		pool->punch_len = 0;	/* flushed in prepare: nothing pending */
 		atomic_store(&pool->lock, 0);
 	}
 	atomic_store(&registry_lock, 0);	/* the child's own, now */
@@ -1098,9 +1141,22 @@ int uksm_detach(struct uksm_pool *pool)
 			uint64_t pm[UKSM_RUN_MAX];
 			int have;
 
-			/* read-only first: no copy can happen between pagemap and mmap */
-			(void)uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_READ);
+			/*
+			 * Read-only first: no copy can happen between pagemap and
+			 * mmap.  If either fails, the run stays a view of the
+			 * parent's store: same bytes, and the parent keeps them
+			 * while we live.
+			 */
+			if (uksm_mprotect(page_addr(pool, vpn), n * PG, PROT_READ)) {
+				vpn += n;
+				continue;
+			}
 			have = !uksm_pagemap_read((size_t)page_addr(pool, vpn), n, pm);
+			if (!have) {
+				(void)uksm_mprotect(page_addr(pool, vpn), n * PG, view_prot(pool));
+				vpn += n;
+				continue;
+			}
 			for (size_t i = 0; i < n;) {
 				size_t e = i;
 

@@ -573,9 +573,13 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 			if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1) {
 				uint64_t e;
 
-				(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ);
-				if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) &&
-				    pm_cowed(e)) {
+				if (uksm_mprotect(page_addr(pool, v), PG, PROT_READ) ||
+				    uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e)) {
+					/* no page lock on this view: the frame stays */
+					pool->evict_mark[pte->pfn] = 2;
+					continue;
+				}
+				if (pm_cowed(e)) {
 					uksm_page_cowed(pool, v);
 					(void)uksm_mprotect(page_addr(pool, v), PG,
 							    PROT_READ | PROT_WRITE);
@@ -890,9 +894,11 @@ int uksm_swap_detach(struct uksm_pool *pool)
 
 		if (pool->ptes[v].state != UKSM_PTE_SWAPPED)
 			continue;
-		/* read-only first: no copy can happen between pagemap and mmap */
-		(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ);
-		if (!uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) && pm_cowed(e)) {
+		/* read-only first: no copy can happen between pagemap and mmap;
+		 * failing that, the page stays on the parent's slot (kept for us) */
+		if (uksm_mprotect(page_addr(pool, v), PG, PROT_READ))
+			continue;
+		if (uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e) || pm_cowed(e)) {
 			/* the child's own copy: reconcile finds it */
 			(void)uksm_mprotect(page_addr(pool, v), PG, view_prot(pool));
 			continue;

@@ -311,10 +311,12 @@ extern _Atomic size_t uksm_pools_high;
  */
 extern _Atomic uint32_t uksm_fork_gen;
 extern _Atomic uint32_t uksm_oldest_epoch;
+extern _Atomic int uksm_fork_frozen;
+int uksm_untracked(void);
 
 static inline int uksm_must_defer(struct uksm_pool *pool)
 {
-	return pool->heir || atomic_load(&uksm_oldest_epoch) != 0;
+	return pool->heir || atomic_load(&uksm_oldest_epoch) != 0 || uksm_untracked();
 }
 
 /* May a thing freed in generation @gen go back now? */
@@ -322,7 +324,7 @@ static inline int uksm_gen_released(uint32_t gen)
 {
 	uint32_t oldest = atomic_load(&uksm_oldest_epoch);
 
-	return gen != UINT32_MAX && (!oldest || oldest > gen);
+	return gen != UINT32_MAX && !uksm_untracked() && (!oldest || oldest > gen);
 }
 
 /* pool.c; caller holds pool->lock */

@@ -134,23 +134,36 @@ faulthandler.disable = _disable_then_reinstall
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 
 
+# The pools' cores locked around a fork, held strongly: a pool the garbage
+# collector takes during another fork hook must not take its lock away
+# (its __del__ defers to the lock's release instead: see Pool.__del__).
+_fork_held: list = []
+
+
 def _before_fork() -> None:
-    for pool in list(_live_pools):
-        pool._lock.acquire()
+    global _fork_held
+    _fork_held = [pool._c for pool in list(_live_pools)]
+    for core in _fork_held:
+        core.lock.acquire()
 
 
 def _after_fork_parent() -> None:
-    for pool in list(_live_pools):
-        pool._lock.release()
+    global _fork_held
+    cores, _fork_held = _fork_held, []
+    for core in cores:
+        core.lock.release()
 
 
 def _after_fork_child() -> None:
-    # The C core has already moved the child onto a memfd of its own; the
-    # scanner thread did not survive the fork.
+    # The C core made the child's pools heirs of the parent's frame store;
+    # the scanner thread did not survive the fork.
+    global _fork_held
+    cores, _fork_held = _fork_held, []
     for pool in list(_live_pools):
         pool._thread = None
         pool._stop_event = threading.Event()
-        pool._lock.release()
+    for core in cores:
+        core.lock.release()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
@@ -538,8 +551,14 @@ class Pool:
 
     def __del__(self) -> None:
         try:
-            if not self._closed:
-                self.close()
+            if self._closed:
+                return
+            if self._lock.owned():
+                # collected inside one of this thread's own sections (a fork
+                # hook, a pool call that allocated): close once it is left
+                self._lock.on_exit = self.close
+                return
+            self.close()
         except Exception:
             pass
 
