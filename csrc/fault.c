@@ -353,10 +353,10 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 			uksm_fatal("copy-on-write: cannot make a page writable (mprotect "
 				   "failed: vm.max_map_count, the commit limit or "
 				   "RLIMIT_DATA reached?); the write cannot be kept");
-		if (state != UKSM_PTE_ZERO) {
+		if (state != UKSM_PTE_ZERO)
 			force_cow(pool, vpn);
-			pool->st.cow_signal++;
-		}
+		/* a swapped page written counts as a swap-in, not a COW */
+		pool->st.cow_signal += state == UKSM_PTE_KSM;
 		uksm_page_cowed(pool, vpn);
 		uksm_frames_flush(pool);
 	} else {

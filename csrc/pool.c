@@ -185,10 +185,21 @@ int uksm_grow_file(struct uksm_pool *pool, size_t end)
 }
 
 /* Zap the direct map's entries for the frames touched under this hold. */
+/*
+ * The window is widened to the kernel's fault-around (64 KiB): a read
+ * through the direct map maps the cached neighbours of the page read too.
+ */
+#define FAULT_AROUND	16
+
 void uksm_direct_zap(struct uksm_pool *pool)
 {
-	madvise(pool->direct + pool->direct_lo * PG,
-		(pool->direct_hi - pool->direct_lo) * PG, MADV_DONTNEED);
+	/* the window is aligned in virtual addresses, not in frames */
+	size_t lo = pool->direct_lo > FAULT_AROUND ? pool->direct_lo - FAULT_AROUND : 0;
+	size_t hi = pool->direct_hi + FAULT_AROUND;
+
+	if (hi > pool->nr_frames)
+		hi = pool->nr_frames;
+	madvise(pool->direct + lo * PG, (hi - lo) * PG, MADV_DONTNEED);
 	pool->direct_lo = pool->direct_hi = 0;
 }
 

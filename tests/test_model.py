@@ -44,13 +44,17 @@ Merging itself is checked after pool.scan(full_scans=2) on a pool without
 smart_scan: among the committed pages of mergeable buffers, an all-zero
 page is the zero page (use_zero_pages), and for every other content that
 occurs twice or more at most one page is left unmerged, and (with
-max_page_sharing 256, no chains) only when the content's KSM frame is full.
-Errors are predicted exactly: PoolFullError from allocate iff the live
-buffers' span plus the new one would exceed capacity, VirtualSpaceError
-iff it fits but first fit finds no free run of virtual pages; unmerge and
-pin never fail (only a kernel out of memory could make them).  After
-compact/shrink: frames_skipped == 0 and the live frames fill [0, live) of
-a memfd cut right after them.
+max_page_sharing 256, no chains) only when the content's KSM frame is full;
+after any step, a page never written (the kernel's zero page) was not
+merged.  (While a shrunk frame store is full, a merge that needs a new
+frame waits: the completeness check is left out then.)  Errors are
+predicted exactly: PoolFullError from allocate iff the live buffers' span
+plus the new one would exceed capacity, VirtualSpaceError iff it fits but
+first fit finds no free run of virtual pages, from shrink iff the live
+frames would not fit below the new top of the store (capacity stays);
+unmerge and pin never fail (only a kernel out of memory could make them).
+After compact/shrink: frames_skipped == 0 and the live frames fill
+[0, live) of a memfd cut right after them.
 
 Kernel I/O: write(2) from any page works in both modes; read(2) into
 merged or zero pages works in "kernel" mode (the kernel copies them), and
@@ -91,7 +95,8 @@ PALETTE_SIZE = 5
 KERNEL_IO_MAX = 3 * PAGE
 
 # steps (rules) run, examples (pools) made; quoted in the README
-STEPS = {"steps": 0, "examples": 0, "pool_full": 0, "merge_checks": 0, "cow_breaks": 0}
+STEPS = {"steps": 0, "examples": 0, "pool_full": 0, "merge_checks": 0, "cow_breaks": 0,
+         "shrinks": 0}
 
 
 # -- the kernel's view of a pool, and what the core gets wrong about it ----------------
@@ -133,33 +138,6 @@ def kernel_view(entries) -> dict:
     return out
 
 
-def _zero_page_counted() -> bool:
-    """Whether the core counts a page that was read but never written (the
-    kernel maps its shared zero page there: nothing is allocated, smaps
-    counts nothing) as private memory, in buffers of the model's sizes (all
-    below a huge page).  It should not; see
-    test_reading_untouched_pages_costs_nothing."""
-    with uksm.Pool("1MiB", sleep_millisecs=0) as pool:
-        a = pool.zeros(4 * PAGE, np.uint8)
-        int(a.sum())
-        counted = pool.stats()["bytes_private"] > 0
-        del a
-    return counted
-
-
-def _shrink_lowers_capacity() -> bool:
-    """Whether shrink()'s lower capacity is the one allocation obeys; see
-    test_shrink_lowers_the_capacity_allocation_obeys."""
-    with uksm.Pool("1MiB", sleep_millisecs=0) as pool:
-        pool.shrink(128 * PAGE)
-        try:
-            a = pool.zeros(200 * PAGE, np.uint8)
-        except uksm.PoolFullError:
-            return True
-        del a
-    return False
-
-
 def direct_map_rss(pool) -> int:
     """Bytes present in the pool's direct map (csrc/uksm.h: the read-write
     mapping of the whole frame store the core fills frames through, zapped
@@ -198,9 +176,7 @@ def core_bug(name: str) -> bool:
     """A known core bug, probed once (each has a strict-xfail test below that
     pins it down): the model avoids or bounds only what that bug touches."""
     if name not in _PROBES:
-        _PROBES[name] = {"zero_page_counted": _zero_page_counted,
-                         "shrink_keeps_capacity": lambda: not _shrink_lowers_capacity(),
-                         "direct_map_kept": _direct_map_kept}[name]()
+        _PROBES[name] = {"direct_map_kept": _direct_map_kept}[name]()
     return _PROBES[name]
 
 
@@ -271,6 +247,7 @@ class PoolModel(RuleBasedStateMachine):
                               cow=self.COW, cow_reserve=cow_reserve, compact_threshold=0)
         assert self.pool.cow == self.COW
         self.cap_pages = self.pool.capacity // PAGE
+        self.frames_online = self.cap_pages      # the frame store: a frame per page
         self.iofd = os.memfd_create("uksm-model-io", os.MFD_CLOEXEC)
         self.rng = np.random.default_rng(seed)
         self.palette = self.rng.integers(1, 256, (PALETTE_SIZE, PAGE), dtype=np.uint8)
@@ -703,27 +680,29 @@ class PoolModel(RuleBasedStateMachine):
             # a write into a moved page (a COW break if it is merged)
             self._write(self._pick(i), "byte", pos, 0, value, 0)
 
-    @precondition(lambda self: not core_bug("shrink_keeps_capacity"))
     @rule(pages=st.integers(1, 96))
     def shrink(self, pages):
-        """Memory hot-remove: the top of the frame store goes, and so much
-        capacity with it.  Refused (PoolFullError, nothing changed) iff the
-        live buffers span more than what would remain."""
+        """Memory hot-remove: the top of the frame store goes for good, the
+        live frames there moved below it first.  capacity, the span of live
+        buffers, stays: private pages are not frames.  Refused
+        (PoolFullError, nothing changed) iff the live frames would not fit
+        in what remains."""
         self._step()
-        cap = self.cap_pages
-        if cap - pages < 128:
-            return                                   # keep a usable pool
-        fits = self._mapped_pages() <= cap - pages
+        online = self.frames_online
+        if online - pages < 64:
+            return                                   # keep frames to merge into
+        live = self.pool.stats()["pages_shared"]
+        fits = live <= online - pages
         try:
             self.pool.shrink(pages * PAGE)
         except uksm.PoolFullError:
             STEPS["pool_full"] += 1
-            assert not fits, (f"shrink by {pages} refused: {self._mapped_pages()} of "
-                              f"{cap} pages mapped")
-            assert self.pool.capacity // PAGE == cap
+            assert not fits, f"shrink by {pages} refused: {live} of {online} frames live"
+            assert self.pool.capacity // PAGE == self.cap_pages
             return
-        assert fits, f"shrink by {pages} succeeded with {self._mapped_pages()} of {cap} mapped"
-        self.cap_pages = cap - pages
+        assert fits, f"shrink by {pages} succeeded with {live} of {online} frames live"
+        self.frames_online = online - pages
+        STEPS["shrinks"] += 1
         assert self.pool.capacity // PAGE == self.cap_pages
         self._check_compacted()
 
@@ -762,8 +741,8 @@ class PoolModel(RuleBasedStateMachine):
             for p in range(e.npages):
                 if state[p] == KSM:
                     frame_mc[int(pfn[p])] = int(mc[p])
-                # a page never written is the kernel's zero page already:
-                # whether it is scanned is test_untouched_pages_are_not_merged's
+                # a page never written is the kernel's zero page already and
+                # is not scanned (_check_cow: never merged)
                 if not e.mergeable or (state[p] == PRIVATE and not e.committed[p]):
                     continue
                 data = e.shadow[p * PAGE:(p + 1) * PAGE]
@@ -772,12 +751,14 @@ class PoolModel(RuleBasedStateMachine):
                 g[1].append(int(state[p]))
                 if state[p] == KSM:
                     g[2].add(int(pfn[p]))
+        # a merge that needs a new frame waits while the store (shrunk) is full
+        store_full = self.pool.stats()["pages_shared"] >= self.frames_online
         for zero, states_, frames in groups.values():
             if zero and self.zero_pages:
                 assert all(s == ZERO for s in states_), \
                     f"zero pages left unmerged after 2 full scans: {states_}"
                 continue
-            if len(states_) < 2:
+            if len(states_) < 2 or store_full:
                 continue
             private = states_.count(PRIVATE)
             assert private <= 1, \
@@ -813,6 +794,9 @@ class PoolModel(RuleBasedStateMachine):
         assert s["capacity"] == self.cap_pages * PAGE
         assert s["bytes_mapped"] <= s["capacity"]
         assert s["frames_deferred"] == 0 and s["fork_detaches"] == 0, s
+        assert s["pages_shared"] <= self.frames_online
+        assert s["memfd_size"] <= self.frames_online * PAGE, (s["memfd_size"] // PAGE,
+                                                              self.frames_online)
         es, info = self._tables()
         if es:
             state = np.concatenate([x[0] for x in info])
@@ -857,11 +841,9 @@ class PoolModel(RuleBasedStateMachine):
             if e.state is not None:
                 broke += int(np.count_nonzero((e.state == KSM) & (st_ == PRIVATE)))
                 zero_broke += int(np.count_nonzero((e.state == ZERO) & (st_ == PRIVATE)))
-                if not core_bug("zero_page_counted"):
-                    # a page never written is the zero page already: never merged
-                    merged = np.flatnonzero((e.state == PRIVATE) & ~e.committed
-                                            & (st_ != PRIVATE))
-                    assert not len(merged), f"pages never written were merged: {merged[:10]}"
+                # a page never written is the zero page already: never merged
+                merged = np.flatnonzero((e.state == PRIVATE) & ~e.committed & (st_ != PRIVATE))
+                assert not len(merged), f"pages never written were merged: {merged[:10]}"
             e.state = st_.copy()
             e.committed &= st_ == PRIVATE           # merged away, or given back as zero
         assert s["cow_breaks"] - self.cow_seen == broke, (s["cow_breaks"], self.cow_seen, broke)
@@ -912,21 +894,9 @@ class PoolModel(RuleBasedStateMachine):
                 # (test_direct_map_is_zapped_after_merging)
                 assert uss - direct <= k["Uss"] <= uss
                 assert pss - direct / 2 - 1e-6 * PAGE <= k["Pss"] <= pss + 1e-6 * PAGE
-        if not core_bug("zero_page_counted"):
-            assert s["bytes_private"] == committed * PAGE, (s["bytes_private"] // PAGE,
-                                                            committed)
-            assert s["rss_bytes"] == rss, (s["rss_bytes"] // PAGE, rss // PAGE)
-            assert s["pss_bytes"] == pss, (s["pss_bytes"] // PAGE, pss // PAGE)
-        else:
-            # over-counted by at most the pages that map the zero page: the
-            # private pages never written, and the zero pages, all read by
-            # the contents check (test_reading_untouched_pages_costs_nothing)
-            zero_mapped = sum(int(np.count_nonzero(
-                ((st_ == PRIVATE) & ~e.committed) | (st_ == ZERO))) for e, (st_, _, _) in
-                zip(es, info)) * PAGE
-            assert committed * PAGE <= s["bytes_private"] <= committed * PAGE + zero_mapped
-            assert rss <= s["rss_bytes"] <= rss + zero_mapped
-            assert pss <= s["pss_bytes"] <= pss + zero_mapped
+        assert s["bytes_private"] == committed * PAGE, (s["bytes_private"] // PAGE, committed)
+        assert s["rss_bytes"] == rss, (s["rss_bytes"] // PAGE, rss // PAGE)
+        assert s["pss_bytes"] == pss, (s["pss_bytes"] // PAGE, pss // PAGE)
 
 
 class SignalPoolModel(PoolModel):
@@ -966,6 +936,7 @@ def test_model_long(cow):
               f"in {STEPS['examples'] - before['examples']} examples, "
               f"{STEPS['pool_full'] - before['pool_full']} PoolFullErrors as predicted, "
               f"{STEPS['merge_checks'] - before['merge_checks']} merge checks, "
+              f"{STEPS['shrinks'] - before['shrinks']} shrinks, "
               f"{STEPS['cow_breaks'] - before['cow_breaks']} COW breaks")
 
 
@@ -1029,20 +1000,8 @@ def test_leftover_page_finds_a_dup_with_room():
                                        f"(max_page_sharing 2)")
 
 
-# -- what the model found in the core, and steps around (see core_bug) -----------------
-
-
-HUGE_ZERO_BUG = pytest.mark.xfail(
-    reason="core bug: a buffer of 512 pages or more is MADV_HUGEPAGE, and reading it "
-           "untouched maps the kernel's huge zero page; the core takes those pagemap "
-           "entries for private pages (it recognises only the 4 KiB zero page), so it "
-           "counts them in bytes_private/bytes_resident/rss_bytes/pss_bytes and scans and "
-           "merges them", strict=True)
-
-
-@pytest.mark.parametrize("pages, how", [
-    (16, "fresh"), (16, "given_back"),
-    pytest.param(4096, "fresh", marks=HUGE_ZERO_BUG), (4096, "given_back")])
+@pytest.mark.parametrize("pages, how", [(16, "fresh"), (16, "given_back"),
+                                        (4096, "fresh"), (4096, "given_back")])
 def test_reading_untouched_pages_costs_nothing(pages, how):
     """Reading a page never written maps the kernel's shared zero page (a
     huge one where the buffer is big enough), a fresh buffer's or one the
@@ -1066,7 +1025,7 @@ def test_reading_untouched_pages_costs_nothing(pages, how):
         del a
 
 
-@pytest.mark.parametrize("pages", [16, pytest.param(1024, marks=HUGE_ZERO_BUG)])
+@pytest.mark.parametrize("pages", [16, 1024])
 def test_untouched_pages_are_not_merged(pages):
     """A private page never written is not scanned or merged, read or not:
     it is the kernel's zero page already.  Merging it (use_zero_pages off)
@@ -1081,31 +1040,43 @@ def test_untouched_pages_are_not_merged(pages):
         del a
 
 
-@pytest.mark.xfail(reason="core bug: shrink() lowers pool.capacity but not the C "
-                          "allocator's capacity_pages, and does not refuse when the live "
-                          "buffers span more than what remains",
-                   strict=True)
-def test_shrink_lowers_the_capacity_allocation_obeys():
-    """capacity is the most the live buffers may span; shrink() takes
-    capacity away, so afterwards allocation obeys the lower figure, and a
-    shrink below the span already mapped is refused."""
-    with uksm.Pool("1MiB", sleep_millisecs=0) as pool:            # 256 pages
-        a = pool.zeros(100 * PAGE, np.uint8)
-        with pytest.raises(uksm.PoolFullError):
-            pool.shrink(200 * PAGE)                                # 100 > 56 left
-        assert pool.capacity == 256 * PAGE
-        pool.shrink(128 * PAGE)
-        assert pool.capacity == 128 * PAGE
-        with pytest.raises(uksm.PoolFullError):
-            pool.zeros(50 * PAGE, np.uint8)                        # 150 > 128
-        assert pool.stats()["bytes_mapped"] == 100 * PAGE
-        del a
+# -- what the model found in the core (core_bug: the model steps around these) --------
 
 
-@pytest.mark.xfail(reason="core bug: a merge leaves a new frame mapped in the direct map "
-                          "(not zapped after the copy), so the kernel counts it one mapper "
-                          "more: RSS twice, and PSS/USS partly outside the pool",
-                   strict=True)
+def test_shrink_takes_frames_and_leaves_capacity():
+    """shrink() takes frames off the top of the store (the live ones move
+    below first) and is refused iff they would not fit in what remains;
+    capacity, the span of live buffers, is unchanged, and a merge that
+    would need a frame beyond the new top waits, its pages left private,
+    until frames are given back."""
+    with uksm.Pool("1MiB", pages_to_scan=1000, sleep_millisecs=0,
+                   smart_scan=False) as pool:                      # 256 pages, 256 frames
+        rng = np.random.default_rng(5)
+        a = pool.asarray(rng.integers(0, 256, (100, PAGE), dtype=np.uint8))
+        b = pool.asarray(a)
+        pool.scan(full_scans=2)
+        assert pool.stats()["pages_shared"] == 100
+        with pytest.raises(uksm.PoolFullError):
+            pool.shrink(157 * PAGE)                                # 100 frames > 99 left
+        r = pool.shrink(156 * PAGE)                                # 100 frames, 100 left
+        s = pool.stats()
+        assert pool.capacity == 256 * PAGE and s["capacity"] == 256 * PAGE
+        assert s["pages_shared"] == 100 and s["memfd_size"] == 100 * PAGE, (r, s)
+        assert np.array_equal(a, b)
+        c = pool.asarray(rng.integers(0, 256, (28, PAGE), dtype=np.uint8))
+        d = pool.asarray(c)                                        # 256 pages mapped
+        with pytest.raises(uksm.PoolFullError):
+            pool.zeros(PAGE, np.uint8)
+        s = pool.scan(full_scans=2)
+        assert s["pages_shared"] == 100 and s["bytes_frames"] == 100 * PAGE
+        assert (pool.page_states(c)[0] == PRIVATE).all()           # no frame to merge into
+        del a, b
+        s = pool.scan(full_scans=2)
+        assert s["pages_shared"] == 28 and s["bytes_frames"] == 28 * PAGE
+        assert (pool.page_states(c)[0] == KSM).all() and np.array_equal(c, d)
+        del c, d
+
+
 def test_direct_map_is_zapped_after_merging():
     """csrc/uksm.h: the direct map is zapped after use, so that RSS counts
     each frame once per view.  Contents A B B C A C A: after two full scans

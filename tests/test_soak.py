@@ -276,11 +276,6 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
         pool.close()
 
 
-@pytest.mark.xfail(reason="core bug: with cow=\"signal\" the handler counts a write to a "
-                          "swapped page (a swap-in) in cow_breaks_signal, which is documented "
-                          "as the part of cow_breaks (merged pages copied on write) its "
-                          "handler did; the soak saw cow_breaks_signal > cow_breaks",
-                   strict=True)
 def test_signal_counts_only_cow_breaks(tmp_path):
     """cow_breaks_signal is the part of cow_breaks that uksm's handler did:
     a write into a swapped page is a swap-in (swap_ins), not a COW break."""
