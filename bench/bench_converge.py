@@ -1,6 +1,6 @@
 """Time to merge: uksm against the kernel's ksmd on the same content, same run.
 
-Workload of shared/tools/kernel_ksm_reference.c: 2 x 128 MiB where page i
+The kernel reference workload: 2 x 128 MiB where page i
 equals page N + i, pages_to_scan=10000, sleep_millisecs=0, until 99% of the
 N pairs share.  Targets: uksm/kernel <= 0.5 for wall and CPU time; bytes
 saved >= 0.99 of one page per pair, both by the pool's memory as the

@@ -1,4 +1,4 @@
-"""Merging a run of duplicate pages (issue 5's microbenchmark list): the
+"""Merging a run of duplicate pages (one of the harness's microbenchmarks): the
 second full scan of 2 x N pages where page i equals page N+i, which merges
 every pair with one write-protect, one mmap and one punch per run of up to
 512 pages, against the same pairs laid out so that no two merges are

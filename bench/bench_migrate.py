@@ -1,4 +1,4 @@
-"""Compaction (issue 4): MiB/s moved, the memfd and VMAs before and after on a
+"""Compaction: MiB/s moved, the memfd and VMAs before and after on a
 scattered merge workload, and the pause a writer thread sees while frames
 move.
 

@@ -1,4 +1,4 @@
-"""Swap (issue 3): uksm's swap-out and swap-in throughput and the fault
+"""Swap: uksm's swap-out and swap-in throughput and the fault
 latency of a swap-in, against the raw pwrite/pread floor of the same file
 system measured in the same run and, where root allows it, against the
 kernel's own swap (a swap file and a memory cgroup, restored afterwards).

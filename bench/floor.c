@@ -5,7 +5,7 @@
  * The benchmark suite compiles this at run time and sets its figures beside
  * uksm's measured COW break, taken in the same run: absolute times on these
  * VMs wander, the ratio to the floor does not.  Two floors, per 4 KiB page,
- * as ../../shared/tools/syscall_costs.c measures them:
+ * as the project measured them when it began (docs/architecture.md):
  *
  *   sigsegv_mprotect   a write to a read-only page, a SIGSEGV handler that
  *                      mprotects the page writable, the write retried: the

@@ -95,3 +95,25 @@ def kernel_resident_bytes(pool) -> int:
 def uss_bytes() -> int:
     """This process's unique set size (psutil)."""
     return psutil.Process().memory_full_info().uss
+
+
+def run_isolated(module: str, fn: str, *args, timeout: float = 90) -> str:
+    """Run test module @module's function @fn(*args) in a fresh interpreter,
+    so that a crash, a SIGBUS or a hang fails the test instead of killing
+    or stalling pytest.  Returns its stdout."""
+    import signal
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import {module} as m; "
+            f"m.{fn}(*{args!r})")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
+    died = (f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else "")
+    assert r.returncode == 0, (f"{fn}{args} exited with {r.returncode}{died}:\n"
+                               f"{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    return r.stdout

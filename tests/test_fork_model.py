@@ -36,6 +36,7 @@ import pytest
 
 import uksm
 from uksm.errors import PoolFullError, UksmError
+from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
@@ -46,18 +47,7 @@ DEADLINE = 60
 
 
 def _isolated(fn: str, *args, timeout: float = 90) -> str:
-    """Run this module's function @fn(*args) in a fresh interpreter; fail on
-    a non-zero exit, a signal or a hang.  Returns its stdout."""
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_fork_model as m; "
-            f"m.{fn}(*{args!r})")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
-    assert r.returncode == 0, (f"{fn}{args} exited with {r.returncode}:\n"
-                               f"{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-    return r.stdout
+    return run_isolated("test_fork_model", fn, *args, timeout=timeout)
 
 
 def wait_child(pid: int, timeout: float = DEADLINE) -> int:

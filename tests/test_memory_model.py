@@ -21,8 +21,6 @@ import errno
 import gc
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -31,6 +29,7 @@ import psutil
 import pytest
 
 import uksm
+from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
@@ -133,18 +132,7 @@ def page(a: np.ndarray, i: int) -> np.ndarray:
 
 
 def _isolated(fn: str, *args, timeout: float = 60) -> str:
-    """Run this module's function @fn(*args) in a fresh interpreter; fail on
-    a non-zero exit, a signal or a hang.  Returns its stdout."""
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_memory_model as m; "
-            f"m.{fn}(*{args!r})")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
-    assert r.returncode == 0, (f"{fn}{args} exited with {r.returncode}:\n"
-                               f"{r.stdout}\n{r.stderr}")
-    return r.stdout
+    return run_isolated("test_memory_model", fn, *args, timeout=timeout)
 
 
 # --- building pages in a given state ---------------------------------------------

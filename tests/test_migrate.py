@@ -17,8 +17,6 @@ import errno
 import gc
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -27,7 +25,7 @@ import pytest
 
 import uksm
 
-from conftest import KSM, PRIVATE, kernel_private_bytes, states
+from conftest import KSM, PRIVATE, kernel_private_bytes, run_isolated, states
 
 PAGE = uksm.PAGE_SIZE
 COWS = ["kernel", "signal"]
@@ -403,20 +401,7 @@ def test_kernel_writers_during_compaction_lose_nothing():
 
 
 def _isolated(fn: str, *args, timeout: float = 120) -> str:
-    """Run this module's function @fn(*args) in a fresh interpreter, so that a
-    SIGBUS (the file cut under a mapped page) fails the test instead of
-    killing pytest.  Returns its stdout."""
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_migrate as m; "
-            f"m.{fn}(*{args!r})")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
-    died = (f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else "")
-    assert r.returncode == 0, (f"{fn}{args} exited with {r.returncode}{died}:\n"
-                               f"{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-    return r.stdout
+    return run_isolated("test_migrate", fn, *args, timeout=timeout)
 
 
 def cut_under_cowed_pages(cow: str, how: str) -> None:

@@ -1,4 +1,4 @@
-"""A stateful model of a pool (issue 6, part 1): hypothesis drives random
+"""A stateful model of a pool: hypothesis drives random
 sequences of allocate / free / write / read / kernel I/O / scan / unmerge /
 merge / pin / compact / shrink against a real pool, once with each
 copy-on-write mode (cow="kernel": the kernel's fault path copies a merged

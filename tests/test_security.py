@@ -1,4 +1,4 @@
-"""Security properties (issue 6, part 6).
+"""Security properties.
 
 * Domain isolation: two pools never merge with each other.  Dedup across
   security domains is what the timing side channels exploit (Dedup Est

@@ -1,4 +1,4 @@
-"""Concurrency soak (issue 6, part 2), once with each copy-on-write mode.
+"""Concurrency soak, once with each copy-on-write mode.
 
 Eight threads write and read random pages of several merged arrays while
 the background scanner runs flat out (sleep_millisecs=0, a large

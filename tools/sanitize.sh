@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite with the C core built under AddressSanitizer and
-# UndefinedBehaviorSanitizer (issue 6, part 7).
+# UndefinedBehaviorSanitizer.
 #
 #   tools/sanitize.sh [--in-place] [pytest arguments...]
 #

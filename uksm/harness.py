@@ -2,7 +2,7 @@
 
 DOC: Overview
 
-The harness runs the suites of issue 5 on this machine and writes what a
+The harness runs its suites on this machine and writes what a
 user deciding between uksm and Linux KSM needs to read: results.json (every
 run's figures), report.md (machine facts, the knobs, one table) and PNG
 plots (memory over time while converging; the uksm/kernel ratio per suite).
@@ -19,7 +19,7 @@ plots (memory over time while converging; the uksm/kernel ratio per suite).
                pages_sharing) over time;
   4 steady     scanner CPU per page per full scan once nothing is left to
                merge: smart_scan on, off, and the scan-time advisor;
-  5 swap       uksm's swap area (issue 3): swap-out and swap-in MiB/s and
+  5 swap       uksm's swap area: swap-out and swap-in MiB/s and
                the swap-in fault latency, against the raw pwrite/pread
                floor of the same file system and, where root allows it
                (and not in a quick run), the kernel's own swap to a swap
@@ -758,7 +758,7 @@ class Bench:
     # -- suite 5 ------------------------------------------------------------------------
 
     def suite_swap(self, suite: SuiteResult) -> None:
-        """uksm's swap area (issue 3) against the raw pwrite/pread floor of
+        """uksm's swap area against the raw pwrite/pread floor of
         the same file system and the kernel's own swap (uksm.swapbench)."""
         import contextlib
 
@@ -907,7 +907,7 @@ class Bench:
             if parts:
                 ok = all(M[k].summary()["ratio"] is not None and M[k].summary()["ratio"] >= 0.5
                          for k in ("swap_out", "swap_in"))
-                suite.notes.append("Target (issue 3): uksm within 2x of the kernel's swap "
+                suite.notes.append("Target: uksm within 2x of the kernel's swap "
                                    "throughput: " + ", ".join(parts) + ("; met." if ok else
                                                                         "; NOT met."))
 

@@ -19,7 +19,7 @@ once in private anonymous memory madvised MADV_MERGEABLE for ksmd
                   pages, merged), -D (ksm_unmerge_time: merge a '*' region,
                   then time MADV_UNMERGEABLE / pool.unmerge);
   duplicate pairs 2 x N pages where page i equals page N+i (the workload of
-                  shared/tools/kernel_ksm_reference.c): wall and CPU seconds
+                  the kernel reference workload): wall and CPU seconds
                   until 99% of the pairs share, bytes saved;
   realistic       copies of numpy data with partial overlap, zero-filled
                   regions and a volatile region rewritten while the scanner

@@ -3,7 +3,7 @@ it, and the kernel's own swap, measured in the same run.
 
 DOC: Overview
 
-Issue 3's benchmarks, as plain functions that bench/bench_swap.py (pytest)
+The swap benchmarks, as plain functions that bench/bench_swap.py (pytest)
 and suite 5 of uksm.harness (``python -m uksm bench``) both call:
 
   uksm_swap()   a pool holding N bytes of incompressible data, in three
