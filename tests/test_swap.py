@@ -328,8 +328,8 @@ def test_shared_frame_one_slot_one_write(swdir, nmappers, cow):
     st = pool.stats()
     assert st["swap_ins"] - after["swap_ins"] == 1
     assert st["pages_swapped"] == nmappers - 1 and st["swap_slots_used"] == 1
-    if cow == "signal":
-        assert st["cow_breaks_signal"] - after["cow_breaks_signal"] == 1
+    # a swapped page written is a swap-in, not a copy on write, in either mode
+    assert st["cow_breaks_signal"] == after["cow_breaks_signal"]
 
     # the next pass drops the cached page and evicts the written one
     kswapd(pool)

@@ -1,20 +1,20 @@
 """uksm: a userspace deduplicating page allocator for Python.
 
-Arrays from a :class:`uksm.Pool` are ordinary numpy arrays; the pool's
-scanner (a userspace ksmd) merges their identical pages onto one frame of an
-anonymous memfd, and a write into a merged page transparently gets its own
-copy back through a SIGSEGV copy-on-write handler written in C.
+Arrays from a :class:`uksm.Pool` are ordinary numpy arrays of private
+anonymous memory; the pool's scanner (a userspace ksmd) maps their identical
+pages as private views of one frame of its frame store, and a write into a
+merged page is copied by the kernel itself, as for a KSM page.
 """
 
-from ._core import PAGE_SIZE
+from ._core import PAGE_SIZE, PageState
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
                      PoolFullError, UksmError, UksmSwapWarning, VirtualSpaceError)
 from .pool import Pool, parse_size
 from .swap import Group
 
 __all__ = [
-    "Pool", "PAGE_SIZE", "parse_size", "UksmError", "PoolFullError",
+    "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
     "UksmSwapWarning", "Group",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

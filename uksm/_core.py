@@ -10,6 +10,7 @@ never needs the GIL to finish.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 
@@ -36,6 +37,17 @@ PTE_KSM: int = lib.UKSM_PTE_KSM
 PTE_ZERO: int = lib.UKSM_PTE_ZERO
 PTE_SWAPPED: int = lib.UKSM_PTE_SWAPPED
 SCAN_UNTOUCHED: int = lib.UKSM_SCAN_UNTOUCHED
+
+
+class PageState(enum.IntEnum):
+    """A pool page's state, as pool.page_states() reports it (csrc/uksm.h)."""
+
+    NONE = lib.UKSM_PTE_NONE
+    PRIVATE = lib.UKSM_PTE_PRIVATE    # anonymous memory
+    KSM = lib.UKSM_PTE_KSM            # a private view of a stable frame
+    ZERO = lib.UKSM_PTE_ZERO          # given back as zeroes
+    SWAPPED = lib.UKSM_PTE_SWAPPED    # a private view of a swap slot
+
 COW_MODES = {"kernel": lib.UKSM_COW_KERNEL, "signal": lib.UKSM_COW_SIGNAL}
 MAX_GROUPS: int = lib.UKSM_MAX_GROUPS
 
