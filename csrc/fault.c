@@ -318,6 +318,12 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		return;
 	}
 	if (!uksm_trylock(pool)) {
+		/*
+		 * Announce ourselves before looking: the parent hook clears
+		 * the flag and then waits for us before it drops the locks,
+		 * so no merge can start under a page we are mending.
+		 */
+		atomic_fetch_add(&uksm_fork_menders, 1);
 		if (atomic_load(&uksm_fork_frozen)) {
 			/*
 			 * A fork's prepare holds every pool->lock, and may be
@@ -333,10 +339,12 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 				if (pool->cow_mode == UKSM_COW_SIGNAL &&
 				    (state == UKSM_PTE_KSM || state == UKSM_PTE_SWAPPED))
 					force_cow(pool, vpn);
+				atomic_fetch_sub(&uksm_fork_menders, 1);
 				errno = saved_errno;
 				return;
 			}
 		}
+		atomic_fetch_sub(&uksm_fork_menders, 1);
 		uksm_lock(pool);
 		pool->st.fault_waits++;
 	}

@@ -913,6 +913,8 @@ static struct uksm_pool *fork_locked[UKSM_MAX_POOLS];
 static _Atomic int untracked;
 /* prepare holds every pool->lock: no page is in transit (fault.c) */
 _Atomic int uksm_fork_frozen;
+/* handlers mending a page without the lock while frozen (fault.c) */
+_Atomic int uksm_fork_menders;
 
 static void update_oldest(void)
 {
@@ -1033,6 +1035,8 @@ static void uksm_atfork_parent(void)
 	}
 	update_oldest();
 	atomic_store(&uksm_fork_frozen, 0);
+	while (atomic_load(&uksm_fork_menders))
+		__builtin_ia32_pause();
 	for (size_t slot = UKSM_MAX_POOLS; slot-- > 0;) {
 		struct uksm_pool *pool = fork_locked[slot];
 
@@ -1066,6 +1070,7 @@ static void uksm_atfork_child(void)
 	atomic_store(&untracked, 0);
 	atomic_store(&uksm_oldest_epoch, 0);
 	atomic_store(&uksm_fork_frozen, 0);
+	atomic_store(&uksm_fork_menders, 0);	/* only this thread lives on */
 	for (size_t slot = 0; slot < UKSM_MAX_POOLS; slot++) {
 		struct uksm_pool *pool = fork_locked[slot];
 

@@ -312,6 +312,7 @@ extern _Atomic size_t uksm_pools_high;
 extern _Atomic uint32_t uksm_fork_gen;
 extern _Atomic uint32_t uksm_oldest_epoch;
 extern _Atomic int uksm_fork_frozen;
+extern _Atomic int uksm_fork_menders;
 int uksm_untracked(void);
 
 static inline int uksm_must_defer(struct uksm_pool *pool)
