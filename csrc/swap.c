@@ -567,24 +567,34 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 	 * pagemap says which the kernel copied before we did (private now).
 	 */
 	if (shared) {
-		for (size_t v = 0; v < pool->va_pages; v++) {
-			const struct uksm_pte *pte = &pool->ptes[v];
+		/* by runs of such views: one mprotect and one pagemap read each */
+		for (size_t v = 0; v < pool->va_pages;) {
+			uint64_t *pm = pool->run.pm;
+			size_t e = v;
 
-			if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1) {
-				uint64_t e;
-
-				if (uksm_mprotect(page_addr(pool, v), PG, PROT_READ) ||
-				    uksm_pagemap_read((size_t)page_addr(pool, v), 1, &e)) {
-					/* no page lock on this view: the frame stays */
-					pool->evict_mark[pte->pfn] = 2;
-					continue;
-				}
-				if (pm_cowed(e)) {
-					uksm_page_cowed(pool, v);
-					(void)uksm_mprotect(page_addr(pool, v), PG,
-							    PROT_READ | PROT_WRITE);
-				}
+			while (e < pool->va_pages && e - v < UKSM_RUN_MAX &&
+			       pool->ptes[e].state == UKSM_PTE_KSM &&
+			       pool->evict_mark[pool->ptes[e].pfn] == 1)
+				e++;
+			if (e == v) {
+				v++;
+				continue;
 			}
+			if (uksm_mprotect(page_addr(pool, v), (e - v) * PG, PROT_READ) ||
+			    uksm_pagemap_read((size_t)page_addr(pool, v), e - v, pm)) {
+				/* no page lock on these views: their frames stay */
+				for (size_t k = v; k < e; k++)
+					pool->evict_mark[pool->ptes[k].pfn] = 2;
+				v = e;
+				continue;
+			}
+			for (size_t k = v; k < e; k++) {
+				if (!pm_cowed(pm[k - v]))
+					continue;
+				uksm_page_cowed(pool, k);
+				(void)uksm_mprotect(page_addr(pool, k), PG, PROT_READ | PROT_WRITE);
+			}
+			v = e;
 		}
 	}
 	got = 0;
