@@ -371,7 +371,8 @@ static void merge_install_anchors(struct uksm_pool *pool, size_t i, size_t len,
 			e++;
 		a0 = (size_t)dst_vpn[i + r];
 		span = (size_t)dst_vpn[i + e - 1] - a0 + 1;
-		got = uksm_frame_alloc_run(pool, span, pool->nr_frames, &pfn);
+		/* the tree pages are write-protected: their bytes are final */
+		got = uksm_frame_alloc_run(pool, span, pool->nr_frames, &pfn, page_addr(pool, a0));
 		if (!got) {
 			for (; r < e; r++) {
 				c->target[r] = TARGET_NONE;
@@ -379,7 +380,6 @@ static void merge_install_anchors(struct uksm_pool *pool, size_t i, size_t len,
 			}
 			continue;
 		}
-		memcpy(frames_addr(pool, pfn, got), page_addr(pool, a0), got * PG);
 		err = uksm_map_view(pool, a0, got, pool->ro_fd, pfn, prot);
 		for (size_t k = 0; k < got; k++) {
 			struct uksm_pte *anchor = &pool->ptes[a0 + k];

@@ -303,7 +303,7 @@ static int batch_collect(struct uksm_pool *pool, struct compact_ctl *c,
 		size_t lim = c->src[i] < pool->frames_online ? c->src[i] : pool->frames_online;
 		size_t d = uksm_find_zero_bit(pool->frame_map, pool->frame_hint, lim), got;
 
-		got = d < lim ? uksm_frame_alloc_at(pool, d, c->n - i, pool->frames_online) : 0;
+		got = d < lim ? uksm_frame_alloc_at(pool, d, c->n - i, pool->frames_online, NULL) : 0;
 		if (!got)
 			break;
 		pool->frame_hint = d + got;

@@ -34,7 +34,7 @@ static _Atomic int uksm_ever_forked;
 static _Atomic int registry_lock;
 
 /* The memfd grows by at least this much, so ftruncate is rare. */
-#define GROW_FRAMES	4096
+#define GROW_FRAMES	512
 
 int uksm_bit_test(const uint64_t *map, size_t i)
 {
@@ -207,12 +207,15 @@ void uksm_direct_zap(struct uksm_pool *pool)
  * uksm_frame_alloc_run - take up to @want free frames below @limit, as one
  * run starting at the lowest free pfn.  Returns how many were taken (0 when
  * none is free), *pfn_out the first.  The frames are allocated in the
- * memfd (fallocate: one call for the run, instead of a shmem fault per
- * page on the copy, and a full tmpfs fails here rather than with SIGBUS)
- * and carry a fresh key.  Caller holds pool->lock and sets the mapcounts.
+ * memfd at once, so that a full tmpfs fails here rather than with SIGBUS
+ * later: filled from @fill with one pwrite when given (the pages are
+ * allocated and written in one call: no zeroing, no direct map), else
+ * with one fallocate for the run (the caller copies in through the direct
+ * map, with no shmem fault per page).  They carry a fresh key.  Caller
+ * holds pool->lock and sets the mapcounts.
  */
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
-			    size_t *pfn_out)
+			    size_t *pfn_out, const void *fill)
 {
 	size_t pfn, n;
 
@@ -222,7 +225,7 @@ size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
 	if (pfn >= limit)
 		return 0;
 	pool->frame_hint = pfn;
-	n = uksm_frame_alloc_at(pool, pfn, want, limit);
+	n = uksm_frame_alloc_at(pool, pfn, want, limit, fill);
 	if (n) {
 		*pfn_out = pfn;
 		pool->frame_hint = pfn + n;
@@ -235,7 +238,7 @@ size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
  * @pfn (below @limit); 0 if @pfn itself is taken.  Caller holds pool->lock.
  */
 size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
-			   size_t limit)
+			   size_t limit, const void *fill)
 {
 	size_t n = 0;
 
@@ -247,8 +250,18 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 		n++;
 	if (!n || uksm_grow_file(pool, pfn + n))
 		return 0;
-	if (uksm_fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG)))
+	if (fill) {
+		ssize_t w = uksm_injected(UKSM_OP_FALLOCATE) ? -1 :
+			    pwrite(pool->fd, fill, n * PG, (off_t)(pfn * PG));
+
+		if (w < 0)
+			return 0;
+		n = (size_t)w / PG;	/* a short write: the tmpfs is full */
+		if (!n)
+			return 0;
+	} else if (uksm_fallocate(pool->fd, 0, (off_t)(pfn * PG), (off_t)(n * PG))) {
 		return 0;
+	}
 	for (size_t i = 0; i < n; i++) {
 		struct uksm_frame *f = &pool->frames[pfn + i];
 

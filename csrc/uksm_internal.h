@@ -336,9 +336,9 @@ void uksm_bit_set(uint64_t *map, size_t i);
 void uksm_bit_clear(uint64_t *map, size_t i);
 size_t uksm_find_zero_bit(const uint64_t *map, size_t from, size_t limit);
 size_t uksm_frame_alloc_run(struct uksm_pool *pool, size_t want, size_t limit,
-			    size_t *pfn_out);
+			    size_t *pfn_out, const void *fill);
 size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
-			   size_t limit);
+			   size_t limit, const void *fill);
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
 void uksm_frames_flush(struct uksm_pool *pool);
 int uksm_map_view(struct uksm_pool *pool, size_t vpn, size_t n, int fd,

@@ -403,6 +403,7 @@ class Pool:
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._compactions = 0
+        self._compact_gave_nothing_at = -1
         self._frames_migrated = 0
         self._closed = False
         self._pid = os.getpid()
@@ -785,6 +786,8 @@ class Pool:
         if not ratio:
             return False
         c = self._native.stats()
+        if c["frames_used"] == self._compact_gave_nothing_at:
+            return False        # the last try could not cut the store: nothing new
         slack = c["frames_file"] - c["frames_used"]
         return (c["frames_file"] > ratio * max(c["frames_used"], 1)
                 and slack * PAGE_SIZE >= (16 << 20))
@@ -880,7 +883,11 @@ class Pool:
                 scans = self._scanner.full_scans
                 self._scanner.scan_batch(self._knobs["pages_to_scan"])
                 if self._scanner.full_scans != scans and self._fragmented():
-                    self._compact_locked()
+                    result, _ = self._compact_locked()
+                    # a store the cut cannot reach (pages the kernel copied
+                    # live above it) is not tried again until frames change
+                    self._compact_gave_nothing_at = (
+                        -1 if result["size_released"] else self._native.stats()["frames_used"])
             if self._max_resident is not None:
                 self._reclaim()     # kswapd: back under the budget
                 self._native.swap_trim(256)
