@@ -158,11 +158,6 @@ static void jhash2_page_x4(const uint32_t *const k[LANES], uint64_t out[LANES])
 }
 #endif
 
-uint64_t uksm_xxhash(const void *page)
-{
-	return uksm_xxh3_64(page, PG);
-}
-
 /* calc_checksum: the seed's jhash2(addr, PAGE_SIZE / 4, 17), or XXH3. */
 uint64_t uksm_calc_checksum(const void *page, int algo)
 {

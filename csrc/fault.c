@@ -312,11 +312,6 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	vpn = (size_t)((char *)si->si_addr - pool->va) >> UKSM_PAGE_SHIFT;
 	pte = &pool->ptes[vpn];
-	if (fault_loops(si->si_addr)) {
-		chain(sig, si, uc);
-		errno = saved_errno;
-		return;
-	}
 	if (!uksm_trylock(pool)) {
 		/*
 		 * Announce ourselves before looking: the parent hook clears
@@ -368,7 +363,18 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		uksm_page_cowed(pool, vpn);
 		uksm_frames_flush(pool);
 	} else {
-		/* transit is over; a failed restore is mended here */
+		/*
+		 * Transit is over; a failed restore is mended here.  Only here
+		 * can a fault repeat with nothing changing (a COW changes the
+		 * state, and its repeat lands here): counted on this path
+		 * alone, so that the COW path takes no extra syscall.
+		 */
+		if (fault_loops(si->si_addr)) {
+			uksm_unlock(pool);
+			chain(sig, si, uc);
+			errno = saved_errno;
+			return;
+		}
 		pool->st.transit_faults++;
 		if (make_writable(pool, vpn))
 			uksm_fatal("cannot make a page writable again (mprotect failed: "

@@ -879,26 +879,7 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		munmap(seen, seen_bytes);
 	if (!fstat(pool->fd, &stbuf))
 		out->frames_blocks = (uint64_t)stbuf.st_blocks * 512 / PG;
-	if (pool->swap_fd >= 0 && pool->st.swap_file_slots) {
-		size_t len = pool->st.swap_file_slots * PG;
-		void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, pool->swap_fd, 0);
-
-		if (m != MAP_FAILED) {
-			unsigned char vec[UKSM_RUN_MAX];
-
-			for (size_t s = 0; s < pool->st.swap_file_slots; s += UKSM_RUN_MAX) {
-				size_t k = pool->st.swap_file_slots - s;
-
-				if (k > UKSM_RUN_MAX)
-					k = UKSM_RUN_MAX;
-				if (mincore((char *)m + s * PG, k * PG, vec))
-					break;
-				for (size_t i = 0; i < k; i++)
-					out->swap_cached += vec[i] & 1;
-			}
-			munmap(m, len);
-		}
-	}
+	out->swap_cached = uksm_swap_cached_pages(pool);
 	return err;
 }
 

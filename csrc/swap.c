@@ -353,13 +353,13 @@ static void drop_swap_cache(struct uksm_pool *pool, int keep_mapped)
 }
 
 /* Swap file pages in the page cache, by mincore over a mapping of it. */
-static size_t swap_cached_pages(struct uksm_pool *pool)
+size_t uksm_swap_cached_pages(struct uksm_pool *pool)
 {
 	size_t len = pool->st.swap_file_slots * PG, cached = 0;
 	unsigned char vec[UKSM_RUN_MAX];
 	char *m;
 
-	if (!len)
+	if (pool->swap_fd < 0 || !len)
 		return 0;
 	m = mmap(NULL, len, PROT_READ, MAP_SHARED, pool->swap_fd, 0);
 	if (m == MAP_FAILED)
@@ -410,12 +410,11 @@ static size_t count_resident(struct uksm_pool *pool)
 	for (size_t f = 0; f < pool->file_frames; f++)
 		if (pool->frames[f].mapcount)
 			groups[pool->frames[f].group]++;
-	total = swap_cached_pages(pool);
+	total = uksm_swap_cached_pages(pool);
 	for (int g = 0; g < UKSM_MAX_GROUPS; g++) {
 		pool->group_pages[g] = groups[g];
 		total += groups[g];
 	}
-	pool->resident_pages = total;
 	uksm_unlock(pool);
 	return total;
 }

@@ -121,7 +121,6 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		struct uksm_memory *out);
 int uksm_fork_poll(void);
 uint32_t uksm_jhash2(const uint32_t *k, uint32_t length, uint32_t initval);
-uint64_t uksm_xxhash(const void *page);
 uint64_t uksm_calc_checksum(const void *page, int algo);
 int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			int algo, const uint8_t *skip, uint64_t *sums,

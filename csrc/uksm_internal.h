@@ -175,7 +175,6 @@ struct uksm_pool {
 	uint64_t group_max[UKSM_MAX_GROUPS];	/* pages; 0: no limit */
 	uint64_t group_swapped[UKSM_MAX_GROUPS];
 	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
-	uint64_t resident_pages;	/* private + frames + swap cache, at last count */
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
 };
@@ -355,5 +354,6 @@ void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
 void uksm_swap_release_deferred(struct uksm_pool *pool);
 int uksm_swap_detach(struct uksm_pool *pool);
 void uksm_swap_destroy(struct uksm_pool *pool);
+size_t uksm_swap_cached_pages(struct uksm_pool *pool);
 
 #endif /* UKSM_INTERNAL_H */
