@@ -141,8 +141,13 @@ def kernel_view(entries) -> dict:
 def direct_map_rss(pool) -> int:
     """Bytes present in the pool's direct map (csrc/uksm.h: the read-write
     mapping of the whole frame store the core fills frames through, zapped
-    after use): the shared mappings of the memfd outside the buffer range."""
-    ino = str(os.fstat(pool.fd).st_ino)
+    after use): the shared mappings of the memfd outside the buffer range.
+    A mapping is the memfd's by device and inode both: inode numbers of the
+    kernel's internal shmem mount run in step with those of the root file
+    system, and a library can carry the same number."""
+    st = os.fstat(pool.fd)
+    ino = str(st.st_ino)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     lo_va = pool._native.va
     hi_va = lo_va + pool._native.va_pages * PAGE
     total, inside = 0, False
@@ -151,7 +156,8 @@ def direct_map_rss(pool) -> int:
             parts = line.split()
             if not parts[0].endswith(":"):          # a mapping's header line
                 lo = int(parts[0].split("-")[0], 16)
-                inside = len(parts) > 4 and parts[4] == ino and not lo_va <= lo < hi_va
+                inside = (len(parts) > 4 and parts[4] == ino and parts[3] == dev
+                          and not lo_va <= lo < hi_va)
             elif inside and parts[0] == "Rss:":
                 total += int(parts[1]) * 1024
     return total
