@@ -106,7 +106,10 @@
  * the GIL may be spinning in the handler) and never calls malloc.  It may
  * read user pages only in states that are readable (PRIVATE, KSM) and never
  * writes them, so it cannot fault into its own handler.  Critical sections
- * are bounded to UKSM_RUN_MAX pages.
+ * are bounded to UKSM_RUN_MAX pages.  Above it sits the policy lock of
+ * csrc/lock.c, held across the Python side's sections, which finalizers and
+ * signal handlers can interrupt in the holding thread: its word is the
+ * owner's tid, so that such a nested caller learns it would wait for itself.
  *
  * The rest of the machinery has essays of its own: csrc/swap.c (the swap
  * area), csrc/migrate.c (compaction and offlining of the frame store by rmap
@@ -320,5 +323,10 @@ long uksm_inject_hits(int op);
 int uksm_install_handler(void);
 int uksm_handler_installed(void);
 void uksm_handler_pop_prev(void);
+
+/* lock.c: the policy lock (the Python side's), owner-aware */
+int uksm_plock_lock(uint32_t *word, int blocking);
+void uksm_plock_unlock(uint32_t *word);
+int uksm_plock_owned(const uint32_t *word);
 
 #endif /* UKSM_H */

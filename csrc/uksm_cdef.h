@@ -156,3 +156,6 @@ long uksm_inject_hits(int op);
 int uksm_install_handler(void);
 int uksm_handler_installed(void);
 void uksm_handler_pop_prev(void);
+int uksm_plock_lock(uint32_t *word, int blocking);
+void uksm_plock_unlock(uint32_t *word);
+int uksm_plock_owned(const uint32_t *word);

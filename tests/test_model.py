@@ -61,6 +61,15 @@ merged or zero pages works in "kernel" mode (the kernel copies them), and
 in "signal" mode fails with EFAULT (they are read-only there) unless the
 buffer is pinned first.
 
+The program around the pool misbehaves as real ones do: a 3 ms interval
+timer's SIGALRM handler calls pool.stats() all through the run (inside
+the model's own pool calls too: served nested, csrc/lock.c), and free
+has two more ways: through a finalizer of a reference cycle, collected
+either outside any pool call or inside one of this thread's own sections
+(as when the collector strikes inside a pool call), where free() must
+queue its bookkeeping instead of waiting for itself.  The counters hold
+exactly either way once the step is over.
+
 Core bugs the model found are pinned by strict-xfail tests at the end of
 this file; core_bug() probes each once, and while one is there the model
 steps around (or bounds) only the figures it touches, so that everything
@@ -74,6 +83,7 @@ import errno
 import gc
 import hashlib
 import os
+import signal
 import sys
 import traceback
 
@@ -186,6 +196,17 @@ def core_bug(name: str) -> bool:
     return _PROBES[name]
 
 
+class _Freer:
+    """A wrapper in a reference cycle whose finalizer frees its buffer."""
+
+    def __init__(self, pool, arr):
+        self.pool, self.arr, self.me = pool, arr, self
+
+    def __del__(self):
+        arr, self.arr = self.arr, None
+        self.pool.free(arr)
+
+
 class Entry:
     """One live buffer: the array the pool returned (or None once dropped
     while a view keeps the buffer alive), an optional view, the shadow of
@@ -263,6 +284,8 @@ class PoolModel(RuleBasedStateMachine):
         self.smart = smart_scan
         self.populated = False                 # this step unmerged or pinned
         self.cow_seen = self.zero_cow_seen = self.signal_seen = 0
+        signal.signal(signal.SIGALRM, self._alarm)
+        signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
         # start with a few buffers, some of them copies, so that every rule
         # has something to work on from the first step
         for k in range(int(self.rng.integers(2, 6))):
@@ -270,7 +293,15 @@ class PoolModel(RuleBasedStateMachine):
                            dtype="float64", pages=int(self.rng.integers(1, 40)),
                            extra=0, two_d=False, value=k)
 
+    def _alarm(self, signum, frame):
+        pool = self.pool
+        if pool is not None and not pool.closed:
+            pool.stats()
+            STEPS["alarm_stats"] = STEPS.get("alarm_stats", 0) + 1
+
     def teardown(self):
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         pool, self.pool = self.pool, None
         self.entries = []
         if self.iofd >= 0:
@@ -414,10 +445,33 @@ class PoolModel(RuleBasedStateMachine):
         self.entries.append(e)
 
     @precondition(lambda self: self.entries)
-    @rule(i=st.integers(0, 1000), how=st.sampled_from(["free", "drop", "drop_nogc"]))
+    @rule(i=st.integers(0, 1000), how=st.sampled_from(["free", "drop", "drop_nogc",
+                                                       "finalizer", "finalizer_nested"]))
     def free(self, i, how):
         self._step()
         e = self._pick(i)
+        if how.startswith("finalizer"):
+            if e.arr is None or e.view is not None:
+                return
+            before = self.pool.stats()["bytes_mapped"]
+            _Freer(self.pool, e.arr)
+            e.arr = None
+            self.entries.remove(e)
+            core = self.pool._c
+            nested = how == "finalizer_nested" and not core.enter()
+            try:
+                gc.collect()        # the finalizer runs here
+                if nested:
+                    # the pages went back at once; the bookkeeping waits
+                    # for the lock's holder: this very section
+                    assert self.pool._native.stats()["pages_mapped"] * PAGE == \
+                        before - e.npages * PAGE
+                    assert core.pending
+            finally:
+                if nested:
+                    core.leave()
+            assert before - self.pool.stats()["bytes_mapped"] == e.npages * PAGE
+            return
         if how == "free":
             if e.arr is None:
                 return
@@ -921,9 +975,11 @@ HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_to
 
 @pytest.mark.parametrize("cow", ["kernel", "signal"])
 def test_model_short(cow):
+    before = STEPS.get("alarm_stats", 0)
     _run(cow, settings(max_examples=int(os.environ.get("UKSM_MODEL_EXAMPLES", 70)),
                        stateful_step_count=60, deadline=None, suppress_health_check=HEALTH,
                        database=None, print_blob=True))
+    assert STEPS.get("alarm_stats", 0) > before, "the SIGALRM handler never called the pool"
 
 
 @pytest.mark.skipif(not LONG, reason="long profile: UKSM_LONG=1")
@@ -943,7 +999,9 @@ def test_model_long(cow):
               f"{STEPS['pool_full'] - before['pool_full']} PoolFullErrors as predicted, "
               f"{STEPS['merge_checks'] - before['merge_checks']} merge checks, "
               f"{STEPS['shrinks'] - before['shrinks']} shrinks, "
-              f"{STEPS['cow_breaks'] - before['cow_breaks']} COW breaks")
+              f"{STEPS['cow_breaks'] - before['cow_breaks']} COW breaks, "
+              f"{STEPS.get('alarm_stats', 0) - before.get('alarm_stats', 0)} stats() "
+              f"from the SIGALRM handler")
 
 
 # -- deterministic regressions for what the model found --------------------------------

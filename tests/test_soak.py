@@ -22,6 +22,15 @@ run that check, so faulthandler.dump_traceback_later, re-armed each round,
 ends the process after 3 x STALL seconds as a last resort, with the stacks
 in /tmp/uksm-soak-watchdog-<pid>.txt.
 
+The program around the pool misbehaves as real ones do: the main thread's
+short-lived arrays are dropped through reference cycles whose finalizers
+call pool.free() (the collector, run every 100 allocations, finalizes them
+in whichever thread allocates: a writer, the scanner inside its batch, the
+main thread inside a pool call), and a 50 ms interval timer's SIGALRM
+handler allocates, frees and asks for stats() while the main thread may be
+inside the pool.  Both must have run, nothing may hang, and the figures
+must still add up.
+
 At the end, memory adds up by the kernel's own accounting: the frame
 store's allocated blocks are bytes_frames, no frame is left deferred (no
 child was forked), and bytes_resident is the private pages, the frames and
@@ -34,6 +43,7 @@ pytest -s).
 import faulthandler
 import gc
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -53,6 +63,21 @@ STALL = 20.0
 SECONDS = float(os.environ.get("UKSM_SOAK_SECONDS", "4"))
 
 SOAK = {}                        # the record of the last run of each mode
+
+
+class _Junk:
+    """A short-lived array dropped through a reference cycle: only the
+    collector frees it, and its finalizer gives the buffer back."""
+
+    def __init__(self, pool, arr, counts):
+        self.pool, self.arr, self.counts, self.me = pool, arr, counts, self
+
+    def __del__(self):
+        arr, self.arr = self.arr, None
+        if self.pool._c.owned():
+            self.counts["freed_nested"] += 1
+        self.pool.free(arr)
+        self.counts["freed"] += 1
 
 
 def _dump_stacks(path: str) -> str:
@@ -142,12 +167,26 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
     threads = []
     stop = threading.Event()
     lr_file = open(last_resort, "w")
+    counts = {"freed": 0, "freed_nested": 0, "alarms": 0}
+    keep_pal = palette[[1, 2]]
+
+    def on_alarm(signum, frame):
+        counts["alarms"] += 1
+        pool.stats()
+        x = pool.asarray(keep_pal)
+        assert np.array_equal(x, keep_pal)
+        pool.free(x)
+
+    old_threshold = gc.get_threshold()
     try:
         arrays = [pool.asarray(base) for _ in range(ARRAYS)]
         shadows = [base.copy() for _ in range(ARRAYS)]
         pool.scan(full_scans=2)
         assert pool.stats()["pages_sharing"] > 0
         pool.start()
+        gc.set_threshold(100, 5, 5)
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
         threads = [Worker(t, arrays, shadows, palette, stop, 1000 + t) for t in range(THREADS)]
         for t in threads:
             t.start()
@@ -172,7 +211,9 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
                 junk.append(pool.asarray(palette[rng.integers(PALETTE, size=32)]))
                 junk.append(pool.zeros(16 * PAGE, np.uint8))
                 if len(junk) > 8:
-                    del junk[: len(junk) // 2]
+                    for a in junk[: len(junk) // 2]:
+                        _Junk(pool, a, counts)
+                    del junk[: len(junk) // 2], a
                 r = pool.compact()
                 compactions += 1
                 frames_moved += r["frames_moved"]
@@ -197,6 +238,7 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
                 break
             time.sleep(0.02)
         faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
         stop.set()
         if stalled:
             pytest.fail(f"no progress for {STALL:.0f} s in {', '.join(stalled[0])}; "
@@ -231,6 +273,9 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
             "transit_faults": st["transit_faults"],
             "bytes_resident": st["bytes_resident"],
             "max_resident": st["max_resident"],
+            "finalizer_frees": counts["freed"],
+            "finalizer_frees_nested": counts["freed_nested"],
+            "alarm_handlers": counts["alarms"],
         }
         print(f"\nuksm soak (cow={cow}): {SOAK[cow]}")
         assert not mismatches, f"{len(mismatches)} reads differed from the shadow: {mismatches[:5]}"
@@ -243,6 +288,7 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
             # (not <= cow_breaks: test_signal_counts_only_cow_breaks)
             assert st["cow_breaks_signal"] > 0
         assert compactions > 0
+        assert counts["freed"] > 0 and counts["alarms"] > 0, counts
         assert st["swap_outs"] > 0 and st["swap_ins"] > 0
         # the accounting still holds after all that
         assert (st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"]
@@ -264,6 +310,9 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
         gc.collect()
     finally:
         faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        gc.set_threshold(*old_threshold)
         stop.set()
         deadline = time.monotonic() + 5.0
         for t in threads:

@@ -29,6 +29,13 @@ class BufferInUseError(UksmError, BufferError):
     """A buffer cannot be freed while views of it are alive."""
 
 
+class ReentrantCallError(UksmError, RuntimeError):
+    """A pool call made by a finalizer or signal handler that interrupted
+    this same thread inside the same pool: only the calls that need not wait
+    for the interrupted one (allocation, free, stats, close) are served
+    there; the others would wait for themselves."""
+
+
 class UksmSwapWarning(UserWarning):
     """Swap writes failed (ENOSPC, EFBIG, EIO): eviction stopped, the pages
     stay resident, nothing was lost; stats() counts them in swap_errors."""

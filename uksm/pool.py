@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _core
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, UksmError, UksmSwapWarning)
+                     PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning)
 from .scanner import Scanner, _count_maps
 from .swap import Group, open_swap_file
 
@@ -141,17 +141,18 @@ _fork_held: list = []
 
 
 def _before_fork() -> None:
+    # a fork from a finalizer or handler inside a pool section finds that
+    # pool's lock held by its own thread: left alone, and not given back
     global _fork_held
-    _fork_held = [pool._c for pool in list(_live_pools)]
-    for core in _fork_held:
-        core.lock.acquire()
+    _fork_held = [core for core in [pool._c for pool in list(_live_pools)]
+                  if not core.enter()]
 
 
 def _after_fork_parent() -> None:
     global _fork_held
     cores, _fork_held = _fork_held, []
     for core in cores:
-        core.lock.release()
+        core.leave()
 
 
 def _after_fork_child() -> None:
@@ -163,7 +164,7 @@ def _after_fork_child() -> None:
         pool._thread = None
         pool._stop_event = threading.Event()
     for core in cores:
-        core.lock.release()
+        core.leave()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
@@ -173,62 +174,38 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
 class _Buffer:
     """One allocation: a run of virtual pages (no per-page objects)."""
 
-    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "pins",
-                 "__weakref__")
+    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "collected",
+                 "va_freed", "pins", "__weakref__")
 
     def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
         self.vpn = vpn
         self.npages = npages
         self.nbytes = nbytes
         self.mergeable = True       # MADV_MERGEABLE (wanted, once unpinned)
-        self.released = False
+        self.released = False      # its frames and pages given back
+        self.collected = False     # no array reaches it any more
+        self.va_freed = False
         self.pins = 0
-
-
-class _OwnedLock:
-    """threading.Lock that knows its owner, so that a garbage-collection
-    callback can tell "held by someone else: wait" from "held by this very
-    thread, further up the stack: leave a note instead of deadlocking"."""
-
-    __slots__ = ("_lock", "owner", "on_exit")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.owner = 0
-        self.on_exit = None     # run once after the next release
-
-    def acquire(self, blocking: bool = True) -> bool:
-        me = threading.get_ident()      # before: allocating may run the GC
-        if self._lock.acquire(blocking):
-            self.owner = me
-            return True
-        return False
-
-    def release(self) -> None:
-        self.owner = 0
-        self._lock.release()
-        hook, self.on_exit = self.on_exit, None
-        if hook is not None:
-            hook()
-
-    def owned(self) -> bool:
-        return self.owner == threading.get_ident()
-
-    def __enter__(self) -> "_OwnedLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class _Core:
     """What the arrays' release callbacks need of a pool, without the Pool:
     an array may outlive its Pool object, and the last array to go must
     still give the native pool back (else its memfd, address range and
-    registry slot leak, and the 65th pool fails)."""
+    registry slot leak, and the 65th pool fails).
 
-    __slots__ = ("native", "scanner", "buffers", "pending", "failed", "lock", "closed")
+    It also owns the policy lock (csrc/lock.c), the lock the pool's Python
+    side runs under.  Finalizers and signal handlers may run in a thread
+    that holds it, further up the stack, so nothing they can reach ever
+    waits for it there: enter() says "nested" instead of waiting, and the
+    work that must happen under the lock (forgetting a freed buffer's
+    pages, giving its range back, tracking a buffer allocated meanwhile) is
+    queued on deques (append and popleft are atomic under the GIL) that the
+    next holder drains in reap().  Waiting for a lock another thread holds
+    is safe: that thread never needs this one to finish its section."""
+
+    __slots__ = ("native", "scanner", "buffers", "pending", "failed", "adds", "word",
+                 "on_exit", "closed", "__weakref__")
 
     def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
         self.native = native
@@ -236,51 +213,148 @@ class _Core:
         self.buffers: Dict[int, _Buffer] = {}
         self.pending: "collections.deque[_Buffer]" = collections.deque()
         self.failed: "collections.deque[_Buffer]" = collections.deque()
-        self.lock = _OwnedLock()
+        self.adds: "collections.deque[_Buffer]" = collections.deque()
+        self.word = _core.ffi.new("uint32_t *")
+        self.on_exit = None     # run once, right after the lock is next given back
         self.closed = False
 
+    # -- the policy lock ------------------------------------------------------------
+
+    def enter(self, what: Optional[str] = None) -> bool:
+        """Take the policy lock.  True when this thread holds it already (a
+        finalizer or signal handler interrupted one of its own sections):
+        then nothing was taken, and the caller must not give it back.  With
+        @what, that case raises ReentrantCallError naming the call."""
+        if _core.lib.uksm_plock_lock(self.word, 1) == 1:
+            return False
+        if what is not None:
+            raise ReentrantCallError(
+                f"uksm: {what} was called from a finalizer or signal handler that "
+                f"interrupted this thread inside the same pool; only allocation, "
+                f"free(), stats() and close() are served there (the others would "
+                f"wait for the interrupted call)")
+        return True
+
+    def try_enter(self) -> bool:
+        """Take the policy lock if nobody holds it."""
+        return _core.lib.uksm_plock_lock(self.word, 0) == 1
+
+    def leave(self) -> None:
+        """Give the policy lock back, then run what was left for its holder:
+        a close deferred by a finalizer, the reaping of a closed pool."""
+        _core.lib.uksm_plock_unlock(self.word)
+        while self.on_exit is not None or (self.closed and (self.pending or self.adds)):
+            hook, self.on_exit = self.on_exit, None
+            if hook is not None:
+                hook()
+                continue
+            if not self.try_enter():
+                return      # its holder reaps when it leaves
+            try:
+                self.reap()
+            finally:
+                _core.lib.uksm_plock_unlock(self.word)
+
+    def owned(self) -> bool:
+        return bool(_core.lib.uksm_plock_owned(self.word))
+
+    @contextlib.contextmanager
+    def served(self):
+        """The policy lock for a call that is served nested too: yields
+        whether it is (then it must not drain the queues)."""
+        nested = self.enter()
+        try:
+            yield nested
+        finally:
+            if not nested:
+                self.leave()
+
+    @contextlib.contextmanager
+    def section(self, what: str):
+        """The policy lock for a call that cannot be served nested."""
+        self.enter(what)
+        try:
+            yield
+        finally:
+            self.leave()
+
+    # -- releases and the queues --------------------------------------------------
+
     def reap(self) -> None:
-        """Finish the releases the garbage collector started (holds lock)."""
+        """Drain the queues (holds the lock): track the buffers allocated
+        while the lock was held further up the stack, finish the releases
+        that free() and the garbage collector started."""
         for _ in range(len(self.failed)):
-            self.on_release(self.failed.popleft(), retry=True)
+            self.on_release(self.failed.popleft(), collected=True, retry=True)
+        while self.adds:
+            rec = self.adds.popleft()
+            if not rec.released and rec.mergeable and not rec.pins:
+                self.scanner.add_range(rec.vpn, rec.npages)
         freed = bool(self.pending)
         while self.pending:
             rec = self.pending.popleft()
             self.scanner.remove_range(rec.vpn, rec.npages)
-            self.native.va_free(rec.vpn, rec.npages)
-            self.buffers.pop(rec.vpn, None)
+            if rec.collected and not rec.va_freed:
+                # the range is reused only once no array can reach it; the
+                # record goes first, since an allocation nested right after
+                # va_free() may take the same vpn
+                rec.va_freed = True
+                if self.buffers.get(rec.vpn) is rec:
+                    del self.buffers[rec.vpn]
+                self.native.va_free(rec.vpn, rec.npages)
         if freed and not self.native.closed:
             self.native.swap_trim()     # freed buffers' slots: disk back now
         if self.closed and not self.buffers and not self.native.closed:
             self.native.destroy()
 
-    def reap_locked(self) -> None:
-        with self.lock:
-            self.reap()
-
-    def on_release(self, rec: _Buffer, retry: bool = False) -> None:
-        """An array and all its views are gone (a cffi gc callback: any
-        thread, any moment, possibly inside a section holding self.lock).
-        The frames go back at once, through the C core's own lock only;
-        the scanner forgets the pages and the range is reused at reap().
-        Should the release fail (no mapping could cut the pages off, at
-        vm.max_map_count), the frames and the range stay as they are and
-        the release is tried again at the next reap()."""
+    def on_release(self, rec: _Buffer, collected: bool, retry: bool = False) -> None:
+        """Give a buffer's frames back (pool.free(), or the cffi gc callback
+        once an array and all its views are gone, with @collected: any
+        thread, any moment, possibly inside a section holding the lock).
+        Through the C core's own lock only; the scanner forgets the pages
+        and the range is reused at reap().  Should the release fail (no
+        mapping could cut the pages off, at vm.max_map_count), the frames
+        and the range stay as they are and the release is tried again at
+        the next reap()."""
+        if collected:
+            rec.collected = True
         if not rec.released:
             try:
                 self.native.release(rec.vpn, rec.npages)
             except OSError:
-                self.failed.append(rec)
-                return
+                if collected:
+                    self.failed.append(rec)
+                    return
+                raise
             rec.released = True
         self.pending.append(rec)
-        if self.closed and not retry:
-            # nobody else may come to reap: do it now, or right after
-            # this thread's own enclosing section if it holds the lock
-            if self.lock.owned():
-                self.lock.on_exit = self.reap_locked
-            else:
-                self.reap_locked()
+        if self.closed and not retry and self.try_enter():
+            # nobody else may come to reap a closed pool: do it now (if the
+            # lock is held, its holder does it as it leaves)
+            try:
+                self.reap()
+            finally:
+                self.leave()
+
+
+def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
+    """The background scanner (ksmd): batches while the pool lives and runs."""
+    while not stop.is_set():
+        pool = ref()
+        if pool is None:
+            return
+        try:
+            pause = pool._ksmd_batch()
+        except PoolClosedError:
+            return
+        finally:
+            del pool    # the last reference may go here: the pool closes
+        if pause is None:
+            return
+        if pause:
+            stop.wait(pause)
+        else:
+            time.sleep(0)   # let the other threads have the GIL
 
 
 class Pool:
@@ -399,7 +473,6 @@ class Pool:
         self._scanner = Scanner(self._native, knobs)
         self._c = _Core(self._native, self._scanner)
         self._buffers = self._c.buffers
-        self._lock = self._c.lock
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._compactions = 0
@@ -494,15 +567,13 @@ class Pool:
         out).  Merging still happens; a shared frame stays resident while
         any of its mappers is locked."""
         self._check_open()
-        with self._lock:
-            rec = self._record(arr)
+        rec = self._record(arr)
         self._native.set_locked(rec.vpn, rec.npages, True)
 
     def unlock(self, arr: np.ndarray) -> None:
         """munlock: @arr's pages may be swapped out again."""
         self._check_open()
-        with self._lock:
-            rec = self._record(arr)
+        rec = self._record(arr)
         self._native.set_locked(rec.vpn, rec.npages, False)
 
     @property
@@ -525,9 +596,8 @@ class Pool:
     @property
     def fd(self) -> int:
         """The backing memfd (for fstat: the kernel's view of our memory)."""
-        with self._lock:
-            self._check_open()
-            return self._native.fd
+        self._check_open()
+        return self._native.fd
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -544,21 +614,29 @@ class Pool:
         the last of them is collected."""
         if self._closed:
             return
-        self.stop()
-        with self._lock:
+        core = self._c
+        if core.owned():
+            # called by a finalizer or handler inside one of this thread's
+            # own sections (a fork hook, a pool call that allocated): the
+            # pool takes no new work from now, and closes once it is left
             self._closed = True
-            self._c.closed = True
-            self._c.reap()
+            core.on_exit = self._close
+            return
+        self._close()
+
+    def _close(self) -> None:
+        self.stop()
+        core = self._c
+        core.enter()
+        try:
+            self._closed = True
+            core.closed = True
+            core.reap()
+        finally:
+            core.leave()
 
     def __del__(self) -> None:
         try:
-            if self._closed:
-                return
-            if self._lock.owned():
-                # collected inside one of this thread's own sections (a fork
-                # hook, a pool call that allocated): close once it is left
-                self._lock.on_exit = self.close
-                return
             self.close()
         except Exception:
             pass
@@ -594,17 +672,28 @@ class Pool:
                               f"take {nbytes} bytes, more than any address space holds")
         npages = max(1, -(-nbytes // PAGE_SIZE))
         core = self._c
-        with self._lock:
+        # Served nested too (a finalizer or handler allocating inside this
+        # thread's own section): the C core has its own lock, and the
+        # scanner learns of the buffer at the next reap().
+        nested = core.enter()
+        try:
             self._check_open()      # again: close() may have won the race
-            self._reap()
+            if not nested:
+                self._reap()
             vpn = self._native.alloc(npages)
             if group:
                 self._native.set_group(vpn, npages, group)
             rec = _Buffer(vpn, npages, nbytes)
             self._buffers[vpn] = rec
-            self._scanner.add_range(vpn, npages)
+            if nested:
+                core.adds.append(rec)
+            else:
+                self._scanner.add_range(vpn, npages)
             buf = self._native.buffer(vpn, max(nbytes, 1),
-                                      lambda _cdata, rec=rec: core.on_release(rec))
+                                      lambda _cdata, rec=rec: core.on_release(rec, True))
+        finally:
+            if not nested:
+                core.leave()
         if self._max_resident is not None:
             if group:
                 self._reclaim(group)
@@ -658,26 +747,36 @@ class Pool:
     def free(self, arr: np.ndarray) -> None:
         """Give @arr's memory back now.  @arr must be the array the pool
         returned and no view of it may be alive; afterwards touching @arr
-        is a use-after-free (it is PROT_NONE: the process crashes)."""
+        is a use-after-free: its pages are PROT_NONE, and the process dies
+        with a message from uksm naming the address.  The address range is
+        not reused while any array can still reach it, so a use-after-free
+        never reads or writes another buffer.
+
+        Safe from finalizers and signal handlers: it never waits for the
+        pool's lock (the frames go back through the C core's own lock; what
+        the scanner must forget is queued for the lock's next holder)."""
         self._check_open()
-        with self._lock:
-            self._reap()
-            rec = self._record(arr)
-            # A view of arr (slice, reshape, memoryview, frombuffer) holds a
-            # reference to arr itself.  Expected references: the caller's,
-            # this frame's argument, getrefcount's own; more may be a view,
-            # and freeing under a live view would crash it later, so refuse.
-            base = arr.base
-            extra = max(sys.getrefcount(arr) - 3, sys.getrefcount(base) - 3)
-            del base
-            if extra > 0:
-                del arr     # the traceback must not hold one more reference
-                raise BufferInUseError(f"cannot free: {extra} other reference(s) to this "
-                                       "buffer (views of it, or other names) are alive")
-            rec.released = True
-            self._scanner.remove_range(rec.vpn, rec.npages)
-            self._native.release(rec.vpn, rec.npages)
-            self._native.swap_trim()
+        rec = self._record(arr)
+        # A view of arr (slice, reshape, memoryview, frombuffer) holds a
+        # reference to arr itself.  Expected references: the caller's, this
+        # frame's argument, getrefcount's own; more may be a view, and
+        # freeing under a live view would crash it later, so refuse.  (A
+        # caller holding no name of its own, as in free(lst.pop()), leaves
+        # room for one view unseen: that use-after-free is the message above.)
+        base = arr.base
+        extra = max(sys.getrefcount(arr) - 3, sys.getrefcount(base) - 3)
+        del base
+        if extra > 0:
+            del arr     # the traceback must not hold one more reference
+            raise BufferInUseError(f"cannot free: {extra} other reference(s) to this "
+                                   "buffer (views of it, or other names) are alive")
+        core = self._c
+        core.on_release(rec, collected=False)
+        if core.try_enter():
+            try:
+                core.reap()
+            finally:
+                core.leave()
 
     # -- merging control ------------------------------------------------------------
 
@@ -687,7 +786,7 @@ class Pool:
         it.  Returns the pages unmerged; MemoryError if the kernel runs out
         of memory part way (the rest stay merged, nothing is lost)."""
         self._check_open()
-        with self._lock:
+        with self._c.section("pool.unmerge()"):
             self._reap()
             rec = self._record(arr)
             # as MADV_UNMERGEABLE: a failed unmerge leaves the buffer
@@ -702,7 +801,7 @@ class Pool:
         """MADV_MERGEABLE: scan @arr again (the default for new arrays).
         Inside a pin() block this takes effect when the last pin ends."""
         self._check_open()
-        with self._lock:
+        with self._c.section("pool.merge()"):
             self._reap()
             rec = self._record(arr)
             if not rec.mergeable and not rec.pins:
@@ -725,7 +824,7 @@ class Pool:
         the scanner had merged away meanwhile.  With cow="signal" a merged
         page is read-only to the kernel too."""
         self._check_open()
-        with self._lock:
+        with self._c.section("pool.pin()"):
             self._reap()
             rec = self._record(arr)
             if rec.pins == 0 and rec.mergeable:
@@ -737,17 +836,28 @@ class Pool:
             self._native.unmerge(rec.vpn, rec.npages)
             yield arr
         finally:
-            with self._lock:
+            # a block's end may come nested (an abandoned block is closed
+            # by the garbage collector): the scanner then takes the range
+            # back at the next reap()
+            core = self._c
+            nested = core.enter()
+            try:
                 rec.pins -= 1
                 if rec.pins == 0 and not rec.released and not self._native.closed:
                     self._native.set_pinned(rec.vpn, rec.npages, False)
                     if rec.mergeable and not self._closed:
-                        self._scanner.add_range(rec.vpn, rec.npages)
+                        if nested:
+                            core.adds.append(rec)
+                        else:
+                            self._scanner.add_range(rec.vpn, rec.npages)
+            finally:
+                if not nested:
+                    core.leave()
 
     # -- migration --------------------------------------------------------------------
 
     def _compact_locked(self, shrink_frames: int = 0) -> dict:
-        # caller holds self._lock: the scanner is paused, so no new mapper of
+        # caller holds the policy lock: the scanner is paused, so no new mapper of
         # any frame can appear behind the C core's plan
         self._reap()
         maps_before = _count_maps()
@@ -800,7 +910,7 @@ class Pool:
         Returns what was done: frames_moved, bytes_released, memfd size and
         VMAs before and after, the longest pause a writer could have seen."""
         self._check_open()
-        with self._lock:
+        with self._c.section("pool.compact()"):
             self._check_open()
             result, err = self._compact_locked()
         if err < 0:
@@ -820,7 +930,7 @@ class Pool:
         if n % PAGE_SIZE:
             raise ValueError(f"shrink size must be a multiple of the page size "
                              f"({PAGE_SIZE}), got {n}")
-        with self._lock:
+        with self._c.section("pool.shrink()"):
             self._check_open()
             result, err = self._compact_locked(n // PAGE_SIZE)
             if err == -errno.ENOSPC:
@@ -844,7 +954,7 @@ class Pool:
         target = self._scanner.full_scans + full_scans
         batch = max(self._knobs["pages_to_scan"], 16384)
         while self._scanner.full_scans < target:
-            with self._lock:
+            with self._c.section("pool.scan()"):
                 self._check_open()
                 self._reap()
                 self._scanner.scan_batch(batch)
@@ -856,16 +966,23 @@ class Pool:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop_event = threading.Event()
-        self._thread = threading.Thread(target=self._ksmd, name="uksm-ksmd", daemon=True)
+        # The thread holds the pool weakly, and strongly only for a batch:
+        # a started pool that its program drops is collected (and closed)
+        # like any other, instead of living on with its thread and memfd.
+        self._thread = threading.Thread(target=_ksmd, args=(weakref.ref(self), self._stop_event),
+                                        name="uksm-ksmd", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the background scanner (run=0) and wait for it."""
+        """Stop the background scanner (run=0) and wait for it (unless
+        called from the scanner thread itself, or nested inside this
+        thread's own pool section, where the scanner would be waiting for
+        us: then it stops after its current batch)."""
         thread = self._thread
         if thread is None:
             return
         self._stop_event.set()
-        if thread is not threading.current_thread():
+        if thread is not threading.current_thread() and not self._c.owned():
             thread.join()
         self._thread = None
 
@@ -873,31 +990,27 @@ class Pool:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _ksmd(self) -> None:
-        stop = self._stop_event
-        while not stop.is_set():
-            with self._lock:
-                if self._closed:
-                    return
-                self._reap()
-                scans = self._scanner.full_scans
-                self._scanner.scan_batch(self._knobs["pages_to_scan"])
-                if self._scanner.full_scans != scans and self._fragmented():
-                    result, _ = self._compact_locked()
-                    # a store the cut cannot reach (pages the kernel copied
-                    # live above it) is not tried again until frames change
-                    self._compact_gave_nothing_at = (
-                        -1 if result["size_released"] else self._native.stats()["frames_used"])
-            if self._max_resident is not None:
-                self._reclaim()     # kswapd: back under the budget
-                self._native.swap_trim(256)
-            if not _core.handler_installed():
-                _core.install_handler()
-            ms = self._knobs["sleep_millisecs"]
-            if ms:
-                stop.wait(ms / 1000.0)
-            else:
-                time.sleep(0)   # let the other threads have the GIL
+    def _ksmd_batch(self) -> Optional[float]:
+        """One batch of the background scanner; the seconds to sleep after
+        it, or None once the pool is closed."""
+        with self._c.section("the scanner"):
+            if self._closed:
+                return None
+            self._reap()
+            scans = self._scanner.full_scans
+            self._scanner.scan_batch(self._knobs["pages_to_scan"])
+            if self._scanner.full_scans != scans and self._fragmented():
+                result, _ = self._compact_locked()
+                # a store the cut cannot reach (pages the kernel copied
+                # live above it) is not tried again until frames change
+                self._compact_gave_nothing_at = (
+                    -1 if result["size_released"] else self._native.stats()["frames_used"])
+        if self._max_resident is not None:
+            self._reclaim()     # kswapd: back under the budget
+            self._native.swap_trim(256)
+        if not _core.handler_installed():
+            _core.install_handler()
+        return self._knobs["sleep_millisecs"] / 1000.0
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -909,10 +1022,11 @@ class Pool:
         pages in neither tree (changing too fast, or not yet stable);
         general_profit: (pages_sharing + ksm_zero_pages) * page size less the
         scanner's metadata."""
-        with self._lock:
+        with self._c.served() as nested:
             if self._native.closed:
                 raise PoolClosedError("uksm pool is closed and its memory released")
-            self._reap()
+            if not nested:
+                self._reap()
             sc = self._scanner
             # pagemap first: it also reconciles, so the counters below are fresh
             mem = self._native.memory(0, self._native.va_pages)
@@ -1001,7 +1115,7 @@ class Pool:
         and the bytes that saves (a frame shared by n pages saves 1 - 1/n of
         a page for each of them, as PSS counts it)."""
         self._check_open()
-        with self._lock:
+        with self._c.served():
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
@@ -1024,7 +1138,7 @@ class Pool:
         its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
         copies on write are reconciled first."""
         self._check_open()
-        with self._lock:
+        with self._c.served():
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             return self._native.pages_info(rec.vpn, rec.npages)
