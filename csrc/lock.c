@@ -33,29 +33,82 @@
  * Python handler once we return, holding the lock, where the handler's pool
  * calls see the lock as their own.
  *
- * fork: the child inherits the word as the forking thread left it; the
- * Python fork hooks take every pool's policy lock before fork and give it
- * back in both processes (uksm_plock_unlock does not check the owner, since
- * the child's forking thread has a new tid).
+ * Signals.  A Python signal handler may raise (KeyboardInterrupt is one),
+ * and an exception in the middle of a section would leave the scanner's
+ * trees half updated.  So a thread blocks the asynchronous signals for as
+ * long as it holds any policy lock (a depth count per thread: the fork hooks
+ * hold every pool's at once), from before it takes the lock until after it
+ * gives it back: a signal that arrives meanwhile stays pending and is taken,
+ * and its Python handler run, once the section is over.  The synchronous
+ * signals (SIGSEGV, SIGBUS: the fault handler's; SIGILL, SIGFPE, SIGTRAP,
+ * SIGSYS) stay open.  Python runs handlers in its main thread whichever
+ * thread took the signal, so a program with threads of its own can still
+ * see a handler run inside a section, nested; uksm's scanner thread keeps
+ * the asynchronous signals blocked for its whole life, so as not to be the
+ * thread they are delivered to.
+ *
+ * fork: the child inherits the word as the forking thread left it: the
+ * Python fork hooks take every pool's policy lock before fork (but one this
+ * thread holds already, further up the stack) and give them back in both
+ * processes; in the child, uksm_plock_unlock clears a word that names the
+ * parent's thread, and uksm_plock_adopt renames the child's thread as the
+ * owner of a word held further up its stack.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include "uksm.h"
 
+static __thread unsigned int plock_depth;
+static __thread sigset_t plock_saved;
+
 static inline uint32_t plock_tid(void)
 {
 	return (uint32_t)syscall(SYS_gettid);
 }
 
+/* Block the asynchronous signals in this thread, the first time round. */
+static void plock_mask(void)
+{
+	sigset_t async;
+
+	if (plock_depth++)
+		return;
+	sigfillset(&async);
+	sigdelset(&async, SIGSEGV);
+	sigdelset(&async, SIGBUS);
+	sigdelset(&async, SIGILL);
+	sigdelset(&async, SIGFPE);
+	sigdelset(&async, SIGTRAP);
+	sigdelset(&async, SIGSYS);
+	pthread_sigmask(SIG_BLOCK, &async, &plock_saved);
+}
+
+static void plock_unmask(void)
+{
+	if (plock_depth && !--plock_depth)
+		pthread_sigmask(SIG_SETMASK, &plock_saved, NULL);
+}
+
+/* uksm_block_async_signals - for a thread of uksm's own, for good. */
+void uksm_block_async_signals(void)
+{
+	plock_mask();
+}
+
 /*
- * uksm_plock_lock - take the policy lock at @word.  Returns 1 when taken,
- * 0 when @blocking is 0 and another thread holds it, -EDEADLK when the
- * calling thread holds it already.
+ * uksm_plock_lock - take the policy lock at @word.  Returns UKSM_PLOCK_TAKEN,
+ * UKSM_PLOCK_BUSY when @blocking is 0 and another thread holds it,
+ * UKSM_PLOCK_NESTED when the calling thread holds it already (further up
+ * its stack), or -errno when the kernel refuses the wait: -EDEADLK there is
+ * the kernel's own deadlock detection (two threads taking two pools' locks
+ * in opposite orders), never the nested case.
  */
 int uksm_plock_lock(uint32_t *word, int blocking)
 {
@@ -63,19 +116,27 @@ int uksm_plock_lock(uint32_t *word, int blocking)
 	uint32_t me = plock_tid();
 	uint32_t c = 0;
 
+	plock_mask();
 	if (atomic_compare_exchange_strong(w, &c, me))
-		return 1;
-	if ((c & FUTEX_TID_MASK) == me)
-		return -EDEADLK;
-	if (!blocking)
-		return 0;
+		return UKSM_PLOCK_TAKEN;
+	if ((c & FUTEX_TID_MASK) == me) {
+		plock_unmask();
+		return UKSM_PLOCK_NESTED;
+	}
+	if (!blocking) {
+		plock_unmask();
+		return UKSM_PLOCK_BUSY;
+	}
 	for (;;) {
+		int err;
+
 		if (!syscall(SYS_futex, word, FUTEX_LOCK_PI_PRIVATE, 0, NULL, NULL, 0))
-			return 1;
-		if (errno == EDEADLK)
-			return -EDEADLK;
-		if (errno != EINTR && errno != EAGAIN)
-			return -errno;
+			return UKSM_PLOCK_TAKEN;
+		err = errno;
+		if (err == EINTR || err == EAGAIN)
+			continue;
+		plock_unmask();
+		return -err;
 	}
 }
 
@@ -90,10 +151,21 @@ void uksm_plock_unlock(uint32_t *word)
 	_Atomic uint32_t *w = (_Atomic uint32_t *)word;
 	uint32_t me = plock_tid();
 
-	if (atomic_compare_exchange_strong(w, &me, 0))
-		return;
-	if (syscall(SYS_futex, word, FUTEX_UNLOCK_PI_PRIVATE, 0, NULL, NULL, 0))
+	if (!atomic_compare_exchange_strong(w, &me, 0) &&
+	    syscall(SYS_futex, word, FUTEX_UNLOCK_PI_PRIVATE, 0, NULL, NULL, 0))
 		atomic_store(w, 0);
+	plock_unmask();
+}
+
+/*
+ * uksm_plock_unlock_if_owned - drop the policy lock if this thread holds
+ * it: the clean-up after a Python signal handler raised as the call that
+ * took it returned, before the caller could note that it had.
+ */
+void uksm_plock_unlock_if_owned(uint32_t *word)
+{
+	if (uksm_plock_owned(word))
+		uksm_plock_unlock(word);
 }
 
 /* uksm_plock_owned - 1 if the calling thread holds the policy lock. */
@@ -102,4 +174,18 @@ int uksm_plock_owned(const uint32_t *word)
 	uint32_t c = atomic_load((_Atomic uint32_t *)word);
 
 	return c && (c & FUTEX_TID_MASK) == plock_tid();
+}
+
+/*
+ * uksm_plock_adopt - in a forked child, a word held by the forking thread
+ * further up its stack (the fork hooks left it alone) names the parent's
+ * tid: make it this thread's, so that the section goes on and ends as it
+ * would have in the parent.  No other thread lives to wait on it.
+ */
+void uksm_plock_adopt(uint32_t *word)
+{
+	_Atomic uint32_t *w = (_Atomic uint32_t *)word;
+
+	if (atomic_load(w))
+		atomic_store(w, plock_tid());
 }

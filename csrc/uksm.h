@@ -325,8 +325,12 @@ int uksm_handler_installed(void);
 void uksm_handler_pop_prev(void);
 
 /* lock.c: the policy lock (the Python side's), owner-aware */
+enum { UKSM_PLOCK_BUSY = 0, UKSM_PLOCK_TAKEN = 1, UKSM_PLOCK_NESTED = 2 };
 int uksm_plock_lock(uint32_t *word, int blocking);
 void uksm_plock_unlock(uint32_t *word);
 int uksm_plock_owned(const uint32_t *word);
+void uksm_plock_adopt(uint32_t *word);
+void uksm_plock_unlock_if_owned(uint32_t *word);
+void uksm_block_async_signals(void);
 
 #endif /* UKSM_H */

@@ -156,6 +156,12 @@ long uksm_inject_hits(int op);
 int uksm_install_handler(void);
 int uksm_handler_installed(void);
 void uksm_handler_pop_prev(void);
+#define UKSM_PLOCK_BUSY ...
+#define UKSM_PLOCK_TAKEN ...
+#define UKSM_PLOCK_NESTED ...
 int uksm_plock_lock(uint32_t *word, int blocking);
 void uksm_plock_unlock(uint32_t *word);
 int uksm_plock_owned(const uint32_t *word);
+void uksm_plock_adopt(uint32_t *word);
+void uksm_plock_unlock_if_owned(uint32_t *word);
+void uksm_block_async_signals(void);

@@ -210,6 +210,7 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
             if running:
                 junk.append(pool.asarray(palette[rng.integers(PALETTE, size=32)]))
                 junk.append(pool.zeros(16 * PAGE, np.uint8))
+                _Junk(pool, pool.asarray(palette[rng.integers(PALETTE, size=4)]), counts)
                 if len(junk) > 8:
                     for a in junk[: len(junk) // 2]:
                         _Junk(pool, a, counts)
@@ -288,6 +289,7 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
             # (not <= cow_breaks: test_signal_counts_only_cow_breaks)
             assert st["cow_breaks_signal"] > 0
         assert compactions > 0
+        gc.collect()
         assert counts["freed"] > 0 and counts["alarms"] > 0, counts
         assert st["swap_outs"] > 0 and st["swap_ins"] > 0
         # the accounting still holds after all that

@@ -144,8 +144,15 @@ def _before_fork() -> None:
     # a fork from a finalizer or handler inside a pool section finds that
     # pool's lock held by its own thread: left alone, and not given back
     global _fork_held
-    _fork_held = [core for core in [pool._c for pool in list(_live_pools)]
-                  if not core.enter()]
+    _fork_held = []
+    for pool in list(_live_pools):
+        core = pool._c
+        if core.owned():
+            continue
+        # (a handler raising right after enter(): the after-fork hooks give
+        # back only what this thread owns, so listing it first is safe)
+        _fork_held.append(core)
+        core.enter()
 
 
 def _after_fork_parent() -> None:
@@ -157,12 +164,15 @@ def _after_fork_parent() -> None:
 
 def _after_fork_child() -> None:
     # The C core made the child's pools heirs of the parent's frame store;
-    # the scanner thread did not survive the fork.
+    # the scanner thread did not survive the fork.  A pool whose section
+    # this thread was in when it forked goes on in the child, owned by the
+    # child's thread.
     global _fork_held
     cores, _fork_held = _fork_held, []
     for pool in list(_live_pools):
         pool._thread = None
         pool._stop_event = threading.Event()
+        _core.lib.uksm_plock_adopt(pool._c.word)
     for core in cores:
         core.leave()
 
@@ -186,6 +196,74 @@ class _Buffer:
         self.collected = False     # no array reaches it any more
         self.va_freed = False
         self.pins = 0
+
+
+_lock = _core.lib.uksm_plock_lock
+_unlock = _core.lib.uksm_plock_unlock
+_owned = _core.lib.uksm_plock_owned
+_unlock_if_owned = _core.lib.uksm_plock_unlock_if_owned
+_TAKEN = _core.lib.UKSM_PLOCK_TAKEN
+_NESTED = _core.lib.UKSM_PLOCK_NESTED
+
+
+class _Served:
+    __slots__ = ("core", "nested")
+
+    def __init__(self, core: "_Core") -> None:
+        self.core = core
+
+    def __enter__(self) -> bool:
+        # the lock must be taken as the very last thing before returning:
+        # `with` covers its body only once __enter__ has returned
+        self.nested = True
+        self.nested = self.core.enter()
+        return self.nested
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.nested:
+            try:
+                if exc_type is not None:
+                    self.core.torn(exc)
+            finally:
+                self.core.leave()
+
+
+class _TrySection:
+    __slots__ = ("core", "got", "hooks")
+
+    def __init__(self, core: "_Core", hooks: bool = True) -> None:
+        self.core, self.hooks = core, hooks
+
+    def __enter__(self) -> bool:
+        self.got = False
+        self.got = self.core.try_enter()
+        return self.got
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.got:
+            if exc_type is not None:
+                self.core.torn(exc)
+            if self.hooks:
+                self.core.leave()
+            else:
+                _unlock(self.core.word)
+
+
+class _Section:
+    __slots__ = ("core", "what")
+
+    def __init__(self, core: "_Core", what: str) -> None:
+        self.core, self.what = core, what
+
+    def __enter__(self) -> None:
+        self.core.enter(self.what)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                self.core.torn(exc)
+        finally:
+            self.core.leave()
 
 
 class _Core:
@@ -224,75 +302,124 @@ class _Core:
         """Take the policy lock.  True when this thread holds it already (a
         finalizer or signal handler interrupted one of its own sections):
         then nothing was taken, and the caller must not give it back.  With
-        @what, that case raises ReentrantCallError naming the call."""
-        if _core.lib.uksm_plock_lock(self.word, 1) == 1:
+        @what, that case raises ReentrantCallError naming the call.
+
+        A Python signal handler may run (and raise) as the call that took
+        the lock returns: that is cleaned up here.  (Further up, `with`
+        protects its body only from __enter__'s return on, so enter() must be
+        the last call of an __enter__, or of anything before a `try`: the
+        pool's own sections go through served() and section().)  The lock
+        keeps the asynchronous signals blocked in this thread while held
+        (csrc/lock.c), so no handler runs inside a section unless another
+        thread took the signal."""
+        w = self.word
+        if _owned(w):
+            r = _NESTED
+        else:
+            try:
+                r = _lock(w, 1)
+            except BaseException:
+                _unlock_if_owned(w)
+                raise
+        if r == _TAKEN:
             return False
-        if what is not None:
-            raise ReentrantCallError(
-                f"uksm: {what} was called from a finalizer or signal handler that "
-                f"interrupted this thread inside the same pool; only allocation, "
-                f"free(), stats() and close() are served there (the others would "
-                f"wait for the interrupted call)")
-        return True
+        if r == _NESTED:
+            if what is not None:
+                raise ReentrantCallError(
+                    f"uksm: {what} was called from a finalizer or signal handler that "
+                    f"interrupted this thread inside the same pool; only allocation, "
+                    f"free(), stats() and close() are served there (the others would "
+                    f"wait for the interrupted call)")
+            return True
+        if r == -errno.EDEADLK:
+            raise UksmError("uksm: waiting for this pool's lock would deadlock: another "
+                            "thread holds it and waits for a pool whose section this "
+                            "thread is in (a finalizer or signal handler calling one pool "
+                            "from inside another's)")
+        raise OSError(-r, f"uksm: the pool's lock: {os.strerror(-r)}")
 
     def try_enter(self) -> bool:
-        """Take the policy lock if nobody holds it."""
-        return _core.lib.uksm_plock_lock(self.word, 0) == 1
+        """Take the policy lock if nobody holds it (not nested either)."""
+        w = self.word
+        if _owned(w):
+            return False
+        try:
+            return _lock(w, 0) == _TAKEN
+        except BaseException:
+            _unlock_if_owned(w)
+            raise
+
+    def reap_if_free(self) -> None:
+        """Reap now if nobody holds the lock; else its holder will."""
+        with _TrySection(self) as got:
+            if got:
+                self.reap()
 
     def leave(self) -> None:
-        """Give the policy lock back, then run what was left for its holder:
-        a close deferred by a finalizer, the reaping of a closed pool."""
-        _core.lib.uksm_plock_unlock(self.word)
+        """Give the policy lock back (the caller took it), then run what was
+        left for its holder: a close deferred by a finalizer, the reaping of
+        a closed pool."""
+        _unlock_if_owned(self.word)
         while self.on_exit is not None or (self.closed and (self.pending or self.adds)):
             hook, self.on_exit = self.on_exit, None
             if hook is not None:
                 hook()
                 continue
-            if not self.try_enter():
-                return      # its holder reaps when it leaves
-            try:
+            with _TrySection(self, hooks=False) as got:
+                if not got:
+                    return      # its holder reaps when it leaves
                 self.reap()
-            finally:
-                _core.lib.uksm_plock_unlock(self.word)
 
     def owned(self) -> bool:
-        return bool(_core.lib.uksm_plock_owned(self.word))
+        return bool(_owned(self.word))
 
-    @contextlib.contextmanager
-    def served(self):
-        """The policy lock for a call that is served nested too: yields
-        whether it is (then it must not drain the queues)."""
-        nested = self.enter()
-        try:
-            yield nested
-        finally:
-            if not nested:
-                self.leave()
+    def torn(self, exc: BaseException) -> None:
+        """An exception left a section (its holder still holds the lock).
+        The pool's own errors are raised where its state is whole; anything
+        else may have come from a signal handler in the middle of an update
+        (KeyboardInterrupt is the common one): rebuild the scanner's state."""
+        if isinstance(exc, UksmError) or self.native.closed:
+            return
+        self.scanner.recover([(r.vpn, r.npages) for r in list(self.buffers.values())
+                              if r.mergeable and not r.pins and not r.released])
 
-    @contextlib.contextmanager
-    def section(self, what: str):
+    def served(self) -> "_Served":
+        """The policy lock for a call that is served nested too: `with`
+        yields whether it is (then it must not drain the queues)."""
+        return _Served(self)
+
+    def section(self, what: str) -> "_Section":
         """The policy lock for a call that cannot be served nested."""
-        self.enter(what)
-        try:
-            yield
-        finally:
-            self.leave()
+        return _Section(self, what)
 
     # -- releases and the queues --------------------------------------------------
 
     def reap(self) -> None:
         """Drain the queues (holds the lock): track the buffers allocated
         while the lock was held further up the stack, finish the releases
-        that free() and the garbage collector started."""
+        that free() and the garbage collector started.  Each record leaves
+        its queue only once its work is done, so that an exception (a signal
+        handler's, in a program whose own threads take signals) leaves the
+        rest for the next reap, never a record lost."""
         for _ in range(len(self.failed)):
-            self.on_release(self.failed.popleft(), collected=True, retry=True)
+            self.pending.append(self.failed.popleft())
         while self.adds:
-            rec = self.adds.popleft()
+            rec = self.adds[0]
             if not rec.released and rec.mergeable and not rec.pins:
                 self.scanner.add_range(rec.vpn, rec.npages)
+            self.adds.popleft()
         freed = bool(self.pending)
         while self.pending:
-            rec = self.pending.popleft()
+            rec = self.pending[0]
+            if not rec.released:
+                try:
+                    self.native.release(rec.vpn, rec.npages)
+                except OSError:
+                    # no mapping could cut the pages off (vm.max_map_count):
+                    # the frames and the range stay, tried again next time
+                    self.failed.append(self.pending.popleft())
+                    continue
+                rec.released = True
             self.scanner.remove_range(rec.vpn, rec.npages)
             if rec.collected and not rec.va_freed:
                 # the range is reused only once no array can reach it; the
@@ -302,43 +429,47 @@ class _Core:
                 if self.buffers.get(rec.vpn) is rec:
                     del self.buffers[rec.vpn]
                 self.native.va_free(rec.vpn, rec.npages)
+            self.pending.popleft()
         if freed and not self.native.closed:
             self.native.swap_trim()     # freed buffers' slots: disk back now
         if self.closed and not self.buffers and not self.native.closed:
             self.native.destroy()
 
-    def on_release(self, rec: _Buffer, collected: bool, retry: bool = False) -> None:
-        """Give a buffer's frames back (pool.free(), or the cffi gc callback
-        once an array and all its views are gone, with @collected: any
+    def on_release(self, rec: _Buffer, collected: bool) -> None:
+        """Give a buffer's frames back: pool.free(), or with @collected the
+        cffi gc callback once an array and all its views are gone (any
         thread, any moment, possibly inside a section holding the lock).
         Through the C core's own lock only; the scanner forgets the pages
-        and the range is reused at reap().  Should the release fail (no
-        mapping could cut the pages off, at vm.max_map_count), the frames
-        and the range stay as they are and the release is tried again at
-        the next reap()."""
+        and the range is reused at reap().  The collector's record is queued
+        before anything else, so that whatever interrupts the release,
+        reap() finishes it; a failed release (no mapping could cut the pages
+        off, at vm.max_map_count) is retried there too.  free()'s own
+        failure is the caller's to hear."""
         if collected:
             rec.collected = True
-        if not rec.released:
-            try:
-                self.native.release(rec.vpn, rec.npages)
-            except OSError:
-                if collected:
-                    self.failed.append(rec)
-                    return
-                raise
+            self.pending.append(rec)
+            if not rec.released:
+                try:
+                    self.native.release(rec.vpn, rec.npages)
+                    rec.released = True
+                except OSError:
+                    pass
+        else:
+            self.native.release(rec.vpn, rec.npages)
             rec.released = True
-        self.pending.append(rec)
-        if self.closed and not retry and self.try_enter():
+            self.pending.append(rec)
+        if self.closed:
             # nobody else may come to reap a closed pool: do it now (if the
             # lock is held, its holder does it as it leaves)
-            try:
-                self.reap()
-            finally:
-                self.leave()
+            self.reap_if_free()
 
 
 def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
-    """The background scanner (ksmd): batches while the pool lives and runs."""
+    """The background scanner (ksmd): batches while the pool lives and runs.
+    It keeps the asynchronous signals blocked (csrc/lock.c): they go to the
+    program's own threads, whose handlers then never run inside a section
+    because of this thread."""
+    _core.lib.uksm_block_async_signals()
     while not stop.is_set():
         pool = ref()
         if pool is None:
@@ -627,13 +758,13 @@ class Pool:
     def _close(self) -> None:
         self.stop()
         core = self._c
-        core.enter()
-        try:
+        with core.served() as nested:
             self._closed = True
             core.closed = True
-            core.reap()
-        finally:
-            core.leave()
+            if nested:
+                core.on_exit = self._close     # finished when the section is left
+            else:
+                core.reap()
 
     def __del__(self) -> None:
         try:
@@ -675,8 +806,7 @@ class Pool:
         # Served nested too (a finalizer or handler allocating inside this
         # thread's own section): the C core has its own lock, and the
         # scanner learns of the buffer at the next reap().
-        nested = core.enter()
-        try:
+        with core.served() as nested:
             self._check_open()      # again: close() may have won the race
             if not nested:
                 self._reap()
@@ -691,9 +821,6 @@ class Pool:
                 self._scanner.add_range(vpn, npages)
             buf = self._native.buffer(vpn, max(nbytes, 1),
                                       lambda _cdata, rec=rec: core.on_release(rec, True))
-        finally:
-            if not nested:
-                core.leave()
         if self._max_resident is not None:
             if group:
                 self._reclaim(group)
@@ -772,11 +899,7 @@ class Pool:
                                    "buffer (views of it, or other names) are alive")
         core = self._c
         core.on_release(rec, collected=False)
-        if core.try_enter():
-            try:
-                core.reap()
-            finally:
-                core.leave()
+        core.reap_if_free()
 
     # -- merging control ------------------------------------------------------------
 
@@ -840,8 +963,7 @@ class Pool:
             # by the garbage collector): the scanner then takes the range
             # back at the next reap()
             core = self._c
-            nested = core.enter()
-            try:
+            with core.served() as nested:
                 rec.pins -= 1
                 if rec.pins == 0 and not rec.released and not self._native.closed:
                     self._native.set_pinned(rec.vpn, rec.npages, False)
@@ -850,9 +972,6 @@ class Pool:
                             core.adds.append(rec)
                         else:
                             self._scanner.add_range(rec.vpn, rec.npages)
-            finally:
-                if not nested:
-                    core.leave()
 
     # -- migration --------------------------------------------------------------------
 

@@ -238,13 +238,16 @@ class Scanner:
     # -- rmap items: buffers come and go ------------------------------------
 
     def add_range(self, start: int, npages: int) -> None:
-        """MADV_MERGEABLE: the pages become rmap items, with clean state."""
+        """MADV_MERGEABLE: the pages become rmap items, with clean state
+        (once: a range already tracked is left as it is)."""
+        i = bisect.bisect_left(self.starts, start)
+        if i < len(self.starts) and self.starts[i] == start:
+            return
         sl = slice(start, start + npages)
         self.oldchecksum[sl] = 0
         self.tag[sl] = 0
         self.age[sl] = 0
         self.skips[sl] = 0
-        i = bisect.bisect_left(self.starts, start)
         self.starts.insert(i, start)
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
@@ -599,6 +602,38 @@ class Scanner:
             if node >= 0 and st.alive[node] and st.pfn[node] == f:
                 st.pfn[node] = t
                 self.node_of_pfn[t] = node
+
+    def recover(self, ranges: List[Tuple[int, int]]) -> None:
+        """Put the scanner's own state back together after an exception tore
+        through a section half way (a Python signal handler may raise between
+        any two bytecodes, in a program whose threads take the signals that
+        the holder of the lock blocks).  Nothing here is the truth about
+        memory, which the C core keeps and checks on every merge under its
+        own lock: the unstable tree is thrown away (as at every full scan),
+        the rmap items are rebuilt from @ranges (the mergeable buffers, as the
+        pool's records say), and the stable tree's index from its nodes, each
+        then checked through its keyhole.  What is lost is at most one scan's
+        progress."""
+        self.cur_tag = self.cur_tag % 65535 + 1
+        self.u_sum = np.zeros(0, np.uint64)
+        self.u_vpn = np.zeros(0, np.uint32)
+        self.tag[:] = 0
+        self.pages_unshared = 0
+        ranges = sorted(ranges)
+        self.starts = [start for start, _ in ranges]
+        self.extents = [[start, npages] for start, npages in ranges]
+        self.rmap_items = sum(npages for _, npages in ranges)
+        st = self.stable
+        st.n = min(st.n, len(st.sum), len(st.pfn), len(st.key), len(st.alive))
+        live = np.flatnonzero(st.alive[: st.n])
+        st.alive[st.n:] = False
+        st.nr_alive = len(live)
+        order = np.argsort(st.sum[live], kind="stable")
+        st.idx_sum = st.sum[live][order]
+        st.idx_node = live[order].astype(np.int32)
+        self.node_of_pfn[:] = -1
+        self.node_of_pfn[st.pfn[live]] = live.astype(np.int32)
+        self.prune_stable()
 
     def prune_stable(self) -> None:
         """Sweep every stable node through its keyhole, prune the stale."""
