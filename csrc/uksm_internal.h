@@ -261,6 +261,19 @@ static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
 	return pool->va + (vpn << UKSM_PAGE_SHIFT);
 }
 
+/*
+ * [@vpn, @vpn + @npages) lies inside the pool's virtual range.  Both come
+ * from the caller, so the sum is checked before it is compared: a wrapped
+ * end would pass for a small one and let a table index or a MAP_FIXED land
+ * far outside the pool.
+ */
+static inline int uksm_range_ok(const struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	size_t end;
+
+	return !__builtin_add_overflow(vpn, npages, &end) && end <= pool->va_pages;
+}
+
 /* Protection of a view (KSM, SWAPPED) or of a ZERO page in this pool. */
 static inline int view_prot(const struct uksm_pool *pool)
 {

@@ -174,3 +174,70 @@ def test_truncated_frame_store_dies_saying_why(how):
     lines = [ln for ln in err.splitlines() if ln.startswith("uksm: SIGBUS")]
     assert len(lines) == 1, err
     assert "frame store" in lines[0] and "truncated by someone else" in lines[0]
+
+
+# --- B: absurd sizes and page numbers ---------------------------------------------
+
+ABSURD = [2**62, 2**63 - 1, 2**64 - 1, 2**64 - 200]
+
+
+def child_absurd_sizes(tmp):
+    import errno
+    pool = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0,
+                     max_resident="32MiB", swap_path=tmp)
+    a = merged_pair(pool)           # frames in use
+    n = pool._native
+    for x in ABSURD:
+        for fn in (lambda: pool.empty((x, PAGE), np.uint8),
+                   lambda: pool.empty((2**64 - 200, 4096), np.uint8),
+                   lambda: pool.empty(x // PAGE, np.uint8) if x // PAGE < 2**63 else
+                   pool.empty(2**50),
+                   lambda: n.alloc(x)):
+            with pytest.raises(MemoryError):
+                fn()
+        with pytest.raises(ValueError):
+            n.buffer(x, PAGE, lambda _c: None)
+        with pytest.raises((ValueError, OverflowError)):
+            n.buffer(0, x, lambda _c: None)
+        with pytest.raises((ValueError, OverflowError)):
+            n.buffer(n.va_pages - 1, 2 * PAGE, lambda _c: None)
+        # vpn or count such that vpn + count wraps past 2**64 to a small number
+        for vpn, cnt in ((x, 4), (1, x), (x, 2**64 - x + 1), (4, 2**64 - 2)):
+            if cnt >= 2**64:
+                continue
+            for call in (n.release, n.va_free, n.memory, n.reconcile, n.swap_in_range,
+                         n.unmerge):
+                with pytest.raises(OSError) as ei:
+                    call(vpn, cnt)
+                assert ei.value.errno == errno.EINVAL, (call, vpn, cnt)
+            for call in (lambda v, c: n.set_locked(v, c, True),
+                         lambda v, c: n.set_group(v, c, 0),
+                         lambda v, c: n.set_pinned(v, c, True)):
+                with pytest.raises(OSError) as ei:
+                    call(vpn, cnt)
+                assert ei.value.errno == errno.EINVAL
+        if x < 2**63:
+            for call in (lambda: n.merge(np.array([x], np.int64), np.array([0], np.int64),
+                                         np.zeros(1, np.uint32), np.zeros(1, np.uint32),
+                                         256, 100),
+                         lambda: n.merge_zero(np.array([x], np.int64), 100),
+                         lambda: n.checksum_range(x, None, np.zeros(4, np.uint64),
+                                                  np.zeros(4, np.uint8), 0)):
+                with pytest.raises(OSError) as ei:
+                    call()
+                assert ei.value.errno == errno.EINVAL
+        with pytest.raises((ValueError, OSError, OverflowError)):
+            uksm._core.NativePool(x, x, x, "kernel")
+    # nothing was mapped, freed or counted by any of it
+    assert (a == 7).all()
+    assert (pool.page_states(a)[0] == KSM).all()
+    b = pool.empty((8, PAGE), np.uint8)
+    b[:] = 1
+    assert (b == 1).all() and (a == 7).all()
+    pool.free(b)
+    pool.close()
+    print("ok")
+
+
+def test_absurd_sizes_fail_cleanly(tmp_path):
+    assert "ok" in run_isolated("test_robust_core", "child_absurd_sizes", str(tmp_path))
