@@ -17,9 +17,9 @@
  * counted private at once.  A write racing in from another thread lands in
  * the same fresh copy: the kernel copies a private view once.  Near
  * vm.max_map_count the whole run of views around the page is made
- * writable instead (its ends are mapping boundaries already: no split);
- * the rest of that run is then COWed by the kernel as in the default mode
- * and reconcile finds it.
+ * writable instead (its ends are mapping boundaries already: no split),
+ * or failing that the whole buffer; the rest of that run is then COWed by
+ * the kernel as in the default mode and reconcile finds it.
  *
  * The page table says what to do, so the handler needs no decoding of
  * the fault (no REG_ERR, no ESR):
@@ -259,10 +259,14 @@ static int view_state(uint8_t state)
 
 /*
  * Make page @vpn writable.  mprotect of one page may need a split; near
- * the map limit, or if it fails, a whole run around it is made writable
- * instead, whose ends are mapping boundaries already, so it needs none:
- * in signal mode the run of pages in the same state; in kernel mode every
- * page but NONE is read-write at rest, so the run of pages not NONE.
+ * the map limit, or if it fails, a wider range is made writable instead,
+ * one whose ends are mapping boundaries already, so that it needs no new
+ * VMA: first the run of pages in the same state (signal mode; in kernel
+ * mode every page but NONE is read-write at rest, so the run of pages not
+ * NONE), then the run of pages not NONE around it, which is the buffer or
+ * buffers there, fenced by PROT_NONE.  A wide grant is counted: in signal
+ * mode the other views it opened are then COWed by the kernel, unseen, and
+ * reconcile finds them later, as in kernel mode.
  */
 static int make_writable(struct uksm_pool *pool, size_t vpn)
 {
@@ -275,17 +279,19 @@ static int make_writable(struct uksm_pool *pool, size_t vpn)
 		pool->vma_estimate += cut;
 		return 0;
 	}
-	if (pool->cow_mode == UKSM_COW_KERNEL) {
-		while (a > 0 && pool->ptes[a - 1].state != UKSM_PTE_NONE)
-			a--;
-		while (b < pool->va_pages && pool->ptes[b].state != UKSM_PTE_NONE)
-			b++;
-	} else {
+	pool->st.cow_wide++;
+	if (pool->cow_mode == UKSM_COW_SIGNAL) {
 		while (a > 0 && pool->ptes[a - 1].state == state)
 			a--;
 		while (b < pool->va_pages && pool->ptes[b].state == state)
 			b++;
+		if (!uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE))
+			return 0;
 	}
+	while (a > 0 && pool->ptes[a - 1].state != UKSM_PTE_NONE)
+		a--;
+	while (b < pool->va_pages && pool->ptes[b].state != UKSM_PTE_NONE)
+		b++;
 	return uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE);
 }
 
@@ -433,9 +439,9 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		uint8_t state = pte->state;
 
 		if (make_writable(pool, vpn))
-			uksm_fatal("copy-on-write: cannot make a page writable (mprotect "
-				   "failed: vm.max_map_count, the commit limit or "
-				   "RLIMIT_DATA reached?); the write cannot be kept");
+			uksm_fatal("copy-on-write: cannot make a page writable, not even "
+				   "its whole buffer (mprotect failed: the commit limit "
+				   "or RLIMIT_DATA reached?); the write cannot be kept");
 		if (state != UKSM_PTE_ZERO)
 			force_cow(pool, vpn);
 		/* a swapped page written counts as a swap-in, not a COW */

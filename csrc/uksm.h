@@ -228,6 +228,7 @@ struct uksm_stats {
 	uint64_t last_swap_errno;	/* errno of the last one */
 	uint64_t reclaim_runs;	/* eviction batches */
 	uint64_t detaches;	/* a forked child took a frame store of its own */
+	uint64_t cow_wide;	/* faults that made a whole run writable (no VMA to split) */
 };
 
 /* uksm_memory(): what the kernel holds for the pool, from pagemap/mincore */

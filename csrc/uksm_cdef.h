@@ -78,6 +78,7 @@ struct uksm_stats {
 	uint64_t last_swap_errno;
 	uint64_t reclaim_runs;
 	uint64_t detaches;
+	uint64_t cow_wide;
 };
 
 struct uksm_memory {

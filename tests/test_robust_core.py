@@ -241,3 +241,156 @@ def child_absurd_sizes(tmp):
 
 def test_absurd_sizes_fail_cleanly(tmp_path):
     assert "ok" in run_isolated("test_robust_core", "child_absurd_sizes", str(tmp_path))
+
+
+# --- E: the process has used up vm.max_map_count on its own -----------------------
+
+
+class MapFiller:
+    """Use up vm.max_map_count with this process's own mappings: anonymous
+    regions whose pages alternate PROT_READ and PROT_READ|PROT_WRITE, each
+    page its own VMA, until the kernel says ENOMEM; then give @spare back.
+    Counting reads /proc/self/maps into a buffer allocated up front: at the
+    limit even Python's own large allocations fail."""
+
+    def __init__(self):
+        import ctypes
+        self.ctypes = ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.libc = libc
+        self.buf = bytearray(16 << 20)
+        self.split = []
+        with open("/proc/sys/vm/max_map_count") as f:
+            self.limit = int(f.read())
+
+    def count(self) -> int:
+        n = 0
+        with open("/proc/self/maps", "rb", buffering=0) as f:
+            while True:
+                k = f.readinto(self.buf)
+                if not k:
+                    return n
+                n += self.buf.count(b"\n", 0, k)
+
+    def fill(self, spare: int) -> int:
+        libc, failed = self.libc, self.ctypes.c_void_p(-1).value
+        npg = 1 << 14
+        self.split = [0] * (self.limit // 2 + 16)   # no allocation while full
+        k = 0
+        while True:
+            base = libc.mmap(None, npg * PAGE, 1, 0x22, -1, 0)    # PROT_READ
+            if base in (None, failed):
+                break
+            for i in range(1, npg - 1, 2):
+                if libc.mprotect(base + i * PAGE, PAGE, 3):
+                    break
+                self.split[k] = base + i * PAGE
+                k += 1
+            else:
+                continue
+            break
+        for _ in range(spare):      # each undo turns three VMAs into one
+            k -= 1
+            assert libc.mprotect(self.split[k], PAGE, 1) == 0
+        del self.split[k:]
+        return self.limit - self.count()
+
+
+def chunked_equal(a, b, rows=16) -> bool:
+    """a == b without a temporary the size of a (no mapping to spare)."""
+    for i in range(0, len(a), rows):
+        if not np.array_equal(a[i:i + rows], b[i:i + rows]):
+            return False
+    return True
+
+
+def child_map_count_exhausted(path: str, cow: str, spare: int):
+    import tempfile
+    tmp = tempfile.mkdtemp()
+    pool = uksm.Pool("256MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow,
+                     max_resident="16MiB", swap_path=tmp)
+    ref = np.arange(16 * PAGE, dtype=np.uint8).reshape(16, PAGE) ^ np.arange(16, dtype=np.uint8)[:, None]
+    rep = np.tile(ref[:8], (8, 1))      # 64 pages, 8 distinct contents
+    a = pool.asarray(rep)
+    pool.scan(full_scans=2)
+    pool.lock(a)                        # its views stay views, not swapped
+    assert (pool.page_states(a)[0] == KSM).all()
+    exp = np.random.default_rng(1).integers(0, 255, (8192, PAGE), dtype=np.uint8)
+    big = pool.asarray(exp)             # 32 MiB over a 16 MiB budget
+    pool._reclaim()
+    assert (pool.page_states(big)[0] == SWAPPED).sum() > 2048
+    more = np.random.default_rng(2).integers(0, 255, (2048, PAGE), dtype=np.uint8)
+    rep2 = np.tile(ref[8:], (16, 1))
+    expect_a = rep.copy()
+    for i in range(0, 64, 3):
+        expect_a[i, 0] = 255
+    expect_big = exp.copy()
+    expect_big[::5, 0] = 1
+    target = np.empty_like(exp)         # np.copyto's destination, made now
+    filler = MapFiller()
+    left = filler.fill(spare)
+    print("maps left", left, flush=True)
+    if path == "cow":
+        for i in range(0, 64, 3):
+            a[i, 0] = 255
+        assert chunked_equal(a, expect_a)
+        st = pool._native.stats()
+        if cow == "signal":
+            # the first write faults; with no VMA to split, the run of views
+            # is made writable at once and counted, and the kernel COWs the rest
+            assert st["cow_signal"] >= 1, st
+            if spare == 0:
+                assert st["cow_wide"] >= 1, st
+    elif path == "swapin":
+        assert chunked_equal(big[::7], exp[::7])
+        big[::5, 0] = 1
+        assert chunked_equal(big, expect_big)
+    elif path == "copy":
+        b = big.copy()      # numpy's own 32 MiB: one mapping
+        assert chunked_equal(b, exp)
+    elif path == "copyto":
+        np.copyto(target, big)
+        assert chunked_equal(target, exp)
+        c = pool.empty((8192, PAGE), np.uint8)
+        np.copyto(c, big)
+        assert chunked_equal(c, exp)
+    elif path == "evict":
+        c = pool.asarray(more)
+        pool._reclaim()
+        assert chunked_equal(c, more) and chunked_equal(big, exp)
+    elif path == "merge":
+        merged = pool._native.stats()["pages_merged"]
+        skipped = pool._scanner.merges_skipped_vma
+        c = pool.asarray(rep2)
+        pool.scan(full_scans=2)
+        assert chunked_equal(c, rep2)
+        # merged within what is left, or skipped and counted
+        assert pool._native.stats()["pages_merged"] > merged or \
+            pool._scanner.merges_skipped_vma > skipped
+        c[::3, 1] = 9
+        rep2[::3, 1] = 9
+        assert chunked_equal(c, rep2)
+    assert chunked_equal(a, expect_a if path == "cow" else rep)
+    st = pool._native.stats()
+    print("ok", path, cow, {k: st[k] for k in ("cow_signal", "cow_wide", "pages_swapped",
+                                              "swap_errors", "pages_merged")}, flush=True)
+    os._exit(0)     # no teardown at the limit: what is checked is above
+
+
+MAP_PATHS = [("cow", "kernel", 0), ("cow", "signal", 0), ("swapin", "kernel", 0)] + [
+    (path, cow, 3) for path, cow in [
+        ("cow", "kernel"), ("cow", "signal"), ("swapin", "kernel"), ("swapin", "signal"),
+        ("copy", "kernel"), ("copyto", "kernel"), ("evict", "kernel"),
+        ("merge", "kernel"), ("merge", "signal")]]
+
+
+# spare 0: not one mapping left (Python itself then fails to allocate large
+# blocks, so only the paths that need no new memory of Python's run there)
+@pytest.mark.parametrize("path,cow,spare", MAP_PATHS)
+def test_map_count_exhausted(path, cow, spare):
+    rc, out, err = run_child("child_map_count_exhausted", path, cow, spare, timeout=120)
+    assert rc == 0 and "ok " + path in out, (rc, out[-2000:], err[-4000:])
