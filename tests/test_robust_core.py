@@ -394,3 +394,78 @@ MAP_PATHS = [("cow", "kernel", 0), ("cow", "signal", 0), ("swapin", "kernel", 0)
 def test_map_count_exhausted(path, cow, spare):
     rc, out, err = run_child("child_map_count_exhausted", path, cow, spare, timeout=120)
     assert rc == 0 and "ok " + path in out, (rc, out[-2000:], err[-4000:])
+
+
+# --- F: what a swap-in costs in mappings ------------------------------------------
+
+
+def count_maps() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return f.read().count(b"\n")
+
+
+def child_swapped_copy_maps(tmp: str, into: str):
+    import time
+    pool = uksm.Pool("256MiB", max_resident="16MiB", swap_path=tmp, pages_to_scan=1000,
+                     sleep_millisecs=20)
+    exp = np.random.default_rng(1).integers(0, 255, (16384, PAGE), dtype=np.uint8)
+    a = pool.asarray(exp)                           # 64 MiB
+    pool._native.reclaim(16384)                     # every page of it to swap
+    assert (pool.page_states(a)[0] == SWAPPED).all()
+    dst = pool.empty(a.shape, a.dtype) if into == "pool" else None
+    before = count_maps()
+    if into == "pool":
+        np.copyto(dst, a)
+        b = dst
+    else:
+        b = a.copy()
+    after = count_maps()
+    # one swapped buffer read through: its views are read by the kernel's
+    # own faults, so at most a small constant (numpy's own allocation)
+    assert after - before <= 8, (before, after)
+    assert np.array_equal(b, exp) and np.array_equal(a, exp)
+    assert count_maps() - before <= 8
+    # kswapd (the scanner thread) brings the pool back under its budget
+    pool.start()
+    deadline = time.monotonic() + 20
+    while True:
+        st = pool.stats()
+        if st["bytes_resident"] <= 16 << 20:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    assert np.array_equal(b[::97], exp[::97])
+    pool.stop()
+    print("maps", before, after, "resident", st["bytes_resident"])
+
+
+@pytest.mark.parametrize("into", ["numpy", "pool"])
+def test_swapped_copy_costs_no_mappings(tmp_path, into):
+    out = run_isolated("test_robust_core", "child_swapped_copy_maps", str(tmp_path), into)
+    assert "maps" in out
+
+
+# --- the scanner follows vm.max_map_count ------------------------------------------
+
+
+def child_max_map_count_reread():
+    opened = []
+
+    def hook(event, args):
+        if event == "open" and args and str(args[0]) == "/proc/sys/vm/max_map_count":
+            opened.append(1)
+
+    sys.addaudithook(hook)
+    pool = uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0)
+    a = pool.asarray(np.full((8, PAGE), 5, np.uint8))
+    start = len(opened)
+    pool.scan(full_scans=3)
+    assert len(opened) - start >= 3, (start, len(opened))
+    assert pool.stats()["max_map_count"] > 0
+    del a
+    pool.close()
+    print("ok")
+
+
+def test_scanner_rereads_max_map_count():
+    assert "ok" in run_isolated("test_robust_core", "child_max_map_count_reread")
