@@ -438,7 +438,7 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 {
 	struct uksm_pool *pool;
 	size_t off, slot, align = UKSM_HPAGE_PAGES * PG;
-	size_t frame_bytes, pte_bytes, meta_bytes, va_bytes, direct_bytes;
+	size_t frame_bytes, pte_bytes, meta_bytes, va_bytes, direct_bytes, seen_bytes;
 	char *meta, *va;
 	int err;
 
@@ -456,6 +456,9 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	    __builtin_add_overflow(frame_bytes, pte_bytes, &meta_bytes) ||
 	    __builtin_add_overflow(meta_bytes, bitmap_bytes(nr_frames), &meta_bytes) ||
 	    __builtin_add_overflow(meta_bytes, bitmap_bytes(va_pages), &meta_bytes) ||
+	    __builtin_add_overflow(nr_frames, va_pages, &seen_bytes) ||
+	    __builtin_mul_overflow(seen_bytes, sizeof(uint16_t), &seen_bytes) ||
+	    __builtin_add_overflow(meta_bytes, seen_bytes, &meta_bytes) ||
 	    __builtin_mul_overflow(nr_frames, PG, &direct_bytes) ||
 	    __builtin_mul_overflow(va_pages, PG, &va_bytes) ||
 	    __builtin_add_overflow(va_bytes, align, &off))
@@ -493,6 +496,8 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	pool->frame_map = (uint64_t *)(meta + off);
 	off += bitmap_bytes(nr_frames);
 	pool->va_map = (uint64_t *)(meta + off);
+	off += bitmap_bytes(va_pages);
+	pool->seen = (uint16_t *)(meta + off);
 
 	pool->fd = memfd_create("uksm", MFD_CLOEXEC);
 	if (pool->fd < 0)
@@ -834,16 +839,29 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 	size_t nslots = pool->swap_fd >= 0 ? pool->st.swap_file_slots : 0;
 	int err = 0;
 
+	int own = 0;
+
 	memset(out, 0, sizeof(*out));
 	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
-	/* views present per frame, to tell frames mapped once from shared ones */
+	/*
+	 * views present per frame, to tell frames mapped once from shared
+	 * ones: in the pool's own table unless another caller has it, so that
+	 * a process out of mappings can still read its figures
+	 */
 	if (nframes + nslots) {
 		seen_bytes = (nframes + nslots) * sizeof(*seen);
-		seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
-			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (seen == MAP_FAILED)
-			return -ENOMEM;
+		if (nframes + nslots <= pool->nr_frames + pool->va_pages &&
+		    !atomic_exchange(&pool->seen_busy, 1)) {
+			seen = pool->seen;
+			memset(seen, 0, seen_bytes);
+		} else {
+			own = 1;
+			seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (seen == MAP_FAILED)
+				return -ENOMEM;
+		}
 	}
 	seen_slot = seen ? seen + nframes : NULL;
 	for (size_t done = 0; done < npages && !err;) {
@@ -894,8 +912,17 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		out->slots_single += seen_slot[sl] == 1;
 		out->slots_present += seen_slot[sl] > 0;
 	}
-	if (seen)
+	if (seen && own) {
 		munmap(seen, seen_bytes);
+	} else if (seen) {
+		/* give the pages back; the table stays reserved */
+		uintptr_t lo = ((uintptr_t)seen + PG - 1) & ~(uintptr_t)(PG - 1);
+		uintptr_t hi = ((uintptr_t)seen + seen_bytes) & ~(uintptr_t)(PG - 1);
+
+		if (hi > lo)
+			(void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+		atomic_store(&pool->seen_busy, 0);
+	}
 	if (!fstat(pool->fd, &stbuf))
 		out->frames_blocks = (uint64_t)stbuf.st_blocks * 512 / PG;
 	out->swap_cached = uksm_swap_cached_pages(pool);

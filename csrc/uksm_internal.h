@@ -177,6 +177,13 @@ struct uksm_pool {
 	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
+	/*
+	 * uksm_memory()'s count of present views per frame and per slot,
+	 * reserved with the tables so that stats() need no new mapping: a
+	 * process at vm.max_map_count still learns what it holds.
+	 */
+	uint16_t *seen;			/* nr_frames + va_pages entries */
+	_Atomic int seen_busy;
 };
 
 /*
