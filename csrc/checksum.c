@@ -181,7 +181,7 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			uint8_t *state)
 {
 	_Static_assert(PG / 4 == 3 * 341 + 1, "jhash2_page_x4 assumes 4 KiB pages");
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	for (size_t i = 0; i < npages; i += CHUNK) {
 		size_t end = i + CHUNK < npages ? i + CHUNK : npages;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * fault.c - the SIGSEGV handler: the page lock's waiter, and do_wp_page for
- * cow="signal".
+ * fault.c - the SIGSEGV and SIGBUS handler: the page lock's waiter, and
+ * do_wp_page for cow="signal".
  *
  * In the default mode the kernel does every copy-on-write itself, and the
  * only faults uksm causes are on pages in transit: a page being merged,
@@ -17,9 +17,9 @@
  * counted private at once.  A write racing in from another thread lands in
  * the same fresh copy: the kernel copies a private view once.  Near
  * vm.max_map_count the whole run of views around the page is made
- * writable instead (its ends are mapping boundaries already: no split);
- * the rest of that run is then COWed by the kernel as in the default mode
- * and reconcile finds it.
+ * writable instead (its ends are mapping boundaries already: no split),
+ * or failing that the whole buffer; the rest of that run is then COWed by
+ * the kernel as in the default mode and reconcile finds it.
  *
  * The page table says what to do, so the handler needs no decoding of
  * the fault (no REG_ERR, no ESR):
@@ -32,7 +32,14 @@
  *
  * Faults outside every pool, and signals sent by kill() or raise()
  * (si_code <= 0), go to the handler that was installed before ours, so
- * real crashes still crash, with faulthandler's traceback.
+ * real crashes still crash, with faulthandler's traceback.  A fault on a
+ * NONE page is a crash too, but one uksm can explain: the handler says so
+ * on stderr (a view that outlived pool.free()) before chaining.
+ *
+ * SIGBUS is taken by the same handler and chained the same way.  Inside a
+ * pool it means that a view points past the end of its file: someone else
+ * truncated the frame store or the swap file.  Nothing can be mended; the
+ * handler names the cause and chains, and the process dies of it.
  *
  * Async-signal-safe throughout: pool->lock is a futex word; the rest are
  * syscalls and atomics.  errno is saved and restored.  No memory is
@@ -50,12 +57,20 @@
 #include <time.h>
 
 /*
- * The handler we replaced, for chaining.  Published through an index into
- * two slots so that a thread chaining while another re-installs never reads
- * a half-copied struct sigaction.
+ * The handlers we replaced, for chaining: one pair for SIGSEGV, one for
+ * SIGBUS, kept the same way.  Published through an index into two slots so
+ * that a thread chaining while another re-installs never reads a
+ * half-copied struct sigaction.
  */
-static struct sigaction prev_actions[2];
-static _Atomic int prev_idx;
+#define NR_OUR_SIGS 2
+static const int our_sigs[NR_OUR_SIGS] = { SIGSEGV, SIGBUS };
+static struct sigaction prev_actions[NR_OUR_SIGS][2];
+static _Atomic int prev_idx[NR_OUR_SIGS];
+
+static int sig_slot(int sig)
+{
+	return sig == SIGBUS;
+}
 
 /*
  * Per-thread memory of chaining, in a small table keyed by tid (not TLS:
@@ -84,6 +99,23 @@ static struct chain_slot chain_slots[CHAIN_SLOTS];
 static void say(const char *s)
 {
 	(void)!write(2, s, strlen(s));
+}
+
+/* An address in hex, with no stdio: snprintf is not async-signal-safe. */
+static void say_addr(const void *addr)
+{
+	uintptr_t v = (uintptr_t)addr;
+	char buf[2 + 2 * sizeof(v) + 1];
+	int i = (int)sizeof(buf) - 1;
+
+	buf[i] = '\0';
+	do {
+		buf[--i] = "0123456789abcdef"[v & 0xf];
+		v >>= 4;
+	} while (v && i > 2);
+	buf[--i] = 'x';
+	buf[--i] = '0';
+	say(buf + i);
 }
 
 static void __attribute__((noreturn)) uksm_fatal(const char *why)
@@ -153,7 +185,8 @@ static void chain_release(struct chain_slot *cs)
  */
 static void chain(int sig, siginfo_t *si, void *uc)
 {
-	const struct sigaction *prev = &prev_actions[atomic_load(&prev_idx)];
+	int k = sig_slot(sig);
+	const struct sigaction *prev = &prev_actions[k][atomic_load(&prev_idx[k])];
 	pid_t tid = my_tid();
 	struct chain_slot *cs = chain_find(tid, si->si_code > 0);
 	sigset_t pending;
@@ -226,10 +259,14 @@ static int view_state(uint8_t state)
 
 /*
  * Make page @vpn writable.  mprotect of one page may need a split; near
- * the map limit, or if it fails, a whole run around it is made writable
- * instead, whose ends are mapping boundaries already, so it needs none:
- * in signal mode the run of pages in the same state; in kernel mode every
- * page but NONE is read-write at rest, so the run of pages not NONE.
+ * the map limit, or if it fails, a wider range is made writable instead,
+ * one whose ends are mapping boundaries already, so that it needs no new
+ * VMA: first the run of pages in the same state (signal mode; in kernel
+ * mode every page but NONE is read-write at rest, so the run of pages not
+ * NONE), then the run of pages not NONE around it, which is the buffer or
+ * buffers there, fenced by PROT_NONE.  A wide grant is counted: in signal
+ * mode the other views it opened are then COWed by the kernel, unseen, and
+ * reconcile finds them later, as in kernel mode.
  */
 static int make_writable(struct uksm_pool *pool, size_t vpn)
 {
@@ -242,17 +279,19 @@ static int make_writable(struct uksm_pool *pool, size_t vpn)
 		pool->vma_estimate += cut;
 		return 0;
 	}
-	if (pool->cow_mode == UKSM_COW_KERNEL) {
-		while (a > 0 && pool->ptes[a - 1].state != UKSM_PTE_NONE)
-			a--;
-		while (b < pool->va_pages && pool->ptes[b].state != UKSM_PTE_NONE)
-			b++;
-	} else {
+	pool->st.cow_wide++;
+	if (pool->cow_mode == UKSM_COW_SIGNAL) {
 		while (a > 0 && pool->ptes[a - 1].state == state)
 			a--;
 		while (b < pool->va_pages && pool->ptes[b].state == state)
 			b++;
+		if (!uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE))
+			return 0;
 	}
+	while (a > 0 && pool->ptes[a - 1].state != UKSM_PTE_NONE)
+		a--;
+	while (b < pool->va_pages && pool->ptes[b].state != UKSM_PTE_NONE)
+		b++;
 	return uksm_mprotect(page_addr(pool, a), (b - a) * PG, PROT_READ | PROT_WRITE);
 }
 
@@ -296,6 +335,18 @@ static int fault_loops(void *addr)
 	return atomic_fetch_add(&loops[slot].count, 1) >= LOOP_FAULTS;
 }
 
+/*
+ * A fault we only report goes on to the previous handler, which may return
+ * and let it happen again (a Python-level handler does, until chain()
+ * catches the loop): one message per address, not a thousand.
+ */
+static void *_Atomic last_said;
+
+static int first_word(void *addr)
+{
+	return atomic_exchange(&last_said, addr) != addr;
+}
+
 static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 {
 	int saved_errno = errno;
@@ -312,6 +363,28 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	vpn = (size_t)((char *)si->si_addr - pool->va) >> UKSM_PAGE_SHIFT;
 	pte = &pool->ptes[vpn];
+	if (sig == SIGBUS) {
+		/*
+		 * A view reads its frame (or slot) through the page cache; a
+		 * page past the file's end is a bus error.  We never shrink
+		 * the store under a live view, so someone else cut it: nothing
+		 * here can bring the contents back.  Say so, and let the
+		 * signal take its course.
+		 */
+		if (si->si_code == BUS_ADRERR && first_word(si->si_addr)) {
+			say("uksm: SIGBUS at ");
+			say_addr(si->si_addr);
+			say(" in a uksm pool");
+			say(pte->state == UKSM_PTE_SWAPPED ?
+			    ": the pool's swap file was truncated by someone else; "
+			    "the swapped pages it held are gone\n" :
+			    ": the pool's frame store (its memfd) was truncated by "
+			    "someone else; the merged pages it held are gone\n");
+		}
+		chain(sig, si, uc);
+		errno = saved_errno;
+		return;
+	}
 	if (!uksm_trylock(pool)) {
 		/*
 		 * Announce ourselves before looking: the parent hook clears
@@ -345,6 +418,19 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 	}
 	if (pte->state == UKSM_PTE_NONE) {
 		uksm_futex_unlock(&pool->lock);
+		/*
+		 * PROT_NONE inside the pool: no buffer lives here.  The usual
+		 * way to get here is a view (a slice, a memoryview) that
+		 * outlived pool.free() of its array.  The crash is the right
+		 * outcome; a crash that does not say why is not.
+		 */
+		if (first_word(si->si_addr)) {
+			say("uksm: SIGSEGV at ");
+			say_addr(si->si_addr);
+			say(" in a uksm pool, on a page with no live buffer: a buffer "
+			    "released by pool.free() while a view of it was still "
+			    "alive, or memory outside any live buffer\n");
+		}
 		chain(sig, si, uc);
 		errno = saved_errno;
 		return;
@@ -353,9 +439,9 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 		uint8_t state = pte->state;
 
 		if (make_writable(pool, vpn))
-			uksm_fatal("copy-on-write: cannot make a page writable (mprotect "
-				   "failed: vm.max_map_count, the commit limit or "
-				   "RLIMIT_DATA reached?); the write cannot be kept");
+			uksm_fatal("copy-on-write: cannot make a page writable, not even "
+				   "its whole buffer (mprotect failed: the commit limit "
+				   "or RLIMIT_DATA reached?); the write cannot be kept");
 		if (state != UKSM_PTE_ZERO)
 			force_cow(pool, vpn);
 		/* a swapped page written counts as a swap-in, not a COW */
@@ -385,50 +471,59 @@ static void uksm_sigsegv(int sig, siginfo_t *si, void *uc)
 }
 
 /*
- * uksm_install_handler - make uksm_sigsegv the SIGSEGV handler, remembering
- * the one it replaces for chaining.  Idempotent: returns 0 if ours was
- * already in place, 1 if it was (re)installed.  The Python layer calls this
- * whenever someone (faulthandler.enable/disable, pytest) may have replaced
- * it: a COW fault that reaches faulthandler first is a "Fatal Python error".
+ * uksm_install_handler - make uksm_sigsegv the SIGSEGV and SIGBUS handler,
+ * remembering the ones it replaces for chaining.  Idempotent: returns 0 if
+ * ours was already in place for both, 1 if it was (re)installed for either.
+ * The Python layer calls this whenever someone (faulthandler.enable/disable,
+ * signal.signal, pytest) may have replaced it: a COW fault that reaches
+ * another handler first is a "Fatal Python error", or spins for ever.
  */
 int uksm_install_handler(void)
 {
-	struct sigaction cur, sa;
+	int ret = 0;
 
-	if (sigaction(SIGSEGV, NULL, &cur))
-		return -errno;
-	if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == uksm_sigsegv)
-		return 0;
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_sigaction = uksm_sigsegv;
-	sigemptyset(&sa.sa_mask);
-	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-	{
-		int next = !atomic_load(&prev_idx);
+	for (int k = 0; k < NR_OUR_SIGS; k++) {
+		struct sigaction cur, sa;
+		int next;
 
-		prev_actions[next] = cur;
-		atomic_store(&prev_idx, next);
+		if (sigaction(our_sigs[k], NULL, &cur))
+			return -errno;
+		if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == uksm_sigsegv)
+			continue;
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = uksm_sigsegv;
+		sigemptyset(&sa.sa_mask);
+		sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+		next = !atomic_load(&prev_idx[k]);
+		prev_actions[k][next] = cur;
+		atomic_store(&prev_idx[k], next);
+		if (sigaction(our_sigs[k], &sa, NULL))
+			return -errno;
+		ret = 1;
 	}
-	if (sigaction(SIGSEGV, &sa, NULL))
-		return -errno;
-	return 1;
+	return ret;
 }
 
 /*
  * faulthandler.disable() put our handler back itself (it was faulthandler's
- * own predecessor): the handler we chain to is then the one we had before
- * faulthandler came, kept in the other slot.
+ * own predecessor, for SIGSEGV and SIGBUS alike): the handler we chain to is
+ * then the one we had before faulthandler came, kept in the other slot.
  */
 void uksm_handler_pop_prev(void)
 {
-	atomic_store(&prev_idx, !atomic_load(&prev_idx));
+	for (int k = 0; k < NR_OUR_SIGS; k++)
+		atomic_store(&prev_idx[k], !atomic_load(&prev_idx[k]));
 }
 
 int uksm_handler_installed(void)
 {
-	struct sigaction cur;
+	for (int k = 0; k < NR_OUR_SIGS; k++) {
+		struct sigaction cur;
 
-	if (sigaction(SIGSEGV, NULL, &cur))
-		return 0;
-	return (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == uksm_sigsegv;
+		if (sigaction(our_sigs[k], NULL, &cur))
+			return 0;
+		if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != uksm_sigsegv)
+			return 0;
+	}
+	return 1;
 }

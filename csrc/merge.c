@@ -121,7 +121,7 @@ int uksm_reconcile(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	int found = 0;
 
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	for (size_t done = 0; done < npages;) {
 		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
@@ -154,7 +154,7 @@ int uksm_unmerge(struct uksm_pool *pool, size_t vpn, size_t npages,
 	int err = 0;
 
 	*unmerged = 0;
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	for (size_t done = 0; done < npages && !err;) {
 		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;

@@ -438,6 +438,7 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 {
 	struct uksm_pool *pool;
 	size_t off, slot, align = UKSM_HPAGE_PAGES * PG;
+	size_t frame_bytes, pte_bytes, meta_bytes, va_bytes, direct_bytes, seen_bytes;
 	char *meta, *va;
 	int err;
 
@@ -445,6 +446,23 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	    va_pages >= UINT32_MAX || capacity_pages > va_pages ||
 	    (cow_mode != UKSM_COW_KERNEL && cow_mode != UKSM_COW_SIGNAL))
 		return -EINVAL;
+	/*
+	 * The 32-bit bounds above keep these in range on 64-bit, but say so
+	 * where the sizes are made, not in a proof elsewhere: a size that
+	 * wrapped would reserve a small range and index a large one.
+	 */
+	if (__builtin_mul_overflow(nr_frames, sizeof(struct uksm_frame), &frame_bytes) ||
+	    __builtin_mul_overflow(va_pages, sizeof(struct uksm_pte), &pte_bytes) ||
+	    __builtin_add_overflow(frame_bytes, pte_bytes, &meta_bytes) ||
+	    __builtin_add_overflow(meta_bytes, bitmap_bytes(nr_frames), &meta_bytes) ||
+	    __builtin_add_overflow(meta_bytes, bitmap_bytes(va_pages), &meta_bytes) ||
+	    __builtin_add_overflow(nr_frames, va_pages, &seen_bytes) ||
+	    __builtin_mul_overflow(seen_bytes, sizeof(uint16_t), &seen_bytes) ||
+	    __builtin_add_overflow(meta_bytes, seen_bytes, &meta_bytes) ||
+	    __builtin_mul_overflow(nr_frames, PG, &direct_bytes) ||
+	    __builtin_mul_overflow(va_pages, PG, &va_bytes) ||
+	    __builtin_add_overflow(va_bytes, align, &off))
+		return -EOVERFLOW;
 	pthread_once(&atfork_once, register_atfork);
 
 	pool = mmap(NULL, sizeof(*pool), PROT_READ | PROT_WRITE,
@@ -464,9 +482,7 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	pool->direct = MAP_FAILED;
 	pool->meta = MAP_FAILED;
 
-	pool->meta_bytes = nr_frames * sizeof(struct uksm_frame) +
-			   va_pages * sizeof(struct uksm_pte) +
-			   bitmap_bytes(nr_frames) + bitmap_bytes(va_pages);
+	pool->meta_bytes = meta_bytes;
 	meta = mmap(NULL, pool->meta_bytes, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (meta == MAP_FAILED)
@@ -474,12 +490,14 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	pool->meta = meta;
 	off = 0;
 	pool->frames = (struct uksm_frame *)(meta + off);
-	off += nr_frames * sizeof(struct uksm_frame);
+	off += frame_bytes;
 	pool->ptes = (struct uksm_pte *)(meta + off);
-	off += va_pages * sizeof(struct uksm_pte);
+	off += pte_bytes;
 	pool->frame_map = (uint64_t *)(meta + off);
 	off += bitmap_bytes(nr_frames);
 	pool->va_map = (uint64_t *)(meta + off);
+	off += bitmap_bytes(va_pages);
+	pool->seen = (uint16_t *)(meta + off);
 
 	pool->fd = memfd_create("uksm", MFD_CLOEXEC);
 	if (pool->fd < 0)
@@ -487,12 +505,12 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	pool->ro_fd = uksm_reopen_ro(pool->fd);
 	if (pool->ro_fd < 0)
 		goto out_errno;
-	pool->direct = mmap(NULL, nr_frames * PG, PROT_READ | PROT_WRITE,
+	pool->direct = mmap(NULL, direct_bytes, PROT_READ | PROT_WRITE,
 			    MAP_SHARED | MAP_NORESERVE, pool->fd, 0);
 	if (pool->direct == MAP_FAILED)
 		goto out_errno;
 	/* huge-page aligned, so that big private buffers get THP */
-	va = mmap(NULL, va_pages * PG + align, PROT_NONE,
+	va = mmap(NULL, va_bytes + align, PROT_NONE,
 		  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (va == MAP_FAILED)
 		goto out_errno;
@@ -607,7 +625,7 @@ static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 		size_t len = 0;
 
 		start = (start + align - 1) & ~(align - 1);
-		if (start + n > pool->va_pages || start + n < start)
+		if (!uksm_range_ok(pool, start, n))
 			return -ENOSPC;
 		while (len < n && !uksm_bit_test(pool->va_map, start + len))
 			len++;
@@ -623,14 +641,17 @@ static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 	}
 }
 
-void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
+int uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
+	if (!uksm_range_ok(pool, vpn, npages))
+		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = 0; i < npages; i++)
 		uksm_bit_clear(pool->va_map, vpn + i);
 	if (vpn < pool->va_hint)
 		pool->va_hint = vpn;
 	uksm_unlock(pool);
+	return 0;
 }
 
 /*
@@ -696,6 +717,9 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	int err = 0;
 
+	/* checked before anything is mapped: MAP_FIXED would take any address */
+	if (!uksm_range_ok(pool, vpn, npages))
+		return -EINVAL;
 	for (size_t done = 0; done < npages;) {
 		size_t n = npages - done;
 
@@ -748,7 +772,7 @@ int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages)
 /* pool.pin(): pages that must not be merged, moved or swapped while pinned */
 int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 {
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = vpn; i < vpn + npages; i++) {
@@ -764,7 +788,7 @@ int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
 		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount)
 {
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	uksm_lock(pool);
 	for (size_t i = 0; i < npages; i++) {
@@ -815,16 +839,29 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 	size_t nslots = pool->swap_fd >= 0 ? pool->st.swap_file_slots : 0;
 	int err = 0;
 
+	int own = 0;
+
 	memset(out, 0, sizeof(*out));
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
-	/* views present per frame, to tell frames mapped once from shared ones */
+	/*
+	 * views present per frame, to tell frames mapped once from shared
+	 * ones: in the pool's own table unless another caller has it, so that
+	 * a process out of mappings can still read its figures
+	 */
 	if (nframes + nslots) {
 		seen_bytes = (nframes + nslots) * sizeof(*seen);
-		seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
-			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (seen == MAP_FAILED)
-			return -ENOMEM;
+		if (nframes + nslots <= pool->nr_frames + pool->va_pages &&
+		    !atomic_exchange(&pool->seen_busy, 1)) {
+			seen = pool->seen;
+			memset(seen, 0, seen_bytes);
+		} else {
+			own = 1;
+			seen = mmap(NULL, seen_bytes, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (seen == MAP_FAILED)
+				return -ENOMEM;
+		}
 	}
 	seen_slot = seen ? seen + nframes : NULL;
 	for (size_t done = 0; done < npages && !err;) {
@@ -875,8 +912,17 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		out->slots_single += seen_slot[sl] == 1;
 		out->slots_present += seen_slot[sl] > 0;
 	}
-	if (seen)
+	if (seen && own) {
 		munmap(seen, seen_bytes);
+	} else if (seen) {
+		/* give the pages back; the table stays reserved */
+		uintptr_t lo = ((uintptr_t)seen + PG - 1) & ~(uintptr_t)(PG - 1);
+		uintptr_t hi = ((uintptr_t)seen + seen_bytes) & ~(uintptr_t)(PG - 1);
+
+		if (hi > lo)
+			(void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+		atomic_store(&pool->seen_busy, 0);
+	}
 	if (!fstat(pool->fd, &stbuf))
 		out->frames_blocks = (uint64_t)stbuf.st_blocks * 512 / PG;
 	out->swap_cached = uksm_swap_cached_pages(pool);

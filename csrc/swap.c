@@ -89,7 +89,19 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 	ro = uksm_reopen_ro(swap_fd);
 	if (ro < 0)
 		return -errno;
-	pool->swap_meta_bytes = nv * (2 + 4 + 1) + nf * (1 + 4) + 2 * EVICT_MAX * 4;
+	/* nv and nf are bounded at pool creation; checked anyway, as in uksm_pool_create */
+	{
+		size_t vb, fb;
+
+		if (__builtin_mul_overflow(nv, (size_t)(2 + 4 + 1), &vb) ||
+		    __builtin_mul_overflow(nf, (size_t)(1 + 4), &fb) ||
+		    __builtin_add_overflow(vb, fb, &pool->swap_meta_bytes) ||
+		    __builtin_add_overflow(pool->swap_meta_bytes, (size_t)(2 * EVICT_MAX * 4),
+					   &pool->swap_meta_bytes)) {
+			close(ro);
+			return -EOVERFLOW;
+		}
+	}
 	pool->swap_meta = mmap(NULL, pool->swap_meta_bytes, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (pool->swap_meta == MAP_FAILED) {
@@ -274,7 +286,7 @@ int uksm_swap_in_range(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	int err = 0;
 
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	if (pool->swap_fd < 0)
 		return 0;
@@ -791,7 +803,7 @@ int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 {
 	int err = 0;
 
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn)
+	if (!uksm_range_ok(pool, vpn, npages))
 		return -EINVAL;
 	if (on) {
 		/* in first, then locked: a lock that fails leaves nothing locked */
@@ -813,7 +825,7 @@ int uksm_set_locked(struct uksm_pool *pool, size_t vpn, size_t npages, int on)
 /* Put a buffer's pages in @group; their private pages are charged there. */
 int uksm_set_group(struct uksm_pool *pool, size_t vpn, size_t npages, int group)
 {
-	if (vpn + npages > pool->va_pages || vpn + npages < vpn || group < 0 ||
+	if (!uksm_range_ok(pool, vpn, npages) || group < 0 ||
 	    group >= UKSM_MAX_GROUPS)
 		return -EINVAL;
 	uksm_lock(pool);

@@ -231,6 +231,7 @@ struct uksm_stats {
 	uint64_t last_swap_errno;	/* errno of the last one */
 	uint64_t reclaim_runs;	/* eviction batches */
 	uint64_t detaches;	/* a forked child took a frame store of its own */
+	uint64_t cow_wide;	/* faults that made a whole run writable (no VMA to split) */
 };
 
 /* uksm_memory(): what the kernel holds for the pool, from pagemap/mincore */
@@ -267,7 +268,7 @@ int uksm_pool_fd(struct uksm_pool *pool);
 void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st);
 int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out, int *stage);
 int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages);
-void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages);
+int uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages);
 int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
 		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount);
 int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,

@@ -78,6 +78,7 @@ struct uksm_stats {
 	uint64_t last_swap_errno;
 	uint64_t reclaim_runs;
 	uint64_t detaches;
+	uint64_t cow_wide;
 };
 
 struct uksm_memory {
@@ -112,7 +113,7 @@ int uksm_pool_fd(struct uksm_pool *pool);
 void uksm_pool_stats(struct uksm_pool *pool, struct uksm_stats *st);
 int uksm_alloc(struct uksm_pool *pool, size_t npages, size_t *vpn_out, int *stage);
 int uksm_release(struct uksm_pool *pool, size_t vpn, size_t npages);
-void uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages);
+int uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages);
 int uksm_pages_info(struct uksm_pool *pool, size_t vpn, size_t npages,
 		    uint8_t *state, uint32_t *pfn, uint32_t *mapcount);
 int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,

@@ -177,6 +177,13 @@ struct uksm_pool {
 	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
+	/*
+	 * uksm_memory()'s count of present views per frame and per slot,
+	 * reserved with the tables so that stats() need no new mapping: a
+	 * process at vm.max_map_count still learns what it holds.
+	 */
+	uint16_t *seen;			/* nr_frames + va_pages entries */
+	_Atomic int seen_busy;
 };
 
 /*
@@ -259,6 +266,19 @@ static inline char *frame_addr(struct uksm_pool *pool, size_t pfn)
 static inline char *page_addr(struct uksm_pool *pool, size_t vpn)
 {
 	return pool->va + (vpn << UKSM_PAGE_SHIFT);
+}
+
+/*
+ * [@vpn, @vpn + @npages) lies inside the pool's virtual range.  Both come
+ * from the caller, so the sum is checked before it is compared: a wrapped
+ * end would pass for a small one and let a table index or a MAP_FIXED land
+ * far outside the pool.
+ */
+static inline int uksm_range_ok(const struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	size_t end;
+
+	return !__builtin_add_overflow(vpn, npages, &end) && end <= pool->va_pages;
 }
 
 /* Protection of a view (KSM, SWAPPED) or of a ZERO page in this pool. */

@@ -187,6 +187,11 @@ class NativePool:
 
     def buffer(self, vpn: int, nbytes: int, on_release):
         """A cffi buffer over the pages from @vpn; on_release runs at GC."""
+        # a cffi buffer is a raw pointer and a length: one outside the
+        # pool's range would read and write whatever lies there
+        if vpn < 0 or nbytes < 0 or vpn + -(-nbytes // PAGE_SIZE) > self.va_pages:
+            raise ValueError(f"uksm: buffer of {nbytes} bytes at page {vpn} is outside "
+                             f"the pool's virtual range ({self.va_pages} pages)")
         p = ffi.cast("char *", self.va + vpn * PAGE_SIZE)
         p = ffi.gc(p, on_release)
         return ffi.buffer(p, nbytes)
@@ -195,7 +200,7 @@ class NativePool:
         _check(lib.uksm_release(self._pool, vpn, npages), "release")
 
     def va_free(self, vpn: int, npages: int) -> None:
-        lib.uksm_va_free(self._pool, vpn, npages)
+        _check(lib.uksm_va_free(self._pool, vpn, npages), "va_free")
 
     def checksum_range(self, vpn: int, skip, sums: np.ndarray, states: np.ndarray,
                        algo: int) -> None:

@@ -24,6 +24,7 @@ import math
 import operator
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -96,7 +97,15 @@ def _bool_knob(name: str, value: Any) -> bool:
 # handler it found, which may not be ours.  pytest does both around a run.
 # So every enable/disable is followed by putting ours back on top (chaining to
 # faulthandler for the faults that are not ours), and the pool also checks
-# at every entry point and in the scanner loop.
+# at every entry point and in the scanner loop.  The same goes for SIGBUS,
+# which uksm takes too (a frame store truncated under its views).
+#
+# signal.signal() is worse than faulthandler: Python's C-level handler only
+# notes the signal and returns, so a write to a merged page in cow="signal"
+# re-executes and faults again for ever.  A handler installed that way goes
+# through, and ours is put back on top of it, chaining to it for the faults
+# that are not ours; the caller is told, since its handler no longer sees
+# every SIGSEGV first.
 
 _fh_enable = faulthandler.enable
 _fh_disable = faulthandler.disable
@@ -126,10 +135,32 @@ def _disable_then_reinstall(*args, **kwargs):
     return result
 
 
+_signal_signal = signal.signal
+_FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS)
+
+
+def _signal_then_reinstall(signalnum, handler):
+    global _stacked_over_faulthandler
+    old = _signal_signal(signalnum, handler)
+    if signalnum in _FAULT_SIGNALS and _live_pools and not _core.handler_installed():
+        _core.install_handler()
+        # the handler we chain to is now this one, not faulthandler
+        _stacked_over_faulthandler = False
+        name = signal.Signals(signalnum).name
+        warnings.warn(
+            f"uksm: a {name} handler was installed over uksm's while uksm pools "
+            f"are live; uksm put its own handler back on top (merged pages "
+            f"need it) and passes the {name}s that are not uksm's on to the "
+            f"new handler", RuntimeWarning, stacklevel=2)
+    return old
+
+
 _enable_then_reinstall.__wrapped__ = _fh_enable  # type: ignore[attr-defined]
 _disable_then_reinstall.__wrapped__ = _fh_disable  # type: ignore[attr-defined]
+_signal_then_reinstall.__wrapped__ = _signal_signal  # type: ignore[attr-defined]
 faulthandler.enable = _enable_then_reinstall
 faulthandler.disable = _disable_then_reinstall
+signal.signal = _signal_then_reinstall
 
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 

@@ -330,7 +330,12 @@ class Scanner:
 
     def recount_maps(self) -> None:
         """Count the process's VMAs and tell the fault handler, which
-        switches to whole-run COW breaks past VMA_COW_SOFT of the limit."""
+        switches to whole-run COW breaks past VMA_COW_SOFT of the limit.
+        The limit is read again too (as at every full scan): an
+        administrator may raise or lower vm.max_map_count while we run, and
+        this is when a stale limit would matter - a sysctl read, cheap
+        beside the maps count itself."""
+        self.max_map_count = _read_max_map_count()
         self._maps = _count_maps()
         self._charged = 0
         self.native.set_vma_state(self._maps, int(self.max_map_count * VMA_COW_SOFT))
@@ -582,6 +587,7 @@ class Scanner:
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
         self.prune_stable()
+        self.max_map_count = _read_max_map_count()     # the sysctl may have moved
         self._maps = None
         now = time.monotonic()
         cpu = time.thread_time()
