@@ -315,7 +315,23 @@ class Pool:
                       after a full scan when the memfd is this many times
                       larger than the live frames (and 16 MiB or more
                       larger); 0 turns it off
+    max_resident      the resident budget (None: no swap): what the pool
+                      holds beyond it goes to a swap file of its own, at
+                      most capacity; asarray() and full() give back down to
+                      it before they return
+    swap_path         the directory the swap file is made in (default the
+                      temp directory), or a new name in an existing
+                      directory (that directory; the file never has a
+                      name); needs max_resident
+    swap_batch        how much one swap write takes at most
     """
+
+    # A typo such as pool.pages_to_scn = 5 must fail, not make an attribute
+    # the pool never reads.  '__weakref__': pools are kept in a WeakSet.
+    __slots__ = ("_closed", "capacity", "page_size", "_cow", "_native", "_max_resident",
+                 "_groups", "_swap_errors_seen", "_knobs", "_scanner", "_c", "_buffers",
+                 "_lock", "_stop_event", "_thread", "_compactions",
+                 "_compact_gave_nothing_at", "_frames_migrated", "_pid", "__weakref__")
 
     def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,

@@ -53,6 +53,9 @@ class Group:
     group over its max_resident has its own pages swapped out, whatever the
     pool's budget, at its allocations and at every reclaim pass."""
 
+    # as Pool's: a misspelt attribute must fail, not be set and ignored
+    __slots__ = ("pool", "name", "gid", "_max")
+
     def __init__(self, pool: "Pool", name: str, gid: int, max_resident: Optional[int]):
         self.pool = pool
         self.name = name
