@@ -54,3 +54,136 @@ def test_misspelt_group_attribute_raises():
             g.max_residnet = "1MiB"
         g.max_resident = "2MiB"
         assert g.max_resident == 2 * MiB
+
+
+# -------------------------------------------------- 2. NaN, infinity, negatives
+
+INT_KNOBS = {"pages_to_scan": 1, "sleep_millisecs": 0, "max_page_sharing": 2,
+             "advisor_min_pages_to_scan": 1, "advisor_max_pages_to_scan": 1,
+             "advisor_max_cpu": 1}
+
+
+@pytest.mark.parametrize("knob", sorted(INT_KNOBS))
+@pytest.mark.parametrize("value", [NAN, INF, -INF, 1.0])
+def test_int_knob_rejects_non_ints(knob, value):
+    msg = raises_naming(TypeError, knob, uksm.Pool, "4MiB", **{knob: value})
+    assert "an int" in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("knob", sorted(INT_KNOBS))
+def test_int_knob_rejects_out_of_range(knob):
+    lo = INT_KNOBS[knob]
+    for bad in (lo - 1, -1, 1 << 40):
+        msg = raises_naming(ValueError, knob, uksm.Pool, "4MiB", **{knob: bad})
+        assert f"[{lo}, " in msg and str(bad) in msg, msg
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, -1.0, 0, -5])
+def test_advisor_target_scan_time_must_be_finite_and_positive(value):
+    msg = raises_naming(ValueError, "advisor_target_scan_time", uksm.Pool, "4MiB",
+                        advisor_target_scan_time=value)
+    assert "> 0" in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, -1.0, 0.5])
+def test_compact_threshold_must_be_zero_or_a_finite_ratio(value):
+    msg = raises_naming(ValueError, "compact_threshold", uksm.Pool, "4MiB",
+                        compact_threshold=value)
+    assert ">= 1" in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("knob", ["capacity", "virtual_size", "max_resident", "swap_batch"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF, -1, 0, -4096, "-1MiB", "nanMiB", "inf"])
+def test_size_knobs_reject_nan_inf_and_negatives(knob, value):
+    kw = {"capacity": "16MiB", "max_resident": "8MiB", knob: value}
+    cap = kw.pop("capacity")
+    with pytest.raises((ValueError, TypeError)) as info:
+        uksm.Pool(cap, **kw)
+    assert knob in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", [NAN, -1, "-1MiB"])
+def test_swap_batch_is_checked_without_swap_too(value):
+    raises_naming((ValueError, TypeError), "swap_batch", uksm.Pool, "4MiB", swap_batch=value)
+
+
+@pytest.mark.parametrize("knob", ["pages_to_scan", "sleep_millisecs", "max_page_sharing",
+                                  "advisor_max_cpu"])
+def test_knob_setters_reject_bad_values(pool, knob):
+    before = getattr(pool, knob)
+    for bad in (NAN, INF, 2.0):
+        raises_naming(TypeError, knob, setattr, pool, knob, bad)
+    for bad in (-1, 1 << 40):
+        msg = raises_naming(ValueError, knob, setattr, pool, knob, bad)
+        assert str(bad) in msg
+    assert getattr(pool, knob) == before     # a refused value changes nothing
+
+
+def test_advisor_max_cpu_is_a_percentage(pool):
+    pool.advisor_max_cpu = 100
+    raises_naming(ValueError, "advisor_max_cpu", setattr, pool, "advisor_max_cpu", 101)
+
+
+# ----------------------------------------------------- 3. max_resident setter
+
+def test_max_resident_setter_above_capacity_raises():
+    with uksm.Pool("16MiB", max_resident="8MiB") as p:
+        msg = raises_naming(ValueError, "max_resident", setattr, p, "max_resident", "1GiB")
+        assert "capacity" in msg and str(16 * MiB) in msg and "'1GiB'" in msg, msg
+        assert p.max_resident == 8 * MiB
+        p.max_resident = "16MiB"             # up to capacity is fine
+        assert p.max_resident == 16 * MiB
+        for bad in (NAN, -1, 0):
+            raises_naming((ValueError, TypeError), "max_resident", setattr, p,
+                          "max_resident", bad)
+        g = p.group("g", max_resident="4MiB")
+        raises_naming(ValueError, "max_resident", setattr, g, "max_resident", "17MiB")
+        raises_naming(ValueError, "max_resident", p.group, "h", max_resident="1GiB")
+    raises_naming(ValueError, "max_resident", uksm.Pool, "16MiB", max_resident="17MiB")
+
+
+# ------------------------------------------------------------ 4. size strings
+
+@pytest.mark.parametrize("text,expected", [
+    ("1gb", GiB), ("1GB", GiB), ("1G", GiB), ("1g", GiB), ("1GiB", GiB), ("1gib", GiB),
+    ("1 GiB", GiB), (" 1 G ", GiB), ("1PiB", 1 << 50), ("1PB", 1 << 50), ("1P", 1 << 50),
+    ("1EiB", 1 << 60), ("2TB", 2 << 40), ("2t", 2 << 40), ("512k", 512 * KiB),
+    ("512KB", 512 * KiB), ("512kib", 512 * KiB), ("64MB", 64 * MiB), ("64 mib", 64 * MiB),
+    ("1.5GiB", 3 * GiB // 2), ("1.5 gb", 3 * GiB // 2), ("4096", 4096), ("4096b", 4096),
+    ("4096 B", 4096), (".5k", 512), ("1.k", 1024),
+    # a fraction is rounded up to whole bytes, computed exactly
+    ("0.1k", 103), ("1.5", 2), ("1.1E", -(-11 * (1 << 60) // 10)),
+])
+def test_parse_size_units_are_1024_based(text, expected):
+    assert uksm.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1 gigabyte", "", "   ", "-1G", "1e3G", "nanG", "infG",
+                                  "nan", "G", "1GG", "1iB", "1.2.3k", "1 K B", "0x10M",
+                                  "1_000", "+1G"])
+def test_parse_size_rejects_garbage_with_an_example(text):
+    msg = raises_naming(ValueError, "capacity", uksm.parse_size, text, "capacity")
+    assert repr(text) in msg and "MiB'" in msg, msg
+
+
+@pytest.mark.parametrize("value", ["0", "0k", "0.0G", 0, -1])
+def test_parse_size_rejects_zero_and_negative(value):
+    msg = raises_naming(ValueError, "max_resident", uksm.parse_size, value, "max_resident")
+    assert "positive" in msg
+
+
+def test_size_strings_are_documented_as_1024_based():
+    assert "1024-based" in uksm.parse_size.__doc__
+    assert "1024-based" in uksm.Pool.__doc__
+
+
+def test_pool_takes_the_new_size_spellings():
+    with uksm.Pool("16mb", max_resident="8m", swap_batch="64kb") as p:
+        assert p.capacity == 16 * MiB and p.max_resident == 8 * MiB
+
+
+# ----------------------------------------------- 8. swap_path needs max_resident
+
+def test_swap_path_without_max_resident_raises(tmp_path):
+    msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", swap_path=str(tmp_path))
+    assert "max_resident" in msg

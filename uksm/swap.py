@@ -70,9 +70,7 @@ class Group:
 
     @max_resident.setter
     def max_resident(self, value: Any) -> None:
-        from .pool import parse_size
-        frames = 0 if value is None else -(-parse_size(value, "max_resident") //
-                                          self.pool.page_size)
+        frames = 0 if value is None else self.pool._resident_frames(value, self.pool.capacity)
         self.pool._native.group_limit(self.gid, frames)
         self._max = frames
         if frames:
