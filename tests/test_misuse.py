@@ -182,6 +182,75 @@ def test_pool_takes_the_new_size_spellings():
         assert p.capacity == 16 * MiB and p.max_resident == 8 * MiB
 
 
+# ------------------------------------------------ 5. more address space than mappable
+
+@pytest.mark.parametrize("capacity", [1 << 50, 1 << 60, "1PiB", "8TiB"])
+def test_pool_too_large_for_the_address_space(capacity):
+    msg = raises_naming(ValueError, "capacity", uksm.Pool, capacity)
+    asked = 2 * uksm.parse_size(capacity)
+    assert "address space" in msg and str(asked) in msg and "exceeds" in msg, msg
+
+
+def test_virtual_size_too_large_for_the_address_space():
+    msg = raises_naming(ValueError, "virtual_size", uksm.Pool, "4MiB", virtual_size="1EiB")
+    assert str(1 << 60) in msg
+
+
+def _address_space_limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (16 * GiB, resource.RLIM_INFINITY))
+    try:
+        uksm.Pool("64GiB")          # 128 GiB of reservation, over the limit
+    except MemoryError as exc:
+        msg = str(exc)
+        assert "address space" in msg and str(128 * GiB) in msg, msg
+        assert "RLIMIT_AS" in msg, msg
+        print("MemoryError ok")
+        return
+    raise AssertionError("no MemoryError under RLIMIT_AS")
+
+
+def test_reservation_refused_by_rlimit_as_is_a_memory_error():
+    assert "MemoryError ok" in run_isolated("test_misuse", "_address_space_limit")
+
+
+# ------------------------------------------------------------- 6. too many pools
+
+def _too_many_pools():
+    import resource
+    limit = uksm._core.MAX_POOLS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3 * limit + 64           # each pool holds its memfd and a read-only copy
+    if soft < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+        except (ValueError, OSError):
+            print(f"SKIP: RLIMIT_NOFILE {soft}/{hard} is below {need}")
+            return
+    pools = [uksm.Pool("64KiB") for _ in range(limit)]
+    try:
+        uksm.Pool("64KiB")
+    except uksm.TooManyPoolsError as exc:
+        msg = str(exc)
+        assert isinstance(exc, uksm.UksmError) and isinstance(exc, OSError)
+        assert f"at most {limit} pools" in msg and "clos" in msg, msg
+    else:
+        raise AssertionError("the pool past the limit was created")
+    pools.pop().close()
+    gc.collect()
+    extra = uksm.Pool("64KiB")      # the freed slot is used again
+    a = extra.asarray(np.arange(10))
+    assert a.sum() == 45
+    print("limit ok")
+
+
+def test_pool_past_the_registry_limit_says_so():
+    out = run_isolated("test_misuse", "_too_many_pools", timeout=180)
+    if out.startswith("SKIP"):
+        pytest.skip(out)
+    assert "limit ok" in out
+
+
 # ----------------------------------------------- 8. swap_path needs max_resident
 
 def test_swap_path_without_max_resident_raises(tmp_path):

@@ -8,13 +8,14 @@ merged page is copied by the kernel itself, as for a KSM page.
 
 from ._core import PAGE_SIZE, PageState
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, UksmError, UksmSwapWarning, VirtualSpaceError)
+                     PoolFullError, TooManyPoolsError, UksmError, UksmSwapWarning,
+                     VirtualSpaceError)
 from .pool import Pool, parse_size
 from .swap import Group
 
 __all__ = [
     "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
-    "UksmSwapWarning", "Group",
+    "UksmSwapWarning", "TooManyPoolsError", "Group",
 ]
 __version__ = "0.2.0"
