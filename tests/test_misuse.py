@@ -251,6 +251,52 @@ def test_pool_past_the_registry_limit_says_so():
     assert "limit ok" in out
 
 
+# ------------------------------------------------------------------ 7. swap_path
+
+@pytest.mark.parametrize("path", ["/dev/null", "/dev/zero"])
+def test_swap_path_device_is_refused(path):
+    msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
+                        swap_path=path)
+    assert repr(path) in msg and "not a directory" in msg, msg
+
+
+def test_swap_path_regular_file_is_refused(tmp_path):
+    f = tmp_path / "swapfile"
+    f.write_bytes(b"keep me")
+    msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
+                        swap_path=str(f))
+    assert "not a directory" in msg
+    assert f.read_bytes() == b"keep me"
+
+
+def test_swap_path_missing_is_refused(tmp_path):
+    for path in (tmp_path / "no" / "such", "/nonexistent-uksm-dir/swap"):
+        msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
+                            swap_path=str(path))
+        assert "does not exist" in msg, msg
+
+
+def test_swap_path_that_cannot_hold_a_file_is_refused():
+    # procfs holds no files, for root either
+    msg = raises_naming(OSError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
+                        swap_path="/proc/self")
+    assert "/proc/self" in msg
+
+
+def test_swap_path_directory_and_new_name_still_work(tmp_path):
+    with uksm.Pool("4MiB", max_resident="1MiB", swap_path=str(tmp_path)) as p:
+        assert p.max_resident == MiB
+    # a new name in an existing directory means that directory (documented)
+    with uksm.Pool("4MiB", max_resident="1MiB", swap_path=str(tmp_path / "new")) as p:
+        assert p.max_resident == MiB
+    assert os.listdir(tmp_path) == []
+
+
+def test_swap_path_type_is_checked():
+    raises_naming(TypeError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
+                  swap_path=3)
+
+
 # ----------------------------------------------- 8. swap_path needs max_resident
 
 def test_swap_path_without_max_resident_raises(tmp_path):
