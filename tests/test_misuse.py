@@ -302,3 +302,54 @@ def test_swap_path_type_is_checked():
 def test_swap_path_without_max_resident_raises(tmp_path):
     msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", swap_path=str(tmp_path))
     assert "max_resident" in msg
+
+
+# ------------------------------------------- 9. the budget holds where memory grows
+
+BUDGET, BATCH = 16 * MiB, 2 * MiB
+
+
+def _assert_within(p, limit, tag):
+    st = p.stats()
+    for key in ("bytes_resident", "bytes_private"):
+        assert st[key] <= limit + BATCH, (tag, key, st[key] >> 20, limit >> 20)
+    # and as the kernel counts the anonymous memory in the pool's range
+    assert kernel_private_bytes(p) <= limit + BATCH, tag
+    assert st["full_scans"] == 0        # no scan ran
+
+
+def _varied(nbytes, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def test_asarray_reclaims_to_max_resident():
+    src = _varied(64 * MiB)
+    with uksm.Pool("256MiB", max_resident=BUDGET, swap_batch=BATCH) as p:
+        a = p.asarray(src)
+        _assert_within(p, BUDGET, "after asarray")
+        assert p.stats()["pages_swapped"] >= (48 * MiB - BATCH) // PAGE
+        assert np.array_equal(a, src)       # nothing lost
+        del a
+        gc.collect()
+
+
+def test_full_reclaims_to_max_resident():
+    with uksm.Pool("256MiB", max_resident=BUDGET, swap_batch=BATCH) as p:
+        a = p.full(64 * MiB // 8, 1.5)
+        _assert_within(p, BUDGET, "after full")
+        assert (a[::PAGE // 8] == 1.5).all()
+        del a
+        gc.collect()
+
+
+@pytest.mark.parametrize("how", ["asarray", "full"])
+def test_group_allocation_reclaims_to_its_own_limit(how):
+    src = _varied(64 * MiB, seed=1)
+    with uksm.Pool("256MiB", max_resident="200MiB", swap_batch=BATCH) as p:
+        g = p.group("g", max_resident=BUDGET)
+        a = g.asarray(src) if how == "asarray" else g.full(64 * MiB, 7, dtype=np.uint8)
+        assert g.stats()["bytes_resident"] <= BUDGET + BATCH, g.stats()
+        _assert_within(p, BUDGET, f"group {how}")
+        assert (a[::PAGE] == (src[::PAGE] if how == "asarray" else 7)).all()
+        del a
+        gc.collect()

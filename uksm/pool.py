@@ -718,6 +718,7 @@ class Pool:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
         arr.fill(fill_value)
+        self._settle()
         return arr
 
     def asarray(self, obj, dtype=None) -> np.ndarray:
@@ -725,7 +726,17 @@ class Pool:
         src = np.asarray(obj, dtype=dtype)
         arr = self._new_array(src.shape, src.dtype)
         np.copyto(arr, src, casting="no")
+        self._settle()
         return arr
+
+    def _settle(self) -> None:
+        """Back under the resident budgets (the pool's and every group's)
+        after a new buffer was written whole.  The reclaim at allocation
+        found nothing to evict, since a page is memory only once written,
+        and nothing else would run until the scanner or another budget
+        change: a pool of 16 MiB budget would hold all of a 64 MiB array."""
+        if self._max_resident is not None:
+            self._reclaim()
 
     def _record(self, arr) -> _Buffer:
         if not isinstance(arr, np.ndarray):
