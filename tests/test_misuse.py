@@ -353,3 +353,17 @@ def test_group_allocation_reclaims_to_its_own_limit(how):
         assert (a[::PAGE] == (src[::PAGE] if how == "asarray" else 7)).all()
         del a
         gc.collect()
+
+
+# ---------------------------------------------------------------- 10. the CLI
+
+def test_cli_stats_counts_the_merged_workload():
+    size, copies = 4 * MiB, 3
+    r = subprocess.run([sys.executable, "-m", "uksm", "stats", "--size", "4MiB",
+                        "--copies", str(copies)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    pages = size // PAGE
+    assert st["full_scans"] >= 2
+    assert st["pages_shared"] >= pages and st["pages_sharing"] >= (copies - 1) * pages, st
+    assert st["ksm_zero_pages"] >= pages, st
