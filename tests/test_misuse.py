@@ -342,6 +342,22 @@ def test_full_reclaims_to_max_resident():
         gc.collect()
 
 
+def test_many_small_arrays_stay_within_max_resident():
+    """Small buffers share a reclaim pass per swap batch written: between
+    passes they hold less than the one batch a pass may leave over."""
+    with uksm.Pool("256MiB", max_resident=BUDGET, swap_batch=BATCH) as p:
+        arrs = []
+        for i in range(64 * MiB // (48 * KiB)):
+            arrs.append(p.asarray(_varied(48 * KiB, seed=i)) if i % 2 else
+                        p.full(48 * KiB, i % 251 + 1, dtype=np.uint8))
+            if i % 97 == 0:
+                _assert_within(p, BUDGET, f"after {i + 1} small arrays")
+        _assert_within(p, BUDGET, "after all the small arrays")
+        assert (arrs[2][::PAGE] == 3).all() and np.array_equal(arrs[1], _varied(48 * KiB, 1))
+        del arrs
+        gc.collect()
+
+
 @pytest.mark.parametrize("how", ["asarray", "full"])
 def test_group_allocation_reclaims_to_its_own_limit(how):
     src = _varied(64 * MiB, seed=1)

@@ -393,7 +393,8 @@ class Pool:
     __slots__ = ("_closed", "capacity", "page_size", "_cow", "_native", "_max_resident",
                  "_groups", "_swap_errors_seen", "_knobs", "_scanner", "_c", "_buffers",
                  "_lock", "_stop_event", "_thread", "_compactions",
-                 "_compact_gave_nothing_at", "_frames_migrated", "_pid", "__weakref__")
+                 "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
+                 "_unsettled", "__weakref__")
 
     def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,
@@ -471,6 +472,10 @@ class Pool:
                 raise
             self._native.swap_enable(swap_fd, dir_fd, resident, batch)
         self._max_resident = resident
+        # one reclaim pass per swap batch written (see _settle); the core
+        # writes at most EVICT_MAX (csrc/swap.c) pages at a time
+        self._settle_bytes = min(batch, 4096) * PAGE_SIZE
+        self._unsettled = 0
         self._groups: Dict[str, Group] = {}
         self._swap_errors_seen = 0
         self._knobs = knobs
@@ -540,6 +545,8 @@ class Pool:
         sc = self._scanner
         if self._native.vma_estimate() > 0.8 * sc.max_map_count * 0.9:
             sc.recount_maps()
+        if group < 0:
+            self._unsettled = 0
         try:
             self._native.reclaim(0, group)
             if group < 0:
@@ -718,7 +725,7 @@ class Pool:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
         arr.fill(fill_value)
-        self._settle()
+        self._settle(arr.nbytes)
         return arr
 
     def asarray(self, obj, dtype=None) -> np.ndarray:
@@ -726,16 +733,23 @@ class Pool:
         src = np.asarray(obj, dtype=dtype)
         arr = self._new_array(src.shape, src.dtype)
         np.copyto(arr, src, casting="no")
-        self._settle()
+        self._settle(arr.nbytes)
         return arr
 
-    def _settle(self) -> None:
+    def _settle(self, nbytes: int) -> None:
         """Back under the resident budgets (the pool's and every group's)
-        after a new buffer was written whole.  The reclaim at allocation
-        found nothing to evict, since a page is memory only once written,
-        and nothing else would run until the scanner or another budget
-        change: a pool of 16 MiB budget would hold all of a 64 MiB array."""
-        if self._max_resident is not None:
+        after a new buffer of @nbytes was written whole.  The reclaim at
+        allocation found nothing to evict, since a page is memory only once
+        written, and nothing else would run until the scanner or another
+        budget change: a pool of 16 MiB budget would hold all of a 64 MiB
+        array.  A pass counts the whole range (~1 ms for a 1 GiB pool), so
+        it runs once a swap batch has been written since the last one:
+        small arrays cost a pass per batch, and what they hold beyond the
+        budget in between is less than the one batch a pass may leave."""
+        if self._max_resident is None:
+            return
+        self._unsettled += nbytes
+        if self._unsettled >= self._settle_bytes:
             self._reclaim()
 
     def _record(self, arr) -> _Buffer:

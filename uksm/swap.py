@@ -136,14 +136,14 @@ class Group:
             dtype = np.array(fill_value).dtype
         arr = self.pool._new_array(shape, dtype, group=self.gid)
         arr.fill(fill_value)
-        self.pool._settle()
+        self.pool._settle(arr.nbytes)
         return arr
 
     def asarray(self, obj, dtype=None) -> np.ndarray:
         src = np.asarray(obj, dtype=dtype)
         arr = self.pool._new_array(src.shape, src.dtype, group=self.gid)
         np.copyto(arr, src, casting="no")
-        self.pool._settle()
+        self.pool._settle(arr.nbytes)
         return arr
 
     def stats(self) -> dict:
