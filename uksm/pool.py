@@ -352,6 +352,7 @@ class Pool:
     and "1GiB" are all 2**30 bytes (see parse_size).  Every knob and size
     is checked when it is given: a wrong type is a TypeError, a value out
     of range (negative, NaN, infinite) a ValueError naming it.
+
     The knobs keep the names and meanings of /sys/kernel/mm/ksm:
 
     pages_to_scan     how many pages to scan before the scanner sleeps
@@ -379,8 +380,8 @@ class Pool:
                       larger); 0 turns it off
     max_resident      the resident budget (None: no swap): what the pool
                       holds beyond it goes to a swap file of its own, at
-                      most capacity; asarray() and full() give back down to
-                      it before they return
+                      most capacity; asarray() and full() return within
+                      one swap_batch of it
     swap_path         the directory the swap file is made in (default the
                       temp directory), or a new name in an existing
                       directory (that directory; the file never has a
