@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 
 import numpy as np
 import psutil
@@ -570,6 +571,11 @@ def _smaps_agree(pool, st, tag: str) -> None:
         (tag, "Pss", sm["Pss"], st["pss_bytes"])
 
 
+# Each pool's sentinel pair, alive as long as the pool (a Pool has
+# __slots__: no attribute of the test's own can hang on it).
+_SENTINELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _sentinel(pool) -> list:
     """Two merged pages at the very start of the pool's range, never read.
     Anonymous memory mapped just below the range (the next mmap of the
@@ -589,7 +595,7 @@ def _warm_baseline(pool, size: int) -> "_Baseline":
     """One round of everything in @pool first, so that the scanner's Python
     memory and the pool's tables are already there at the baseline and the
     slack is interpreter noise only; then the baseline."""
-    pool._test_sentinel = _sentinel(pool)
+    _SENTINELS[pool] = _sentinel(pool)
     arrs = _fill_copies(pool, size)
     pool.scan(full_scans=2)
     _read_all(arrs)

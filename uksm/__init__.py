@@ -8,7 +8,8 @@ merged page is copied by the kernel itself, as for a KSM page.
 
 from ._core import PAGE_SIZE, PageState
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning,
+                     PoolFullError, ReentrantCallError, TooManyPoolsError, UksmError,
+                     UksmSwapWarning,
                      VirtualSpaceError)
 from .pool import Pool, parse_size
 from .swap import Group
@@ -16,7 +17,6 @@ from .swap import Group
 __all__ = [
     "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
-    "ReentrantCallError",
-    "UksmSwapWarning", "Group",
+    "ReentrantCallError", "TooManyPoolsError", "UksmSwapWarning", "Group",
 ]
 __version__ = "0.2.0"

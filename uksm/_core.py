@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the smoke test
 
 import numpy as np  # noqa: E402
 
-from .errors import PoolFullError, VirtualSpaceError  # noqa: E402
+from .errors import PoolFullError, TooManyPoolsError, VirtualSpaceError  # noqa: E402
 
 PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
 RUN_MAX: int = lib.UKSM_RUN_MAX
@@ -50,6 +50,10 @@ class PageState(enum.IntEnum):
 
 COW_MODES = {"kernel": lib.UKSM_COW_KERNEL, "signal": lib.UKSM_COW_SIGNAL}
 MAX_GROUPS: int = lib.UKSM_MAX_GROUPS
+MAX_POOLS: int = lib.UKSM_MAX_POOLS
+# The core numbers frames and virtual pages in 32 bits, UINT32_MAX being
+# "none" (uksm_pool_create refuses more): the largest range one pool maps.
+MAX_POOL_PAGES: int = (1 << 32) - 2
 
 MERGE_OK: int = lib.UKSM_MERGE_OK
 MERGE_STALE: int = lib.UKSM_MERGE_STALE
@@ -75,6 +79,15 @@ def _check(ret: int, what: str) -> int:
         err = -ret
         raise OSError(err, f"uksm: {what}: {os.strerror(err)}")
     return ret
+
+
+def format_bytes(n: int) -> str:
+    """@n bytes for a message: exact, and in the largest binary unit."""
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g} {unit} ({n} bytes)"
+    return f"{n} bytes"
 
 
 def _ptr(ctype: str, arr: np.ndarray):
@@ -132,10 +145,43 @@ def fork_poll() -> int:
 class NativePool:
     """One struct uksm_pool: the tables, the frame store, the virtual range."""
 
+    # Pools created and not yet destroyed in this process (a forked child
+    # inherits the count with the core's registry): tells a full registry
+    # from a process out of file descriptors, both EMFILE from the core.
+    open_count = 0
+
     def __init__(self, capacity_pages: int, nr_frames: int, va_pages: int, cow: str):
+        if max(va_pages, nr_frames) > MAX_POOL_PAGES:
+            # ValueError, not MemoryError: this is a fixed limit of the core,
+            # not a shortage that freeing memory or raising a limit would
+            # cure; the same capacity fails the same way on every machine.
+            raise ValueError(
+                f"uksm: a pool of capacity {format_bytes(capacity_pages * PAGE_SIZE)} asks "
+                f"for {format_bytes(va_pages * PAGE_SIZE)} of address space (virtual_size, "
+                f"default 2 x capacity), which exceeds what one pool can map in this "
+                f"process: at most {MAX_POOL_PAGES * PAGE_SIZE} bytes (2**32 - 2 pages, "
+                f"just under 16 TiB); choose a smaller capacity or virtual_size")
         out = ffi.new("struct uksm_pool **")
-        _check(lib.uksm_pool_create(capacity_pages, nr_frames, va_pages, COW_MODES[cow],
-                                    out), "pool_create")
+        ret = lib.uksm_pool_create(capacity_pages, nr_frames, va_pages, COW_MODES[cow], out)
+        if ret == -errno.ENOMEM:
+            # the reservation is MAP_NORESERVE: only RLIMIT_AS, a strict
+            # overcommit policy or a full address space refuse it
+            raise MemoryError(
+                f"uksm: reserving {format_bytes(va_pages * PAGE_SIZE)} of address space "
+                f"for a pool of capacity {format_bytes(capacity_pages * PAGE_SIZE)} failed: "
+                f"it exceeds what the process can map (RLIMIT_AS, vm.overcommit_memory=2, "
+                f"or the address space is full); choose a smaller capacity or virtual_size")
+        if ret == -errno.EMFILE and NativePool.open_count >= MAX_POOLS:
+            raise TooManyPoolsError(
+                errno.EMFILE,
+                f"uksm: at most {MAX_POOLS} pools may be open at once in one process "
+                f"and {NativePool.open_count} are; closing a pool (and dropping its "
+                f"arrays, which keep it alive) frees its slot")
+        if ret == -errno.EMFILE:
+            raise OSError(errno.EMFILE, "uksm: pool_create: the process is out of file "
+                                        "descriptors (each pool holds two; RLIMIT_NOFILE)")
+        _check(ret, "pool_create")
+        NativePool.open_count += 1
         self._pool = out[0]
         self.va = int(ffi.cast("uintptr_t", lib.uksm_pool_va(self._pool)))
         self.va_pages = va_pages
@@ -160,6 +206,7 @@ class NativePool:
     def destroy(self) -> None:
         if not self.closed:
             self.closed = True
+            NativePool.open_count -= 1
             lib.uksm_pool_destroy(self._pool)
 
     def alloc(self, npages: int) -> int:

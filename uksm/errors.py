@@ -17,6 +17,11 @@ class VirtualSpaceError(UksmError, MemoryError):
     """The pool's reserved virtual range has no free run long enough."""
 
 
+class TooManyPoolsError(UksmError, OSError):
+    """The process has as many pools open as the C core's registry holds
+    (errno EMFILE, as before, for callers that caught OSError)."""
+
+
 class PoolClosedError(UksmError, ValueError):
     """The pool was closed: it takes no new work."""
 

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import errno
 import faulthandler
+import fractions
 import math
 import operator
 import os
@@ -42,52 +43,106 @@ from .swap import Group, open_swap_file
 
 PAGE_SIZE = _core.PAGE_SIZE
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10,
-          "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
-          "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+# Every unit is 1024-based, whatever its spelling, as systemd and docker
+# read memory sizes: a user writing "1GB" for a memory limit means 1 GiB far
+# more often than 10**9 bytes, and one reading keeps "1G" and "1GB" equal.
+_UNIT_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*",
+                      re.IGNORECASE)
+_SIZE_EXAMPLES = "e.g. 4096, '512k', '64MiB', '1.5GiB' or '2 TB'"
+
+# The C core's knobs are unsigned int, as the kernel's sysfs files are.
+_UINT_MAX = (1 << 32) - 1
 
 
 def parse_size(value: Any, what: str = "size") -> int:
-    """Bytes from an int or a "512MiB"-style string (K/M/G/T, KiB.., KB..)."""
+    """Bytes from an int or a size string such as "512MiB".
+
+    A string is a number (a decimal fraction is allowed) and an optional
+    unit, case-insensitive, with optional space between: B, K, M, G, T, P,
+    E, each also spelt KB/KiB, MB/MiB and so on.  Every unit is 1024-based,
+    as systemd and docker read them: "1GB" == "1G" == "1GiB" == 2**30 bytes,
+    "2TB" is 2 * 2**40.  A fraction is rounded up to whole bytes
+    ("1.5k" is 1536, "0.1k" is 103).  The result must be positive.
+    """
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or a size string, not bool")
+        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
+                        f"not bool {value!r}")
     if isinstance(value, (int, np.integer)):
         size = int(value)
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{what}: cannot parse {value!r} as a size "
-                             "(examples: 4096, '64MiB', '1GiB')")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        m = _SIZE_RE.fullmatch(value)
+        if not m:
+            raise ValueError(f"{what}: cannot parse {value!r} as a size: give a positive "
+                             f"number of bytes and an optional unit B, K, M, G, T, P or E "
+                             f"(KB and KiB alike are 1024), {_SIZE_EXAMPLES}")
+        shift = _UNIT_SHIFT[(m.group(2) or "").lower()]
+        # exact arithmetic: float would round "1.1E" to a few hundred bytes off
+        size = math.ceil(fractions.Fraction(m.group(1)) * (1 << shift))
     else:
-        raise TypeError(f"{what} must be an int or a size string, "
-                        f"not {type(value).__name__}")
+        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
+                        f"not {type(value).__name__} {value!r}")
     if size <= 0:
-        raise ValueError(f"{what} must be positive, got {size}")
+        raise ValueError(f"{what} must be a positive number of bytes, got {value!r}")
     return size
 
 
-def _int_knob(name: str, value: Any, minimum: int) -> int:
+def _int_knob(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
+    allowed = (f"an int in [{minimum}, {maximum}]" if maximum is not None
+               else f"an int >= {minimum}")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        # floats too, NaN and infinity among them: a page count is whole
+        raise TypeError(f"{name} must be {allowed}, not {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def _uint_knob(name: str, value: Any, minimum: int) -> int:
+    return _int_knob(name, value, minimum, _UINT_MAX)
 
 
 def _max_sharing_knob(name: str, value: Any) -> int:
     # swap counts a slot's mappers in 16 bits (csrc/swap.c swap_map)
-    v = _int_knob(name, value, 2)
-    if v > 65535:
-        raise ValueError(f"{name} must be <= 65535, got {v}")
-    return v
+    return _int_knob(name, value, 2, 65535)
 
 
 def _bool_knob(name: str, value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
     raise TypeError(f"{name} must be a bool, not {value!r}")
+
+
+def _float_knob(name: str, value: Any, allowed: str) -> float:
+    """A finite real number (NaN compares false with everything, so it
+    would pass any range check and poison the scanner's arithmetic)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be {allowed}, not {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
+
+
+def _scan_time_knob(name: str, value: Any) -> float:
+    allowed = "a finite number of seconds > 0"
+    v = _float_knob(name, value, allowed)
+    if v <= 0:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
+
+
+def _cpu_knob(name: str, value: Any) -> int:
+    # a share of one CPU, in percent, as the kernel's advisor_max_cpu
+    return _int_knob(name, value, 1, 100)
+
+
+def _compact_threshold_knob(name: str, value: Any) -> float:
+    allowed = "0 (off) or a finite ratio >= 1"
+    v = _float_knob(name, value, allowed)
+    if v != 0 and v < 1:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
 
 
 # --- the SIGSEGV handler must stay first in line -----------------------------
@@ -526,6 +581,14 @@ class Pool:
     size string (a heap's size: address space, not memory; untouched pages
     cost nothing); allocation beyond it raises PoolFullError, and one the
     kernel will not commit raises MemoryError.
+
+    Sizes (capacity, virtual_size, max_resident, swap_batch) are ints or
+    strings such as "512MiB", "1.5G" or "2 TB", case-insensitive; every
+    unit is 1024-based, as systemd and docker read them, so "1GB", "1G"
+    and "1GiB" are all 2**30 bytes (see parse_size).  Every knob and size
+    is checked when it is given: a wrong type is a TypeError, a value out
+    of range (negative, NaN, infinite) a ValueError naming it.
+
     The knobs keep the names and meanings of /sys/kernel/mm/ksm:
 
     pages_to_scan     how many pages to scan before the scanner sleeps
@@ -551,7 +614,24 @@ class Pool:
                       after a full scan when the memfd is this many times
                       larger than the live frames (and 16 MiB or more
                       larger); 0 turns it off
+    max_resident      the resident budget (None: no swap): what the pool
+                      holds beyond it goes to a swap file of its own, at
+                      most capacity; asarray() and full() return within
+                      one swap_batch of it
+    swap_path         the directory the swap file is made in (default the
+                      temp directory), or a new name in an existing
+                      directory (that directory; the file never has a
+                      name); needs max_resident
+    swap_batch        how much one swap write takes at most
     """
+
+    # A typo such as pool.pages_to_scn = 5 must fail, not make an attribute
+    # the pool never reads.  '__weakref__': pools are kept in a WeakSet.
+    __slots__ = ("_closed", "capacity", "page_size", "_cow", "_native", "_max_resident",
+                 "_groups", "_swap_errors_seen", "_knobs", "_scanner", "_c", "_buffers",
+                 "_stop_event", "_thread", "_compactions",
+                 "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
+                 "_unsettled", "__weakref__")
 
     def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,
@@ -577,45 +657,45 @@ class Pool:
         if advisor_mode not in ("none", "scan-time"):
             raise ValueError(f"unknown advisor_mode {advisor_mode!r}: "
                              "'none' or 'scan-time'")
-        if not isinstance(advisor_target_scan_time, (int, float)) or \
-                isinstance(advisor_target_scan_time, bool) or advisor_target_scan_time <= 0:
-            raise ValueError("advisor_target_scan_time must be a positive number of seconds")
         knobs = {
-            "pages_to_scan": _int_knob("pages_to_scan", pages_to_scan, 1),
-            "sleep_millisecs": _int_knob("sleep_millisecs", sleep_millisecs, 0),
+            "pages_to_scan": _uint_knob("pages_to_scan", pages_to_scan, 1),
+            "sleep_millisecs": _uint_knob("sleep_millisecs", sleep_millisecs, 0),
             "max_page_sharing": _max_sharing_knob("max_page_sharing", max_page_sharing),
             "use_zero_pages": _bool_knob("use_zero_pages", use_zero_pages),
             "smart_scan": _bool_knob("smart_scan", smart_scan),
             "checksum": checksum,
             "advisor_mode": advisor_mode,
-            "advisor_target_scan_time": float(advisor_target_scan_time),
-            "advisor_min_pages_to_scan": _int_knob("advisor_min_pages_to_scan",
-                                                   advisor_min_pages_to_scan, 1),
-            "advisor_max_pages_to_scan": _int_knob("advisor_max_pages_to_scan",
-                                                   advisor_max_pages_to_scan, 1),
-            "advisor_max_cpu": _int_knob("advisor_max_cpu", advisor_max_cpu, 1),
+            "advisor_target_scan_time": _scan_time_knob("advisor_target_scan_time",
+                                                        advisor_target_scan_time),
+            "advisor_min_pages_to_scan": _uint_knob("advisor_min_pages_to_scan",
+                                                    advisor_min_pages_to_scan, 1),
+            "advisor_max_pages_to_scan": _uint_knob("advisor_max_pages_to_scan",
+                                                    advisor_max_pages_to_scan, 1),
+            "advisor_max_cpu": _cpu_knob("advisor_max_cpu", advisor_max_cpu),
+            "compact_threshold": _compact_threshold_knob("compact_threshold",
+                                                         compact_threshold),
         }
-        if isinstance(compact_threshold, bool) or \
-                not isinstance(compact_threshold, (int, float)) or \
-                (compact_threshold != 0 and compact_threshold < 1):
-            raise ValueError("compact_threshold must be 0 (off) or a ratio >= 1")
-        knobs["compact_threshold"] = float(compact_threshold)
         if not isinstance(cow, str) or cow not in _core.COW_MODES:
             raise ValueError(f"unknown cow mode {cow!r}: 'kernel' or 'signal'")
         frames = cap // PAGE_SIZE
         va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 2 * cap
         va_pages = -(-va // PAGE_SIZE)
         if va_pages < frames:
-            raise ValueError("virtual_size must be at least capacity")
+            raise ValueError(f"virtual_size must be at least capacity ({cap} bytes), "
+                             f"got {virtual_size!r}")
         if cow_reserve is not None:
             parse_size(cow_reserve, "cow_reserve")
 
+        # checked whether or not there is swap: a bad value is a mistake
+        # even where it would have no effect
+        batch = max(1, parse_size(swap_batch, "swap_batch") // PAGE_SIZE)
         resident = None
         if max_resident is not None:
-            resident = -(-parse_size(max_resident, "max_resident") // PAGE_SIZE)
-            if resident > frames:
-                raise ValueError("max_resident cannot exceed capacity")
-            batch = max(1, parse_size(swap_batch, "swap_batch") // PAGE_SIZE)
+            resident = self._resident_frames(max_resident, cap)
+        elif swap_path is not None:
+            # the pool would swap nothing and the path would be ignored
+            raise ValueError(f"swap_path={swap_path!r} needs max_resident=: without a "
+                             f"resident budget the pool has no swap file")
         self.capacity = cap
         self.page_size = PAGE_SIZE
         self._cow = cow
@@ -629,6 +709,10 @@ class Pool:
                 raise
             self._native.swap_enable(swap_fd, dir_fd, resident, batch)
         self._max_resident = resident
+        # one reclaim pass per swap batch written (see _settle); the core
+        # writes at most EVICT_MAX (csrc/swap.c) pages at a time
+        self._settle_bytes = min(batch, 4096) * PAGE_SIZE
+        self._unsettled = 0
         self._groups: Dict[str, Group] = {}
         self._swap_errors_seen = 0
         self._knobs = knobs
@@ -655,13 +739,23 @@ class Pool:
             self._knobs[name] = check(name, value)
         return property(get, set_, doc=f"The {name} knob (as in /sys/kernel/mm/ksm).")
 
-    pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _int_knob(n, v, 1))
-    sleep_millisecs = _knob_property("sleep_millisecs", lambda n, v: _int_knob(n, v, 0))
+    pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _uint_knob(n, v, 1))
+    sleep_millisecs = _knob_property("sleep_millisecs", lambda n, v: _uint_knob(n, v, 0))
     max_page_sharing = _knob_property("max_page_sharing", _max_sharing_knob)
     use_zero_pages = _knob_property("use_zero_pages", _bool_knob)
     smart_scan = _knob_property("smart_scan", _bool_knob)
-    advisor_max_cpu = _knob_property("advisor_max_cpu", lambda n, v: _int_knob(n, v, 1))
+    advisor_max_cpu = _knob_property("advisor_max_cpu", _cpu_knob)
     del _knob_property
+
+    @staticmethod
+    def _resident_frames(value: Any, capacity: int) -> int:
+        """max_resident in frames, within (0, capacity]."""
+        nbytes = parse_size(value, "max_resident")
+        if nbytes > capacity:
+            # more than the pool can ever hold would never swap anything
+            raise ValueError(f"max_resident must be between 1 byte and capacity "
+                             f"({capacity} bytes), got {value!r} ({nbytes} bytes)")
+        return -(-nbytes // PAGE_SIZE)
 
     @property
     def max_resident(self) -> Optional[int]:
@@ -673,7 +767,7 @@ class Pool:
     def max_resident(self, value: Any) -> None:
         if self._max_resident is None:
             raise UksmError("this pool has no swap area: create it with max_resident=")
-        frames = -(-parse_size(value, "max_resident") // PAGE_SIZE)
+        frames = self._resident_frames(value, self.capacity)
         self._native.set_max_resident(frames)
         self._max_resident = frames
         self._reclaim()
@@ -687,6 +781,8 @@ class Pool:
         sc = self._scanner
         if self._native.vma_estimate() > 0.8 * sc.max_map_count * 0.9:
             sc.recount_maps()
+        if group < 0:
+            self._unsettled = 0
         try:
             self._native.reclaim(0, group)
             if group < 0:
@@ -877,6 +973,7 @@ class Pool:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
         arr.fill(fill_value)
+        self._settle(arr.nbytes)
         return arr
 
     def asarray(self, obj, dtype=None) -> np.ndarray:
@@ -884,7 +981,24 @@ class Pool:
         src = np.asarray(obj, dtype=dtype)
         arr = self._new_array(src.shape, src.dtype)
         np.copyto(arr, src, casting="no")
+        self._settle(arr.nbytes)
         return arr
+
+    def _settle(self, nbytes: int) -> None:
+        """Back under the resident budgets (the pool's and every group's)
+        after a new buffer of @nbytes was written whole.  The reclaim at
+        allocation found nothing to evict, since a page is memory only once
+        written, and nothing else would run until the scanner or another
+        budget change: a pool of 16 MiB budget would hold all of a 64 MiB
+        array.  A pass counts the whole range (~1 ms for a 1 GiB pool), so
+        it runs once a swap batch has been written since the last one:
+        small arrays cost a pass per batch, and what they hold beyond the
+        budget in between is less than the one batch a pass may leave."""
+        if self._max_resident is None:
+            return
+        self._unsettled += nbytes
+        if self._unsettled >= self._settle_bytes:
+            self._reclaim()
 
     def _record(self, arr) -> _Buffer:
         if not isinstance(arr, np.ndarray):

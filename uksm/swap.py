@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
@@ -21,24 +22,72 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
 
 
+def _swap_directory(swap_path: Optional[str]) -> str:
+    """The directory @swap_path names: itself, or for a name that does not
+    exist yet, the existing directory it is in.  Anything else is refused:
+    a device such as /dev/null, a regular file or a missing directory
+    would otherwise put the swap file somewhere nobody asked for."""
+    if swap_path is None:
+        return tempfile.gettempdir()
+    try:
+        path = os.fspath(swap_path)
+    except TypeError:
+        raise TypeError(f"swap_path must be a directory path (str), not "
+                        f"{type(swap_path).__name__} {swap_path!r}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError("swap_path must name an existing directory, got ''")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OSError(exc.errno, f"swap_path {path!r}: {os.strerror(exc.errno)}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return path
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else
+                "a block device" if stat.S_ISBLK(st.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a file")
+        raise ValueError(f"swap_path {path!r} is {kind}, not a directory: swap_path names "
+                         f"the directory the pool's nameless swap file is made in")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"swap_path {path!r} does not exist: it must be an existing "
+                         f"directory (or a new name in one)")
+    return parent
+
+
 def open_swap_file(swap_path: Optional[str]) -> Tuple[int, int]:
     """An anonymous file for swap in @swap_path's directory (or the temp
     directory): O_TMPFILE, so it never has a name; failing that, a
     temporary file unlinked at once.  Mode 0600 either way: never readable
     by another user, gone when the process is.  Returns (fd, dir_fd); the
-    directory stays open so that a forked child can make its own copy."""
-    directory = swap_path or tempfile.gettempdir()
-    if not os.path.isdir(directory):
-        directory = os.path.dirname(os.path.abspath(directory)) or "."
-    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory stays open so that a forked child can make its own copy.
+    ValueError if @swap_path is not a directory (nor a new name in one),
+    OSError naming it if no file can be made there."""
+    directory = _swap_directory(swap_path)
+    try:
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"swap_path {directory!r}: cannot open the directory: "
+                                 f"{os.strerror(exc.errno)}") from None
     try:
         try:
-            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                fd, path = tempfile.mkstemp(prefix="uksm-swap-", dir=directory)
+                os.unlink(path)
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            fd, path = tempfile.mkstemp(prefix="uksm-swap-", dir=directory)
-            os.unlink(path)
+            # read-only, full, or a file system such as /proc that holds no
+            # files: say which path the caller should change
+            raise OSError(exc.errno, f"swap_path {directory!r}: cannot make the swap file "
+                                     f"there: {os.strerror(exc.errno)}") from None
         os.fchmod(fd, 0o600)
     except BaseException:
         os.close(dir_fd)
@@ -52,6 +101,9 @@ class Group:
     stable frame to the group of the page it was first copied from.  A
     group over its max_resident has its own pages swapped out, whatever the
     pool's budget, at its allocations and at every reclaim pass."""
+
+    # as Pool's: a misspelt attribute must fail, not be set and ignored
+    __slots__ = ("pool", "name", "gid", "_max")
 
     def __init__(self, pool: "Pool", name: str, gid: int, max_resident: Optional[int]):
         self.pool = pool
@@ -67,9 +119,7 @@ class Group:
 
     @max_resident.setter
     def max_resident(self, value: Any) -> None:
-        from .pool import parse_size
-        frames = 0 if value is None else -(-parse_size(value, "max_resident") //
-                                          self.pool.page_size)
+        frames = 0 if value is None else self.pool._resident_frames(value, self.pool.capacity)
         self.pool._native.group_limit(self.gid, frames)
         self._max = frames
         if frames:
@@ -86,12 +136,14 @@ class Group:
             dtype = np.array(fill_value).dtype
         arr = self.pool._new_array(shape, dtype, group=self.gid)
         arr.fill(fill_value)
+        self.pool._settle(arr.nbytes)
         return arr
 
     def asarray(self, obj, dtype=None) -> np.ndarray:
         src = np.asarray(obj, dtype=dtype)
         arr = self.pool._new_array(src.shape, src.dtype, group=self.gid)
         np.copyto(arr, src, casting="no")
+        self.pool._settle(arr.nbytes)
         return arr
 
     def stats(self) -> dict:
