@@ -14,7 +14,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c",
-           "xxh3.c", "lock.c"]
+           "xxh3.c", "lock.c", "pyglue.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "uksm_cdef.h")) as f:

@@ -50,9 +50,8 @@
  * fork: the child inherits the word as the forking thread left it: the
  * Python fork hooks take every pool's policy lock before fork (but one this
  * thread holds already, further up the stack) and give them back in both
- * processes; in the child, uksm_plock_unlock clears a word that names the
- * parent's thread, and uksm_plock_adopt renames the child's thread as the
- * owner of a word held further up its stack.
+ * processes; in the child, uksm_plock_adopt first renames the child's
+ * thread as the owner of every word the forking thread held.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -141,19 +140,17 @@ int uksm_plock_lock(uint32_t *word, int blocking)
 }
 
 /*
- * uksm_plock_unlock - drop the policy lock.  In a forked child the word
- * still names the parent's thread (the fork hooks held it across fork), and
- * the kernel refuses FUTEX_UNLOCK_PI to a non-owner: only this thread lives
- * on there, so the word is simply cleared.
+ * uksm_plock_unlock - drop the policy lock the calling thread holds (a
+ * forked child adopts its words first).  With waiters queued, the kernel
+ * hands it to one of them.
  */
 void uksm_plock_unlock(uint32_t *word)
 {
 	_Atomic uint32_t *w = (_Atomic uint32_t *)word;
 	uint32_t me = plock_tid();
 
-	if (!atomic_compare_exchange_strong(w, &me, 0) &&
-	    syscall(SYS_futex, word, FUTEX_UNLOCK_PI_PRIVATE, 0, NULL, NULL, 0))
-		atomic_store(w, 0);
+	if (!atomic_compare_exchange_strong(w, &me, 0))
+		syscall(SYS_futex, word, FUTEX_UNLOCK_PI_PRIVATE, 0, NULL, NULL, 0);
 	plock_unmask();
 }
 
@@ -177,15 +174,17 @@ int uksm_plock_owned(const uint32_t *word)
 }
 
 /*
- * uksm_plock_adopt - in a forked child, a word held by the forking thread
- * further up its stack (the fork hooks left it alone) names the parent's
- * tid: make it this thread's, so that the section goes on and ends as it
- * would have in the parent.  No other thread lives to wait on it.
+ * uksm_plock_adopt - in a forked child, a word the forking thread held
+ * (@parent_tid: the fork hooks' own, or one further up its stack) names the
+ * parent's thread: make it this thread's, so that the section goes on and
+ * ends as it would have in the parent.  No other thread lives to wait on
+ * it.  A word any other parent thread held would name a thread that does
+ * not exist here; the fork hooks wait for those to be free.
  */
-void uksm_plock_adopt(uint32_t *word)
+void uksm_plock_adopt(uint32_t *word, uint32_t parent_tid)
 {
 	_Atomic uint32_t *w = (_Atomic uint32_t *)word;
 
-	if (atomic_load(w))
+	if ((atomic_load(w) & FUTEX_TID_MASK) == parent_tid)
 		atomic_store(w, plock_tid());
 }

@@ -330,7 +330,7 @@ enum { UKSM_PLOCK_BUSY = 0, UKSM_PLOCK_TAKEN = 1, UKSM_PLOCK_NESTED = 2 };
 int uksm_plock_lock(uint32_t *word, int blocking);
 void uksm_plock_unlock(uint32_t *word);
 int uksm_plock_owned(const uint32_t *word);
-void uksm_plock_adopt(uint32_t *word);
+void uksm_plock_adopt(uint32_t *word, uint32_t parent_tid);
 void uksm_plock_unlock_if_owned(uint32_t *word);
 void uksm_block_async_signals(void);
 

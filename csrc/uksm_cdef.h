@@ -163,6 +163,6 @@ void uksm_handler_pop_prev(void);
 int uksm_plock_lock(uint32_t *word, int blocking);
 void uksm_plock_unlock(uint32_t *word);
 int uksm_plock_owned(const uint32_t *word);
-void uksm_plock_adopt(uint32_t *word);
+void uksm_plock_adopt(uint32_t *word, uint32_t parent_tid);
 void uksm_plock_unlock_if_owned(uint32_t *word);
 void uksm_block_async_signals(void);

@@ -108,6 +108,12 @@ def inject_hits(op: str) -> int:
     return int(lib.uksm_inject_hits(OPS[op]))
 
 
+def native_path() -> str:
+    """The core's shared object (csrc/pyglue.c is called through ctypes)."""
+    import importlib.util
+    return importlib.util.find_spec("uksm._native").origin
+
+
 def install_handler() -> bool:
     """Make ours the SIGSEGV handler again if someone replaced it."""
     return _check(lib.uksm_install_handler(), "sigaction") == 1

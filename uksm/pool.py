@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import faulthandler
 import fractions
@@ -161,6 +162,23 @@ def _compact_threshold_knob(name: str, value: Any) -> float:
 # through, and ours is put back on top of it, chaining to it for the faults
 # that are not ours; the caller is told, since its handler no longer sees
 # every SIGSEGV first.
+#
+# The program's call and our re-install are one C call made with the GIL
+# held (csrc/pyglue.c): in between, no Python thread may run, since one that
+# wrote a merged page there would fault into the newcomer for ever, holding
+# the GIL the re-install needs.
+
+_glue = ctypes.PyDLL(_core.native_path()).uksm_py_call_then_install
+_glue.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.py_object, ctypes.c_int,
+                  ctypes.py_object]
+_glue.restype = ctypes.c_int
+
+
+def _call_then_install(fn, args, kwargs) -> tuple:
+    """(fn(*args, **kwargs), whether ours was re-installed), atomically."""
+    out: list = []
+    _glue(fn, tuple(args), dict(kwargs) if kwargs else None, 1 if _live_pools else 0, out)
+    return out[0], out[1] > 0
 
 _fh_enable = faulthandler.enable
 _fh_disable = faulthandler.disable
@@ -171,8 +189,8 @@ _stacked_over_faulthandler = False
 
 def _enable_then_reinstall(*args, **kwargs):
     global _stacked_over_faulthandler
-    result = _fh_enable(*args, **kwargs)
-    if _live_pools and _core.install_handler():
+    result, installed = _call_then_install(_fh_enable, args, kwargs)
+    if installed:
         _stacked_over_faulthandler = True
     return result
 
@@ -196,9 +214,10 @@ _FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS)
 
 def _signal_then_reinstall(signalnum, handler):
     global _stacked_over_faulthandler
-    old = _signal_signal(signalnum, handler)
-    if signalnum in _FAULT_SIGNALS and _live_pools and not _core.handler_installed():
-        _core.install_handler()
+    if signalnum not in _FAULT_SIGNALS:
+        return _signal_signal(signalnum, handler)
+    old, installed = _call_then_install(_signal_signal, (signalnum, handler), None)
+    if installed:
         # the handler we chain to is now this one, not faulthandler
         _stacked_over_faulthandler = False
         name = signal.Signals(signalnum).name
@@ -224,12 +243,15 @@ _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 # collector takes during another fork hook must not take its lock away
 # (its __del__ defers to the lock's release instead: see Pool.__del__).
 _fork_held: list = []
+_fork_tid = 0       # the forking thread, as the parent knew it
 
 
 def _before_fork() -> None:
     # a fork from a finalizer or handler inside a pool section finds that
     # pool's lock held by its own thread: left alone, and not given back
     global _fork_held
+    global _fork_tid
+    _fork_tid = threading.get_native_id()
     _fork_held = []
     for pool in list(_live_pools):
         core = pool._c
@@ -258,7 +280,7 @@ def _after_fork_child() -> None:
     for pool in list(_live_pools):
         pool._thread = None
         pool._stop_event = threading.Event()
-        _core.lib.uksm_plock_adopt(pool._c.word)
+        _core.lib.uksm_plock_adopt(pool._c.word, _fork_tid)
     for core in cores:
         core.leave()
 
@@ -326,9 +348,12 @@ class _TrySection:
         return self.got
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.got:
+        if not self.got:
+            return
+        try:
             if exc_type is not None:
                 self.core.torn(exc)
+        finally:
             if self.hooks:
                 self.core.leave()
             else:
@@ -461,10 +486,11 @@ class _Core:
 
     def torn(self, exc: BaseException) -> None:
         """An exception left a section (its holder still holds the lock).
-        The pool's own errors are raised where its state is whole; anything
-        else may have come from a signal handler in the middle of an update
-        (KeyboardInterrupt is the common one): rebuild the scanner's state."""
-        if isinstance(exc, UksmError) or self.native.closed:
+        If it left the scanner in the middle of an update (a signal
+        handler's exception: KeyboardInterrupt is the common one), rebuild
+        the scanner's state; errors raised before any update (a bad
+        argument) cost nothing."""
+        if not self.scanner.dirty or self.native.closed:
             return
         self.scanner.recover([(r.vpn, r.npages) for r in list(self.buffers.values())
                               if r.mergeable and not r.pins and not r.released])
@@ -488,7 +514,8 @@ class _Core:
         handler's, in a program whose own threads take signals) leaves the
         rest for the next reap, never a record lost."""
         for _ in range(len(self.failed)):
-            self.pending.append(self.failed.popleft())
+            self.pending.append(self.failed[0])
+            self.failed.popleft()
         while self.adds:
             rec = self.adds[0]
             if not rec.released and rec.mergeable and not rec.pins:
@@ -503,7 +530,8 @@ class _Core:
                 except OSError:
                     # no mapping could cut the pages off (vm.max_map_count):
                     # the frames and the range stay, tried again next time
-                    self.failed.append(self.pending.popleft())
+                    self.failed.append(rec)
+                    self.pending.popleft()
                     continue
                 rec.released = True
             self.scanner.remove_range(rec.vpn, rec.npages)

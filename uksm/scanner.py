@@ -105,6 +105,20 @@ def _read_max_map_count() -> int:
         return 65530
 
 
+def _mutating(method):
+    """A method that updates the scanner's state in several steps: while it
+    runs the state is marked torn, and stays so if an exception (a signal
+    handler's) leaves it half way; the pool then calls recover()."""
+    def wrapper(self, *args, **kwargs):
+        self.dirty += 1         # a depth: these methods call one another
+        result = method(self, *args, **kwargs)
+        self.dirty -= 1
+        return result
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 def _skip_age(age: np.ndarray) -> np.ndarray:
     """mm/ksm.c skip_age(): how many visits to skip at a given age."""
     out = np.full(age.shape, 8, np.uint8)
@@ -209,6 +223,7 @@ class Scanner:
         self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
         self.starts: List[int] = []
         self.rmap_items = 0
+        self.dirty = 0              # > 0: an update was torn half way (_mutating)
         self.cursor = 0
         self.cur_tag = 1
         self.u_sum = np.zeros(0, np.uint64)
@@ -237,6 +252,7 @@ class Scanner:
 
     # -- rmap items: buffers come and go ------------------------------------
 
+    @_mutating
     def add_range(self, start: int, npages: int) -> None:
         """MADV_MERGEABLE: the pages become rmap items, with clean state
         (once: a range already tracked is left as it is)."""
@@ -252,6 +268,7 @@ class Scanner:
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
 
+    @_mutating
     def remove_range(self, start: int, npages: int) -> bool:
         """Forget a buffer's rmap items; False if it was not mergeable."""
         i = bisect.bisect_left(self.starts, start)
@@ -288,6 +305,7 @@ class Scanner:
                 i += 1
         return ranges, False
 
+    @_mutating
     def scan_batch(self, want: int) -> int:
         """ksm_do_scan(): visit up to @want pages; returns pages visited."""
         if self.native.vma_estimate() > VMA_COW_SOFT * 0.9 * self.max_map_count:
@@ -598,6 +616,7 @@ class Scanner:
         self._scan_start = now
         self._cpu_start = cpu
 
+    @_mutating
     def frames_moved(self, log_from: np.ndarray, log_to: np.ndarray) -> None:
         """Migration moved KSM frames (in this order; a frame may move twice):
         their stable nodes follow them by pfn, keeping their keys."""
@@ -623,14 +642,18 @@ class Scanner:
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
-        self.tag[:] = 0
+        self.tag = np.zeros(len(self.tag), np.uint16)     # calloc: commits nothing
         self.pages_unshared = 0
         ranges = sorted(ranges)
         self.starts = [start for start, _ in ranges]
         self.extents = [[start, npages] for start, npages in ranges]
         self.rmap_items = sum(npages for _, npages in ranges)
         st = self.stable
-        st.n = min(st.n, len(st.sum), len(st.pfn), len(st.key), len(st.alive))
+        # an interrupted _grow() may have left the arrays of two lengths
+        cap = min(len(st.sum), len(st.pfn), len(st.key), len(st.alive))
+        for name in ("sum", "pfn", "key", "alive"):
+            setattr(st, name, getattr(st, name)[:cap].copy())
+        st.n = min(st.n, cap)
         live = np.flatnonzero(st.alive[: st.n])
         st.alive[st.n:] = False
         st.nr_alive = len(live)
@@ -640,7 +663,9 @@ class Scanner:
         self.node_of_pfn[:] = -1
         self.node_of_pfn[st.pfn[live]] = live.astype(np.int32)
         self.prune_stable()
+        self.dirty = 0
 
+    @_mutating
     def prune_stable(self) -> None:
         """Sweep every stable node through its keyhole, prune the stale."""
         st = self.stable
