@@ -67,9 +67,28 @@
 static __thread unsigned int plock_depth;
 static __thread sigset_t plock_saved;
 
+/*
+ * The caller's tid, cached per thread: a pool call takes and drops the lock
+ * at least once, and gettid is a syscall.  A forked child's thread starts
+ * with its parent's copy of the cache, so the fork hook clears it.
+ */
+static __thread uint32_t plock_cached_tid;
+
+static void plock_atfork_child(void)
+{
+	plock_cached_tid = 0;
+}
+
+__attribute__((constructor)) static void plock_init(void)
+{
+	pthread_atfork(NULL, NULL, plock_atfork_child);
+}
+
 static inline uint32_t plock_tid(void)
 {
-	return (uint32_t)syscall(SYS_gettid);
+	if (!plock_cached_tid)
+		plock_cached_tid = (uint32_t)syscall(SYS_gettid);
+	return plock_cached_tid;
 }
 
 /* Block the asynchronous signals in this thread, the first time round. */

@@ -962,7 +962,8 @@ class Pool:
         # thread's own section): the C core has its own lock, and the
         # scanner learns of the buffer at the next reap().
         with core.served() as nested:
-            self._check_open()      # again: close() may have won the race
+            if self._closed:        # again: close() may have won the race
+                raise PoolClosedError("uksm pool is closed")
             if not nested:
                 self._reap()
             vpn = self._native.alloc(npages)
