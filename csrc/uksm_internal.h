@@ -8,7 +8,9 @@
 #ifndef UKSM_INTERNAL_H
 #define UKSM_INTERNAL_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
@@ -177,6 +179,7 @@ struct uksm_pool {
 	uint64_t group_swap_ins[UKSM_MAX_GROUPS];
 	size_t meta_bytes;		/* size of the tables mapping below */
 	void *meta;			/* one mapping holds all the tables */
+	struct uksm_events *events;	/* handler.c: the NEP 49 handler's queue */
 };
 
 /*
@@ -223,6 +226,7 @@ static inline int uksm_trylock(struct uksm_pool *pool)
 }
 
 void uksm_direct_zap(struct uksm_pool *pool);
+void uksm_events_destroy(struct uksm_pool *pool);
 
 /* Drop pool->lock; the direct map's page table entries go first. */
 static inline void uksm_unlock(struct uksm_pool *pool)

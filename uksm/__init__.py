@@ -11,12 +11,13 @@ from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
                      PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning,
                      VirtualSpaceError)
 from .pool import Pool, parse_size
+from .handler import install, uninstall
 from .swap import Group
 
 __all__ = [
     "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
     "ReentrantCallError",
-    "UksmSwapWarning", "Group",
+    "UksmSwapWarning", "Group", "install", "uninstall",
 ]
 __version__ = "0.2.0"
