@@ -128,7 +128,8 @@ def main(argv) -> int:
     except BaseException as exc:
         # as the interpreter would: the hook prints, the status is 1
         # (130 after ^C, as a shell reports python's SIGINT death)
-        sys.excepthook(type(exc), exc, _strip_runner(exc.__traceback__))
+        tb = _strip_runner(exc.__traceback__)
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1
     seconds = time.perf_counter() - t0
     try:
