@@ -80,6 +80,10 @@
 
 /* How far back a free looks for its own ALLOC still in the ring. */
 #define UKSM_EV_CANCEL_WINDOW	256
+/* The quicklist: ranges of buffers that died unseen, kept for reuse. */
+#define UKSM_QUICK_NR		64
+#define UKSM_QUICK_PAGES	4096	/* 16 MiB at most, in all */
+#define UKSM_QUICK_MAX		512	/* pages: bigger ones go back at once */
 
 struct uksm_event {
 	uint64_t vpn;
@@ -100,6 +104,9 @@ struct uksm_events {
 	size_t len_bytes;
 	size_t bytes;		/* of this mapping, ring included */
 	uint64_t st[UKSM_HST_NR];
+	size_t nquick, quick_pages;
+	uint64_t quick_vpn[UKSM_QUICK_NR];
+	uint32_t quick_n[UKSM_QUICK_NR];
 	struct uksm_event ring[];
 };
 
@@ -233,8 +240,34 @@ void uksm_events_stats(struct uksm_pool *pool, uint64_t *out)
 		out[UKSM_HST_QUEUED] = ev->tail - ev->head;
 		out[UKSM_HST_HANDLERS] = ev->handlers;
 		out[UKSM_HST_CAP] = ev->cap;
+		out[UKSM_HST_QUICK_PAGES] = ev->quick_pages;
 	}
 	uksm_unlock(pool);
+}
+
+/* Give the quicklist's ranges back (the pool closes, or memory is wanted). */
+void uksm_events_flush(struct uksm_pool *pool)
+{
+	struct uksm_events *ev = pool->events;
+
+	if (!ev)
+		return;
+	for (;;) {
+		size_t vpn, n;
+
+		uksm_lock(pool);
+		if (!ev->nquick) {
+			uksm_unlock(pool);
+			return;
+		}
+		ev->nquick--;
+		vpn = ev->quick_vpn[ev->nquick];
+		n = ev->quick_n[ev->nquick];
+		ev->quick_pages -= n;
+		uksm_unlock(pool);
+		if (!uksm_release(pool, vpn, n))
+			uksm_va_free(pool, vpn, n);
+	}
 }
 
 void uksm_events_close(struct uksm_pool *pool)
@@ -243,6 +276,7 @@ void uksm_events_close(struct uksm_pool *pool)
 	if (pool->events)
 		pool->events->closed = 1;
 	uksm_unlock(pool);
+	uksm_events_flush(pool);
 }
 
 /* Nothing of the handler's left: no capsule, no live buffer, no event. */
@@ -272,7 +306,7 @@ static size_t vpn_of(struct uksm_pool *pool, const void *p)
 	return (size_t)((const char *)p - pool->va) / PG;
 }
 
-static void *pool_alloc(struct uksm_handler *h, size_t size)
+static void *pool_alloc(struct uksm_handler *h, size_t size, int zero)
 {
 	struct uksm_pool *pool = h->pool;
 	struct uksm_events *ev;
@@ -291,6 +325,30 @@ static void *pool_alloc(struct uksm_handler *h, size_t size)
 			ev->st[UKSM_HST_FALLBACKS]++;
 		uksm_unlock(pool);
 		return NULL;
+	}
+	/*
+	 * The pcp list of this allocator: a range whose buffer died before
+	 * the scanner heard of it is still mapped, private and committed;
+	 * giving it to the next request of the same size skips the mmap and
+	 * the page faults that make short-lived arrays dear.
+	 */
+	for (size_t i = 0; i < ev->nquick; i++) {
+		if (ev->quick_n[i] != npages)
+			continue;
+		vpn = ev->quick_vpn[i];
+		ev->nquick--;
+		ev->quick_vpn[i] = ev->quick_vpn[ev->nquick];
+		ev->quick_n[i] = ev->quick_n[ev->nquick];
+		ev->quick_pages -= npages;
+		ev->live++;
+		ev->len[vpn] = (uint32_t)npages;
+		ev_push(ev, UKSM_EV_ALLOC, vpn, npages, 0);
+		ev->st[UKSM_HST_ALLOCS]++;
+		ev->st[UKSM_HST_QUICK]++;
+		uksm_unlock(pool);
+		if (zero)
+			memset(page_addr(pool, vpn), 0, size);
+		return page_addr(pool, vpn);
 	}
 	ev->inflight++;
 	uksm_unlock(pool);
@@ -327,6 +385,21 @@ static void pool_free(struct uksm_handler *h, void *p)
 	uksm_unlock(pool);
 	if (!n || page_addr(pool, vpn) != p)
 		return;		/* not a buffer of ours: nothing we may touch */
+
+	uksm_lock(pool);
+	if (n <= UKSM_QUICK_MAX && !ev->closed && ev->nquick < UKSM_QUICK_NR &&
+	    ev->quick_pages + n <= UKSM_QUICK_PAGES && (e = ev_find_alloc(ev, vpn))) {
+		e->type = UKSM_EV_HOLE;
+		ev->live--;
+		ev->st[UKSM_HST_FREES]++;
+		ev->st[UKSM_HST_CANCELLED]++;
+		ev->quick_vpn[ev->nquick] = vpn;
+		ev->quick_n[ev->nquick++] = (uint32_t)n;
+		ev->quick_pages += n;
+		uksm_unlock(pool);
+		return;
+	}
+	uksm_unlock(pool);
 
 	/* cut off now: the memory goes back whatever the scanner knows */
 	err = uksm_release(pool, vpn, n);
@@ -439,7 +512,7 @@ static void *h_malloc(void *ctx, size_t size)
 	void *p;
 
 	if (size >= atomic_load_explicit(&h->threshold, memory_order_relaxed)) {
-		p = pool_alloc(h, size);
+		p = pool_alloc(h, size, 0);
 		if (p)
 			return p;
 	}
@@ -455,7 +528,7 @@ static void *h_calloc(void *ctx, size_t nelem, size_t elsize)
 		return NULL;
 	if (nelem * elsize >= atomic_load_explicit(&h->threshold, memory_order_relaxed)) {
 		/* fresh anonymous pages read as zero: nothing to clear */
-		p = pool_alloc(h, nelem * elsize);
+		p = pool_alloc(h, nelem * elsize, 1);
 		if (p)
 			return p;
 	}
@@ -499,7 +572,7 @@ static void *h_realloc(void *ctx, void *p, size_t size)
 				pool_trim(h, vpn, n, new_n);
 				return p;
 			}
-			q = pool_alloc(h, size);
+			q = pool_alloc(h, size, 0);
 			if (q) {
 				uksm_lock(pool);
 				pool->events->st[UKSM_HST_REALLOCS]++;
@@ -522,7 +595,7 @@ static void *h_realloc(void *ctx, void *p, size_t size)
 	}
 	if (size < threshold)
 		return prev->allocator.realloc(prev->allocator.ctx, p, size);
-	q = pool_alloc(h, size);
+	q = pool_alloc(h, size, 0);
 	if (!q)
 		return prev->allocator.realloc(prev->allocator.ctx, p, size);
 	/* only the previous handler knows how many bytes @p holds */

@@ -339,7 +339,9 @@ enum uksm_handler_stat {
 	UKSM_HST_QUEUED = 7,
 	UKSM_HST_HANDLERS = 8,
 	UKSM_HST_CAP = 9,
-	UKSM_HST_NR = 10,
+	UKSM_HST_QUICK = 10,	/* allocations served from the quicklist */
+	UKSM_HST_QUICK_PAGES = 11,	/* pages on it now */
+	UKSM_HST_NR = 12,
 };
 
 int uksm_events_enable(struct uksm_pool *pool, size_t cap);
@@ -347,6 +349,7 @@ int uksm_events_drain(struct uksm_pool *pool, uint64_t *vpn, uint32_t *npages,
 		      uint8_t *type, uint8_t *released, size_t max);
 void uksm_events_stats(struct uksm_pool *pool, uint64_t *out);
 void uksm_events_close(struct uksm_pool *pool);
+void uksm_events_flush(struct uksm_pool *pool);
 int uksm_events_idle(struct uksm_pool *pool);
 
 /* fault.c */

@@ -383,10 +383,15 @@ class NativePool:
                 "reallocs": int(out[lib.UKSM_HST_REALLOCS]),
                 "moved": int(out[lib.UKSM_HST_MOVED]), "live": int(out[lib.UKSM_HST_LIVE]),
                 "queued": int(out[lib.UKSM_HST_QUEUED]),
-                "handlers": int(out[lib.UKSM_HST_HANDLERS]), "cap": int(out[lib.UKSM_HST_CAP])}
+                "handlers": int(out[lib.UKSM_HST_HANDLERS]), "cap": int(out[lib.UKSM_HST_CAP]),
+                "quick": int(out[lib.UKSM_HST_QUICK]),
+                "quick_pages": int(out[lib.UKSM_HST_QUICK_PAGES])}
 
     def events_close(self) -> None:
         lib.uksm_events_close(self._pool)
+
+    def events_flush(self) -> None:
+        lib.uksm_events_flush(self._pool)
 
     def events_idle(self) -> bool:
         return bool(lib.uksm_events_idle(self._pool))
