@@ -488,13 +488,13 @@ static int pool_move(struct uksm_pool *pool, size_t old, size_t n, size_t new)
 	    mremap(page_addr(pool, old), n * PG, n * PG, MREMAP_MAYMOVE | MREMAP_FIXED,
 		   page_addr(pool, new)) != MAP_FAILED) {
 		/*
-		 * The old range is a hole now: map it PROT_NONE again before
-		 * anything else can be placed there.  Its ptes stay PRIVATE
-		 * until uksm_release() counts them out, which finds nothing
-		 * left to give back but the accounting.
+		 * The old range is a hole now, and its ptes still say PRIVATE
+		 * (uksm_release() counts them out in a moment): fill it with
+		 * fresh zero pages before dropping the lock, so that a scanner
+		 * still tracking it reads zeroes, not a fault under pool->lock.
 		 */
-		if (uksm_map_anon(pool, old, n, PROT_NONE))
-			(void)mmap(page_addr(pool, old), n * PG, PROT_NONE,
+		if (uksm_map_anon(pool, old, n, PROT_READ | PROT_WRITE))
+			(void)mmap(page_addr(pool, old), n * PG, PROT_READ | PROT_WRITE,
 				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
 		uksm_unlock(pool);
 		return 1;

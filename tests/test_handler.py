@@ -362,3 +362,23 @@ def test_numpy_suite_subset_under_handler(tmp_path):
     assert plain[:2] == under[:2], (plain[2].stdout[-3000:], under[2].stdout[-3000:],
                                     under[2].stderr[-3000:])
     assert "handler buffers" in under[2].stderr
+
+
+def test_full_queue_and_full_pool_fall_back():
+    pool = uksm.Pool("1MiB", sleep_millisecs=0)
+    try:
+        pool._native.events_enable(cap=16)      # room for 7 live buffers' events
+        with pool.allocating():
+            arrs = [np.full(THRESHOLD // 8, i, float) for i in range(12)]
+            big = np.ones((2 << 20) // 8)       # beyond the pool's capacity
+        inside = [in_pool(pool, a) for a in arrs]
+        assert 0 < sum(inside) < 12 and not in_pool(pool, big)
+        assert all((a == i).all() for i, a in enumerate(arrs)) and (big == 1).all()
+        st = pool.stats()["handler"]
+        assert st["fallbacks"] >= 12 - sum(inside) + 1 and st["queued"] == 0
+        del arrs, big
+        gc.collect()
+        pool.scan()
+        assert pool.stats()["handler"]["live"] == 0 and pool.stats()["buffers"] == 0
+    finally:
+        pool.close()

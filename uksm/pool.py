@@ -786,17 +786,25 @@ class Pool:
             raise TypeError(f"expected a numpy.ndarray from this pool, not "
                             f"{type(arr).__name__}")
         va = self._native.va
-        while True:
-            addr = arr.__array_interface__["data"][0]
+        # A view of an array numpy made under the handler stands for its
+        # base, whose data pointer is the buffer's start (numpy has no other
+        # name for it); a view of a pool array does not: free() would take
+        # the whole buffer from under whoever holds the array itself.
+        base = arr
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if base is not arr:
+            addr = base.__array_interface__["data"][0]
             vpn = (addr - va) // PAGE_SIZE
             rec = self._buffers.get(vpn) if va <= addr else None
-            # a view of a handler-made array: its base is the buffer
-            if (rec is not None and not rec.released and addr == va + vpn * PAGE_SIZE) \
-                    or not isinstance(arr.base, np.ndarray):
-                break
-            arr = arr.base
+            if rec is not None and rec.handler and not rec.released \
+                    and addr == va + vpn * PAGE_SIZE:
+                return rec
+        addr = arr.__array_interface__["data"][0]
         if not (va <= addr < va + self._native.va_pages * PAGE_SIZE):
             raise ForeignArrayError("array does not belong to this uksm pool")
+        vpn = (addr - va) // PAGE_SIZE
+        rec = self._buffers.get(vpn)
         if rec is None or rec.released or addr != va + vpn * PAGE_SIZE:
             raise ForeignArrayError("array is not a live buffer of this pool "
                                     "(pass the array the pool returned, not a view "
