@@ -382,3 +382,30 @@ def test_full_queue_and_full_pool_fall_back():
         assert pool.stats()["handler"]["live"] == 0 and pool.stats()["buffers"] == 0
     finally:
         pool.close()
+
+
+def test_context_rules(hpool):
+    """What the README says: asyncio tasks inherit the handler, a new
+    thread starts with numpy's default, copy_context().run carries it."""
+    import asyncio
+    import contextvars
+
+    async def make():
+        return np.ones(THRESHOLD // 8)
+
+    seen = {}
+
+    def in_thread(key):
+        seen[key] = in_pool(hpool, np.ones(THRESHOLD // 8))
+
+    with hpool.allocating():
+        task_arr = asyncio.run(make())
+        t = threading.Thread(target=in_thread, args=("plain",))
+        t.start()
+        t.join()
+        ctx = contextvars.copy_context()
+        t = threading.Thread(target=ctx.run, args=(in_thread, "copied"))
+        t.start()
+        t.join()
+    assert in_pool(hpool, task_arr)
+    assert seen == {"plain": False, "copied": True}
