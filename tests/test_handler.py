@@ -292,10 +292,14 @@ def test_pool_outlives_its_arrays():
 
 
 PROG = """
-import sys, numpy as np
+import sys, threading, numpy as np
 base = np.random.default_rng(0).standard_normal(1 << 19)    # 4 MiB
 copies = [base.copy() for _ in range(3)]
 from numpy._core.multiarray import get_handler_name
+import uksm.handler
+t = threading.Thread(target=lambda: print("thread pool", uksm.handler.current_pool_address()
+                                          is not None))
+t.start(); t.join()
 print("argv", sys.argv[1:], __name__, get_handler_name(copies[0]))
 if sys.argv[1] == "boom":
     raise ValueError("boom from the program")
@@ -314,6 +318,7 @@ def test_runner(tmp_path):
               "prog.py", "3", "--x"], tmp_path)
     assert r.returncode == 3, r.stderr
     assert "argv ['3', '--x'] __main__ uksm" in r.stdout
+    assert "thread pool True" in r.stdout       # threads inherit the handler
     line = r.stderr.strip().splitlines()[-1]
     assert re.match(r"uksm: saved [0-9.]+ MiB at peak, [0-9.]+ MiB at exit; pages_shared \d+, "
                     r"pages_sharing \d+; full_scans \d+", line), line
@@ -321,8 +326,8 @@ def test_runner(tmp_path):
     assert st["exit_code"] == 3 and st["pages_to_scan"] == 5000
     assert st["handler"]["allocs"] >= 4
 
-    r = _run(["--quiet", "prog.py", "boom"], tmp_path)
-    assert r.returncode == 1
+    r = _run(["--quiet", "--no-thread-inherit", "prog.py", "boom"], tmp_path)
+    assert r.returncode == 1 and "thread pool False" in r.stdout
     assert "uksm: saved" not in r.stderr
     tb = r.stderr.strip().splitlines()
     assert tb[0] == "Traceback (most recent call last):" and tb[-1].endswith("boom from the program")

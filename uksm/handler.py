@@ -21,7 +21,9 @@ with the GIL held.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
+import threading
 from typing import Any, List, Optional, Tuple
 
 from . import _native
@@ -86,6 +88,24 @@ def uninstall() -> None:
         raise RuntimeError("uksm.uninstall() without install()")
     _pool, old = _installed.pop()
     _set(old)
+
+
+_thread_start = threading.Thread.start
+
+
+def _start_in_copied_context(self, *args, **kwargs):
+    ctx = contextvars.copy_context()
+    run = self.run
+    self.run = lambda: ctx.run(run)
+    return _thread_start(self, *args, **kwargs)
+
+
+def threads_inherit(on: bool = True) -> None:
+    """Make every thread started from now on run in a copy of its
+    starter's context (Python 3.14's -X thread_inherit_context=1), so that
+    it allocates with the handler its starter had.  `python -m uksm run`
+    turns this on (--no-thread-inherit: off)."""
+    threading.Thread.start = _start_in_copied_context if on else _thread_start
 
 
 def current_pool_address() -> Optional[int]:

@@ -5,6 +5,10 @@ same sys.argv, __main__, exit code, exceptions and tracebacks) with every
 numpy array of at least --threshold bytes allocated from a uksm pool whose
 scanner runs in the background; at exit, one summary line on stderr.
 
+Threads the program starts run in a copy of their starter's context, so
+they allocate from the pool too (Python 3.14's -X thread_inherit_context=1;
+--no-thread-inherit turns it off).
+
 Knobs are Pool's keywords as options (--pages-to-scan 1000) or as
 environment variables (UKSM_PAGES_TO_SCAN=1000); an option wins.
 """
@@ -64,6 +68,10 @@ def _parser():
         p.add_argument("--" + name, type=typ, default=None,
                        help=f"Pool's {name.replace('-', '_')} (env {env})")
     p.add_argument("--quiet", action="store_true", help="no summary line")
+    p.add_argument("--no-thread-inherit", action="store_true",
+                   help="threads start with numpy's default handler, as Python makes "
+                        "them (by default a thread inherits its starter's context, as "
+                        "with Python 3.14's -X thread_inherit_context=1)")
     p.add_argument("--json", metavar="FILE", help="write the final stats() as JSON")
     return p
 
@@ -106,6 +114,8 @@ def main(argv) -> int:
                 **kw)
     pool.start()
     handler.install(pool, threshold=parse_size(threshold, "--threshold"))
+    if not opts.no_thread_inherit:
+        handler.threads_inherit(True)
 
     if module is not None:
         sys.argv = [module] + args
