@@ -344,7 +344,12 @@ class _Core:
                     self.on_release(rec, collected=True, retry=True)
                 elif kind == _core.EV_TRIM and npages < rec.npages:
                     tail, ntail = vpn + npages, rec.npages - npages
-                    self.scanner.remove_range(tail, ntail)
+                    # the scanner keeps whole extents: take the buffer's out
+                    # and put the head back (its rmap state starts afresh;
+                    # merged pages stay merged in the C tables), or the tail
+                    # would stay in an extent after another buffer has it
+                    if self.scanner.remove_range(vpn, rec.npages):
+                        self.scanner.add_range(vpn, npages)
                     try:
                         if not released:
                             native.release(tail, ntail)
