@@ -276,7 +276,10 @@ def test_pool_outlives_its_arrays():
         native = pool._native
         with pool.allocating():
             a = np.ones(1 << 16)
-        del pool
+            b = a.copy()
+            pool.scan(full_scans=2)     # the scanner's own arrays: numpy's handler
+            assert pool.stats()["pages_sharing"] > 0
+        del pool, b
         gc.collect()
         assert not native.closed    # a's capsule holds the pool
         a += 1
@@ -367,6 +370,31 @@ def test_numpy_suite_subset_under_handler(tmp_path):
     assert plain[:2] == under[:2], (plain[2].stdout[-3000:], under[2].stdout[-3000:],
                                     under[2].stderr[-3000:])
     assert "handler buffers" in under[2].stderr
+
+
+def test_closed_pool_goes_with_its_last_array():
+    code = textwrap.dedent("""
+        import gc, numpy as np, uksm
+        pool = uksm.Pool("64MiB", sleep_millisecs=0)
+        native = pool._native
+        with pool.allocating():
+            a = np.ones(1 << 16)
+            b = a.copy()
+            pool.scan(full_scans=2)
+            pool.close()                # arrays live on; new ones go elsewhere
+            c = np.ones(1 << 16)
+            assert not (native.va <= c.ctypes.data < native.va + native.va_pages * 4096)
+        a += 1
+        b.resize(1 << 17, refcheck=False)
+        assert (a == 2).all() and (b[:1 << 16] == 1).all() and not native.closed
+        del a, b, c
+        gc.collect()
+        assert native.closed, "the closed pool must go with its last array"
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
 def test_full_queue_and_full_pool_fall_back():

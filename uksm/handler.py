@@ -53,6 +53,13 @@ _threshold = _dll.uksm_handler_threshold
 _threshold.restype = ctypes.c_size_t
 _threshold.argtypes = [ctypes.py_object, ctypes.c_size_t]
 
+# numpy's handler as uksm found it: the pool's own Python side allocates
+# with it (see _Core.enter), never with a pool's handler
+DEFAULT = _get()
+
+# set once a pool has made a handler: until then nobody pays for the switch
+active = False
+
 # install()'s stack: (pool, the handler it replaced)
 _installed: List[Tuple[Any, Any]] = []
 

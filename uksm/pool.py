@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import _core
+from . import handler as _handler
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
                      PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning)
 from .scanner import Scanner, _count_maps
@@ -206,7 +207,7 @@ class _Core:
     is safe: that thread never needs this one to finish its section."""
 
     __slots__ = ("native", "scanner", "buffers", "pending", "failed", "adds", "word",
-                 "on_exit", "closed", "recheck", "__weakref__")
+                 "on_exit", "closed", "recheck", "saved_handler", "__weakref__")
 
     def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
         self.native = native
@@ -219,6 +220,7 @@ class _Core:
         self.on_exit = None     # run once, right after the lock is next given back
         self.closed = False
         self.recheck = False    # a handler capsule went: reap once more at leave()
+        self.saved_handler = None   # the section's caller's numpy handler
 
     # -- the policy lock ------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class _Core:
         then nothing was taken, and the caller must not give it back.  With
         @what, that case raises ReentrantCallError naming the call."""
         if _core.lib.uksm_plock_lock(self.word, 1) == 1:
+            self._held()
             return False
         if what is not None:
             raise ReentrantCallError(
@@ -239,12 +242,30 @@ class _Core:
 
     def try_enter(self) -> bool:
         """Take the policy lock if nobody holds it."""
-        return _core.lib.uksm_plock_lock(self.word, 0) == 1
+        if _core.lib.uksm_plock_lock(self.word, 0) == 1:
+            self._held()
+            return True
+        return False
+
+    def _held(self) -> None:
+        # The section allocates with numpy's own handler, not with a pool's
+        # that the caller may have installed: an array the scanner keeps
+        # (its trees grow) would hold that handler's capsule, the capsule
+        # holds its pool, and a cycle through a capsule is one the garbage
+        # collector cannot see.
+        if _handler.active:
+            self.saved_handler = _handler._set(_handler.DEFAULT)
+
+    def _unlock(self) -> None:
+        saved, self.saved_handler = self.saved_handler, None
+        if saved is not None:
+            _handler._set(saved)
+        _core.lib.uksm_plock_unlock(self.word)
 
     def leave(self) -> None:
         """Give the policy lock back, then run what was left for its holder:
         a close deferred by a finalizer, the reaping of a closed pool."""
-        _core.lib.uksm_plock_unlock(self.word)
+        self._unlock()
         while self.on_exit is not None or self.recheck or \
                 (self.closed and (self.pending or self.adds or self.events_queued())):
             hook, self.on_exit = self.on_exit, None
@@ -256,7 +277,7 @@ class _Core:
             try:
                 self.reap()
             finally:
-                _core.lib.uksm_plock_unlock(self.word)
+                self._unlock()
 
     def events_queued(self) -> bool:
         native = self.native
@@ -525,7 +546,12 @@ class Pool:
         self._groups: Dict[str, Group] = {}
         self._swap_errors_seen = 0
         self._knobs = knobs
-        self._scanner = Scanner(self._native, knobs)
+        saved = _handler._set(_handler.DEFAULT) if _handler.active else None
+        try:
+            self._scanner = Scanner(self._native, knobs)    # its arrays: see _Core._held
+        finally:
+            if saved is not None:
+                _handler._set(saved)
         self._c = _Core(self._native, self._scanner)
         self._buffers = self._c.buffers
         self._stop_event = threading.Event()
@@ -1113,6 +1139,7 @@ class Pool:
                                                                              "threshold")
         if not self._native.events_enabled:
             self._native.events_enable()
+        handler.active = True
         return handler._new(self._native.address, t, self._handler_gone)
 
     def _handler_gone(self) -> None:
