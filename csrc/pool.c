@@ -573,6 +573,7 @@ void uksm_pool_destroy(struct uksm_pool *pool)
 	if (pool->ro_fd >= 0)
 		close(pool->ro_fd);
 	uksm_swap_destroy(pool);
+	uksm_events_destroy(pool);
 	if (pool->meta != MAP_FAILED)
 		munmap(pool->meta, pool->meta_bytes);
 	munmap(pool, sizeof(*pool));

@@ -320,6 +320,39 @@ int uksm_swap_trim(struct uksm_pool *pool, size_t min);
 int uksm_inject(int op, long skip, long fail, int err);
 long uksm_inject_hits(int op);
 
+/* handler.c: the NEP 49 handler's event queue (the rest is Python's) */
+enum uksm_event_type {
+	UKSM_EV_HOLE = 0,	/* an ALLOC whose buffer died before it was drained */
+	UKSM_EV_ALLOC = 1,	/* a handler buffer: vpn, npages */
+	UKSM_EV_FREE = 2,	/* it is gone (released: its pages cut off already) */
+	UKSM_EV_TRIM = 3,	/* realloc shrank it in place to npages */
+};
+
+/* uksm_events_stats() slots */
+enum uksm_handler_stat {
+	UKSM_HST_ALLOCS = 0,	/* buffers the handler took from the pool */
+	UKSM_HST_FREES = 1,
+	UKSM_HST_FALLBACKS = 2,	/* big requests sent to the previous handler */
+	UKSM_HST_CANCELLED = 3,	/* freed before the Python side heard of them */
+	UKSM_HST_REALLOCS = 4,	/* grown into a new range */
+	UKSM_HST_MOVED = 5,	/* ... by mremap, not memcpy */
+	UKSM_HST_LIVE = 6,
+	UKSM_HST_QUEUED = 7,
+	UKSM_HST_HANDLERS = 8,
+	UKSM_HST_CAP = 9,
+	UKSM_HST_QUICK = 10,	/* allocations served from the quicklist */
+	UKSM_HST_QUICK_PAGES = 11,	/* pages on it now */
+	UKSM_HST_NR = 12,
+};
+
+int uksm_events_enable(struct uksm_pool *pool, size_t cap);
+int uksm_events_drain(struct uksm_pool *pool, uint64_t *vpn, uint32_t *npages,
+		      uint8_t *type, uint8_t *released, size_t max);
+void uksm_events_stats(struct uksm_pool *pool, uint64_t *out);
+void uksm_events_close(struct uksm_pool *pool);
+void uksm_events_flush(struct uksm_pool *pool);
+int uksm_events_idle(struct uksm_pool *pool);
+
 /* fault.c */
 int uksm_install_handler(void);
 int uksm_handler_installed(void);

@@ -8,7 +8,9 @@
 #ifndef UKSM_INTERNAL_H
 #define UKSM_INTERNAL_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
@@ -184,6 +186,7 @@ struct uksm_pool {
 	 */
 	uint16_t *seen;			/* nr_frames + va_pages entries */
 	_Atomic int seen_busy;
+	struct uksm_events *events;	/* handler.c: the NEP 49 handler's queue */
 };
 
 /*
@@ -230,6 +233,7 @@ static inline int uksm_trylock(struct uksm_pool *pool)
 }
 
 void uksm_direct_zap(struct uksm_pool *pool);
+void uksm_events_destroy(struct uksm_pool *pool);
 
 /* Drop pool->lock; the direct map's page table entries go first. */
 static inline void uksm_unlock(struct uksm_pool *pool)

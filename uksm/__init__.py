@@ -12,11 +12,13 @@ from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
                      UksmSwapWarning,
                      VirtualSpaceError)
 from .pool import Pool, parse_size
+from .handler import install, uninstall
 from .swap import Group
 
 __all__ = [
     "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
     "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
-    "ReentrantCallError", "TooManyPoolsError", "UksmSwapWarning", "Group",
+    "ReentrantCallError", "TooManyPoolsError", "UksmSwapWarning", "Group", "install",
+    "uninstall",
 ]
 __version__ = "0.2.0"

@@ -8,6 +8,9 @@ demo    builds duplicated arrays in a pool (copies of one dataset, a
         blocks, the process's PSS and USS from psutil), the saving by each,
         and the KSM counters.
 stats   the same workload, just the counters as JSON (for scripts).
+run     runs a Python program with every numpy array of --threshold
+        bytes or more allocated from a pool (uksm.run): python -m uksm run
+        [options] script.py args... or -m module args...
 bench   the benchmark harness (uksm.harness): uksm and the kernel's KSM on
         the same content, side by side; writes results.json, report.md and
         PNG plots into --output.
@@ -193,9 +196,16 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given and given[0] == "run":
+        # the program's own options follow: argparse must not see them
+        from . import run
+        return run.main(given[1:])
     parser = argparse.ArgumentParser(prog="python -m uksm",
                                      description="uksm: userspace KSM for numpy buffers")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="run a program with its numpy arrays in a pool: "
+                               "run [options] script.py args... | -m module args...")
     for name, fn, helptext in (("demo", demo, "merge duplicated arrays and show the savings"),
                                ("stats", stats_cmd, "scan the demo workload, print stats as JSON")):
         p = sub.add_parser(name, help=helptext)

@@ -66,6 +66,10 @@ MERGE_NOFRAME: int = lib.UKSM_MERGE_NOFRAME
 
 FRAME_KSM: int = lib.UKSM_FRAME_KSM
 
+EV_ALLOC: int = lib.UKSM_EV_ALLOC
+EV_FREE: int = lib.UKSM_EV_FREE
+EV_TRIM: int = lib.UKSM_EV_TRIM
+
 CHECKSUMS = {"jhash2": lib.UKSM_CSUM_JHASH2, "xxhash": lib.UKSM_CSUM_XXHASH}
 
 # Bytes of C table per tracked page: a uksm_pte per virtual page and a
@@ -401,6 +405,58 @@ class NativePool:
                              _ptr("uint32_t[]", mapcount), _ptr("uint32_t[]", key),
                              _ptr("uint32_t[]", flags))
         return mapcount, key, flags
+
+    # -- the NEP 49 handler's event queue (csrc/handler.c) ------------------
+
+    EVENT_BATCH = 4096
+
+    def events_enable(self, cap: int = 1 << 16) -> None:
+        _check(lib.uksm_events_enable(self._pool, cap), "events_enable")
+        if not hasattr(self, "_ev_vpn"):
+            # cffi memory, not numpy's: numpy's may come from this very pool
+            n = self.EVENT_BATCH
+            self._ev_vpn = ffi.new("uint64_t[]", n)
+            self._ev_npages = ffi.new("uint32_t[]", n)
+            self._ev_type = ffi.new("uint8_t[]", n)
+            self._ev_released = ffi.new("uint8_t[]", n)
+
+    @property
+    def events_enabled(self) -> bool:
+        return hasattr(self, "_ev_vpn")
+
+    def drain_events(self):
+        """Up to EVENT_BATCH events, oldest first: a list of (type, vpn,
+        npages, released)."""
+        n = lib.uksm_events_drain(self._pool, self._ev_vpn, self._ev_npages, self._ev_type,
+                                  self._ev_released, self.EVENT_BATCH)
+        return [(self._ev_type[i], self._ev_vpn[i], self._ev_npages[i], self._ev_released[i])
+                for i in range(n)]
+
+    def events_stats(self) -> dict:
+        out = ffi.new("uint64_t[]", lib.UKSM_HST_NR)
+        lib.uksm_events_stats(self._pool, out)
+        return {"allocs": int(out[lib.UKSM_HST_ALLOCS]), "frees": int(out[lib.UKSM_HST_FREES]),
+                "fallbacks": int(out[lib.UKSM_HST_FALLBACKS]),
+                "cancelled": int(out[lib.UKSM_HST_CANCELLED]),
+                "reallocs": int(out[lib.UKSM_HST_REALLOCS]),
+                "moved": int(out[lib.UKSM_HST_MOVED]), "live": int(out[lib.UKSM_HST_LIVE]),
+                "queued": int(out[lib.UKSM_HST_QUEUED]),
+                "handlers": int(out[lib.UKSM_HST_HANDLERS]), "cap": int(out[lib.UKSM_HST_CAP]),
+                "quick": int(out[lib.UKSM_HST_QUICK]),
+                "quick_pages": int(out[lib.UKSM_HST_QUICK_PAGES])}
+
+    def events_close(self) -> None:
+        lib.uksm_events_close(self._pool)
+
+    def events_flush(self) -> None:
+        lib.uksm_events_flush(self._pool)
+
+    def events_idle(self) -> bool:
+        return bool(lib.uksm_events_idle(self._pool))
+
+    @property
+    def address(self) -> int:
+        return int(ffi.cast("uintptr_t", self._pool))
 
     def stats(self) -> dict:
         lib.uksm_pool_stats(self._pool, self._stats)

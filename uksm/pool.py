@@ -37,6 +37,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import _core
+from . import handler as _handler
 from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
                      PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning)
 from .scanner import Scanner, _count_maps
@@ -293,7 +294,7 @@ class _Buffer:
     """One allocation: a run of virtual pages (no per-page objects)."""
 
     __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "collected",
-                 "va_freed", "pins", "__weakref__")
+                 "va_freed", "pins", "handler", "__weakref__")
 
     def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
         self.vpn = vpn
@@ -304,6 +305,7 @@ class _Buffer:
         self.collected = False     # no array reaches it any more
         self.va_freed = False
         self.pins = 0
+        self.handler = False        # made by the NEP 49 handler: numpy frees it
 
 
 _lock = _core.lib.uksm_plock_lock
@@ -357,7 +359,7 @@ class _TrySection:
             if self.hooks:
                 self.core.leave()
             else:
-                _unlock(self.core.word)
+                self.core._unlock()
 
 
 class _Section:
@@ -394,7 +396,7 @@ class _Core:
     is safe: that thread never needs this one to finish its section."""
 
     __slots__ = ("native", "scanner", "buffers", "pending", "failed", "adds", "word",
-                 "on_exit", "closed", "__weakref__")
+                 "on_exit", "closed", "recheck", "saved_handler", "__weakref__")
 
     def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
         self.native = native
@@ -406,6 +408,8 @@ class _Core:
         self.word = _core.ffi.new("uint32_t *")
         self.on_exit = None     # run once, right after the lock is next given back
         self.closed = False
+        self.recheck = False    # a handler capsule went: reap once more at leave()
+        self.saved_handler = None   # the section's caller's numpy handler
 
     # -- the policy lock ------------------------------------------------------------
 
@@ -433,6 +437,12 @@ class _Core:
                 _unlock_if_owned(w)
                 raise
         if r == _TAKEN:
+            if _handler.active:
+                try:
+                    self._held()
+                except BaseException:
+                    self._unlock()
+                    raise
             return False
         if r == _NESTED:
             if what is not None:
@@ -455,10 +465,30 @@ class _Core:
         if _owned(w):
             return False
         try:
-            return _lock(w, 0) == _TAKEN
+            if _lock(w, 0) != _TAKEN:
+                return False
+            if _handler.active:
+                self._held()
+            return True
         except BaseException:
-            _unlock_if_owned(w)
+            self._unlock()
             raise
+
+    def _held(self) -> None:
+        # The section allocates with numpy's own handler, not with a pool's
+        # that the caller may have installed: an array the scanner keeps
+        # (its trees grow) would hold that handler's capsule, the capsule
+        # holds its pool, and a cycle through a capsule is one the garbage
+        # collector cannot see.
+        self.saved_handler = _handler._set(_handler.DEFAULT)
+
+    def _unlock(self) -> None:
+        saved, self.saved_handler = self.saved_handler, None
+        try:
+            if saved is not None:
+                _handler._set(saved)
+        finally:
+            _unlock_if_owned(self.word)
 
     def reap_if_free(self) -> None:
         """Reap now if nobody holds the lock; else its holder will."""
@@ -470,8 +500,9 @@ class _Core:
         """Give the policy lock back (the caller took it), then run what was
         left for its holder: a close deferred by a finalizer, the reaping of
         a closed pool."""
-        _unlock_if_owned(self.word)
-        while self.on_exit is not None or (self.closed and (self.pending or self.adds)):
+        self._unlock()
+        while self.on_exit is not None or self.recheck or \
+                (self.closed and (self.pending or self.adds or self.events_queued())):
             hook, self.on_exit = self.on_exit, None
             if hook is not None:
                 hook()
@@ -480,6 +511,11 @@ class _Core:
                 if not got:
                     return      # its holder reaps when it leaves
                 self.reap()
+
+    def events_queued(self) -> bool:
+        native = self.native
+        return (not native.closed and native.events_enabled
+                and native.events_stats()["queued"] > 0)
 
     def owned(self) -> bool:
         return bool(_owned(self.word))
@@ -513,9 +549,11 @@ class _Core:
         its queue only once its work is done, so that an exception (a signal
         handler's, in a program whose own threads take signals) leaves the
         rest for the next reap, never a record lost."""
+        self.recheck = False
         for _ in range(len(self.failed)):
             self.pending.append(self.failed[0])
             self.failed.popleft()
+        self.drain_events()
         while self.adds:
             rec = self.adds[0]
             if not rec.released and rec.mergeable and not rec.pins:
@@ -546,8 +584,53 @@ class _Core:
             self.pending.popleft()
         if freed and not self.native.closed:
             self.native.swap_trim()     # freed buffers' slots: disk back now
-        if self.closed and not self.buffers and not self.native.closed:
+        if self.closed and not self.buffers and not self.native.closed and \
+                (not self.native.events_enabled or self.native.events_idle()):
             self.native.destroy()
+
+    def drain_events(self) -> None:
+        """Apply the NEP 49 handler's events (csrc/handler.c), in order:
+        buffers numpy made and freed without the policy lock.  A freed
+        buffer's range is still reserved (the C side never reuses it): it
+        goes through the same pending path as a collected pool array, and
+        its va_free() comes only after the scanner forgot it."""
+        native = self.native
+        if native.closed or not native.events_enabled:
+            return
+        while True:
+            events = native.drain_events()
+            for kind, vpn, npages, released in events:
+                if kind == _core.EV_ALLOC:
+                    rec = _Buffer(vpn, npages, npages * PAGE_SIZE)
+                    rec.handler = True
+                    self.buffers[vpn] = rec
+                    self.scanner.add_range(vpn, npages)
+                    continue
+                rec = self.buffers.get(vpn)
+                if rec is None or not rec.handler:
+                    continue    # cannot happen: the range stayed reserved
+                if kind == _core.EV_FREE:
+                    rec.released = bool(released)
+                    self.on_release(rec, collected=True)
+                elif kind == _core.EV_TRIM and npages < rec.npages:
+                    tail, ntail = vpn + npages, rec.npages - npages
+                    # the scanner keeps whole extents: take the buffer's out
+                    # and put the head back (its rmap state starts afresh;
+                    # merged pages stay merged in the C tables), or the tail
+                    # would stay in an extent after another buffer has it
+                    if self.scanner.remove_range(vpn, rec.npages):
+                        self.scanner.add_range(vpn, npages)
+                    try:
+                        if not released:
+                            native.release(tail, ntail)
+                    except OSError:
+                        pass    # left mapped and reserved: the buffer's end
+                    else:
+                        native.va_free(tail, ntail)
+                    rec.npages = npages
+                    rec.nbytes = npages * PAGE_SIZE
+            if len(events) < native.EVENT_BATCH:
+                return
 
     def on_release(self, rec: _Buffer, collected: bool) -> None:
         """Give a buffer's frames back: pool.free(), or with @collected the
@@ -659,7 +742,7 @@ class Pool:
                  "_groups", "_swap_errors_seen", "_knobs", "_scanner", "_c", "_buffers",
                  "_stop_event", "_thread", "_compactions",
                  "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
-                 "_unsettled", "__weakref__")
+                 "_unsettled", "_saved_peak", "__weakref__")
 
     def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,
@@ -744,12 +827,18 @@ class Pool:
         self._groups: Dict[str, Group] = {}
         self._swap_errors_seen = 0
         self._knobs = knobs
-        self._scanner = Scanner(self._native, knobs)
+        saved = _handler._set(_handler.DEFAULT) if _handler.active else None
+        try:
+            self._scanner = Scanner(self._native, knobs)    # its arrays: see _Core._held
+        finally:
+            if saved is not None:
+                _handler._set(saved)
         self._c = _Core(self._native, self._scanner)
         self._buffers = self._c.buffers
         self._stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._compactions = 0
+        self._saved_peak = 0
         self._compact_gave_nothing_at = -1
         self._frames_migrated = 0
         self._closed = False
@@ -919,6 +1008,8 @@ class Pool:
             if nested:
                 core.on_exit = self._close     # finished when the section is left
             else:
+                if self._native.events_enabled and not self._native.closed:
+                    self._native.events_close()     # the handler's requests go elsewhere
                 core.reap()
 
     def __del__(self) -> None:
@@ -1033,8 +1124,22 @@ class Pool:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"expected a numpy.ndarray from this pool, not "
                             f"{type(arr).__name__}")
-        addr = arr.__array_interface__["data"][0]
         va = self._native.va
+        # A view of an array numpy made under the handler stands for its
+        # base, whose data pointer is the buffer's start (numpy has no other
+        # name for it); a view of a pool array does not: free() would take
+        # the whole buffer from under whoever holds the array itself.
+        base = arr
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if base is not arr:
+            addr = base.__array_interface__["data"][0]
+            vpn = (addr - va) // PAGE_SIZE
+            rec = self._buffers.get(vpn) if va <= addr else None
+            if rec is not None and rec.handler and not rec.released \
+                    and addr == va + vpn * PAGE_SIZE:
+                return rec
+        addr = arr.__array_interface__["data"][0]
         if not (va <= addr < va + self._native.va_pages * PAGE_SIZE):
             raise ForeignArrayError("array does not belong to this uksm pool")
         vpn = (addr - va) // PAGE_SIZE
@@ -1058,6 +1163,10 @@ class Pool:
         the scanner must forget is queued for the lock's next holder)."""
         self._check_open()
         rec = self._record(arr)
+        if rec.handler:
+            raise ForeignArrayError("this array was made by numpy under the pool's "
+                                    "handler (install()/allocating()): numpy frees it "
+                                    "when its last reference goes")
         # A view of arr (slice, reshape, memoryview, frombuffer) holds a
         # reference to arr itself.  Expected references: the caller's, this
         # frame's argument, getrefcount's own; more may be a view, and
@@ -1251,6 +1360,7 @@ class Pool:
                 self._check_open()
                 self._reap()
                 self._scanner.scan_batch(batch)
+                self._note_saved()
         return self.stats()
 
     def start(self) -> None:
@@ -1292,6 +1402,7 @@ class Pool:
             self._reap()
             scans = self._scanner.full_scans
             self._scanner.scan_batch(self._knobs["pages_to_scan"])
+            self._note_saved()
             if self._scanner.full_scans != scans and self._fragmented():
                 result, _ = self._compact_locked()
                 # a store the cut cannot reach (pages the kernel copied
@@ -1306,6 +1417,54 @@ class Pool:
         return self._knobs["sleep_millisecs"] / 1000.0
 
     # -- accounting ---------------------------------------------------------------------
+
+    def _note_saved(self, c: Optional[dict] = None) -> int:
+        """Bytes merging saves now (pages_sharing plus zero pages), and the
+        peak of it kept: sampled after every scan batch, where it grows."""
+        if c is None:
+            c = self._native.stats()
+        saved = (c["ksm_mappings"] - c["ksm_frames"] + c["zero_pages"]) * PAGE_SIZE
+        if saved > self._saved_peak:
+            self._saved_peak = saved
+        return saved
+
+    # -- the NEP 49 handler (csrc/handler.c, uksm/handler.py) ----------------------------
+
+    def _handler(self, threshold: Any = None):
+        """A new handler capsule on this pool: arrays of at least @threshold
+        bytes from the pool, smaller ones from the handler current now."""
+        from . import handler
+        self._check_open()
+        t = handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold,
+                                                                             "threshold")
+        if not self._native.events_enabled:
+            self._native.events_enable()
+        handler.active = True
+        return handler._new(self._native.address, t, self._handler_gone)
+
+    def _handler_gone(self) -> None:
+        # the capsule's last array is gone (any thread, the GIL held, maybe
+        # inside one of this thread's sections): never wait for the lock
+        core = self._c
+        core.recheck = True
+        core.reap_if_free()
+
+    @contextlib.contextmanager
+    def allocating(self, threshold: Any = None):
+        """Every numpy array of at least @threshold bytes (default 4 pages)
+        made in the block comes from this pool; smaller ones from the handler
+        in place before.  numpy keeps its handler in a context variable: the
+        block covers this thread (or asyncio task) and what copies its
+        context.  Arrays made in the block outlive it, and keep the pool
+        alive while they do."""
+        from . import handler
+        cap = self._handler(threshold)
+        old = handler._set(cap)
+        del cap
+        try:
+            yield self
+        finally:
+            handler._set(old)
 
     def stats(self) -> dict:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
@@ -1400,6 +1559,10 @@ class Pool:
                 "metadata_bytes_per_page": (meta_total / sc.rmap_items) if sc.rmap_items else 0.0,
                 "last_full_scan_seconds": sc.last_full_scan_seconds,
                 "max_map_count": sc.max_map_count,
+                "bytes_saved": self._note_saved(c),
+                "bytes_saved_peak": self._saved_peak,
+                "handler": (self._native.events_stats() if self._native.events_enabled
+                            else None),
             }
         return out
 
@@ -1408,7 +1571,9 @@ class Pool:
         and the bytes that saves (a frame shared by n pages saves 1 - 1/n of
         a page for each of them, as PSS counts it)."""
         self._check_open()
-        with self._c.served():
+        with self._c.served() as nested:
+            if not nested:
+                self._c.drain_events()     # the handler's newest buffers
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
@@ -1423,6 +1588,7 @@ class Pool:
             "pages_zero": int(np.count_nonzero(zero)),
             "bytes_saved": int(saved),
             "mergeable": rec.mergeable,
+            "handler": rec.handler,
         }
 
     def page_states(self, arr: np.ndarray):
@@ -1431,7 +1597,9 @@ class Pool:
         its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
         copies on write are reconciled first."""
         self._check_open()
-        with self._c.served():
+        with self._c.served() as nested:
+            if not nested:
+                self._c.drain_events()
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             return self._native.pages_info(rec.vpn, rec.npages)

@@ -1,0 +1,129 @@
+"""Every numpy array, without changing the program: the NEP 49 handler.
+
+numpy (1.22+) asks the data-memory handler of the current context for the
+data of every array.  uksm.install() makes a pool's handler (csrc/handler.c)
+the current one: arrays of at least `threshold` bytes come from the pool,
+where the scanner merges their duplicate pages; smaller ones from the
+handler that was in place before.  Nothing in the program changes.
+
+numpy keeps the handler in a context variable, so "current" means the
+current context: install() covers the thread that called it and every
+asyncio task created from it afterwards (a task copies its creator's
+context); a thread starts with a fresh context (CPython before 3.14, and
+3.14's default build) and so with numpy's default handler, unless it runs
+inside contextvars.copy_context().run() of a covered context or calls
+install() or pool.allocating() itself.
+
+The handler's functions take Python objects, which cffi's cdef cannot
+declare: they are called through ctypes.PyDLL from the same shared object,
+with the GIL held.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import threading
+from typing import Any, List, Optional, Tuple
+
+from . import _native
+from ._core import PAGE_SIZE
+
+DEFAULT_THRESHOLD = 4 * PAGE_SIZE
+
+_dll = ctypes.PyDLL(_native.__file__)
+
+_new = _dll.uksm_handler_new
+_new.restype = ctypes.py_object
+_new.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.py_object]
+
+_set = _dll.uksm_handler_set
+_set.restype = ctypes.py_object
+_set.argtypes = [ctypes.py_object]
+
+_get = _dll.uksm_handler_get
+_get.restype = ctypes.py_object
+_get.argtypes = []
+
+_pool_of = _dll.uksm_handler_pool
+_pool_of.restype = ctypes.c_void_p
+_pool_of.argtypes = [ctypes.py_object]
+
+_threshold = _dll.uksm_handler_threshold
+_threshold.restype = ctypes.c_size_t
+_threshold.argtypes = [ctypes.py_object, ctypes.c_size_t]
+
+# numpy's handler as uksm found it: the pool's own Python side allocates
+# with it (see _Core.enter), never with a pool's handler
+DEFAULT = _get()
+
+# set once a pool has made a handler: until then nobody pays for the switch
+active = False
+
+# install()'s stack: (pool, the handler it replaced)
+_installed: List[Tuple[Any, Any]] = []
+
+
+def default_capacity() -> int:
+    """What a program may use: the machine's memory and swap.  Address
+    space is reserved for it, nothing is committed."""
+    import psutil
+    total = psutil.virtual_memory().total + psutil.swap_memory().total
+    return max(total // PAGE_SIZE, 1 << 14) * PAGE_SIZE
+
+
+def install(pool=None, *, threshold: Any = DEFAULT_THRESHOLD, start: bool = True):
+    """Send every numpy array of at least @threshold bytes (default 4
+    pages) made in this context from now on to @pool (default: a new pool
+    spanning the machine's memory, its scanner started).  Returns the pool.
+    Calls nest: uninstall() puts back what this call replaced."""
+    from .pool import Pool
+    if pool is None:
+        pool = Pool(default_capacity())
+        if start:
+            pool.start()
+    capsule = pool._handler(threshold)
+    old = _set(capsule)
+    _installed.append((pool, old))
+    return pool
+
+
+def uninstall() -> None:
+    """Put back the handler the last install() replaced.  Arrays made under
+    it stay valid, and keep their pool alive while they live."""
+    if not _installed:
+        raise RuntimeError("uksm.uninstall() without install()")
+    _pool, old = _installed.pop()
+    _set(old)
+
+
+_thread_start = threading.Thread.start
+
+
+def _start_in_copied_context(self, *args, **kwargs):
+    ctx = contextvars.copy_context()
+    run = self.run
+    self.run = lambda: ctx.run(run)
+    return _thread_start(self, *args, **kwargs)
+
+
+def threads_inherit(on: bool = True) -> None:
+    """Make every thread started from now on run in a copy of its
+    starter's context (Python 3.14's -X thread_inherit_context=1), so that
+    it allocates with the handler its starter had.  `python -m uksm run`
+    turns this on (--no-thread-inherit: off)."""
+    threading.Thread.start = _start_in_copied_context if on else _thread_start
+
+
+def current_pool_address() -> Optional[int]:
+    """The native pool of the current context's handler, if it is ours."""
+    return _pool_of(_get())
+
+
+def handler_name() -> str:
+    import numpy as np
+    try:
+        from numpy._core.multiarray import get_handler_name
+    except ImportError:     # numpy 1.x
+        from numpy.core.multiarray import get_handler_name
+    return get_handler_name(np.empty(0))
