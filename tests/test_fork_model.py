@@ -231,12 +231,24 @@ class Model:
                     f"{st[bad[0] // PAGE]}); last ops {self.log[-12:]}")
 
     def check_tables(self) -> dict:
-        """The page table of the live buffers against the counters."""
-        st = self.pool.stats()
+        """The page table of the live buffers against the counters.  The
+        table is read before and after stats(), until both reads agree:
+        khugepaged may collapse a huge-page-advised buffer at any moment,
+        turning its untouched (zero) pages into present ones, which the next
+        reconcile counts; the counters must match a table that held still."""
+        def tables():
+            return [self.pool.page_states(arr)[:2] for arr, _ in self.live.values()]
+
+        for _ in range(5):
+            before = tables()
+            st = self.pool.stats()
+            after = tables()
+            if all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                   for a, b in zip(before, after)):
+                break
         pfns, slots = set(), set()
         ksm = zero = swapped = 0
-        for arr, _ in self.live.values():
-            s, pfn, _ = self.pool.page_states(arr)
+        for s, pfn in after:
             ksm += int(np.count_nonzero(s == KSM))
             zero += int(np.count_nonzero(s == ZERO))
             swapped += int(np.count_nonzero(s == SWAPPED))

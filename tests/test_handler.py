@@ -528,3 +528,19 @@ def test_stress_threads_realloc_scanner():
     the scanner's ranges), copying and dropping arrays while the background
     scanner tracks them: contents stay right, the scanner stays consistent."""
     assert "ok" in run_isolated("test_handler", "_stress", 8.0, timeout=120)
+
+
+def test_pandas_smoke(hpool):
+    """pandas, if installed: DataFrames built, copied and concatenated under
+    the handler live in the pool, merge, and compute as plain ones do."""
+    pd = pytest.importorskip("pandas", reason="pandas is not installed here")
+    data = np.random.default_rng(3).random((1 << 15, 4))
+    plain = pd.DataFrame(data, columns=list("abcd"))
+    with hpool.allocating():
+        df = pd.DataFrame(data.copy(), columns=list("abcd"))
+        twin = df.copy()
+        both = pd.concat([df, twin])
+    assert in_pool(hpool, df["a"].to_numpy()) or in_pool(hpool, df.to_numpy())
+    hpool.scan(full_scans=2)
+    assert hpool.stats()["pages_sharing"] > 0
+    pd.testing.assert_frame_equal(both.describe(), pd.concat([plain, plain]).describe())

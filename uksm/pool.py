@@ -1489,7 +1489,7 @@ class Pool:
             mapped = c["pages_mapped"]
             st = os.fstat(self._native.fd)
             meta_total = (meta + mapped * _core.PTE_BYTES + c["frames_used"] * _core.FRAME_BYTES
-                          + c["frames_used"] * sc.node_of_pfn.itemsize)
+                          + c["frames_used"] * sc.node1_of_pfn.itemsize)
             pages_shared = c["ksm_frames"]
             pages_sharing = c["ksm_mappings"] - c["ksm_frames"]
             unshared = sc.pages_unshared

@@ -219,7 +219,10 @@ class Scanner:
         self.tag = np.zeros(va_pages, np.uint16)
         self.age = np.zeros(va_pages, np.uint8)
         self.skips = np.zeros(va_pages, np.uint8)
-        self.node_of_pfn = np.full(native.nr_frames, -1, np.int32)
+        # stable node + 1 of each frame, 0 for none: np.zeros is calloc, so
+        # (unlike a table filled with -1) only the frames ever merged cost
+        # memory, however large the frame store may grow
+        self.node1_of_pfn = np.zeros(native.nr_frames, np.int32)
         self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
         self.starts: List[int] = []
         self.rmap_items = 0
@@ -577,7 +580,7 @@ class Scanner:
                 # ... and their frames become stable nodes, one per frame
                 pfns, first_ok = np.unique(opfn[ok], return_index=True)
                 keys = okey[ok][first_ok]
-                known = self.node_of_pfn[pfns]
+                known = self.node1_of_pfn[pfns] - 1
                 has = known >= 0
                 has[has] = (self.stable.alive[known[has]]
                             & (self.stable.key[known[has]] == keys[has]))
@@ -585,8 +588,8 @@ class Scanner:
                 if new.any():
                     base = self.stable.n
                     self.stable.insert(ssum[ok][first_ok][new], pfns[new], keys[new])
-                    self.node_of_pfn[pfns[new]] = np.arange(base, self.stable.n,
-                                                            dtype=np.int32)
+                    self.node1_of_pfn[pfns[new]] = np.arange(base + 1, self.stable.n + 1,
+                                                             dtype=np.int32)
         # chunk anchors from this batch that merged nothing join the tree
         ins = head & ~anchor_merged
         if ins.any():
@@ -622,11 +625,11 @@ class Scanner:
         their stable nodes follow them by pfn, keeping their keys."""
         st = self.stable
         for f, t in zip(log_from.tolist(), log_to.tolist()):
-            node = int(self.node_of_pfn[f])
-            self.node_of_pfn[f] = -1
+            node = int(self.node1_of_pfn[f]) - 1
+            self.node1_of_pfn[f] = 0
             if node >= 0 and st.alive[node] and st.pfn[node] == f:
                 st.pfn[node] = t
-                self.node_of_pfn[t] = node
+                self.node1_of_pfn[t] = node + 1
 
     def recover(self, ranges: List[Tuple[int, int]]) -> None:
         """Put the scanner's own state back together after an exception tore
@@ -660,8 +663,8 @@ class Scanner:
         order = np.argsort(st.sum[live], kind="stable")
         st.idx_sum = st.sum[live][order]
         st.idx_node = live[order].astype(np.int32)
-        self.node_of_pfn[:] = -1
-        self.node_of_pfn[st.pfn[live]] = live.astype(np.int32)
+        self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+        self.node1_of_pfn[st.pfn[live]] = live.astype(np.int32) + 1
         self.prune_stable()
         self.dirty = 0
 
@@ -677,8 +680,8 @@ class Scanner:
                 st.prune(nodes[stale])
         if st.n - st.nr_alive > max(1024, st.n // 2):
             st.compact()
-            self.node_of_pfn[:] = -1
-            self.node_of_pfn[st.pfn[: st.n]] = np.arange(st.n, dtype=np.int32)
+            self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+            self.node1_of_pfn[st.pfn[: st.n]] = np.arange(1, st.n + 1, dtype=np.int32)
 
     def _scan_time_advisor(self, scan_time: float, cpu_time: float) -> None:
         """scan_time_advisor() of Linux 6.8, in float seconds."""
