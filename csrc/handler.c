@@ -388,12 +388,14 @@ static void pool_free(struct uksm_handler *h, void *p)
 	size_t n;
 	int err;
 
+	if (page_addr(pool, vpn) != p)
+		return;		/* not a buffer's start: nothing we may touch */
 	uksm_lock(pool);
 	n = ev->len[vpn];
 	ev->len[vpn] = 0;
 	uksm_unlock(pool);
-	if (!n || page_addr(pool, vpn) != p)
-		return;		/* not a buffer of ours: nothing we may touch */
+	if (!n)
+		return;		/* not a live buffer of ours */
 
 	uksm_lock(pool);
 	if (n <= UKSM_QUICK_MAX && !ev->closed && ev->nquick < UKSM_QUICK_NR &&

@@ -1437,10 +1437,24 @@ class Pool:
         self._check_open()
         t = handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold,
                                                                              "threshold")
-        if not self._native.events_enabled:
-            self._native.events_enable()
-        handler.active = True
-        return handler._new(self._native.address, t, self._handler_gone)
+        # under the lock, open: a close() racing in could otherwise find the
+        # pool idle and destroy it under the new capsule
+        with self._c.served():
+            if self._closed or self._native.closed:
+                raise PoolClosedError("uksm pool is closed")
+            if not self._native.events_enabled:
+                self._native.events_enable()
+            handler.active = True
+            # the new handler falls back to the caller's, not to the
+            # default the section runs with (_Core._held)
+            caller = self._c.saved_handler
+            if caller is None:
+                return handler._new(self._native.address, t, self._handler_gone)
+            handler._set(caller)
+            try:
+                return handler._new(self._native.address, t, self._handler_gone)
+            finally:
+                handler._set(handler.DEFAULT)
 
     def _handler_gone(self) -> None:
         # the capsule's last array is gone (any thread, the GIL held, maybe
