@@ -316,17 +316,21 @@ _TAKEN = _core.lib.UKSM_PLOCK_TAKEN
 _NESTED = _core.lib.UKSM_PLOCK_NESTED
 
 
-class _Served:
-    __slots__ = ("core", "nested")
+class _Section:
+    """The policy lock around a pool call: `with` yields whether the call is
+    nested (this thread held the lock already, further up its stack); one
+    that cannot be served nested names itself in @what, and raises there."""
 
-    def __init__(self, core: "_Core") -> None:
-        self.core = core
+    __slots__ = ("core", "what", "nested")
+
+    def __init__(self, core: "_Core", what: Optional[str] = None) -> None:
+        self.core, self.what = core, what
 
     def __enter__(self) -> bool:
         # the lock must be taken as the very last thing before returning:
         # `with` covers its body only once __enter__ has returned
         self.nested = True
-        self.nested = self.core.enter()
+        self.nested = self.core.enter(self.what)
         return self.nested
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -360,23 +364,6 @@ class _TrySection:
                 self.core.leave()
             else:
                 self.core._unlock()
-
-
-class _Section:
-    __slots__ = ("core", "what")
-
-    def __init__(self, core: "_Core", what: str) -> None:
-        self.core, self.what = core, what
-
-    def __enter__(self) -> None:
-        self.core.enter(self.what)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is not None:
-                self.core.torn(exc)
-        finally:
-            self.core.leave()
 
 
 class _Core:
@@ -531,10 +518,10 @@ class _Core:
         self.scanner.recover([(r.vpn, r.npages) for r in list(self.buffers.values())
                               if r.mergeable and not r.pins and not r.released])
 
-    def served(self) -> "_Served":
+    def served(self) -> "_Section":
         """The policy lock for a call that is served nested too: `with`
         yields whether it is (then it must not drain the queues)."""
-        return _Served(self)
+        return _Section(self)
 
     def section(self, what: str) -> "_Section":
         """The policy lock for a call that cannot be served nested."""
