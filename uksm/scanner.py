@@ -82,8 +82,22 @@ import time
 from typing import List, Tuple
 
 import numpy as np
+import numpy.ma  # noqa: F401  (see below)
 
 from . import _core
+
+# The scanner runs under the pool's policy lock, and a served call (stats(),
+# an allocation) made by a finalizer in another thread waits for that lock
+# -- possibly while its thread holds the interpreter's import lock, since
+# the collector runs at any allocation, imports included.  An import inside
+# a batch would then wait for that thread in turn.  numpy imports some of
+# its submodules on first use (np.unique imports numpy.ma): everything a
+# batch calls is imported, and run once, here.
+np.unique(np.zeros(2, np.uint64), return_index=True)
+np.unique(np.zeros(2, np.uint64), return_counts=True)
+np.unique(np.zeros(2, np.uint64))
+np.isin(np.zeros(2, np.int64), np.zeros(1, np.int64))
+np.lexsort((np.zeros(2), np.zeros(2)))
 
 EWMA_WEIGHT = 30
 ADVISOR_MIN_CPU = 10
