@@ -6,8 +6,8 @@ with memcmp of two equal runs of pages as the reference.
 import numpy as np
 import pytest
 
-import measure
-from harness import report
+from uksm.bench import measure, micro
+from uksm.bench.micro import report
 from uksm import _core
 
 PAGE = measure.PAGE
@@ -20,7 +20,7 @@ def npages(benchmark) -> int:
 
 @pytest.fixture
 def pages(benchmark):
-    w = measure.ChecksumPages(npages(benchmark))
+    w = micro.ChecksumPages(npages(benchmark))
     yield w
     w.close()
 
@@ -52,11 +52,11 @@ def test_memcmp_reference(benchmark):
     n = npages(benchmark)
     a = np.random.default_rng(1).integers(0, 256, n * PAGE, dtype=np.uint8)
     b = a.copy()
-    measure.memcmp_seconds(a, b)
+    micro.memcmp_seconds(a, b)
     times = []
 
     def run():
-        times.append(measure.memcmp_seconds(a, b))
+        times.append(micro.memcmp_seconds(a, b))
 
     benchmark(run)
     us = min(times) / n * 1e6

@@ -12,9 +12,9 @@ Then the selftests' -P workload (ksm_tests.c ksm_merge_time): a region of
 """
 import pytest
 
-import measure
-from harness import need_kernel, report, rounds
-from uksm import kernelksm
+from uksm.bench import measure, micro
+from uksm.bench.micro import need_kernel, report, rounds
+from uksm.bench import kernelksm
 
 MiB = measure.MiB
 PAGE = measure.PAGE

@@ -5,7 +5,7 @@ pairs workload, each sharing its frame with page i): us/page, once with
 each copy-on-write mode.  With cow="kernel" (the default) a merged page is
 a MAP_PRIVATE view of its frame and the kernel copies it in its own fault
 path; its floor is that fault alone, on a memfd mapped MAP_PRIVATE
-(measure.private_file_cow).  With cow="signal" uksm's SIGSEGV handler makes
+(micro.private_file_cow).  With cow="signal" uksm's SIGSEGV handler makes
 the view writable and forces the copy; bench/floor.c, compiled here with
 the system cc, gives the SIGSEGV round trip alone and a whole userspace COW
 break (fault, copy through the linear alias, MAP_FIXED remap of a fresh
@@ -14,9 +14,9 @@ kernel KSM's own break, on merged private memory, for scale.
 """
 import pytest
 
-import measure
-from harness import need_kernel, report, rounds
-from uksm import kernelksm
+from uksm.bench import measure, micro
+from uksm.bench.micro import need_kernel, report, rounds
+from uksm.bench import kernelksm
 
 MiB = measure.MiB
 PAGE = measure.PAGE
@@ -30,13 +30,13 @@ def pairs(benchmark) -> int:
 @pytest.mark.benchmark(group="cow-break")
 def test_cow_floor(benchmark, shared):
     n = pairs(benchmark)
-    exe = shared.get("floor_exe", lambda: measure.compile_floor(shared.tmpdir))
+    exe = shared.get("floor_exe", lambda: micro.compile_floor(shared.tmpdir))
     if exe is None:
         pytest.skip("no C compiler (cc) for bench/floor.c")
     results = []
 
     def target():
-        r = measure.run_floor(exe, n)
+        r = micro.run_floor(exe, n)
         results.append(r)
         return r
 
@@ -58,7 +58,7 @@ def test_cow_private_file_floor(benchmark, shared):
     results = []
 
     def target():
-        r = measure.private_file_cow(n)
+        r = micro.private_file_cow(n)
         results.append(r)
         return r
 
@@ -102,7 +102,7 @@ def test_cow_uksm(benchmark, shared, checksum, cow):
         assert r["cow_faults"] == n, r
     us = measure.median([r["us_per_page"] for r in results])
     floor = shared.cache.get(("floor", n))
-    if floor is None and shared.get("floor_exe", lambda: measure.compile_floor(shared.tmpdir)):
+    if floor is None and shared.get("floor_exe", lambda: micro.compile_floor(shared.tmpdir)):
         floor = shared.floor(n)
         if floor is not None:
             floor = {k: floor[k] for k in ("sigsegv_mprotect", "cow_scattered", "cow_run")}
@@ -110,7 +110,7 @@ def test_cow_uksm(benchmark, shared, checksum, cow):
     f_run = floor["cow_run"] if floor else None
     r_cow = measure.ratio(us, f_cow)
     f_kernel = shared.get(("private_file_cow", n),
-                          lambda: measure.private_file_cow(n)["private_file_cow"])
+                          lambda: micro.private_file_cow(n)["private_file_cow"])
     report(benchmark,
            f"COW break uksm[cow={cow}] ({n} merged pages): {us:.2f} us/page; kernel floor "
            f"{f_kernel:.2f} us/page (uksm/floor {measure.fmt(measure.ratio(us, f_kernel), 2)}); "

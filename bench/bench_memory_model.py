@@ -78,15 +78,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import measure  # noqa: E402
-import uksm  # noqa: E402
-from uksm import _core, kernelksm  # noqa: E402
+import uksm
+from uksm import _core
+from uksm.bench import kernelksm, measure
 
 MiB = measure.MiB
 PAGE = measure.PAGE
-pages_of = measure._pages
+pages_of = measure.pages_of
 
 DEFAULT_MIB = 1024
 SMOKE_MIB = 16

@@ -9,8 +9,8 @@ tree full).
 """
 import pytest
 
-import measure
-from harness import report, rounds
+from uksm.bench import measure, micro
+from uksm.bench.micro import report, rounds
 
 MiB = measure.MiB
 PAGE = measure.PAGE
@@ -23,7 +23,7 @@ def test_meta_duplicates(benchmark):
     results = []
 
     def target():
-        r = measure.meta_duplicates(n)
+        r = micro.meta_duplicates(n)
         results.append(r)
         return r
 
@@ -45,7 +45,7 @@ def test_meta_unique(benchmark):
     results = []
 
     def target():
-        r = measure.meta_unique(n)
+        r = micro.meta_unique(n)
         results.append(r)
         return r
 

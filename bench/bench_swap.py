@@ -7,7 +7,7 @@ throughput.
 
     python -m pytest bench/bench_swap.py -q -s -p no:cacheprovider
 
-The measuring is uksm.swapbench, which ``python -m uksm bench`` (suite 5)
+The measuring is uksm.bench.swapbench, which ``python -m uksm bench`` (suite 5)
 shares: N = 256 MiB of random bytes, the budget lowered to N / 4.  In the
 smoke run (--benchmark-disable) N is 4 MiB and the kernel side is skipped:
 it makes a swap file and a cgroup, slow and system-wide while it lasts.
@@ -16,8 +16,8 @@ test_swap_summary prints the three sides and their ratios in one table.
 import numpy as np
 import pytest
 
-from harness import report, rounds
-from uksm import swapbench
+from uksm.bench.micro import report, rounds
+from uksm.bench import swapbench
 
 MiB = 1 << 20
 

@@ -7,15 +7,11 @@ when this is not root or there is no /sys/kernel/mm/ksm.  A real run:
 `pytest bench -s --benchmark-min-rounds=1` prints one line per benchmark.
 """
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from uksm import kernelksm  # noqa: E402
-
-from harness import Shared  # noqa: E402
+from uksm.bench import kernelksm
+from uksm.bench.micro import Shared
 
 
 def pytest_collect_file(file_path, parent):

@@ -1,4 +1,4 @@
-"""The benchmark harness (uksm.harness, ``python -m uksm bench``) on tiny sizes,
+"""The benchmark harness (uksm.bench.harness, ``python -m uksm bench``) on tiny sizes,
 and the other subcommands (``demo``, ``stats``).
 
 Every suite runs and its outputs parse: results.json holds every suite,
@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from uksm import harness, kernelksm, measure
+from uksm.bench import harness, kernelksm, measure
 from uksm.__main__ import main
 
 MiB = 1 << 20
@@ -283,7 +283,7 @@ def test_sessions_of_two_processes_take_turns():
     child = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from uksm import kernelksm\n"
+         "from uksm.bench import kernelksm\n"
          "with kernelksm.session(sleep_millisecs=0, pages_to_scan=1234):\n"
          "    print('in', flush=True)\n"
          "    time.sleep(1.0)\n"],

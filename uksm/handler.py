@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import os
 import threading
 from typing import Any, List, Optional, Tuple
 
@@ -67,8 +68,11 @@ _installed: List[Tuple[Any, Any]] = []
 def default_capacity() -> int:
     """What a program may use: the machine's memory and swap.  Address
     space is reserved for it, nothing is committed."""
-    import psutil
-    total = psutil.virtual_memory().total + psutil.swap_memory().total
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("SwapTotal:"):
+                total += int(line.split()[1]) * 1024
     return max(total // PAGE_SIZE, 1 << 14) * PAGE_SIZE
 
 

@@ -1,4 +1,4 @@
-"""uksm.harness - ``python -m uksm bench``: uksm and the kernel's KSM, side by side.
+"""uksm.bench.harness - ``python -m uksm bench``: uksm and the kernel's KSM, side by side.
 
 DOC: Overview
 
@@ -24,7 +24,7 @@ plots (memory over time while converging; the uksm/kernel ratio per suite).
                floor of the same file system and, where root allows it
                (and not in a quick run), the kernel's own swap to a swap
                file under a memory cgroup limit, restored afterwards
-               (uksm.swapbench).
+               (uksm.bench.swapbench).
 
 Each suite opens one ``kernelksm.session()`` (when root and
 /sys/kernel/mm/ksm allow it), which saves every knob it may touch and puts
@@ -56,7 +56,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import PAGE_SIZE, Pool, __version__, kernelksm, measure
+from .. import PAGE_SIZE, Pool, __version__
+from . import kernelksm, measure
 
 MiB = 1 << 20
 
@@ -759,7 +760,7 @@ class Bench:
 
     def suite_swap(self, suite: SuiteResult) -> None:
         """uksm's swap area against the raw pwrite/pread floor of
-        the same file system and the kernel's own swap (uksm.swapbench)."""
+        the same file system and the kernel's own swap (uksm.bench.swapbench)."""
         import contextlib
 
         from . import swapbench

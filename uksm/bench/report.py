@@ -1,9 +1,9 @@
-"""uksm.report - the benchmark harness's report: Markdown, a console table, plots.
+"""uksm.bench.report - the benchmark harness's report: Markdown, a console table, plots.
 
-Everything here reads the results dict that uksm.harness builds (and writes
+Everything here reads the results dict that uksm.bench.harness builds (and writes
 as results.json), so a report can be remade from a results.json alone:
 
-    python -c "import json, uksm.report as r; \\
+    python -c "import json, uksm.bench.report as r; \\
                print(r.markdown(json.load(open('bench-out/results.json'))))"
 
 Numbers are printed with three significant figures; a figure that was not

@@ -1,4 +1,4 @@
-"""uksm.kernelksm - drive the kernel's own KSM, to measure uksm against it.
+"""uksm.bench.kernelksm - drive the kernel's own KSM, to measure uksm against it.
 
 DOC: Overview
 

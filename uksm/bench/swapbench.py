@@ -1,10 +1,10 @@
-"""uksm.swapbench - swap benchmarks: uksm's swap area, the raw I/O floor under
+"""uksm.bench.swapbench - swap benchmarks: uksm's swap area, the raw I/O floor under
 it, and the kernel's own swap, measured in the same run.
 
 DOC: Overview
 
 The swap benchmarks, as plain functions that bench/bench_swap.py (pytest)
-and suite 5 of uksm.harness (``python -m uksm bench``) both call:
+and suite 5 of uksm.bench.harness (``python -m uksm bench``) both call:
 
   uksm_swap()   a pool holding N bytes of incompressible data, in three
                 rounds: the budget is lowered (``pool.max_resident = B``)
@@ -75,8 +75,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import _core, kernelksm
-from .pool import Pool
+from .. import _core
+from . import kernelksm
+from ..pool import Pool
 
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
@@ -96,7 +97,7 @@ LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile
 HELPER_SOURCE = r"""
 /* SPDX-License-Identifier: MIT */
 /*
- * swaphelper.c - uksm.swapbench's helper, compiled at run time.
+ * swaphelper.c - uksm.bench.swapbench's helper, compiled at run time.
  *
  *   helper floor DIR PAGES SAMPLES SEED
  *       the raw I/O floor of uksm's swap path on DIR's file system: an

@@ -1,14 +1,14 @@
-"""uksm.measure - the measurements behind uksm's benchmarks, as plain functions.
+"""uksm.bench.measure - the measurements behind uksm's benchmarks, as plain functions.
 
 DOC: Overview
 
 Nothing here knows about pytest or about the report: bench/*.py (the
-pytest-benchmark microbenchmarks) and uksm.harness (``python -m uksm
+pytest-benchmark microbenchmarks) and uksm.bench.harness (``python -m uksm
 bench``) both call these.  Every figure is taken so that it can be set
 beside the kernel's, measured the same way on the same content in the same
 process run; each workload therefore comes twice, once in a uksm.Pool and
 once in private anonymous memory madvised MADV_MERGEABLE for ksmd
-(uksm.kernelksm), and the kernel halves must run inside a
+(uksm.bench.kernelksm), and the kernel halves must run inside a
 ``kernelksm.session()``, which owns the system-wide knobs.
 
   selftest ports  tools/testing/selftests/mm/ksm_tests.c with its own
@@ -53,8 +53,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import psutil
 
-from . import _core, kernelksm
-from .pool import Pool
+from .. import _core
+from . import kernelksm
+from ..pool import Pool
 
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
