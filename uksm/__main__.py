@@ -258,6 +258,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
           "command": shlex.join(["python", "-m", "uksm", "bench"] + given)}
     if args.size is not None:
         kw["size"] = parse_size(args.size, "--size")
+    if args.swap_size is not None:
+        kw["swap_size"] = parse_size(args.swap_size, "--swap-size")
     if args.repeats is not None:
         if args.repeats < 1:
             print("python -m uksm bench: --repeats must be at least 1", file=sys.stderr)
@@ -272,6 +274,27 @@ def bench_cmd(args: argparse.Namespace) -> int:
         harness.run(cfg)
     except KeyboardInterrupt:
         print(f"\ninterrupted; what was measured is in {cfg.output}/", file=sys.stderr)
+        return 130
+    return 0
+
+
+def scale_cmd(args: argparse.Namespace) -> int:
+    """python -m uksm bench --scale [--sizes ...]: uksm.bench.scale."""
+    from .bench import scale
+    try:
+        sizes = scale.parse_sizes(args.sizes or scale.DEFAULT_SIZES)
+    except ValueError as e:
+        print(f"python -m uksm bench: {e}", file=sys.stderr)
+        return 2
+    given = list(sys.argv[1:] if args.argv is None else args.argv)
+    given = given[given.index("bench") + 1:] if "bench" in given else given
+    output = args.output if args.output != "bench-out" else "bench-out/scale"
+    try:
+        scale.run(sizes, output, kernel=not args.no_kernel,
+                  timeout=args.timeout if args.timeout is not None else 600.0,
+                  command=shlex.join(["python", "-m", "uksm", "bench"] + given))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; what was measured is in {output}/", file=sys.stderr)
         return 130
     return 0
 
@@ -326,6 +349,15 @@ def main(argv=None) -> int:
                    help="seconds to wait for any one convergence (default 120)")
     b.add_argument("--no-kernel", action="store_true",
                    help="measure uksm only, even as root")
+    b.add_argument("--swap-size", default=None,
+                   help="the array of the swap suite (default 256MiB; --quick 16MiB)")
+    b.add_argument("--scale", action="store_true",
+                   help="instead of the suites: cost per page against pool size, uksm and "
+                        "the kernel's KSM side by side (scale.json, scale.md, scale.png in "
+                        "--output, default ./bench-out/scale)")
+    b.add_argument("--sizes", default=None,
+                   help="pool sizes of --scale, comma-separated (default "
+                        "64MiB,256MiB,1GiB,4GiB,8GiB)")
     b.set_defaults(fn=bench_cmd, argv=argv)
     args = parser.parse_args(argv)
     if getattr(args, "copies", 1) < 1:

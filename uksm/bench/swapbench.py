@@ -60,24 +60,23 @@ Budgets and limits are the same for both sides: B = N / 4 by default.
 
 from __future__ import annotations
 
-import atexit
 import errno
 import fcntl
 import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
-import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
 from .. import _core
-from . import kernelksm
 from ..pool import Pool
+from . import kernelksm
 
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
@@ -93,271 +92,6 @@ CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 CGROUP_V1_FALLBACK = True
 LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
                          NAME + ".lock")
-
-HELPER_SOURCE = r"""
-/* SPDX-License-Identifier: MIT */
-/*
- * swaphelper.c - uksm.bench.swapbench's helper, compiled at run time.
- *
- *   helper floor DIR PAGES SAMPLES SEED
- *       the raw I/O floor of uksm's swap path on DIR's file system: an
- *       O_TMPFILE (or unlinked) file; PAGES pages written with pwritev, 256
- *       pages a call, then fdatasync; read back one page a pread, in order,
- *       warm (page cache) and cold (after POSIX_FADV_DONTNEED); then
- *       SAMPLES single-page preads at sparse random pages (16 apart), cold,
- *       then the same pages warm; then those pages punched out one by one
- *       (fallocate PUNCH_HOLE, as csrc/swap.c frees a slot).  Prints
- *       "name value..." lines, seconds.
- *
- *   helper child PAGES SEED
- *       the kernel side's workload, driven over stdin: "fill" writes PAGES
- *       pages of private anonymous memory with xorshift words; "seq" reads
- *       one word of every page not resident (mincore) in order, timed;
- *       "lat K" reads one word of each of K sparse random non-resident
- *       pages, each timed; "dirty" rewrites one word a page; "quit".  Each
- *       answer is one line starting "ok".
- */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
-#include <sys/uio.h>
-#include <time.h>
-#include <unistd.h>
-
-#define PG		4096
-#define IOV_BATCH	256
-#define SPARSE		16
-
-static uint64_t rng = 0x9E3779B97F4A7C15ull;
-
-static double now(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static uint64_t next(void)
-{
-	rng ^= rng << 13;
-	rng ^= rng >> 7;
-	rng ^= rng << 17;
-	return rng;
-}
-
-static long majflt(void)
-{
-	struct rusage r;
-
-	getrusage(RUSAGE_SELF, &r);
-	return r.ru_majflt;
-}
-
-static void shuffle(size_t *a, size_t n)
-{
-	for (size_t i = n; i > 1; i--) {
-		size_t j = next() % i, t = a[i - 1];
-
-		a[i - 1] = a[j];
-		a[j] = t;
-	}
-}
-
-static void die(const char *what)
-{
-	perror(what);
-	exit(2);
-}
-
-static void print_list(const char *name, const double *v, size_t n)
-{
-	printf("%s", name);
-	for (size_t i = 0; i < n; i++)
-		printf(" %.9f", v[i]);
-	printf("\n");
-}
-
-static int open_tmp(const char *dir)
-{
-	char path[4096];
-	int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-
-	if (fd >= 0)
-		return fd;
-	snprintf(path, sizeof(path), "%s/uksm-floor-XXXXXX", dir);
-	fd = mkstemp(path);
-	if (fd >= 0)
-		unlink(path);
-	return fd;
-}
-
-static double read_all(int fd, char *page, size_t n)
-{
-	double t = now();
-
-	for (size_t i = 0; i < n; i++)
-		if (pread(fd, page, PG, (off_t)(i * PG)) != PG)
-			die("pread");
-	return now() - t;
-}
-
-static int floor_main(const char *dir, size_t n, size_t samples)
-{
-	struct iovec iov[IOV_BATCH];
-	size_t *sample = malloc((n / SPARSE + 1) * sizeof(size_t)), m = 0;
-	double *lat = malloc((n / SPARSE + 1) * sizeof(double));
-	char *buf = aligned_alloc(PG, IOV_BATCH * PG), *page = aligned_alloc(PG, PG);
-	int fd = open_tmp(dir);
-	double t;
-
-	if (fd < 0)
-		die("open");
-	if (!sample || !lat || !buf || !page)
-		die("malloc");
-	for (size_t i = 0; i < IOV_BATCH * PG / 8; i++)
-		((uint64_t *)buf)[i] = next();
-	t = now();
-	for (size_t i = 0; i < n; i += IOV_BATCH) {
-		size_t k = n - i < IOV_BATCH ? n - i : IOV_BATCH;
-
-		for (size_t j = 0; j < k; j++) {
-			iov[j].iov_base = buf + j * PG;
-			iov[j].iov_len = PG;
-		}
-		if (pwritev(fd, iov, (int)k, (off_t)(i * PG)) != (ssize_t)(k * PG))
-			die("pwritev");
-	}
-	printf("write_s %.9f\n", now() - t);
-	t = now();
-	if (fdatasync(fd))
-		die("fdatasync");
-	printf("sync_s %.9f\n", now() - t);
-	printf("read_warm_s %.9f\n", read_all(fd, page, n));
-	posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-	printf("read_cold_s %.9f\n", read_all(fd, page, n));
-	for (size_t i = 0; i < n; i += SPARSE)
-		sample[m++] = i;
-	shuffle(sample, m);
-	if (m > samples)
-		m = samples;
-	posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-	for (int pass = 0; pass < 2; pass++) {
-		for (size_t j = 0; j < m; j++) {
-			t = now();
-			if (pread(fd, page, PG, (off_t)(sample[j] * PG)) != PG)
-				die("pread");
-			lat[j] = now() - t;
-		}
-		print_list(pass ? "lat_warm" : "lat_cold", lat, m);
-	}
-	/* what csrc/swap.c does to a slot it frees: punch it (written back) */
-	for (size_t j = 0; j < m; j++) {
-		t = now();
-		if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			      (off_t)(sample[j] * PG), PG))
-			die("fallocate");
-		lat[j] = now() - t;
-	}
-	print_list("punch", lat, m);
-	close(fd);
-	return 0;
-}
-
-static int child_main(size_t n)
-{
-	size_t *cand = malloc(n * sizeof(size_t));
-	double *lat = malloc((n / SPARSE + 1) * sizeof(double));
-	unsigned char *vec = malloc(n);
-	volatile uint64_t sink = 0;
-	char line[256], *m;
-
-	if (!cand || !lat || !vec)
-		die("malloc");
-	m = mmap(NULL, n * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (m == MAP_FAILED)
-		die("mmap");
-	madvise(m, n * PG, MADV_NOHUGEPAGE);	/* 4 KiB pages, as uksm's */
-	printf("ready %d\n", (int)getpid());
-	fflush(stdout);
-	while (fgets(line, sizeof(line), stdin)) {
-		if (!strncmp(line, "fill", 4)) {
-			double t = now();
-
-			for (size_t i = 0; i < n * PG / 8; i++)
-				((uint64_t *)m)[i] = next();
-			printf("ok %.9f\n", now() - t);
-		} else if (!strncmp(line, "seq", 3)) {
-			size_t k = 0;
-			long f;
-			double t;
-
-			if (mincore(m, n * PG, vec))
-				die("mincore");
-			for (size_t i = 0; i < n; i++)
-				if (!(vec[i] & 1))
-					cand[k++] = i;
-			f = majflt();
-			t = now();
-			for (size_t j = 0; j < k; j++)
-				sink += *(volatile uint64_t *)(m + cand[j] * PG);
-			t = now() - t;
-			printf("ok %.9f %zu %ld\n", t, k, majflt() - f);
-		} else if (!strncmp(line, "lat", 3)) {
-			size_t want = strtoul(line + 3, NULL, 10), k = 0;
-			long f;
-
-			if (mincore(m, n * PG, vec))
-				die("mincore");
-			for (size_t i = 0; i < n; i += SPARSE)
-				if (!(vec[i] & 1))
-					cand[k++] = i;
-			shuffle(cand, k);
-			if (k > want)
-				k = want;
-			f = majflt();
-			for (size_t j = 0; j < k; j++) {
-				double t = now();
-
-				sink += *(volatile uint64_t *)(m + cand[j] * PG);
-				lat[j] = now() - t;
-			}
-			printf("ok %ld", majflt() - f);
-			print_list("", lat, k);
-		} else if (!strncmp(line, "dirty", 5)) {
-			for (size_t i = 0; i < n; i++)
-				*(uint64_t *)(m + i * PG) = next();
-			printf("ok\n");
-		} else if (!strncmp(line, "quit", 4)) {
-			break;
-		} else {
-			printf("error unknown command\n");
-		}
-		fflush(stdout);
-	}
-	return (int)(sink & 0);
-}
-
-int main(int argc, char **argv)
-{
-	if (argc == 6 && !strcmp(argv[1], "floor")) {
-		rng ^= strtoull(argv[5], NULL, 0) * 0x2545F4914F6CDD1Dull;
-		return floor_main(argv[2], strtoul(argv[3], NULL, 0), strtoul(argv[4], NULL, 0));
-	}
-	if (argc == 4 && !strcmp(argv[1], "child")) {
-		rng ^= strtoull(argv[3], NULL, 0) * 0x2545F4914F6CDD1Dull;
-		return child_main(strtoul(argv[2], NULL, 0));
-	}
-	fprintf(stderr, "usage: %s floor DIR PAGES SAMPLES SEED | child PAGES SEED\n", argv[0]);
-	return 2;
-}
-"""
-
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -398,142 +132,88 @@ def settle() -> None:
     os.sync()
 
 
-_helper_lock = threading.Lock()
-_helper: Dict[str, Optional[str]] = {}
-
-
-def compile_helper() -> Optional[str]:
-    """The C helper, built once per process with the system cc into a
-    private temporary directory (removed at exit); None without cc."""
-    with _helper_lock:
-        if "exe" in _helper:
-            return _helper["exe"]
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if cc is None:
-            _helper["exe"] = None
-            return None
-        workdir = tempfile.mkdtemp(prefix="uksm-swaphelper-")
-        atexit.register(shutil.rmtree, workdir, True)
-        src = os.path.join(workdir, "swaphelper.c")
-        exe = os.path.join(workdir, "swaphelper")
-        with open(src, "w") as f:
-            f.write(HELPER_SOURCE)
-        proc = subprocess.run([cc, "-O2", "-Wall", "-o", exe, src],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"compiling the swap benchmark helper failed:\n{proc.stderr}")
-        _helper["exe"] = exe
-        return exe
-
-
 # -- the floor ---------------------------------------------------------------------------
 
-_libc = None
+def _lib() -> Any:
+    """The C half (csrc/bench/swaphelper.c), built with the package."""
+    from ._swaphelper import ffi, lib
 
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    global _libc
-    import ctypes
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-    if _libc.fallocate(fd, 3, offset, length):     # PUNCH_HOLE | KEEP_SIZE
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def _floor_python(directory: str, pages: int, samples: int, seed: int) -> Dict:
-    """floor() without a C compiler: the same syscalls from Python."""
-    try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError:
-        fd, path = tempfile.mkstemp(prefix="uksm-floor-", dir=directory)
-        os.unlink(path)
-    try:
-        rng = np.random.default_rng(seed)
-        buf = rng.integers(0, 256, IOV_BATCH * PAGE, dtype=np.uint8)
-        views = [memoryview(buf[j * PAGE:(j + 1) * PAGE]) for j in range(IOV_BATCH)]
-        out: Dict = {}
-        t = time.perf_counter()
-        for i in range(0, pages, IOV_BATCH):
-            k = min(IOV_BATCH, pages - i)
-            os.pwritev(fd, views[:k], i * PAGE)
-        out["write_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        os.fdatasync(fd)
-        out["sync_s"] = time.perf_counter() - t
-
-        def read_all() -> float:
-            t0 = time.perf_counter()
-            for i in range(pages):
-                os.pread(fd, PAGE, i * PAGE)
-            return time.perf_counter() - t0
-        out["read_warm_s"] = read_all()
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out["read_cold_s"] = read_all()
-        sample = np.arange(0, pages, SPARSE)
-        rng.shuffle(sample)
-        sample = sample[:samples].tolist()
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        pc = time.perf_counter
-        for name in ("lat_cold", "lat_warm", "punch"):
-            lat = []
-            for p in sample:
-                t0 = pc()
-                if name == "punch":
-                    _punch(fd, p * PAGE, PAGE)
-                else:
-                    os.pread(fd, PAGE, p * PAGE)
-                lat.append(pc() - t0)
-            out[name] = lat
-        return out
-    finally:
-        os.close(fd)
+    return ffi, lib
 
 
 def floor(nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_SAMPLES,
-          seed: int = 1) -> Dict:
-    """The raw pwrite/pread floor of uksm's swap path for @nbytes on
-    @directory's file system (see the module docstring).  Throughputs in
-    MiB/s, latencies in microseconds."""
+          seed: int = 1) -> Dict[str, Any]:
+    """The raw I/O floor of uksm's swap path for @nbytes on @directory's file
+    system, in this run: a nameless file of @nbytes written with pwritev
+    (256 pages a call), fsync'ed, dropped from the page cache with
+    POSIX_FADV_DONTNEED, then read back with plain pread, 1 MiB a call, in
+    order (the disk's sequential read: MiB/s); random 4 KiB preads over the
+    whole file, cold (dropped again first) and warm (us/page); the punch of
+    one written-back slot.  All timed in C."""
+    ffi, lib = _lib()
     directory = swap_dir(directory)
     pages = max(nbytes // PAGE, 1)
-    exe = compile_helper()
-    if exe is not None:
-        proc = subprocess.run([exe, "floor", directory, str(pages), str(samples), str(seed)],
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode:
-            raise RuntimeError(f"swap floor helper failed ({proc.returncode}): {proc.stderr}")
-        raw: Dict = {}
-        for line in proc.stdout.splitlines():
-            name, *vals = line.split()
-            raw[name] = ([float(v) for v in vals] if name in ("lat_cold", "lat_warm", "punch")
-                         else float(vals[0]))
-        tool = "C helper (pwritev 256 pages a call, fdatasync, pread 1 page a call)"
-    else:
-        raw = _floor_python(directory, pages, samples, seed)
-        tool = "Python os.pwritev/os.pread (no C compiler)"
+    m = min(samples, pages)
+    out = np.zeros(lib.SWAPBENCH_NOUT)
+    cold, warm, punch = np.zeros(m), np.zeros(m), np.zeros(m)
+    got = ffi.new("size_t *")
+    what = ffi.new("const char **")
+    rc = lib.swapbench_floor(directory.encode(), pages, m, seed,
+                             ffi.from_buffer("double[]", out),
+                             ffi.from_buffer("double[]", cold),
+                             ffi.from_buffer("double[]", warm),
+                             ffi.from_buffer("double[]", punch), got, what)
+    if rc:
+        name = ffi.string(what[0]).decode()
+        raise OSError(-rc, f"swap floor: {name} in {directory}: {os.strerror(-rc)}")
+    k = int(got[0])
     size = pages * PAGE
-    cold = percentiles(raw["lat_cold"])
-    warm = percentiles(raw["lat_warm"])
-    punch = percentiles(raw["punch"])
+    write_s, sync_s = float(out[lib.SWAPBENCH_WRITE_S]), float(out[lib.SWAPBENCH_SYNC_S])
+    pc, pw, pp = percentiles(cold[:k]), percentiles(warm[:k]), percentiles(punch[:k])
     return {
-        "bytes": size, "pages": pages, "directory": directory, "tool": tool,
-        "write_s": raw["write_s"], "sync_s": raw["sync_s"],
-        "write_cached_mib_s": mib_s(size, raw["write_s"]),
-        "write_mib_s": mib_s(size, raw["write_s"] + raw["sync_s"]),
-        "read_warm_mib_s": mib_s(size, raw["read_warm_s"]),
-        "read_cold_mib_s": mib_s(size, raw["read_cold_s"]),
-        "pread_cold_p50_us": cold["p50_us"], "pread_cold_p99_us": cold["p99_us"],
-        "pread_warm_p50_us": warm["p50_us"], "pread_warm_p99_us": warm["p99_us"],
-        "punch_p50_us": punch["p50_us"], "punch_p99_us": punch["p99_us"],
-        "latency_samples": cold["n"],
+        "bytes": size, "pages": pages, "directory": directory,
+        "tool": "C (csrc/bench/swaphelper.c): pwritev 256 pages a call, fsync, "
+                "POSIX_FADV_DONTNEED, pread 1 MiB a call; pread 4 KiB at random pages",
+        "write_s": write_s, "sync_s": sync_s,
+        "write_cached_mib_s": mib_s(size, write_s),
+        "write_mib_s": mib_s(size, write_s + sync_s),
+        "read_seq_cold_mib_s": mib_s(size, float(out[lib.SWAPBENCH_READ_SEQ_COLD_S])),
+        "read_seq_warm_mib_s": mib_s(size, float(out[lib.SWAPBENCH_READ_SEQ_WARM_S])),
+        "rand_cold_us": per_page_us(float(out[lib.SWAPBENCH_RAND_COLD_S]), k),
+        "rand_warm_us": per_page_us(float(out[lib.SWAPBENCH_RAND_WARM_S]), k),
+        "pread_cold_p50_us": pc["p50_us"], "pread_cold_p99_us": pc["p99_us"],
+        "pread_warm_p50_us": pw["p50_us"],
+        "punch_p50_us": pp["p50_us"], "punch_p99_us": pp["p99_us"],
+        "latency_samples": k,
     }
+
+
+def per_page_us(seconds: float, pages: int) -> Optional[float]:
+    return seconds / pages * 1e6 if pages else None
+
+
+def read_seq(arr: np.ndarray) -> float:
+    """Seconds to read every word of @arr in address order, in C."""
+    ffi, lib = _lib()
+    secs = ffi.new("double *")
+    lib.swapbench_read_seq(ffi.cast("void *", arr.ctypes.data), arr.nbytes, secs)
+    return float(secs[0])
+
+
+def read_pages(arr: np.ndarray, pages: np.ndarray) -> float:
+    """Seconds to read one word of each page of @arr listed in @pages, in
+    that order, in C."""
+    ffi, lib = _lib()
+    secs = ffi.new("double *")
+    idx = np.ascontiguousarray(pages, dtype=np.int64)
+    lib.swapbench_read_pages(ffi.cast("void *", arr.ctypes.data),
+                             ffi.from_buffer("int64_t[]", idx), idx.size, secs)
+    return float(secs[0])
 
 
 # -- uksm -------------------------------------------------------------------------------
 
-def _new_fds(before: set) -> List[int]:
+def _new_fds(before: Set[int]) -> List[int]:
     try:
         now_fds = {int(x) for x in os.listdir("/proc/self/fd")}
     except OSError:
@@ -541,7 +221,7 @@ def _new_fds(before: set) -> List[int]:
     return sorted(now_fds - before)
 
 
-def _find_swap_fd(before: set, directory: str) -> Optional[int]:
+def _find_swap_fd(before: Set[int], directory: str) -> Optional[int]:
     """The pool's swap file among the descriptors it opened: a regular file
     with no name left (O_TMPFILE or unlinked) on @directory's file system.
     (The memfd is on another file system; the directory's fd is O_PATH.)"""
@@ -561,14 +241,13 @@ def _swapped(pool: Pool, arr: np.ndarray) -> np.ndarray:
     return np.flatnonzero(state == _core.PTE_SWAPPED)
 
 
-def _lower(pool: Pool, budget: int, swap_fd: Optional[int], sync: bool,
-           timeout: float) -> Dict:
+def _lower(pool: Pool, budget: int, swap_fd: Optional[int], timeout: float) -> Dict[str, Any]:
     """Lower the budget to @budget bytes and time it until bytes_resident
     (private pages, frames and the swap file's cached pages, as the kernel
-    counts them) is within it and pages_swapped is what that asks for;
-    then, if @sync, fdatasync the swap file (timed).  Every page is
-    private when this starts (see uksm_swap): all but the budget's worth of
-    them are written out."""
+    counts them) is within it and pages_swapped is what that asks for; then
+    fdatasync the swap file (timed: the swap-out is done when it is on the
+    disk, as the kernel's is when its writeback completes).  Every page is
+    private when this starts: all but the budget's worth are written out."""
     st = pool.stats()
     before_swapped = st["pages_swapped"]
     private = st["bytes_private"] // PAGE
@@ -578,157 +257,114 @@ def _lower(pool: Pool, budget: int, swap_fd: Optional[int], sync: bool,
     t0 = time.perf_counter()
     pool.max_resident = budget
 
-    def done(st):
-        return st["bytes_resident"] <= budget and st["pages_swapped"] >= expected
-    t_call = time.perf_counter() - t0
+    def done(st: Dict[str, Any]) -> bool:
+        return bool(st["bytes_resident"] <= budget and st["pages_swapped"] >= expected)
+
     st = pool.stats()
     while not done(st) and time.perf_counter() - t0 < timeout:
         time.sleep(0.0005)
         st = pool.stats()
     t_reached = time.perf_counter() - t0 if done(st) else None
     t_sync = None
-    if sync and swap_fd is not None:
+    if swap_fd is not None:
         t1 = time.perf_counter()
         os.fdatasync(swap_fd)
         t_sync = time.perf_counter() - t1
     return {"expected": expected - before_swapped,
             "pages_swapped": st["pages_swapped"] - before_swapped,
-            "pages_written": st["swap_outs"] - outs0, "call_s": t_call,
+            "pages_written": st["swap_outs"] - outs0,
             "reached_s": t_reached, "sync_s": t_sync, "reached": t_reached is not None,
             "bytes_resident_after": st["bytes_resident"],
-            "bytes_swap_cached_after": st["bytes_swap_cached"],
-            "reclaim_batches": st["reclaim_batches"], "swap_errors": st["swap_errors"]}
+            "swap_errors": st["swap_errors"]}
 
 
 def _drop_cache(swap_fd: Optional[int]) -> bool:
-    """Write-back done, drop the swap file from the page cache."""
+    """Written back: drop the swap file from the page cache (what is still
+    mapped stays, and bytes_swap_cached says how much)."""
     if swap_fd is None:
         return False
     os.posix_fadvise(swap_fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return True
 
 
-# uksm's rounds: (name, fdatasync the swap file after the swap-out, drop it
-# from the page cache before the swap-in)
-UKSM_PHASES = (("cold", True, True), ("warm", True, False), ("unsynced", False, False))
-
-
 def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str] = None,
-              swap_batch="2MiB", samples: int = DEFAULT_SAMPLES, seed: int = 1,
-              timeout: float = 120.0) -> Dict:
-    """uksm's swap-out and swap-in throughput and swap-in fault latency on
-    @nbytes of incompressible data with the budget lowered to @budget
-    (default nbytes / 4).  Three rounds (UKSM_PHASES), each: lower the
-    budget (timed until bytes_resident is within it), raise it again, read
-    one element of each of @samples sparse random swapped pages (each
-    timed: the fault latency), then one element of every other swapped page
-    in address order (timed: the swap-in throughput), then make every page
-    private again (pool.lock and unlock, untimed: a page read stays a view
-    of its slot, and the next round must write the same pages).
-    Round "cold" fdatasyncs the swap file and drops it from the page cache
-    first, round "warm" only fdatasyncs it, round "unsynced" neither (the
-    swap-ins then find slots never written back).  Throughputs in MiB/s,
-    latencies in microseconds, less the cost of the same Python element read
-    on a resident page (read_overhead_us)."""
+              swap_batch: str = "2MiB", samples: int = DEFAULT_SAMPLES, seed: int = 1,
+              timeout: float = 120.0) -> Dict[str, Any]:
+    """uksm's swap on an array of @nbytes of incompressible data, through
+    the public API only: Pool(max_resident=, swap_path=), the budget
+    lowered to @budget (default nbytes / 8) and raised again, the array read.
+
+    Two rounds, each from every page private: lower the budget (swap-out,
+    timed with the swap file's fdatasync), raise it, drop the swap file from
+    the page cache, then read.  Round "seq" reads every word of the whole
+    array in order (MiB/s over the array); round "rand" reads one word of
+    each of @samples random swapped pages (us/page).  Both reads are C
+    loops (read_seq, read_pages), as the floor's and the kernel side's are.
+    Between rounds every page is made private again (pool.lock and unlock,
+    untimed): a page read stays a view of its slot, and the next round must
+    write the same pages.  The same sequential read of the resident array
+    is the memory's own speed, for reference."""
     directory = swap_dir(directory)
-    pages = max(nbytes // PAGE, 4)
+    pages = max(nbytes // PAGE, 8)
     size = pages * PAGE
     if budget is None:
-        budget = size // 4
+        budget = size // 8
     budget = max(PAGE, budget - budget % PAGE)
     capacity = size + 16 * MiB
     fds_before = {int(x) for x in os.listdir("/proc/self/fd")}
     pool = Pool(capacity, max_resident=capacity, swap_path=directory, swap_batch=swap_batch,
                 compact_threshold=0)
-    arr = by_page = flat = None
+    arr: Optional[np.ndarray] = None
     try:
         swap_fd = _find_swap_fd(fds_before, directory)
         arr = pool.empty(size, np.uint8)
         shadow = np.frombuffer(np.random.default_rng(seed).bytes(size), dtype=np.uint8)
-        t = time.perf_counter()
         arr[:] = shadow
-        fill_s = time.perf_counter() - t
-        by_page = arr.reshape(pages, PAGE)
-        flat = arr.reshape(-1)
         rng = np.random.default_rng(seed + 1)
-        pc = time.perf_counter
-        rounds: Dict[str, Dict] = {}
-        lat: Dict[str, List[float]] = {}
-        sample = np.zeros(0, dtype=np.int64)
-        for name, sync, drop in UKSM_PHASES:
-            out = _lower(pool, budget, swap_fd, sync, timeout)
+        rounds: Dict[str, Dict[str, Any]] = {}
+        for name in ("seq", "rand"):
+            out = _lower(pool, budget, swap_fd, timeout)
             if not out["reached"]:
                 raise RuntimeError(f"uksm: pages_swapped did not reach {out['expected']} within "
                                    f"{timeout} s after max_resident = {budget}: {out}")
-            dropped = drop and _drop_cache(swap_fd)
-            pool.max_resident = capacity     # no eviction while swapping in
+            pool.max_resident = capacity     # no eviction while reading
+            dropped = _drop_cache(swap_fd)
             idx = _swapped(pool, arr)
-            sparse = idx[idx % SPARSE == 0]
-            rng.shuffle(sparse)
-            sample = sparse[:samples]
-            got = []
-            for o in (sample * PAGE).tolist():
-                t0 = pc()
-                flat[o]
-                got.append(pc() - t0)
-            lat[name] = got
-            rest = np.setdiff1d(idx, sample, assume_unique=True)
-            t0 = pc()
-            by_page[rest, 0].sum()
-            dt = pc() - t0
-            # read back, the pages are still views of their slots, in the
-            # page cache: bytes_swap_cached (a write, or lock, makes them
-            # private and frees the slots)
-            after = pool.stats()
-            ins0 = after["swap_ins"]
+            cached = pool.stats()["bytes_swap_cached"]
+            if name == "seq":
+                secs = read_seq(arr)
+                res = {"read_s": secs, "read_mib_s": mib_s(size, secs)}
+            else:
+                pick = idx.copy()
+                rng.shuffle(pick)
+                pick = pick[:samples]
+                secs = read_pages(arr, pick)
+                res = {"read_s": secs, "read_pages": int(pick.size),
+                       "us_per_page": per_page_us(secs, int(pick.size))}
             pool.lock(arr)
             pool.unlock(arr)
             _drop_cache(swap_fd)        # the freed slots' cached pages
-            rounds[name] = dict(out, fdatasync=sync, dropped=dropped, swapped=int(idx.size),
-                                latency_pages=len(got), seq_pages=int(rest.size),
-                                seq_s=dt, seq_mib_s=mib_s(rest.size * PAGE, dt),
-                                swap_cached_after_reads=after["bytes_swap_cached"],
-                                swap_ins=pool.stats()["swap_ins"] - ins0,
+            rounds[name] = dict(out, **res, dropped=dropped, swapped=int(idx.size),
+                                swap_cached_before_read=cached,
                                 still_swapped=int(_swapped(pool, arr).size))
-        # the same reads once more, the pages resident: what Python's
-        # element read costs without a fault, subtracted from the latencies
-        base = []
-        for o in (sample * PAGE).tolist():
-            t0 = pc()
-            flat[o]
-            base.append(pc() - t0)
-        overhead = float(np.median(base)) if base else 0.0
+        resident_s = min(read_seq(arr) for _ in range(3))
         contents_ok = bool(np.array_equal(arr, shadow))
         st = pool.stats()
     finally:
-        arr = by_page = flat = None       # the pool's buffers go before the pool
+        arr = None       # the pool's buffers go before the pool
         pool.close()
-    fl = {name: percentiles(v, overhead) for name, v in lat.items()}
-    cold, warm, unsynced = rounds["cold"], rounds["warm"], rounds["unsynced"]
-    synced = [r for r in (cold, warm) if r["sync_s"] is not None]
-
-    def out_rate(rs, with_sync):
-        vals = [mib_s(r["pages_swapped"] * PAGE,
-                      r["reached_s"] + (r["sync_s"] if with_sync else 0.0)) for r in rs]
-        vals = [v for v in vals if v]
-        return float(np.median(vals)) if vals else None
+    outs = [mib_s(r["pages_swapped"] * PAGE, r["reached_s"] + (r["sync_s"] or 0.0))
+            for r in rounds.values()]
+    outs_ok = [v for v in outs if v is not None]
     return {
         "bytes": size, "budget": budget, "directory": directory, "swap_batch": swap_batch,
-        "fill_s": fill_s, "swap_fd_found": swap_fd is not None, "rounds": rounds,
-        "swap_out_mib_s": out_rate(synced, True) if synced else None,
-        "swap_out_cached_mib_s": out_rate(synced, False) if synced else None,
-        "swap_in_cold_mib_s": cold["seq_mib_s"] if cold["dropped"] else None,
-        "swap_in_warm_mib_s": warm["seq_mib_s"] if warm["sync_s"] is not None else None,
-        "swap_in_unsynced_mib_s": unsynced["seq_mib_s"],
-        "fault_cold_p50_us": fl["cold"]["p50_us"] if cold["dropped"] else None,
-        "fault_cold_p99_us": fl["cold"]["p99_us"] if cold["dropped"] else None,
-        "fault_warm_p50_us": fl["warm"]["p50_us"] if warm["sync_s"] is not None else None,
-        "fault_warm_p99_us": fl["warm"]["p99_us"] if warm["sync_s"] is not None else None,
-        "fault_unsynced_p50_us": fl["unsynced"]["p50_us"],
-        "fault_unsynced_p99_us": fl["unsynced"]["p99_us"],
-        "faults": fl, "read_overhead_us": overhead * 1e6,
-        "latency_samples": fl["cold"]["n"], "contents_ok": contents_ok,
-        "swap_errors": st["swap_errors"], "transit_faults": st["transit_faults"],
+        "swap_fd_found": swap_fd is not None, "rounds": rounds,
+        "swap_out_mib_s": float(np.median(outs_ok)) if outs_ok else None,
+        "seq_read_mib_s": rounds["seq"]["read_mib_s"],
+        "rand_read_us": rounds["rand"]["us_per_page"],
+        "resident_read_mib_s": mib_s(size, resident_s),
+        "swapped_fraction": rounds["seq"]["swapped"] / pages,
+        "contents_ok": contents_ok, "swap_errors": st["swap_errors"],
         "swap_file_bytes": st["swap_file_bytes"],
     }
 
@@ -786,8 +422,6 @@ def kernel_unavailable_reason(directory: str = SWAP_DIR) -> Optional[str]:
     for tool in ("dd", "mkswap", "swapon", "swapoff"):
         if _tool(tool) is None:
             return f"{tool} not found"
-    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
-        return "no C compiler for the kernel side's helper"
     if cgroup_mode() is None:
         return ("no memory cgroup: /sys/fs/cgroup/cgroup.controllers lists no memory "
                 "controller" + ("" if CGROUP_V1_FALLBACK else " (cgroup v1 not used)"))
@@ -856,40 +490,54 @@ def cleanup_stale(directory: str = SWAP_DIR) -> List[str]:
 
 
 class _Child:
-    """The kernel side's workload process (the C helper in child mode)."""
+    """The kernel side's workload: a forked child running swapbench_child()
+    (csrc/bench/swaphelper.c), driven over two pipes.  Forked, not exec'd:
+    the pages it touches are its own mapping's, charged to the cgroup it is
+    moved into, and no interpreter of its own runs in that cgroup."""
 
-    def __init__(self, exe: str, pages: int, seed: int, timeout: float) -> None:
+    def __init__(self, pages: int, seed: int, timeout: float) -> None:
+        _, lib = _lib()
         self.timeout = timeout
-        self.proc = subprocess.Popen([exe, "child", str(pages), str(seed)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
+        to_child, self._w = os.pipe()
+        self._r, from_child = os.pipe()
+        pid = os.fork()
+        if pid == 0:        # the child: C only, never back into Python's loop
+            code = 2
+            try:
+                os.close(self._w)
+                os.close(self._r)
+                code = lib.swapbench_child(to_child, from_child, pages, seed)
+            finally:
+                os._exit(code)
+        os.close(to_child)
+        os.close(from_child)
+        self.pid = pid
+        self._buf = b""
         try:
             line = self._line()
             if not line.startswith("ready"):
-                raise RuntimeError(f"swap helper did not start: {line!r}")
+                raise RuntimeError(f"swap child did not start: {line!r}")
         except BaseException:
             self.close()
             raise
 
     def _line(self) -> str:
-        fd = self.proc.stdout.fileno()
-        r, _, _ = select.select([fd], [], [], self.timeout)
-        if not r:
-            raise TimeoutError(f"swap helper silent for {self.timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-            raise RuntimeError(f"swap helper exited ({self.proc.poll()}; killed by the OOM "
-                               f"killer?): {err.strip()}")
-        return line.strip()
+        while b"\n" not in self._buf:
+            r, _, _ = select.select([self._r], [], [], self.timeout)
+            if not r:
+                raise TimeoutError(f"swap child silent for {self.timeout} s")
+            chunk = os.read(self._r, 4096)
+            if not chunk:
+                raise RuntimeError("swap child exited (killed by the OOM killer?)")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode().strip()
 
     def cmd(self, text: str) -> List[str]:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
+        os.write(self._w, (text + "\n").encode())
         line = self._line()
         if not line.startswith("ok"):
-            raise RuntimeError(f"swap helper: {text!r} -> {line!r}")
+            raise RuntimeError(f"swap child: {text!r} -> {line!r}")
         return line.split()[1:]
 
     def swap_bytes(self) -> int:
@@ -900,19 +548,24 @@ class _Child:
         raise RuntimeError("no Swap: line in smaps_rollup")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.pid:
             try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
+                os.write(self._w, b"quit\n")
+            except OSError:
                 pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            deadline = time.monotonic() + 10
+            while True:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+                if done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            if not done:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        for fd in (self._w, self._r):
             try:
-                f.close()
+                os.close(fd)
             except OSError:
                 pass
 
@@ -988,7 +641,7 @@ class KernelSwap:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise TimeoutError(f"another process holds {LOCK_PATH}")
+                    raise TimeoutError(f"another process holds {LOCK_PATH}") from None
                 time.sleep(0.1)
         self._lock_fd = fd
 
@@ -1123,42 +776,40 @@ class KernelSwap:
                 "usage_after": self._usage(), "mib_s": mib_s(s1 - s0, dt)}
 
     def measure(self, nbytes: int, budget: Optional[int] = None,
-                samples: int = DEFAULT_SAMPLES, seed: int = 1, rounds: int = 2) -> Dict:
-        """Swap-out, swap-in and fault latency of a child touching @nbytes
-        under a limit of @budget (default nbytes / 4), in this block's swap
-        file and cgroup, as uksm_swap() measures uksm: @rounds times, lower
-        the limit (timed), raise it, read @samples sparse random swapped
-        pages one by one (each timed), then every other swapped page in
-        address order (timed), then dirty every page so that the next
-        swap-out must write it again.  Medians over the rounds."""
+                samples: int = DEFAULT_SAMPLES, seed: int = 1) -> Dict[str, Any]:
+        """uksm_swap()'s measurement for a child touching @nbytes under a
+        limit of @budget (default nbytes / 8), in this block's swap file
+        and cgroup: two rounds, each lowering the limit (swap-out, timed
+        until the write returns: the kernel reclaims synchronously) and
+        raising it again; round "seq" then reads every word of the area in
+        order (the kernel's swap readahead at work), round "rand" one word
+        of each of @samples random swapped pages; each round ends with
+        every page dirtied, so the next must write it again."""
         if self.cgroup is None:
             raise RuntimeError("KernelSwap.measure() outside its with-block")
-        pages = max(nbytes // PAGE, 4)
+        pages = max(nbytes // PAGE, 8)
         size = pages * PAGE
         if budget is None:
-            budget = size // 4
-        exe = compile_helper()
-        self._child = child = _Child(exe, pages, seed, self.timeout)
-        runs = []
-        lat: List[float] = []
+            budget = size // 8
+        self._child = child = _Child(pages, seed, self.timeout)
+        rounds: Dict[str, Dict[str, Any]] = {}
         try:
             _write(os.path.join(self.cgroup, "cgroup.procs"), child.pid)
             self._limit("max")
             fill_s = float(child.cmd("fill")[0])
-            for _ in range(rounds):
+            for name in ("seq", "rand"):
                 out = self._lower(child, budget)
                 self._limit("max")
-                r = child.cmd(f"lat {samples}")
-                lat_major, got = int(r[0]), [float(x) for x in r[1:]]
-                secs, k, majflt = child.cmd("seq")
+                if name == "seq":
+                    secs, k, majflt = child.cmd("read")
+                    res = {"read_s": float(secs), "read_mib_s": mib_s(size, float(secs))}
+                else:
+                    secs, k, majflt = child.cmd(f"rand {samples}")
+                    res = {"read_s": float(secs), "read_pages": int(k),
+                           "us_per_page": per_page_us(float(secs), int(k))}
                 child.cmd("dirty")
-                lc = percentiles(got)
-                lat.extend(got)
-                runs.append(dict(out, swapped=out["bytes"] // PAGE, latency_pages=len(got),
-                                 latency_major_faults=lat_major, fault_p50_us=lc["p50_us"],
-                                 fault_p99_us=lc["p99_us"], seq_pages=int(k),
-                                 seq_s=float(secs), seq_major_faults=int(majflt),
-                                 seq_mib_s=mib_s(int(k) * PAGE, float(secs))))
+                rounds[name] = dict(out, **res, swapped=out["bytes"] // PAGE,
+                                    not_resident=int(k), major_faults=int(majflt))
         finally:
             child.close()
             self._child = None
@@ -1166,16 +817,13 @@ class KernelSwap:
                 self._limit("max")
             except OSError:
                 pass
-
-        def med(key):
-            vals = [r[key] for r in runs if r[key] is not None]
-            return float(np.median(vals)) if vals else None
+        outs = [r["mib_s"] for r in rounds.values() if r["mib_s"] is not None]
         return {
             "bytes": size, "budget": budget, "cgroup": self.mode, "fill_s": fill_s,
-            "swapfile_bytes": self.swapfile_bytes, "rounds": runs,
-            "swap_out_mib_s": med("mib_s"), "swap_in_mib_s": med("seq_mib_s"),
-            "fault_p50_us": med("fault_p50_us"), "fault_p99_us": med("fault_p99_us"),
-            "fault_all": percentiles(lat), "latency_samples": len(lat),
+            "swapfile_bytes": self.swapfile_bytes, "rounds": rounds,
+            "swap_out_mib_s": float(np.median(outs)) if outs else None,
+            "seq_read_mib_s": rounds["seq"]["read_mib_s"],
+            "rand_read_us": rounds["rand"]["us_per_page"],
         }
 
 
@@ -1194,43 +842,29 @@ def kernel_swap(nbytes: int, budget: Optional[int] = None, samples: int = DEFAUL
 
 # -- the figures side by side -----------------------------------------------------------------
 
-# (key, label, uksm key, floor key, kernel key, unit, better).  The first
-# four compare uksm with the kernel; the others are uksm's alone.
-ROWS = [
+# (key, label, uksm key, floor key, kernel key, unit, better)
+ROWS: List[Tuple[str, str, str, str, Optional[str], str, str]] = [
     ("swap_out", "swap-out to the budget, + fdatasync", "swap_out_mib_s", "write_mib_s",
      "swap_out_mib_s", "MiB/s", "higher"),
-    ("swap_in", "swap-in, sequential, cold", "swap_in_cold_mib_s", "read_cold_mib_s",
-     "swap_in_mib_s", "MiB/s", "higher"),
-    ("fault_p50", "swap-in fault p50, cold", "fault_cold_p50_us", "pread_cold_p50_us",
-     "fault_p50_us", "us", "lower"),
-    ("fault_p99", "swap-in fault p99, cold", "fault_cold_p99_us", "pread_cold_p99_us",
-     "fault_p99_us", "us", "lower"),
-    ("swap_out_cached", "swap-out to the budget, page cache only", "swap_out_cached_mib_s",
-     "write_cached_mib_s", None, "MiB/s", "higher"),
-    ("swap_in_warm", "swap-in, sequential, warm (written back, cached)",
-     "swap_in_warm_mib_s", "read_warm_mib_s", None, "MiB/s", "higher"),
-    ("fault_warm_p50", "swap-in fault p50, warm", "fault_warm_p50_us", "pread_warm_p50_us",
-     None, "us", "lower"),
-    ("fault_warm_p99", "swap-in fault p99, warm", "fault_warm_p99_us", "pread_warm_p99_us",
-     None, "us", "lower"),
-    ("swap_in_unsynced", "swap-in, sequential, slots never written back",
-     "swap_in_unsynced_mib_s", "read_warm_mib_s", None, "MiB/s", "higher"),
-    ("fault_unsynced_p50", "swap-in fault p50, slots never written back",
-     "fault_unsynced_p50_us", "pread_warm_p50_us", None, "us", "lower"),
+    ("seq_read", "sequential read of the swapped array, cold", "seq_read_mib_s",
+     "read_seq_cold_mib_s", "seq_read_mib_s", "MiB/s", "higher"),
+    ("rand_read", "random 4 KiB reads of the swapped array, cold", "rand_read_us",
+     "rand_cold_us", "rand_read_us", "us/page", "lower"),
 ]
 
 # The floor's own figures: (key, label, floor key, unit)
-FLOOR_ROWS = [
-    ("write", "floor: pwritev 256 x 4 KiB a call, + fdatasync", "write_mib_s", "MiB/s"),
-    ("read_cold", "floor: pread 4 KiB a call, sequential, cold", "read_cold_mib_s", "MiB/s"),
-    ("pread_cold_p50", "floor: pread 4 KiB, cold, p50", "pread_cold_p50_us", "us"),
-    ("pread_cold_p99", "floor: pread 4 KiB, cold, p99", "pread_cold_p99_us", "us"),
-    ("pread_warm_p50", "floor: pread 4 KiB, cached, p50", "pread_warm_p50_us", "us"),
+FLOOR_ROWS: List[Tuple[str, str, str, str]] = [
+    ("write", "floor: pwritev 256 x 4 KiB a call, + fsync", "write_mib_s", "MiB/s"),
+    ("read_seq_cold", "floor: pread 1 MiB a call, sequential, cold", "read_seq_cold_mib_s",
+     "MiB/s"),
+    ("rand_cold", "floor: pread 4 KiB at random pages, cold", "rand_cold_us", "us/page"),
+    ("rand_warm", "floor: pread 4 KiB at random pages, cached", "rand_warm_us", "us/page"),
     ("punch_p50", "floor: punch one written-back 4 KiB slot, p50", "punch_p50_us", "us"),
 ]
 
 
-def compare(uksm: Dict, floor_: Optional[Dict], kernel: Optional[Dict]) -> List[Dict]:
+def compare(uksm: Optional[Dict[str, Any]], floor_: Optional[Dict[str, Any]],
+            kernel: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One dict a row: the three figures and the ratios uksm/floor,
     uksm/kernel (and kernel/floor)."""
     out = []
