@@ -3,12 +3,13 @@ over a batch of pages, through the C core's checksum_range (the path the
 scanner takes: one call, GIL released, pages read through the direct map),
 with memcmp of two equal runs of pages as the reference.
 """
+
 import numpy as np
 import pytest
 
+from uksm import _core
 from uksm.bench import measure, micro
 from uksm.bench.micro import report
-from uksm import _core
 
 PAGE = measure.PAGE
 
@@ -28,7 +29,7 @@ def pages(benchmark):
 @pytest.mark.parametrize("algo", ["jhash2", "xxhash"])
 @pytest.mark.benchmark(group="checksum-per-page")
 def test_checksum(benchmark, pages, algo):
-    pages.batch(algo)           # fault the direct map in first
+    pages.batch(algo)  # fault the direct map in first
     times = []
 
     def run():
@@ -41,10 +42,14 @@ def test_checksum(benchmark, pages, algo):
     flat = pages.arr.reshape(-1, PAGE)
     for i in (0, pages.n // 2, pages.n - 1):
         assert int(pages.sums[i]) == _core.calc_checksum(flat[i].tobytes(), algo)
-    report(benchmark,
-           f"checksum {algo}: {us:.3f} us/page best, {med:.3f} median "
-           f"({pages.n} pages per call)",
-           algo=algo, pages=pages.n, us_per_page=us, us_per_page_median=med)
+    report(
+        benchmark,
+        f"checksum {algo}: {us:.3f} us/page best, {med:.3f} median ({pages.n} pages per call)",
+        algo=algo,
+        pages=pages.n,
+        us_per_page=us,
+        us_per_page_median=med,
+    )
 
 
 @pytest.mark.benchmark(group="checksum-per-page")
@@ -60,6 +65,10 @@ def test_memcmp_reference(benchmark):
 
     benchmark(run)
     us = min(times) / n * 1e6
-    report(benchmark, f"memcmp of two equal pages: {us:.3f} us/page best "
-           f"(one call over {n} pages)", pages=n, us_per_page=us,
-           us_per_page_median=measure.median(times) / n * 1e6)
+    report(
+        benchmark,
+        f"memcmp of two equal pages: {us:.3f} us/page best (one call over {n} pages)",
+        pages=n,
+        us_per_page=us,
+        us_per_page_median=measure.median(times) / n * 1e6,
+    )

@@ -12,11 +12,11 @@ break (fault, copy through the linear alias, MAP_FIXED remap of a fresh
 memfd frame).  Target: uksm <= 1.5 x the full userspace COW floor.  The
 kernel KSM's own break, on merged private memory, for scale.
 """
+
 import pytest
 
-from uksm.bench import measure, micro
+from uksm.bench import kernelksm, measure, micro
 from uksm.bench.micro import need_kernel, report, rounds
-from uksm.bench import kernelksm
 
 MiB = measure.MiB
 PAGE = measure.PAGE
@@ -41,15 +41,21 @@ def test_cow_floor(benchmark, shared):
         return r
 
     benchmark.pedantic(target, rounds=rounds(benchmark))
-    s = {k: measure.median([r[k] for r in results])
-         for k in ("sigsegv_mprotect", "cow_scattered", "cow_run")}
+    s = {
+        k: measure.median([r[k] for r in results])
+        for k in ("sigsegv_mprotect", "cow_scattered", "cow_run")
+    }
     shared.cache[("floor", n)] = s
-    report(benchmark,
-           f"COW floor ({n} pages): SIGSEGV round trip + mprotect {s['sigsegv_mprotect']:.2f} "
-           f"us/page; full COW break {s['cow_scattered']:.2f} us/page (one VMA per page, as "
-           f"syscall_costs.c), {s['cow_run']:.2f} us/page (one merged run)",
-           pages=n, sigsegv_mprotect_us=s["sigsegv_mprotect"],
-           cow_break_us=s["cow_scattered"], cow_break_run_us=s["cow_run"])
+    report(
+        benchmark,
+        f"COW floor ({n} pages): SIGSEGV round trip + mprotect {s['sigsegv_mprotect']:.2f} "
+        f"us/page; full COW break {s['cow_scattered']:.2f} us/page (one VMA per page, as "
+        f"syscall_costs.c), {s['cow_run']:.2f} us/page (one merged run)",
+        pages=n,
+        sigsegv_mprotect_us=s["sigsegv_mprotect"],
+        cow_break_us=s["cow_scattered"],
+        cow_break_run_us=s["cow_run"],
+    )
 
 
 @pytest.mark.benchmark(group="cow-break")
@@ -65,10 +71,12 @@ def test_cow_private_file_floor(benchmark, shared):
     benchmark.pedantic(target, rounds=rounds(benchmark))
     us = measure.median([r["private_file_cow"] for r in results])
     shared.cache[("private_file_cow", n)] = us
-    report(benchmark,
-           f"COW floor, kernel ({n} pages): a write into a MAP_PRIVATE memfd page "
-           f"{us:.2f} us/page",
-           pages=n, private_file_cow_us=us)
+    report(
+        benchmark,
+        f"COW floor, kernel ({n} pages): a write into a MAP_PRIVATE memfd page {us:.2f} us/page",
+        pages=n,
+        private_file_cow_us=us,
+    )
 
 
 @pytest.mark.parametrize("cow", ["kernel", "signal"])
@@ -91,8 +99,9 @@ def test_cow_uksm(benchmark, shared, checksum, cow):
         return r
 
     try:
-        benchmark.pedantic(target, setup=setup, teardown=lambda w: w.close(),
-                           rounds=rounds(benchmark))
+        benchmark.pedantic(
+            target, setup=setup, teardown=lambda w: w.close(), rounds=rounds(benchmark)
+        )
     finally:
         for w in workloads:
             w.close()
@@ -109,20 +118,28 @@ def test_cow_uksm(benchmark, shared, checksum, cow):
     f_cow = floor["cow_scattered"] if floor else None
     f_run = floor["cow_run"] if floor else None
     r_cow = measure.ratio(us, f_cow)
-    f_kernel = shared.get(("private_file_cow", n),
-                          lambda: micro.private_file_cow(n)["private_file_cow"])
-    report(benchmark,
-           f"COW break uksm[cow={cow}] ({n} merged pages): {us:.2f} us/page; kernel floor "
-           f"{f_kernel:.2f} us/page (uksm/floor {measure.fmt(measure.ratio(us, f_kernel), 2)}); "
-           f"userspace floor {measure.fmt(f_cow, 2)} us/page (run layout "
-           f"{measure.fmt(f_run, 2)}); uksm/userspace floor {measure.fmt(r_cow, 2)} "
-           f"(target <= 1.5)",
-           pages=n, cow=cow, us_per_page=us, floor_cow_us=f_cow, floor_cow_run_us=f_run,
-           floor_private_file_cow_us=f_kernel,
-           ratio_to_kernel_floor=measure.ratio(us, f_kernel),
-           floor_sigsegv_mprotect_us=floor["sigsegv_mprotect"] if floor else None,
-           ratio_to_floor=r_cow, ratio_to_run_floor=measure.ratio(us, f_run),
-           meets_target=None if r_cow is None else r_cow <= 1.5)
+    f_kernel = shared.get(
+        ("private_file_cow", n), lambda: micro.private_file_cow(n)["private_file_cow"]
+    )
+    report(
+        benchmark,
+        f"COW break uksm[cow={cow}] ({n} merged pages): {us:.2f} us/page; kernel floor "
+        f"{f_kernel:.2f} us/page (uksm/floor {measure.fmt(measure.ratio(us, f_kernel), 2)}); "
+        f"userspace floor {measure.fmt(f_cow, 2)} us/page (run layout "
+        f"{measure.fmt(f_run, 2)}); uksm/userspace floor {measure.fmt(r_cow, 2)} "
+        f"(target <= 1.5)",
+        pages=n,
+        cow=cow,
+        us_per_page=us,
+        floor_cow_us=f_cow,
+        floor_cow_run_us=f_run,
+        floor_private_file_cow_us=f_kernel,
+        ratio_to_kernel_floor=measure.ratio(us, f_kernel),
+        floor_sigsegv_mprotect_us=floor["sigsegv_mprotect"] if floor else None,
+        ratio_to_floor=r_cow,
+        ratio_to_run_floor=measure.ratio(us, f_run),
+        meets_target=None if r_cow is None else r_cow <= 1.5,
+    )
 
 
 @pytest.mark.benchmark(group="cow-break")
@@ -152,14 +169,16 @@ def test_cow_kernel(benchmark, shared):
 
     with kernelksm.session(pages_to_scan=10000, sleep_millisecs=0):
         try:
-            benchmark.pedantic(target, setup=setup, teardown=teardown,
-                               rounds=rounds(benchmark))
+            benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds(benchmark))
         finally:
             for w in workloads:
                 w.close()
     us = measure.median([r["us_per_page"] for r in results])
     floor = shared.cache.get(("floor", n))
-    report(benchmark,
-           f"COW break kernel KSM ({n} merged pages): {us:.2f} us/page "
-           f"(userspace floor {measure.fmt(floor['cow_scattered'] if floor else None, 2)})",
-           pages=n, us_per_page=us)
+    report(
+        benchmark,
+        f"COW break kernel KSM ({n} merged pages): {us:.2f} us/page "
+        f"(userspace floor {measure.fmt(floor['cow_scattered'] if floor else None, 2)})",
+        pages=n,
+        us_per_page=us,
+    )

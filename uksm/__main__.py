@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import Pool, parse_size, PAGE_SIZE
+from . import PAGE_SIZE, Pool, parse_size
 
 
 def _mib(n: float) -> str:

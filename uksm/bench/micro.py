@@ -30,7 +30,7 @@ import numpy as np
 from .. import _core
 from ..pool import Pool
 from . import kernelksm, measure
-from .measure import MiB, PAGE, UksmPairs, pages_of
+from .measure import PAGE, MiB, UksmPairs, pages_of
 
 T = TypeVar("T")
 
@@ -39,14 +39,14 @@ FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c
 
 # -- the COW floor ---------------------------------------------------------------------
 
+
 def compile_floor(workdir: str) -> Optional[str]:
     """Build bench/floor.c with the system cc into @workdir; None without cc."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
     exe = os.path.join(workdir, "uksm-floor")
-    proc = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE],
-                          capture_output=True, text=True)
+    proc = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"compiling {FLOOR_SOURCE} failed:\n{proc.stderr}")
     return exe
@@ -73,9 +73,10 @@ def private_file_cow(pages: int) -> Dict[str, float]:
     per page."""
     fd = os.memfd_create("uksm-cow-floor", os.MFD_CLOEXEC)
     try:
-        os.pwrite(fd, b"\x01" * (pages * PAGE), 0)    # the page cache holds them
-        m = mmap.mmap(fd, pages * PAGE, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        os.pwrite(fd, b"\x01" * (pages * PAGE), 0)  # the page cache holds them
+        m = mmap.mmap(
+            fd, pages * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
         try:
             arr = np.frombuffer(m, np.uint8).reshape(pages, PAGE)
             t0 = time.perf_counter()
@@ -93,6 +94,7 @@ def private_file_cow(pages: int) -> Dict[str, float]:
 
 
 # -- checksums ---------------------------------------------------------------------------
+
 
 class ChecksumPages:
     """@n pages of random bytes in a pool, hashed in one batch by the C core
@@ -139,15 +141,20 @@ def memcmp_seconds(a: np.ndarray, b: np.ndarray) -> float:
 
 # -- metadata ----------------------------------------------------------------------------
 
+
 def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
     """metadata_bytes_per_page with 2 x @n pages merged pairwise."""
     w = UksmPairs(n, checksum)
     try:
         r = w.merge_all()
         st = w.pool.stats()
-        return {"pages": 2 * n, "metadata_bytes_per_page": st["metadata_bytes_per_page"],
-                "metadata_bytes": st["metadata_bytes"], "pages_sharing": st["pages_sharing"],
-                "wall": r["wall"]}
+        return {
+            "pages": 2 * n,
+            "metadata_bytes_per_page": st["metadata_bytes_per_page"],
+            "metadata_bytes": st["metadata_bytes"],
+            "pages_sharing": st["pages_sharing"],
+            "wall": r["wall"],
+        }
     finally:
         w.close()
 
@@ -155,8 +162,7 @@ def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
 def meta_unique(n: int, checksum: str = "jhash2") -> Dict:
     """metadata_bytes_per_page with @n pages that are all different, after
     two full scans (every page then sits in the unstable tree)."""
-    pool = Pool(n * PAGE + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0,
-                     checksum=checksum)
+    pool = Pool(n * PAGE + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0, checksum=checksum)
     try:
         arr = pool.empty(n * PAGE, np.uint8)
         pages = pages_of(arr)
@@ -166,14 +172,20 @@ def meta_unique(n: int, checksum: str = "jhash2") -> Dict:
         st = pool.scan(2)
         wall = time.perf_counter() - t0
         del pages, arr
-        return {"pages": n, "metadata_bytes_per_page": st["metadata_bytes_per_page"],
-                "metadata_bytes": st["metadata_bytes"], "pages_unshared": st["pages_unshared"],
-                "pages_sharing": st["pages_sharing"], "wall": wall}
+        return {
+            "pages": n,
+            "metadata_bytes_per_page": st["metadata_bytes_per_page"],
+            "metadata_bytes": st["metadata_bytes"],
+            "pages_unshared": st["pages_unshared"],
+            "pages_sharing": st["pages_sharing"],
+            "wall": wall,
+        }
     finally:
         pool.close()
 
 
 # -- the bench_*.py files' plumbing ------------------------------------------------------
+
 
 def rounds(benchmark: Any, real: int = 3) -> int:
     """Rounds for a heavy pedantic benchmark: 1 in the smoke run."""

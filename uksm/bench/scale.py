@@ -61,7 +61,7 @@ from . import kernelksm
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_SIZES = "64MiB,256MiB,1GiB,4GiB,8GiB"
-PAGES_TO_SCAN = 100000      # "high": ksmd's batch between sleeps, sleep_millisecs=0
+PAGES_TO_SCAN = 100000  # "high": ksmd's batch between sleeps, sleep_millisecs=0
 UKSM_PAGES_TO_SCAN = 10000
 TARGET = 0.99
 STEADY_SCANS = 3
@@ -72,9 +72,15 @@ RMAP_ITEM_BYTES = 64
 STABLE_NODE_BYTES = 48
 KSM_DEFAULTS = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20}
 
-FIELDS = ("merge_s_per_page", "merge_cpu_per_page", "steady_us_per_page",
-          "metadata_bytes_per_page", "peak_rss_bytes", "cow_us_per_page",
-          "unmerge_us_per_page")
+FIELDS = (
+    "merge_s_per_page",
+    "merge_cpu_per_page",
+    "steady_us_per_page",
+    "metadata_bytes_per_page",
+    "peak_rss_bytes",
+    "cow_us_per_page",
+    "unmerge_us_per_page",
+)
 LABELS = {
     "merge_s_per_page": ("time to merge fresh duplicates", "us/page", 1e6),
     "merge_cpu_per_page": ("scanner CPU to merge", "us/page", 1e6),
@@ -87,7 +93,7 @@ LABELS = {
 
 
 def parse_sizes(text: str) -> List[int]:
-    """"64MiB,256MiB,..." as page multiples, in order; ValueError otherwise."""
+    """ "64MiB,256MiB,..." as page multiples, in order; ValueError otherwise."""
     out = []
     for item in text.split(","):
         item = item.strip()
@@ -104,14 +110,24 @@ def parse_sizes(text: str) -> List[int]:
 
 # -- the workload -----------------------------------------------------------------------
 
+
 def fill_data(pages: np.ndarray, first: int = 0) -> None:
     """Every page different, none zero: word 0 its number, the rest a pattern."""
     words = pages.view(np.uint64)
     idx = np.arange(first, first + len(pages), dtype=np.uint64)
-    for i in range(0, len(pages), 4096):     # no huge temporaries
+    for i in range(0, len(pages), 4096):  # no huge temporaries
         sl = slice(i, i + 4096)
         words[sl, :] = (idx[sl] * np.uint64(0x9E3779B97F4A7C15))[:, None]
         words[sl, 0] = idx[sl] + np.uint64(1)
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """a == b, a MiB at a time: a comparison's temporary of the whole
+    array would be in the peak RSS this mode reports."""
+    if a.shape != b.shape:
+        return False
+    step = max(MiB // max(a[:1].nbytes, 1), 1)
+    return all(np.array_equal(a[i : i + step], b[i : i + step]) for i in range(0, len(a), step))
 
 
 def _peak_rss() -> int:
@@ -142,7 +158,7 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         fill_data(data.reshape(half, PAGE_SIZE))
         # the copies in two buffers: one for the COW writes, one to unmerge
         cow = pool.asarray(data[: quarter * PAGE_SIZE])
-        unm = pool.asarray(data[quarter * PAGE_SIZE:])
+        unm = pool.asarray(data[quarter * PAGE_SIZE :])
         want = math.ceil(TARGET * half)
         t0, c0 = time.perf_counter(), time.process_time()
         st = pool.scan(1)
@@ -151,13 +167,15 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
                 raise RuntimeError(f"uksm did not merge {want} pages in {timeout} s: {st}")
             st = pool.scan(1)
         merge_s, merge_cpu = time.perf_counter() - t0, time.process_time() - c0
-        pool.scan(2)        # settle: smart_scan's skip counts
+        pool.scan(2)  # settle: smart_scan's skip counts
         s0 = pool.stats()
         t0, c0 = time.perf_counter(), time.process_time()
         while True:
             st = pool.scan(1)
-            if (st["full_scans"] - s0["full_scans"] >= STEADY_SCANS
-                    and time.perf_counter() - t0 >= STEADY_MIN_SECONDS):
+            if (
+                st["full_scans"] - s0["full_scans"] >= STEADY_SCANS
+                and time.perf_counter() - t0 >= STEADY_MIN_SECONDS
+            ):
                 break
         steady_cpu = time.process_time() - c0
         scans = st["full_scans"] - s0["full_scans"]
@@ -173,24 +191,33 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         unmerged = pool.unmerge(unm)
         unmerge_s = time.perf_counter() - t0
         n_unm = unm.nbytes // PAGE_SIZE
-        ok = bool(np.array_equal(unm, data[quarter * PAGE_SIZE:])
-                  and np.all(rows[:, 0] == 0xA5)
-                  and np.array_equal(rows[:, 1:], data[: quarter * PAGE_SIZE]
-                                     .reshape(quarter, PAGE_SIZE)[:, 1:]))
+        peak = _peak_rss()
+        ok = bool(
+            _equal(unm, data[quarter * PAGE_SIZE :])
+            and np.all(rows[:, 0] == 0xA5)
+            and _equal(rows[:, 1:], data[: quarter * PAGE_SIZE].reshape(quarter, PAGE_SIZE)[:, 1:])
+        )
         del rows, cow, unm, data
     finally:
         pool.close()
     return {
-        "side": "uksm", "bytes": size, "pages": npages, "pages_sharing": sharing,
-        "merge_s": merge_s, "merge_cpu_s": merge_cpu,
-        "merge_s_per_page": merge_s / npages, "merge_cpu_per_page": merge_cpu / npages,
-        "steady_scans": scans, "steady_cpu_s": steady_cpu,
+        "side": "uksm",
+        "bytes": size,
+        "pages": npages,
+        "pages_sharing": sharing,
+        "merge_s": merge_s,
+        "merge_cpu_s": merge_cpu,
+        "merge_s_per_page": merge_s / npages,
+        "merge_cpu_per_page": merge_cpu / npages,
+        "steady_scans": scans,
+        "steady_cpu_s": steady_cpu,
         "steady_us_per_page": steady_cpu / (scans * npages) * 1e6,
         "metadata_bytes_per_page": meta,
         "metadata_bytes_per_page_uss": uss_meta,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak,
         "cow_us_per_page": cow_s / quarter * 1e6,
-        "unmerge_us_per_page": unmerge_s / n_unm * 1e6, "pages_unmerged": unmerged,
+        "unmerge_us_per_page": unmerge_s / n_unm * 1e6,
+        "pages_unmerged": unmerged,
         "contents_ok": ok,
     }
 
@@ -219,7 +246,7 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
     quarter = half // 2
     mm, arr = kernelksm.alloc_private(size)
     try:
-        mm.madvise(mmap.MADV_NOHUGEPAGE)     # 4 KiB pages, as uksm's
+        mm.madvise(mmap.MADV_NOHUGEPAGE)  # 4 KiB pages, as uksm's
         pages = arr.reshape(npages, PAGE_SIZE)
         fill_data(pages[:half])
         pages[half:] = pages[:half]
@@ -247,7 +274,7 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
                         raise RuntimeError("ksmd's full scans timed out")
                     time.sleep(0.002)
 
-            scans_done(int(kernelksm.read("full_scans")), 3)     # settle
+            scans_done(int(kernelksm.read("full_scans")), 3)  # settle
             k0 = kernelksm.counters()
             t0, cpu0 = time.perf_counter(), kernelksm.ksmd_cpu_seconds()
             while True:
@@ -260,13 +287,17 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
         finally:
             kernelksm.write("run", kernelksm.KSM_RUN_STOP)
         scans = k1["full_scans"] - k0["full_scans"]
-        per_scan = (k1["pages_scanned"] - k0["pages_scanned"]
-                    + k1.get("pages_skipped", 0) - k0.get("pages_skipped", 0)) / max(scans, 1)
+        per_scan = (
+            k1["pages_scanned"]
+            - k0["pages_scanned"]
+            + k1.get("pages_skipped", 0)
+            - k0.get("pages_skipped", 0)
+        ) / max(scans, 1)
         stat = _ksm_stat(os.getpid())
         rmap = stat.get("ksm_rmap_items", 0)
         shared = k1["pages_shared"] - c0["pages_shared"]
         sharing = k1["pages_sharing"] - c0["pages_sharing"]
-        rows = pages[half:half + quarter]
+        rows = pages[half : half + quarter]
         t0 = time.perf_counter()
         rows[:, 0] = 0xA5
         cow_s = time.perf_counter() - t0
@@ -275,9 +306,12 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
         mm.madvise(mmap.MADV_UNMERGEABLE, region * PAGE_SIZE, (npages - region) * PAGE_SIZE)
         unmerge_s = time.perf_counter() - t0
         n_unm = npages - region
-        ok = bool(np.array_equal(pages[region:], pages[quarter:half])
-                  and np.all(rows[:, 0] == 0xA5)
-                  and np.array_equal(rows[:, 1:], pages[:quarter, 1:]))
+        peak = _peak_rss()
+        ok = bool(
+            _equal(pages[region:], pages[quarter:half])
+            and np.all(rows[:, 0] == 0xA5)
+            and _equal(rows[:, 1:], pages[:quarter, 1:])
+        )
         del rows, pages
     finally:
         del arr
@@ -285,18 +319,24 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
         kernelksm.write("run", kernelksm.KSM_RUN_UNMERGE)
         kernelksm.write("run", kernelksm.KSM_RUN_STOP)
     return {
-        "side": "kernel", "bytes": size, "pages": npages, "pages_sharing": sharing,
-        "merge_s": merge_s, "merge_cpu_s": merge_cpu,
-        "merge_s_per_page": merge_s / npages, "merge_cpu_per_page": merge_cpu / npages,
-        "steady_scans": scans, "steady_cpu_s": steady_cpu,
+        "side": "kernel",
+        "bytes": size,
+        "pages": npages,
+        "pages_sharing": sharing,
+        "merge_s": merge_s,
+        "merge_cpu_s": merge_cpu,
+        "merge_s_per_page": merge_s / npages,
+        "merge_cpu_per_page": merge_cpu / npages,
+        "steady_scans": scans,
+        "steady_cpu_s": steady_cpu,
         "steady_us_per_page": steady_cpu / (scans * npages) * 1e6,
         # ksmd walks every mergeable VMA of every process: more than ours
         # on its list and the steady CPU is not ours alone
         "foreign_pages": per_scan > 1.5 * npages + PAGES_TO_SCAN,
-        "ksm_rmap_items": rmap, "pages_shared": shared,
-        "metadata_bytes_per_page": (rmap * RMAP_ITEM_BYTES + shared * STABLE_NODE_BYTES)
-        / npages,
-        "peak_rss_bytes": _peak_rss(),
+        "ksm_rmap_items": rmap,
+        "pages_shared": shared,
+        "metadata_bytes_per_page": (rmap * RMAP_ITEM_BYTES + shared * STABLE_NODE_BYTES) / npages,
+        "peak_rss_bytes": peak,
         "cow_us_per_page": cow_s / quarter * 1e6,
         "unmerge_us_per_page": unmerge_s / n_unm * 1e6,
         "contents_ok": ok,
@@ -305,14 +345,20 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
 
 # -- the parent --------------------------------------------------------------------------
 
+
 def _child(side: str, size: int, timeout: float) -> Dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "uksm.bench.scale", "child", side, str(size),
-                           str(timeout)], capture_output=True, text=True,
-                          timeout=timeout * 4 + 120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uksm.bench.scale", "child", side, str(size), str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout * 4 + 120,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
-        raise RuntimeError(f"{side} at {size // MiB} MiB failed ({proc.returncode}):\n"
-                           f"{proc.stderr.strip()[-3000:]}")
+        raise RuntimeError(
+            f"{side} at {size // MiB} MiB failed ({proc.returncode}):\n"
+            f"{proc.stderr.strip()[-3000:]}"
+        )
     result: Dict[str, Any] = json.loads(lines[-1])
     return result
 
@@ -334,8 +380,14 @@ def machine() -> Dict[str, Any]:
     return machine_facts()
 
 
-def run(sizes: Sequence[int], output: str, kernel: bool = True, timeout: float = 600.0,
-        command: str = "", out: Optional[IO[str]] = None) -> Dict[str, Any]:
+def run(
+    sizes: Sequence[int],
+    output: str,
+    kernel: bool = True,
+    timeout: float = 600.0,
+    command: str = "",
+    out: Optional[IO[str]] = None,
+) -> Dict[str, Any]:
     """Measure every size on both sides (the kernel where it may be
     driven), write scale.json, scale.md and scale.png into @output."""
     say = out if out is not None else sys.stdout
@@ -343,22 +395,31 @@ def run(sizes: Sequence[int], output: str, kernel: bool = True, timeout: float =
     results: Dict[str, Any] = {
         "uksm_bench_scale": 1,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "machine": machine(),
+        "command": command,
+        "machine": machine(),
         "workload": "fresh duplicates: half the pool data (every page different), the "
-                    "other half a copy of it; merged until 99% of the copies share",
+        "other half a copy of it; merged until 99% of the copies share",
         "kernel_side": {"available": reason is None, "reason": reason},
-        "parameters": {"uksm_pages_to_scan": UKSM_PAGES_TO_SCAN,
-                       "kernel_pages_to_scan": PAGES_TO_SCAN, "sleep_millisecs": 0,
-                       "target": TARGET, "steady_scans": STEADY_SCANS,
-                       "rmap_item_bytes": RMAP_ITEM_BYTES,
-                       "stable_node_bytes": STABLE_NODE_BYTES},
-        "sizes": [], "status": "running",
+        "parameters": {
+            "uksm_pages_to_scan": UKSM_PAGES_TO_SCAN,
+            "kernel_pages_to_scan": PAGES_TO_SCAN,
+            "sleep_millisecs": 0,
+            "target": TARGET,
+            "steady_scans": STEADY_SCANS,
+            "rmap_item_bytes": RMAP_ITEM_BYTES,
+            "stable_node_bytes": STABLE_NODE_BYTES,
+        },
+        "sizes": [],
+        "status": "running",
     }
     t_start = time.perf_counter()
     m = results["machine"]
-    say.write(f"uksm bench --scale: {m.get('cpu_model')}, {m['cpu_count']} CPUs, "
-              f"{m['kernel']}; sizes {', '.join(_size(s) for s in sizes)}; kernel KSM "
-              + ("measured" if reason is None else f"not available ({reason})") + "\n")
+    say.write(
+        f"uksm bench --scale: {m.get('cpu_model')}, {m['cpu_count']} CPUs, "
+        f"{m['kernel']}; sizes {', '.join(_size(s) for s in sizes)}; kernel KSM "
+        + ("measured" if reason is None else f"not available ({reason})")
+        + "\n"
+    )
     say.flush()
     try:
         for size in sizes:
@@ -392,30 +453,46 @@ def _size(n: int) -> str:
 
 
 def _line(r: Dict[str, Any]) -> str:
-    return (f"merge {r['merge_s']:.3f} s, steady {r['steady_us_per_page']:.3f} us/page/scan, "
-            f"metadata {r['metadata_bytes_per_page']:.1f} B/page, peak RSS "
-            f"{r['peak_rss_bytes'] / MiB:.0f} MiB, COW {r['cow_us_per_page']:.2f} us/page, "
-            f"unmerge {r['unmerge_us_per_page']:.2f} us/page")
+    return (
+        f"merge {r['merge_s']:.3f} s, steady {r['steady_us_per_page']:.3f} us/page/scan, "
+        f"metadata {r['metadata_bytes_per_page']:.1f} B/page, peak RSS "
+        f"{r['peak_rss_bytes'] / MiB:.0f} MiB, COW {r['cow_us_per_page']:.2f} us/page, "
+        f"unmerge {r['unmerge_us_per_page']:.2f} us/page"
+    )
 
 
 def _num(v: Optional[float]) -> str:
     if v is None:
         return "n/a"
     a = abs(v)
-    return (f"{v:,.0f}" if a >= 1000 else f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10
-            else f"{v:.3g}")
+    return (
+        f"{v:,.0f}"
+        if a >= 1000
+        else f"{v:.0f}"
+        if a >= 100
+        else f"{v:.1f}"
+        if a >= 10
+        else f"{v:.3g}"
+    )
 
 
 def markdown(results: Dict[str, Any]) -> str:
     m = results["machine"]
-    lines = [f"# uksm bench --scale: cost per page against pool size", "",
-             f"{m.get('cpu_model') or 'unknown CPU'}, {m['cpu_count']} CPUs, {m['kernel']}; "
-             f"run {results['started']} with `{results['command'] or 'python -m uksm bench --scale'}`"
-             f" ({results['status']}, {results.get('seconds', 0):.0f} s).", "",
-             f"Workload: {results['workload']}.  Kernel KSM: "
-             + ("measured in the same run (ksmd, MADV_MERGEABLE in a child process)."
-                if results["kernel_side"]["available"]
-                else f"not available ({results['kernel_side']['reason']})."), ""]
+    lines = [
+        "# uksm bench --scale: cost per page against pool size",
+        "",
+        f"{m.get('cpu_model') or 'unknown CPU'}, {m['cpu_count']} CPUs, {m['kernel']}; "
+        f"run {results['started']} with `{results['command'] or 'python -m uksm bench --scale'}`"
+        f" ({results['status']}, {results.get('seconds', 0):.0f} s).",
+        "",
+        f"Workload: {results['workload']}.  Kernel KSM: "
+        + (
+            "measured in the same run (ksmd, MADV_MERGEABLE in a child process)."
+            if results["kernel_side"]["available"]
+            else f"not available ({results['kernel_side']['reason']})."
+        ),
+        "",
+    ]
     head = "| pool size | metric | uksm | kernel | uksm / kernel | unit |"
     lines += [head, "|---|---|---|---|---|---|"]
     for row in results["sizes"]:
@@ -424,12 +501,20 @@ def markdown(results: Dict[str, Any]) -> str:
             u = row["uksm"][f] * scale if row["uksm"] else None
             k = row["kernel"][f] * scale if row["kernel"] else None
             r = u / k if u is not None and k else None
-            lines.append(f"| {_size(row['bytes'])} | {label} | {_num(u)} | {_num(k)} | "
-                         f"{'n/a' if r is None else f'{r:.3g}'} | {unit} |")
-    lines += ["", "Lower is better in every row.  Metadata: uksm's own bookkeeping "
-              "(stats()['metadata_bytes_per_page']); the kernel's ksm_rmap_items "
-              f"(/proc/<pid>/ksm_stat) x {RMAP_ITEM_BYTES} B plus stable nodes "
-              f"(pages_shared) x {STABLE_NODE_BYTES} B.", "", "![scale](scale.png)", ""]
+            lines.append(
+                f"| {_size(row['bytes'])} | {label} | {_num(u)} | {_num(k)} | "
+                f"{'n/a' if r is None else f'{r:.3g}'} | {unit} |"
+            )
+    lines += [
+        "",
+        "Lower is better in every row.  Metadata: uksm's own bookkeeping "
+        "(stats()['metadata_bytes_per_page']); the kernel's ksm_rmap_items "
+        f"(/proc/<pid>/ksm_stat) x {RMAP_ITEM_BYTES} B plus stable nodes "
+        f"(pages_shared) x {STABLE_NODE_BYTES} B.",
+        "",
+        "![scale](scale.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -445,22 +530,35 @@ def plot(results: Dict[str, Any], path: str) -> None:
     for ax, f in zip(axes, FIELDS):
         label, unit, scale = LABELS[f]
         for side, style in (("uksm", "o-"), ("kernel", "s--")):
-            pts = [(r["bytes"] / MiB, r[side][f] * scale) for r in done
-                   if r[side] and r[side][f] and r[side][f] > 0]
+            pts = [
+                (r["bytes"] / MiB, r[side][f] * scale)
+                for r in done
+                if r[side] and r[side][f] and r[side][f] > 0
+            ]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
-                        label="uksm" if side == "uksm" else "kernel KSM")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    label="uksm" if side == "uksm" else "kernel KSM",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks([r["bytes"] / MiB for r in done])
+        ax.set_xticklabels([_size(r["bytes"]) for r in done], fontsize=7, rotation=30)
+        ax.minorticks_off()
         ax.set_title(f"{label}\n({unit}; lower is better)", fontsize=9)
-        ax.set_xlabel("pool size (MiB)", fontsize=8)
+        ax.set_xlabel("pool size", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1].set_axis_off()
     m = results["machine"]
-    fig.suptitle(f"uksm and kernel KSM, cost per page against pool size (fresh duplicates)\n"
-                 f"{m.get('cpu_model') or 'unknown CPU'}, {m['cpu_count']} cores, "
-                 f"{m['kernel']}", fontsize=11)
+    fig.suptitle(
+        f"uksm and kernel KSM, cost per page against pool size (fresh duplicates)\n"
+        f"{m.get('cpu_model') or 'unknown CPU'}, {m['cpu_count']} cores, "
+        f"{m['kernel']}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path)
 
@@ -486,4 +584,3 @@ def _main(argv: List[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
-

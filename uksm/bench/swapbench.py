@@ -80,20 +80,22 @@ from . import kernelksm
 
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
-IOV_BATCH = 256          # csrc/swap.c: pages per pwritev
-SPARSE = 16              # latency samples are at least this many pages apart
-DEFAULT_SAMPLES = 2000   # latency samples per measurement
-SWAP_DIR = "/var/tmp"    # where the kernel's swap file goes
+IOV_BATCH = 256  # csrc/swap.c: pages per pwritev
+SPARSE = 16  # latency samples are at least this many pages apart
+DEFAULT_SAMPLES = 2000  # latency samples per measurement
+SWAP_DIR = "/var/tmp"  # where the kernel's swap file goes
 NAME = "uksm-swapbench"
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 # Measure the kernel's swap through cgroup v1's memory controller when the
 # machine has no cgroup v2 memory controller (see the module's docstring).
 CGROUP_V1_FALLBACK = True
-LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
-                         NAME + ".lock")
+LOCK_PATH = os.path.join(
+    "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(), NAME + ".lock"
+)
 
 # -- helpers ----------------------------------------------------------------------------
+
 
 def percentiles(seconds, overhead: float = 0.0) -> Dict:
     """p50, p99, mean and max in microseconds of latencies given in seconds,
@@ -102,9 +104,13 @@ def percentiles(seconds, overhead: float = 0.0) -> Dict:
     if a.size == 0:
         return {"n": 0, "p50_us": None, "p99_us": None, "mean_us": None, "max_us": None}
     a = np.maximum(a - overhead, 0.0) * 1e6
-    return {"n": int(a.size), "p50_us": float(np.percentile(a, 50)),
-            "p99_us": float(np.percentile(a, 99)), "mean_us": float(a.mean()),
-            "max_us": float(a.max())}
+    return {
+        "n": int(a.size),
+        "p50_us": float(np.percentile(a, 50)),
+        "p99_us": float(np.percentile(a, 99)),
+        "mean_us": float(a.mean()),
+        "max_us": float(a.max()),
+    }
 
 
 def mib_s(nbytes: float, seconds: float) -> Optional[float]:
@@ -134,6 +140,7 @@ def settle() -> None:
 
 # -- the floor ---------------------------------------------------------------------------
 
+
 def _lib() -> Any:
     """The C half (csrc/bench/swaphelper.c), built with the package."""
     from ._swaphelper import ffi, lib
@@ -141,8 +148,9 @@ def _lib() -> Any:
     return ffi, lib
 
 
-def floor(nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_SAMPLES,
-          seed: int = 1) -> Dict[str, Any]:
+def floor(
+    nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_SAMPLES, seed: int = 1
+) -> Dict[str, Any]:
     """The raw I/O floor of uksm's swap path for @nbytes on @directory's file
     system, in this run: a nameless file of @nbytes written with pwritev
     (256 pages a call), fsync'ed, dropped from the page cache with
@@ -158,11 +166,18 @@ def floor(nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_S
     cold, warm, punch = np.zeros(m), np.zeros(m), np.zeros(m)
     got = ffi.new("size_t *")
     what = ffi.new("const char **")
-    rc = lib.swapbench_floor(directory.encode(), pages, m, seed,
-                             ffi.from_buffer("double[]", out),
-                             ffi.from_buffer("double[]", cold),
-                             ffi.from_buffer("double[]", warm),
-                             ffi.from_buffer("double[]", punch), got, what)
+    rc = lib.swapbench_floor(
+        directory.encode(),
+        pages,
+        m,
+        seed,
+        ffi.from_buffer("double[]", out),
+        ffi.from_buffer("double[]", cold),
+        ffi.from_buffer("double[]", warm),
+        ffi.from_buffer("double[]", punch),
+        got,
+        what,
+    )
     if rc:
         name = ffi.string(what[0]).decode()
         raise OSError(-rc, f"swap floor: {name} in {directory}: {os.strerror(-rc)}")
@@ -171,19 +186,24 @@ def floor(nbytes: int, directory: Optional[str] = None, samples: int = DEFAULT_S
     write_s, sync_s = float(out[lib.SWAPBENCH_WRITE_S]), float(out[lib.SWAPBENCH_SYNC_S])
     pc, pw, pp = percentiles(cold[:k]), percentiles(warm[:k]), percentiles(punch[:k])
     return {
-        "bytes": size, "pages": pages, "directory": directory,
+        "bytes": size,
+        "pages": pages,
+        "directory": directory,
         "tool": "C (csrc/bench/swaphelper.c): pwritev 256 pages a call, fsync, "
-                "POSIX_FADV_DONTNEED, pread 1 MiB a call; pread 4 KiB at random pages",
-        "write_s": write_s, "sync_s": sync_s,
+        "POSIX_FADV_DONTNEED, pread 1 MiB a call; pread 4 KiB at random pages",
+        "write_s": write_s,
+        "sync_s": sync_s,
         "write_cached_mib_s": mib_s(size, write_s),
         "write_mib_s": mib_s(size, write_s + sync_s),
         "read_seq_cold_mib_s": mib_s(size, float(out[lib.SWAPBENCH_READ_SEQ_COLD_S])),
         "read_seq_warm_mib_s": mib_s(size, float(out[lib.SWAPBENCH_READ_SEQ_WARM_S])),
         "rand_cold_us": per_page_us(float(out[lib.SWAPBENCH_RAND_COLD_S]), k),
         "rand_warm_us": per_page_us(float(out[lib.SWAPBENCH_RAND_WARM_S]), k),
-        "pread_cold_p50_us": pc["p50_us"], "pread_cold_p99_us": pc["p99_us"],
+        "pread_cold_p50_us": pc["p50_us"],
+        "pread_cold_p99_us": pc["p99_us"],
         "pread_warm_p50_us": pw["p50_us"],
-        "punch_p50_us": pp["p50_us"], "punch_p99_us": pp["p99_us"],
+        "punch_p50_us": pp["p50_us"],
+        "punch_p99_us": pp["p99_us"],
         "latency_samples": k,
     }
 
@@ -206,12 +226,14 @@ def read_pages(arr: np.ndarray, pages: np.ndarray) -> float:
     ffi, lib = _lib()
     secs = ffi.new("double *")
     idx = np.ascontiguousarray(pages, dtype=np.int64)
-    lib.swapbench_read_pages(ffi.cast("void *", arr.ctypes.data),
-                             ffi.from_buffer("int64_t[]", idx), idx.size, secs)
+    lib.swapbench_read_pages(
+        ffi.cast("void *", arr.ctypes.data), ffi.from_buffer("int64_t[]", idx), idx.size, secs
+    )
     return float(secs[0])
 
 
 # -- uksm -------------------------------------------------------------------------------
+
 
 def _new_fds(before: Set[int]) -> List[int]:
     try:
@@ -270,12 +292,16 @@ def _lower(pool: Pool, budget: int, swap_fd: Optional[int], timeout: float) -> D
         t1 = time.perf_counter()
         os.fdatasync(swap_fd)
         t_sync = time.perf_counter() - t1
-    return {"expected": expected - before_swapped,
-            "pages_swapped": st["pages_swapped"] - before_swapped,
-            "pages_written": st["swap_outs"] - outs0,
-            "reached_s": t_reached, "sync_s": t_sync, "reached": t_reached is not None,
-            "bytes_resident_after": st["bytes_resident"],
-            "swap_errors": st["swap_errors"]}
+    return {
+        "expected": expected - before_swapped,
+        "pages_swapped": st["pages_swapped"] - before_swapped,
+        "pages_written": st["swap_outs"] - outs0,
+        "reached_s": t_reached,
+        "sync_s": t_sync,
+        "reached": t_reached is not None,
+        "bytes_resident_after": st["bytes_resident"],
+        "swap_errors": st["swap_errors"],
+    }
 
 
 def _drop_cache(swap_fd: Optional[int]) -> bool:
@@ -287,9 +313,15 @@ def _drop_cache(swap_fd: Optional[int]) -> bool:
     return True
 
 
-def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str] = None,
-              swap_batch: str = "2MiB", samples: int = DEFAULT_SAMPLES, seed: int = 1,
-              timeout: float = 120.0) -> Dict[str, Any]:
+def uksm_swap(
+    nbytes: int,
+    budget: Optional[int] = None,
+    directory: Optional[str] = None,
+    swap_batch: str = "2MiB",
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 1,
+    timeout: float = 120.0,
+) -> Dict[str, Any]:
     """uksm's swap on an array of @nbytes of incompressible data, through
     the public API only: Pool(max_resident=, swap_path=), the budget
     lowered to @budget (default nbytes / 8) and raised again, the array read.
@@ -312,8 +344,13 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
     budget = max(PAGE, budget - budget % PAGE)
     capacity = size + 16 * MiB
     fds_before = {int(x) for x in os.listdir("/proc/self/fd")}
-    pool = Pool(capacity, max_resident=capacity, swap_path=directory, swap_batch=swap_batch,
-                compact_threshold=0)
+    pool = Pool(
+        capacity,
+        max_resident=capacity,
+        swap_path=directory,
+        swap_batch=swap_batch,
+        compact_threshold=0,
+    )
     arr: Optional[np.ndarray] = None
     try:
         swap_fd = _find_swap_fd(fds_before, directory)
@@ -325,9 +362,11 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
         for name in ("seq", "rand"):
             out = _lower(pool, budget, swap_fd, timeout)
             if not out["reached"]:
-                raise RuntimeError(f"uksm: pages_swapped did not reach {out['expected']} within "
-                                   f"{timeout} s after max_resident = {budget}: {out}")
-            pool.max_resident = capacity     # no eviction while reading
+                raise RuntimeError(
+                    f"uksm: pages_swapped did not reach {out['expected']} within "
+                    f"{timeout} s after max_resident = {budget}: {out}"
+                )
+            pool.max_resident = capacity  # no eviction while reading
             dropped = _drop_cache(swap_fd)
             idx = _swapped(pool, arr)
             cached = pool.stats()["bytes_swap_cached"]
@@ -339,37 +378,53 @@ def uksm_swap(nbytes: int, budget: Optional[int] = None, directory: Optional[str
                 rng.shuffle(pick)
                 pick = pick[:samples]
                 secs = read_pages(arr, pick)
-                res = {"read_s": secs, "read_pages": int(pick.size),
-                       "us_per_page": per_page_us(secs, int(pick.size))}
+                res = {
+                    "read_s": secs,
+                    "read_pages": int(pick.size),
+                    "us_per_page": per_page_us(secs, int(pick.size)),
+                }
             pool.lock(arr)
             pool.unlock(arr)
-            _drop_cache(swap_fd)        # the freed slots' cached pages
-            rounds[name] = dict(out, **res, dropped=dropped, swapped=int(idx.size),
-                                swap_cached_before_read=cached,
-                                still_swapped=int(_swapped(pool, arr).size))
+            _drop_cache(swap_fd)  # the freed slots' cached pages
+            rounds[name] = dict(
+                out,
+                **res,
+                dropped=dropped,
+                swapped=int(idx.size),
+                swap_cached_before_read=cached,
+                still_swapped=int(_swapped(pool, arr).size),
+            )
         resident_s = min(read_seq(arr) for _ in range(3))
         contents_ok = bool(np.array_equal(arr, shadow))
         st = pool.stats()
     finally:
-        arr = None       # the pool's buffers go before the pool
+        arr = None  # the pool's buffers go before the pool
         pool.close()
-    outs = [mib_s(r["pages_swapped"] * PAGE, r["reached_s"] + (r["sync_s"] or 0.0))
-            for r in rounds.values()]
+    outs = [
+        mib_s(r["pages_swapped"] * PAGE, r["reached_s"] + (r["sync_s"] or 0.0))
+        for r in rounds.values()
+    ]
     outs_ok = [v for v in outs if v is not None]
     return {
-        "bytes": size, "budget": budget, "directory": directory, "swap_batch": swap_batch,
-        "swap_fd_found": swap_fd is not None, "rounds": rounds,
+        "bytes": size,
+        "budget": budget,
+        "directory": directory,
+        "swap_batch": swap_batch,
+        "swap_fd_found": swap_fd is not None,
+        "rounds": rounds,
         "swap_out_mib_s": float(np.median(outs_ok)) if outs_ok else None,
         "seq_read_mib_s": rounds["seq"]["read_mib_s"],
         "rand_read_us": rounds["rand"]["us_per_page"],
         "resident_read_mib_s": mib_s(size, resident_s),
         "swapped_fraction": rounds["seq"]["swapped"] / pages,
-        "contents_ok": contents_ok, "swap_errors": st["swap_errors"],
+        "contents_ok": contents_ok,
+        "swap_errors": st["swap_errors"],
         "swap_file_bytes": st["swap_file_bytes"],
     }
 
 
 # -- the kernel's swap ---------------------------------------------------------------------
+
 
 def _read(path: str) -> Optional[str]:
     try:
@@ -385,12 +440,13 @@ def _write(path: str, value) -> None:
 
 
 def _tool(name: str) -> Optional[str]:
-    return shutil.which(name) or next((p for p in (f"/sbin/{name}", f"/usr/sbin/{name}")
-                                       if os.access(p, os.X_OK)), None)
+    return shutil.which(name) or next(
+        (p for p in (f"/sbin/{name}", f"/usr/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
 
 
 def cgroup_mode() -> Optional[str]:
-    """"v2" with a cgroup v2 memory controller at /sys/fs/cgroup, "v1" with
+    """ "v2" with a cgroup v2 memory controller at /sys/fs/cgroup, "v1" with
     cgroup v1's memory controller (and CGROUP_V1_FALLBACK), else None."""
     controllers = _read(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
     if controllers is not None and "memory" in controllers.split():
@@ -407,8 +463,9 @@ def _v1_parent() -> Optional[str]:
         parts = line.split(":", 2)
         if len(parts) == 3 and "memory" in parts[1].split(","):
             path = os.path.join(CGROUP_V1_MEMORY, parts[2].lstrip("/"))
-            if os.path.isfile(os.path.join(path, "memory.limit_in_bytes")) and \
-                    os.access(path, os.W_OK):
+            if os.path.isfile(os.path.join(path, "memory.limit_in_bytes")) and os.access(
+                path, os.W_OK
+            ):
                 return path.rstrip("/")
     return None
 
@@ -423,8 +480,9 @@ def kernel_unavailable_reason(directory: str = SWAP_DIR) -> Optional[str]:
         if _tool(tool) is None:
             return f"{tool} not found"
     if cgroup_mode() is None:
-        return ("no memory cgroup: /sys/fs/cgroup/cgroup.controllers lists no memory "
-                "controller" + ("" if CGROUP_V1_FALLBACK else " (cgroup v1 not used)"))
+        return "no memory cgroup: /sys/fs/cgroup/cgroup.controllers lists no memory controller" + (
+            "" if CGROUP_V1_FALLBACK else " (cgroup v1 not used)"
+        )
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         return f"{directory} is not a writable directory"
     return None
@@ -432,8 +490,7 @@ def kernel_unavailable_reason(directory: str = SWAP_DIR) -> Optional[str]:
 
 def swap_state() -> Dict[str, str]:
     """/proc/swaps and ``swapon --show``, to compare before and after."""
-    show = subprocess.run([_tool("swapon") or "swapon", "--show"], capture_output=True,
-                          text=True)
+    show = subprocess.run([_tool("swapon") or "swapon", "--show"], capture_output=True, text=True)
     return {"proc_swaps": _read("/proc/swaps") or "", "swapon_show": show.stdout}
 
 
@@ -456,8 +513,12 @@ def cleanup_stale(directory: str = SWAP_DIR) -> List[str]:
         path = line.split()[0] if line.split() else ""
         m = pat.search(os.path.basename(path))
         if m and not _alive(int(m.group(1))):
-            if subprocess.run([_tool("swapoff") or "swapoff", path],
-                              capture_output=True).returncode == 0:
+            if (
+                subprocess.run(
+                    [_tool("swapoff") or "swapoff", path], capture_output=True
+                ).returncode
+                == 0
+            ):
                 done.append(f"swapoff {path}")
     parents = [directory, CGROUP_ROOT]
     v1 = _v1_parent()
@@ -501,7 +562,7 @@ class _Child:
         to_child, self._w = os.pipe()
         self._r, from_child = os.pipe()
         pid = os.fork()
-        if pid == 0:        # the child: C only, never back into Python's loop
+        if pid == 0:  # the child: C only, never back into Python's loop
             code = 2
             try:
                 os.close(self._w)
@@ -585,8 +646,13 @@ class KernelSwap:
     subtree_control put back if it was changed, and /proc/swaps and
     ``swapon --show`` compared with what they were (``self.restored``)."""
 
-    def __init__(self, nbytes: int, directory: str = SWAP_DIR,
-                 swapfile_bytes: Optional[int] = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        directory: str = SWAP_DIR,
+        swapfile_bytes: Optional[int] = None,
+        timeout: float = 300.0,
+    ) -> None:
         self.directory = directory
         want = max(64 * MiB, 2 * nbytes)
         self.swapfile_bytes = -(-(swapfile_bytes or want) // MiB) * MiB
@@ -649,17 +715,30 @@ class KernelSwap:
         st = os.statvfs(self.directory)
         free = st.f_bavail * st.f_frsize
         if free < self.swapfile_bytes + 256 * MiB:
-            raise RuntimeError(f"{self.directory}: {free // MiB} MiB free, the swap file "
-                               f"needs {self.swapfile_bytes // MiB} MiB and a margin")
+            raise RuntimeError(
+                f"{self.directory}: {free // MiB} MiB free, the swap file "
+                f"needs {self.swapfile_bytes // MiB} MiB and a margin"
+            )
         # created 0600 before a byte is written: swap holds other memory
         fd = os.open(self.swapfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
-        subprocess.run([_tool("dd"), "if=/dev/zero", f"of={self.swapfile}", "bs=1M",
-                        f"count={self.swapfile_bytes // MiB}", "conv=notrunc,fsync",
-                        "status=none"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                _tool("dd"),
+                "if=/dev/zero",
+                f"of={self.swapfile}",
+                "bs=1M",
+                f"count={self.swapfile_bytes // MiB}",
+                "conv=notrunc,fsync",
+                "status=none",
+            ],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run([_tool("mkswap"), self.swapfile], check=True, capture_output=True)
-        proc = subprocess.run([_tool("swapon"), "-p", "32767", self.swapfile],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [_tool("swapon"), "-p", "32767", self.swapfile], capture_output=True, text=True
+        )
         if proc.returncode:
             raise RuntimeError(f"swapon {self.swapfile} failed: {proc.stderr.strip()}")
         self._swapon = True
@@ -689,8 +768,9 @@ class KernelSwap:
         if self.mode == "v2":
             _write(os.path.join(self.cgroup, "memory.max"), value)
         else:
-            _write(os.path.join(self.cgroup, "memory.limit_in_bytes"),
-                   -1 if value == "max" else value)
+            _write(
+                os.path.join(self.cgroup, "memory.limit_in_bytes"), -1 if value == "max" else value
+            )
 
     def _usage(self) -> int:
         f = "memory.current" if self.mode == "v2" else "memory.usage_in_bytes"
@@ -698,6 +778,7 @@ class KernelSwap:
 
     def _restore(self) -> None:
         from .kernelksm import _HoldSignals
+
         errors = []
         with _HoldSignals() as held:
             if self._child is not None:
@@ -722,8 +803,9 @@ class KernelSwap:
                 except OSError as e:
                     errors.append(f"cgroup.subtree_control -memory: {e}")
             if self._swapon or self.swapfile in (_read("/proc/swaps") or ""):
-                proc = subprocess.run([_tool("swapoff") or "swapoff", self.swapfile],
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    [_tool("swapoff") or "swapoff", self.swapfile], capture_output=True, text=True
+                )
                 if proc.returncode:
                     errors.append(f"swapoff {self.swapfile}: {proc.stderr.strip()}")
                 else:
@@ -741,16 +823,17 @@ class KernelSwap:
             self._old_sigterm = None
             self.after = swap_state() if self.before else {}
             self.restored = {
-                "proc_swaps_as_before": self.after.get("proc_swaps") ==
-                self.before.get("proc_swaps"),
-                "swapon_show_as_before": self.after.get("swapon_show") ==
-                self.before.get("swapon_show"),
+                "proc_swaps_as_before": self.after.get("proc_swaps")
+                == self.before.get("proc_swaps"),
+                "swapon_show_as_before": self.after.get("swapon_show")
+                == self.before.get("swapon_show"),
                 "swapfile_removed": not os.path.exists(self.swapfile),
                 "cgroup_removed": not (self.cgroup and os.path.isdir(self.cgroup)),
                 "errors": errors,
             }
-            self.restored["ok"] = (not errors and all(
-                v for k, v in self.restored.items() if k not in ("errors",)))
+            self.restored["ok"] = not errors and all(
+                v for k, v in self.restored.items() if k not in ("errors",)
+            )
         held.replay()
 
     # -- the measurement ----------------------------------------------------------------
@@ -772,11 +855,21 @@ class KernelSwap:
                 busy += 1
         dt = time.perf_counter() - t0
         s1 = child.swap_bytes()
-        return {"seconds": dt, "bytes": s1 - s0, "ebusy_retries": busy,
-                "usage_after": self._usage(), "mib_s": mib_s(s1 - s0, dt)}
+        return {
+            "seconds": dt,
+            "bytes": s1 - s0,
+            "ebusy_retries": busy,
+            "usage_after": self._usage(),
+            "mib_s": mib_s(s1 - s0, dt),
+        }
 
-    def measure(self, nbytes: int, budget: Optional[int] = None,
-                samples: int = DEFAULT_SAMPLES, seed: int = 1) -> Dict[str, Any]:
+    def measure(
+        self,
+        nbytes: int,
+        budget: Optional[int] = None,
+        samples: int = DEFAULT_SAMPLES,
+        seed: int = 1,
+    ) -> Dict[str, Any]:
         """uksm_swap()'s measurement for a child touching @nbytes under a
         limit of @budget (default nbytes / 8), in this block's swap file
         and cgroup: two rounds, each lowering the limit (swap-out, timed
@@ -805,11 +898,19 @@ class KernelSwap:
                     res = {"read_s": float(secs), "read_mib_s": mib_s(size, float(secs))}
                 else:
                     secs, k, majflt = child.cmd(f"rand {samples}")
-                    res = {"read_s": float(secs), "read_pages": int(k),
-                           "us_per_page": per_page_us(float(secs), int(k))}
+                    res = {
+                        "read_s": float(secs),
+                        "read_pages": int(k),
+                        "us_per_page": per_page_us(float(secs), int(k)),
+                    }
                 child.cmd("dirty")
-                rounds[name] = dict(out, **res, swapped=out["bytes"] // PAGE,
-                                    not_resident=int(k), major_faults=int(majflt))
+                rounds[name] = dict(
+                    out,
+                    **res,
+                    swapped=out["bytes"] // PAGE,
+                    not_resident=int(k),
+                    major_faults=int(majflt),
+                )
         finally:
             child.close()
             self._child = None
@@ -819,16 +920,24 @@ class KernelSwap:
                 pass
         outs = [r["mib_s"] for r in rounds.values() if r["mib_s"] is not None]
         return {
-            "bytes": size, "budget": budget, "cgroup": self.mode, "fill_s": fill_s,
-            "swapfile_bytes": self.swapfile_bytes, "rounds": rounds,
+            "bytes": size,
+            "budget": budget,
+            "cgroup": self.mode,
+            "fill_s": fill_s,
+            "swapfile_bytes": self.swapfile_bytes,
+            "rounds": rounds,
             "swap_out_mib_s": float(np.median(outs)) if outs else None,
             "seq_read_mib_s": rounds["seq"]["read_mib_s"],
             "rand_read_us": rounds["rand"]["us_per_page"],
         }
 
 
-def kernel_swap(nbytes: int, budget: Optional[int] = None, samples: int = DEFAULT_SAMPLES,
-                directory: str = SWAP_DIR) -> Dict:
+def kernel_swap(
+    nbytes: int,
+    budget: Optional[int] = None,
+    samples: int = DEFAULT_SAMPLES,
+    directory: str = SWAP_DIR,
+) -> Dict:
     """KernelSwap's measurement in a block of its own; the result also
     carries what was restored."""
     ks = KernelSwap(nbytes, directory)
@@ -844,27 +953,55 @@ def kernel_swap(nbytes: int, budget: Optional[int] = None, samples: int = DEFAUL
 
 # (key, label, uksm key, floor key, kernel key, unit, better)
 ROWS: List[Tuple[str, str, str, str, Optional[str], str, str]] = [
-    ("swap_out", "swap-out to the budget, + fdatasync", "swap_out_mib_s", "write_mib_s",
-     "swap_out_mib_s", "MiB/s", "higher"),
-    ("seq_read", "sequential read of the swapped array, cold", "seq_read_mib_s",
-     "read_seq_cold_mib_s", "seq_read_mib_s", "MiB/s", "higher"),
-    ("rand_read", "random 4 KiB reads of the swapped array, cold", "rand_read_us",
-     "rand_cold_us", "rand_read_us", "us/page", "lower"),
+    (
+        "swap_out",
+        "swap-out to the budget, + fdatasync",
+        "swap_out_mib_s",
+        "write_mib_s",
+        "swap_out_mib_s",
+        "MiB/s",
+        "higher",
+    ),
+    (
+        "seq_read",
+        "sequential read of the swapped array, cold",
+        "seq_read_mib_s",
+        "read_seq_cold_mib_s",
+        "seq_read_mib_s",
+        "MiB/s",
+        "higher",
+    ),
+    (
+        "rand_read",
+        "random 4 KiB reads of the swapped array, cold",
+        "rand_read_us",
+        "rand_cold_us",
+        "rand_read_us",
+        "us/page",
+        "lower",
+    ),
 ]
 
 # The floor's own figures: (key, label, floor key, unit)
 FLOOR_ROWS: List[Tuple[str, str, str, str]] = [
     ("write", "floor: pwritev 256 x 4 KiB a call, + fsync", "write_mib_s", "MiB/s"),
-    ("read_seq_cold", "floor: pread 1 MiB a call, sequential, cold", "read_seq_cold_mib_s",
-     "MiB/s"),
+    (
+        "read_seq_cold",
+        "floor: pread 1 MiB a call, sequential, cold",
+        "read_seq_cold_mib_s",
+        "MiB/s",
+    ),
     ("rand_cold", "floor: pread 4 KiB at random pages, cold", "rand_cold_us", "us/page"),
     ("rand_warm", "floor: pread 4 KiB at random pages, cached", "rand_warm_us", "us/page"),
     ("punch_p50", "floor: punch one written-back 4 KiB slot, p50", "punch_p50_us", "us"),
 ]
 
 
-def compare(uksm: Optional[Dict[str, Any]], floor_: Optional[Dict[str, Any]],
-            kernel: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def compare(
+    uksm: Optional[Dict[str, Any]],
+    floor_: Optional[Dict[str, Any]],
+    kernel: Optional[Dict[str, Any]],
+) -> List[Dict[str, Any]]:
     """One dict a row: the three figures and the ratios uksm/floor,
     uksm/kernel (and kernel/floor)."""
     out = []
@@ -872,9 +1009,20 @@ def compare(uksm: Optional[Dict[str, Any]], floor_: Optional[Dict[str, Any]],
         u = uksm.get(uk) if uksm else None
         f = floor_.get(fk) if floor_ else None
         k = kernel.get(kk) if (kernel and kk) else None
-        out.append({"key": key, "label": label, "unit": unit, "better": better,
-                    "uksm": u, "floor": f, "kernel": k, "uksm_floor": ratio(u, f),
-                    "uksm_kernel": ratio(u, k), "kernel_floor": ratio(k, f)})
+        out.append(
+            {
+                "key": key,
+                "label": label,
+                "unit": unit,
+                "better": better,
+                "uksm": u,
+                "floor": f,
+                "kernel": k,
+                "uksm_floor": ratio(u, f),
+                "uksm_kernel": ratio(u, k),
+                "kernel_floor": ratio(k, f),
+            }
+        )
     return out
 
 
@@ -886,16 +1034,37 @@ def _num(v: Optional[float]) -> str:
 
 def table(rows: List[Dict]) -> str:
     """The rows of compare() as aligned text."""
-    head = ["metric", "unit", "uksm", "floor", "kernel", "uksm/floor", "uksm/kernel",
-            "kernel/floor"]
-    body = [[r["label"], r["unit"], _num(r["uksm"]), _num(r["floor"]), _num(r["kernel"]),
-             _num(r["uksm_floor"]), _num(r["uksm_kernel"]), _num(r["kernel_floor"])]
-            for r in rows]
+    head = [
+        "metric",
+        "unit",
+        "uksm",
+        "floor",
+        "kernel",
+        "uksm/floor",
+        "uksm/kernel",
+        "kernel/floor",
+    ]
+    body = [
+        [
+            r["label"],
+            r["unit"],
+            _num(r["uksm"]),
+            _num(r["floor"]),
+            _num(r["kernel"]),
+            _num(r["uksm_floor"]),
+            _num(r["uksm_kernel"]),
+            _num(r["kernel_floor"]),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     lines = []
     for j, x in enumerate([head] + body):
-        lines.append("  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
-                               for i, c in enumerate(x)).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(x)
+            ).rstrip()
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
