@@ -1198,7 +1198,7 @@ def _assert_checks(checks: Dict[str, bool]) -> None:
 
 
 def _report(benchmark, shared, rows: List[Dict]) -> None:
-    from harness import report
+    from uksm.bench.micro import report
 
     shared.cache.setdefault("memory_model_rows", {}).update({r["key"]: r for r in rows})
     for r in rows:
