@@ -1467,6 +1467,11 @@ class Pool:
         finally:
             handler._set(old)
 
+    def _live_ranges(self) -> np.ndarray:
+        """(vpn, npages) of every buffer not yet released, one row each."""
+        rows = [(r.vpn, r.npages) for r in list(self._buffers.values()) if not r.released]
+        return np.array(rows or [(0, 0)], np.uint64)
+
     def stats(self) -> dict:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
         uksm's own memory figures.  pages_shared: KSM frames in use;
@@ -1482,7 +1487,9 @@ class Pool:
                 self._reap()
             sc = self._scanner
             # pagemap first: it also reconciles, so the counters below are fresh
-            mem = self._native.memory(0, self._native.va_pages)
+            # over the live buffers only: the cost of stats() follows the
+            # pages in use, not the address space reserved
+            mem = self._native.memory_ranges(self._live_ranges())
             c = self._native.stats()
             chains, dups = sc.stable.chains()
             meta = sc.metadata_bytes()
