@@ -577,3 +577,31 @@ def test_freed_buffers_give_their_rmap_slots_back():
             pool.scan(full_scans=1)
             assert _rss_of(sc.oldchecksum) <= 4 * PAGE, _rss_of(sc.oldchecksum)
         assert keep.min() == keep.max() == 5
+
+
+# --- idle backoff ------------------------------------------------------------------
+
+
+def test_idle_backoff_slows_a_pool_at_rest_and_wakes_on_change():
+    """A full scan that finds nothing new makes the background scanner
+    sleep longer per batch; a changed page or a new buffer puts it back to
+    full speed, so new duplicates still merge within two full scans."""
+    with uksm.Pool("64MiB", pages_to_scan=100000, sleep_millisecs=0) as pool:
+        sc = pool._scanner
+        a = pool.asarray(random_pages(64, seed=40))
+        b = pool.asarray(a)
+        pool.scan(full_scans=2)
+        assert sc.sleep_factor() == 1
+        pool.scan(full_scans=3)             # nothing changes
+        assert sc.idle_scans == 3
+        assert sc.sleep_factor() == uksm.scanner.IDLE_FACTOR_MAX
+        b[0] = 1 - b[0]                     # a COW break and a changed page
+        pool.scan(full_scans=1)
+        assert sc.idle_scans == 0 and sc.sleep_factor() == 1
+        pool.scan(full_scans=2)
+        assert sc.idle_scans >= 1
+        c = pool.asarray(a)                 # a new buffer: at once
+        assert sc.idle_scans == 0
+        pool.scan(full_scans=2)
+        assert np.array_equal(a, c)
+        assert pool.stats()["pages_sharing"] >= 2 * 64 - 1

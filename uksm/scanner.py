@@ -80,7 +80,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, List, Tuple
 
 import numpy as np
 import numpy.ma  # noqa: F401  (see below)
@@ -101,6 +101,14 @@ np.isin(np.zeros(2, np.int64), np.zeros(1, np.int64))
 np.lexsort((np.zeros(2), np.zeros(2)))
 
 EWMA_WEIGHT = 30
+# Idle backoff: after a full scan that found nothing new (no page changed,
+# nothing merged, no buffer came), the background scanner sleeps four times
+# as long per batch, and four times longer again after each further idle
+# scan, up to IDLE_FACTOR_MAX times sleep_millisecs; the first change it
+# meets, or a new buffer, puts it back to full speed at once.  ksmd's smart scan skips
+# the pages that fail to merge; this skips the time a pool at rest would
+# spend proving that it still is.
+IDLE_FACTOR_MAX = 32
 ADVISOR_MIN_CPU = 10
 VMA_SHARE = 0.5
 VMA_COW_SOFT = 0.9
@@ -290,6 +298,10 @@ class Scanner:
         self.pages_unshared = 0
         self.full_scans = 0
         self.merges_skipped_vma = 0
+        # idle backoff: what this full scan found new, and the full scans
+        # in a row that found nothing
+        self._news = 0
+        self.idle_scans = 0
         # VMA budget
         self.max_map_count = _read_max_map_count()
         self._maps = None
@@ -319,6 +331,7 @@ class Scanner:
         self.starts.insert(i, start)
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
+        self.idle_scans = 0         # new pages to look at: full speed
 
     @_mutating
     def remove_range(self, start: int, npages: int) -> bool:
@@ -384,6 +397,11 @@ class Scanner:
         if wrapped:
             self._end_full_scan()
         return n
+
+    def sleep_factor(self) -> int:
+        """How many sleep_millisecs the background scanner sleeps after a
+        batch: 1, four times more with each idle full scan in a row."""
+        return min(4 ** min(self.idle_scans, 3), IDLE_FACTOR_MAX)
 
     def _smart_skip(self, vpns: np.ndarray) -> np.ndarray:
         """should_skip_rmap_item() for a batch: 1 where the page is skipped."""
@@ -483,6 +501,10 @@ class Scanner:
         # 3: the checksum gate
         rest = ~done
         changed = s != self.oldchecksum[v]
+        news = int(np.count_nonzero(changed)) + int(np.count_nonzero(done))
+        if news:
+            self._news += news
+            self.idle_scans = 0
         self.oldchecksum[v] = s
         gated = rest & ~changed
 
@@ -622,6 +644,8 @@ class Scanner:
                                           np.zeros(len(src), np.uint32))
             ok = res == _core.MERGE_OK
             if ok.any():
+                self._news += int(np.count_nonzero(ok))
+                self.idle_scans = 0
                 self.age[src[ok]] = 0
                 self.skips[src[ok]] = 0
                 # anchors upgraded in place leave the unstable tree ...
@@ -658,6 +682,8 @@ class Scanner:
         """The cursor wrapped: the unstable tree is thrown away, stale stable
         nodes are swept out, and the advisor retunes pages_to_scan."""
         self.full_scans += 1
+        self.idle_scans = 0 if self._news else self.idle_scans + 1
+        self._news = 0
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
