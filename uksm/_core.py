@@ -315,6 +315,15 @@ class NativePool:
         return {name: int(getattr(out, name))
                 for name, _ in ffi.typeof("struct uksm_memory").fields}
 
+    def memory_ranges(self, ranges: np.ndarray) -> dict:
+        """memory() over the (vpn, npages) rows of @ranges, in one call."""
+        out = ffi.new("struct uksm_memory *")
+        r = np.ascontiguousarray(ranges, np.uint64).reshape(-1, 2)
+        _check(lib.uksm_memory_ranges(self._pool, _ptr("uint64_t[]", r), len(r), out),
+               "memory")
+        return {name: int(getattr(out, name))
+                for name, _ in ffi.typeof("struct uksm_memory").fields}
+
     # -- swap (csrc/swap.c) --------------------------------------------------
 
     def swap_enable(self, swap_fd: int, dir_fd: int, max_resident: int, batch: int) -> None:

@@ -690,11 +690,16 @@ class Pool:
     The knobs keep the names and meanings of /sys/kernel/mm/ksm:
 
     pages_to_scan     how many pages to scan before the scanner sleeps
+                      (default 1000: ten times ksmd's, a page costing a
+                      quarter of what it costs ksmd)
     sleep_millisecs   how many milliseconds the scanner sleeps between batches
+                      (4x, 16x, then 32x longer after full scans that found
+                      nothing new, until something changes: idle backoff)
     max_page_sharing  maximum sharing allowed for each KSM page
     use_zero_pages    merge empty pages with the kernel zero page (no frame)
     smart_scan        skip pages that repeatedly fail to merge
-    checksum          "jhash2" (the seed's calc_checksum) or "xxhash" (XXH3)
+    checksum          "xxhash" (XXH3, the default) or "jhash2" (the seed's
+                      calc_checksum)
     advisor_mode      "none" or "scan-time": retune pages_to_scan so a full
                       scan takes advisor_target_scan_time seconds
 
@@ -731,10 +736,10 @@ class Pool:
                  "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
                  "_unsettled", "_saved_peak", "__weakref__")
 
-    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
+    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 1000,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,
                  use_zero_pages: bool = True, smart_scan: bool = True,
-                 checksum: str = "jhash2", advisor_mode: str = "none",
+                 checksum: str = "xxhash", advisor_mode: str = "none",
                  advisor_target_scan_time: float = 200.0,
                  advisor_min_pages_to_scan: int = 500,
                  advisor_max_pages_to_scan: int = 30000,
@@ -1401,7 +1406,8 @@ class Pool:
             self._native.swap_trim(256)
         if not _core.handler_installed():
             _core.install_handler()
-        return self._knobs["sleep_millisecs"] / 1000.0
+        # idle backoff (uksm.scanner): a pool at rest is looked at less often
+        return self._knobs["sleep_millisecs"] * self._scanner.sleep_factor() / 1000.0
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -1467,6 +1473,11 @@ class Pool:
         finally:
             handler._set(old)
 
+    def _live_ranges(self) -> np.ndarray:
+        """(vpn, npages) of every buffer not yet released, one row each."""
+        rows = [(r.vpn, r.npages) for r in list(self._buffers.values()) if not r.released]
+        return np.array(rows or [(0, 0)], np.uint64)
+
     def stats(self) -> dict:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
         uksm's own memory figures.  pages_shared: KSM frames in use;
@@ -1482,7 +1493,9 @@ class Pool:
                 self._reap()
             sc = self._scanner
             # pagemap first: it also reconciles, so the counters below are fresh
-            mem = self._native.memory(0, self._native.va_pages)
+            # over the live buffers only: the cost of stats() follows the
+            # pages in use, not the address space reserved
+            mem = self._native.memory_ranges(self._live_ranges())
             c = self._native.stats()
             chains, dups = sc.stable.chains()
             meta = sc.metadata_bytes()

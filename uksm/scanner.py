@@ -78,8 +78,9 @@ the C core takes its own lock inside each call.
 from __future__ import annotations
 
 import bisect
+import mmap
 import time
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 import numpy.ma  # noqa: F401  (see below)
@@ -100,9 +101,48 @@ np.isin(np.zeros(2, np.int64), np.zeros(1, np.int64))
 np.lexsort((np.zeros(2), np.zeros(2)))
 
 EWMA_WEIGHT = 30
+# Idle backoff: after a full scan that found nothing new (no page changed,
+# nothing merged, no buffer came), the background scanner sleeps four times
+# as long per batch, and four times longer again after each further idle
+# scan, up to IDLE_FACTOR_MAX times sleep_millisecs; the first change it
+# meets, or a new buffer, puts it back to full speed at once.  ksmd's smart scan skips
+# the pages that fail to merge; this skips the time a pool at rest would
+# spend proving that it still is.
+IDLE_FACTOR_MAX = 32
 ADVISOR_MIN_CPU = 10
 VMA_SHARE = 0.5
 VMA_COW_SOFT = 0.9
+
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def _table(n: int, dtype: Any) -> np.ndarray:
+    """A zeroed table of @n slots, one per virtual page (or frame): address
+    space reserved without commitment (MAP_NORESERVE, as the C core's own
+    pte table), so a slot costs memory only once it is written.  np.zeros
+    would be calloc, lazy too, but counted whole against the overcommit
+    heuristic: a table for a pool of many terabytes would be refused."""
+    dt = np.dtype(dtype)
+    m = mmap.mmap(-1, max(n * dt.itemsize, 1),
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    return np.frombuffer(m, dt, count=n)
+
+
+def _table_trim(table: np.ndarray, lo: int, hi: int, gap_lo: int, gap_hi: int) -> None:
+    """Give back the pages of @table that hold only slots of the free gap
+    [gap_lo, gap_hi) and some of [lo, hi): the slots read as zero again, as
+    a fresh rmap item's do."""
+    base = table.base
+    base = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(base, mmap.mmap):
+        return
+    b = table.itemsize
+    pg = mmap.PAGESIZE
+    start = max(-(-gap_lo * b // pg) * pg, lo * b // pg * pg)
+    end = min(gap_hi * b // pg * pg, -(-hi * b // pg) * pg)
+    if end > start:
+        base.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _count_maps() -> int:
@@ -227,16 +267,19 @@ class Scanner:
         va_pages = native.va_pages
         self.native = native
         self.knobs = knobs
-        # rmap items, one slot per virtual page: np.zeros is calloc, so only
-        # the slots of pages ever used take memory.
-        self.oldchecksum = np.zeros(va_pages, np.uint64)
-        self.tag = np.zeros(va_pages, np.uint16)
-        self.age = np.zeros(va_pages, np.uint8)
-        self.skips = np.zeros(va_pages, np.uint8)
-        # stable node + 1 of each frame, 0 for none: np.zeros is calloc, so
-        # (unlike a table filled with -1) only the frames ever merged cost
-        # memory, however large the frame store may grow
-        self.node1_of_pfn = np.zeros(native.nr_frames, np.int32)
+        # rmap items, one slot per virtual page, reserved and not committed
+        # (_table): only the slots of pages in use take memory, and a freed
+        # buffer's slots are given back (remove_range), so the tables cost
+        # what the tracked pages cost, whatever the pool's capacity.
+        self.oldchecksum = _table(va_pages, np.uint64)
+        self.tag = _table(va_pages, np.uint16)
+        self.age = _table(va_pages, np.uint8)
+        self.skips = _table(va_pages, np.uint8)
+        self.va_pages = va_pages
+        # stable node + 1 of each frame, 0 for none: zero-filled, so (unlike
+        # a table filled with -1) only the frames ever merged cost memory,
+        # however large the frame store may grow
+        self.node1_of_pfn = _table(native.nr_frames, np.int32)
         self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
         self.starts: List[int] = []
         self.rmap_items = 0
@@ -255,6 +298,10 @@ class Scanner:
         self.pages_unshared = 0
         self.full_scans = 0
         self.merges_skipped_vma = 0
+        # idle backoff: what this full scan found new, and the full scans
+        # in a row that found nothing
+        self._news = 0
+        self.idle_scans = 0
         # VMA budget
         self.max_map_count = _read_max_map_count()
         self._maps = None
@@ -284,6 +331,7 @@ class Scanner:
         self.starts.insert(i, start)
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
+        self.idle_scans = 0         # new pages to look at: full speed
 
     @_mutating
     def remove_range(self, start: int, npages: int) -> bool:
@@ -297,6 +345,11 @@ class Scanner:
         self.pages_unshared -= int(np.count_nonzero(self.tag[sl]))
         self.tag[sl] = 0
         self.rmap_items -= npages
+        # the slots no tracked buffer shares a page with go back
+        gap_lo = self.extents[i - 1][0] + self.extents[i - 1][1] if i else 0
+        gap_hi = self.extents[i][0] if i < len(self.extents) else self.va_pages
+        for table in (self.oldchecksum, self.tag, self.age, self.skips):
+            _table_trim(table, start, start + npages, gap_lo, gap_hi)
         return True
 
     # -- the scan -------------------------------------------------------------
@@ -344,6 +397,11 @@ class Scanner:
         if wrapped:
             self._end_full_scan()
         return n
+
+    def sleep_factor(self) -> int:
+        """How many sleep_millisecs the background scanner sleeps after a
+        batch: 1, four times more with each idle full scan in a row."""
+        return min(4 ** min(self.idle_scans, 3), IDLE_FACTOR_MAX)
 
     def _smart_skip(self, vpns: np.ndarray) -> np.ndarray:
         """should_skip_rmap_item() for a batch: 1 where the page is skipped."""
@@ -443,6 +501,10 @@ class Scanner:
         # 3: the checksum gate
         rest = ~done
         changed = s != self.oldchecksum[v]
+        news = int(np.count_nonzero(changed)) + int(np.count_nonzero(done))
+        if news:
+            self._news += news
+            self.idle_scans = 0
         self.oldchecksum[v] = s
         gated = rest & ~changed
 
@@ -582,6 +644,8 @@ class Scanner:
                                           np.zeros(len(src), np.uint32))
             ok = res == _core.MERGE_OK
             if ok.any():
+                self._news += int(np.count_nonzero(ok))
+                self.idle_scans = 0
                 self.age[src[ok]] = 0
                 self.skips[src[ok]] = 0
                 # anchors upgraded in place leave the unstable tree ...
@@ -618,6 +682,8 @@ class Scanner:
         """The cursor wrapped: the unstable tree is thrown away, stale stable
         nodes are swept out, and the advisor retunes pages_to_scan."""
         self.full_scans += 1
+        self.idle_scans = 0 if self._news else self.idle_scans + 1
+        self._news = 0
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
@@ -659,7 +725,7 @@ class Scanner:
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
-        self.tag = np.zeros(len(self.tag), np.uint16)     # calloc: commits nothing
+        self.tag = _table(len(self.tag), np.uint16)       # commits nothing
         self.pages_unshared = 0
         ranges = sorted(ranges)
         self.starts = [start for start, _ in ranges]
@@ -677,7 +743,7 @@ class Scanner:
         order = np.argsort(st.sum[live], kind="stable")
         st.idx_sum = st.sum[live][order]
         st.idx_node = live[order].astype(np.int32)
-        self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+        self.node1_of_pfn = _table(len(self.node1_of_pfn), np.int32)
         self.node1_of_pfn[st.pfn[live]] = live.astype(np.int32) + 1
         self.prune_stable()
         self.dirty = 0
@@ -694,7 +760,7 @@ class Scanner:
                 st.prune(nodes[stale])
         if st.n - st.nr_alive > max(1024, st.n // 2):
             st.compact()
-            self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+            self.node1_of_pfn = _table(len(self.node1_of_pfn), np.int32)
             self.node1_of_pfn[st.pfn[: st.n]] = np.arange(1, st.n + 1, dtype=np.int32)
 
     def _scan_time_advisor(self, scan_time: float, cpu_time: float) -> None:
