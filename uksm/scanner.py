@@ -334,6 +334,7 @@ class Scanner:
         self.map_count_limit: Optional[int] = None   # tests: a limit below the sysctl's
         self._maps: Optional[int] = None
         self.recount_maps()
+        self._maps = None       # and again at the first merge: buffers came since
         # pages left private for lack of mappings: in this full scan (a
         # flag per vpn, calloc'ed; the set ones listed to clear them), and
         # in the last one
