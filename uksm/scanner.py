@@ -91,7 +91,7 @@ import bisect
 import os
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import numpy.ma  # noqa: F401  (see below)
@@ -549,7 +549,8 @@ class Scanner:
         order = np.lexsort((np.arange(nu), -gain, -ratio))
         return unit, order, ucost
 
-    def _merge(self, src, dst_vpn, dst_pfn, dst_key):
+    def _merge(self, src: np.ndarray, dst_vpn: np.ndarray, dst_pfn: np.ndarray,
+               dst_key: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uksm_merge() within the VMA budget.  When the budget cannot cover
         every unit at its worst, the units go in order of pages saved per
         mapping (_merge_order), as many at a time as the budget left covers
@@ -600,7 +601,8 @@ class Scanner:
         finally:
             self._vma_settle(budget, left)
         self._note_novma(vpns, res)
-        return res
+        out: np.ndarray = res
+        return out
 
     def _cmp_and_merge(self, vpns, sums, states, skip) -> None:
         self.pages_scanned += len(vpns)
