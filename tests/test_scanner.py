@@ -4,7 +4,7 @@ Volatility and the checksum gate, both checksums, jhash2 against a port of
 include/linux/jhash.h, keyhole pruning of stale stable nodes, smart_scan,
 the scan-time advisor, max_page_sharing chains, unmerge, the metadata
 budget, and the VMA budget.  All on real pools; the only thing ever changed
-behind the scanner's back is one policy constant (VMA_SHARE).
+behind the scanner's back is the map count limit (a test's lower one).
 """
 import struct
 import time
@@ -454,9 +454,9 @@ def test_vma_budget_caps_isolated_merges(monkeypatch):
         ca, cb = a.copy(), b.copy()
 
         bound = count_maps() + headroom
-        monkeypatch.setattr(uksm.scanner, "VMA_SHARE", bound / max_map)
-        limit = int(max_map * uksm.scanner.VMA_SHARE)
-        assert limit <= bound
+        pool._scanner.map_count_limit = bound
+        pool.map_count_reserve = 0
+        limit = bound
         worst = 0
         for _ in range(4):
             pool.scan(full_scans=1)
@@ -474,11 +474,12 @@ def test_vma_budget_caps_isolated_merges(monkeypatch):
             ca[i * PAGE] ^= 1
         assert np.array_equal(a, ca) and np.array_equal(b, cb)
 
-        # with the real share the rest merges
-        monkeypatch.undo()
+        # with the real limit the rest merges
+        pool._scanner.map_count_limit = None
+        pool.map_count_reserve = None
         pool.scan(full_scans=2)
         assert pool.stats()["pages_sharing"] >= n - 20
-        assert count_maps() <= int(max_map * uksm.scanner.VMA_SHARE)
+        assert count_maps() <= max_map - pool.stats()["map_count_reserve"]
         assert np.array_equal(a, ca) and np.array_equal(b, cb)
 
 

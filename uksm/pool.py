@@ -139,6 +139,11 @@ def _cpu_knob(name: str, value: Any) -> int:
     return _int_knob(name, value, 1, 100)
 
 
+def _map_count_reserve_knob(name: str, value: Any) -> Optional[int]:
+    # mappings, as vm.max_map_count counts them (an int sysctl)
+    return None if value is None else _int_knob(name, value, 0, 2**31 - 1)
+
+
 def _compact_threshold_knob(name: str, value: Any) -> float:
     allowed = "0 (off) or a finite ratio >= 1"
     v = _float_knob(name, value, allowed)
@@ -726,6 +731,11 @@ class Pool:
                       directory (that directory; the file never has a
                       name); needs max_resident
     swap_batch        how much one swap write takes at most
+    map_count_reserve mappings (vm.max_map_count) merging leaves to the
+                      program's own; None: a 32nd of the limit, at least
+                      1024.  Merged pages cost mappings; past the limit
+                      less this, merges are skipped and counted
+                      (pages_unmerged_map_limit)
     """
 
     # A typo such as pool.pages_to_scn = 5 must fail, not make an attribute
@@ -746,7 +756,8 @@ class Pool:
                  advisor_max_cpu: int = 70,
                  cow: str = "kernel", virtual_size: Any = None, cow_reserve: Any = None,
                  compact_threshold: float = 2.0, max_resident: Any = None,
-                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB") -> None:
+                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB",
+                 map_count_reserve: Optional[int] = None) -> None:
         self._closed = True     # until fully built, for __del__/close
         cap = parse_size(capacity, "capacity")
         if cap % PAGE_SIZE:
@@ -777,6 +788,8 @@ class Pool:
             "advisor_max_cpu": _cpu_knob("advisor_max_cpu", advisor_max_cpu),
             "compact_threshold": _compact_threshold_knob("compact_threshold",
                                                          compact_threshold),
+            "map_count_reserve": _map_count_reserve_knob("map_count_reserve",
+                                                         map_count_reserve),
         }
         if not isinstance(cow, str) or cow not in _core.COW_MODES:
             raise ValueError(f"unknown cow mode {cow!r}: 'kernel' or 'signal'")
@@ -854,6 +867,7 @@ class Pool:
     use_zero_pages = _knob_property("use_zero_pages", _bool_knob)
     smart_scan = _knob_property("smart_scan", _bool_knob)
     advisor_max_cpu = _knob_property("advisor_max_cpu", _cpu_knob)
+    map_count_reserve = _knob_property("map_count_reserve", _map_count_reserve_knob)
     del _knob_property
 
     @staticmethod
@@ -888,8 +902,7 @@ class Pool:
         # reference hints cost VMAs and the C side only estimates them: a
         # real count now and then keeps the estimate (and eviction) honest
         sc = self._scanner
-        if self._native.vma_estimate() > 0.8 * sc.max_map_count * 0.9:
-            sc.recount_maps()
+        sc.maybe_recount_maps()
         if group < 0:
             self._unsettled = 0
         try:
@@ -1573,6 +1586,14 @@ class Pool:
                 "metadata_bytes_per_page": (meta_total / sc.rmap_items) if sc.rmap_items else 0.0,
                 "last_full_scan_seconds": sc.last_full_scan_seconds,
                 "max_map_count": sc.max_map_count,
+                # the mappings merging works within: the process's (counted
+                # now and then, our merges' own since), the limit, the
+                # part left to the program, and the pages a full scan left
+                # private because the rest was spent
+                "map_count": sc.map_count(),
+                "map_count_max": sc.map_count_max(),
+                "map_count_reserve": sc.map_count_reserve(),
+                "pages_unmerged_map_limit": sc.unmerged_map_limit(),
                 "bytes_saved": self._note_saved(c),
                 "bytes_saved_peak": self._saved_peak,
                 "handler": (self._native.events_stats() if self._native.events_enabled
