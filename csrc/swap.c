@@ -28,9 +28,11 @@
  * its slot: one mmap per run of consecutive pages on consecutive slots.
  * The anonymous pages and the frames go back to the kernel with that.  A
  * shared frame is written once, to one slot, for all its mappers: sharing
- * survives swapping.  Writeback is started at once (sync_file_range) and
- * the clean pages are dropped from the page cache at the next pass
- * (POSIX_FADV_DONTNEED): that is when the memory really goes.  A write
+ * survives swapping.  The write is O_DIRECT where the file system allows
+ * it, from the page to the disk with no copy in the page cache; otherwise
+ * writeback is started at once (sync_file_range) and the clean pages are
+ * dropped from the page cache at the end of the pass (POSIX_FADV_DONTNEED):
+ * that is when the memory really goes.  A write
  * error (ENOSPC, EFBIG, EIO) stops the batch before anything is remapped:
  * the pages stay resident, the error is counted, nothing is lost.
  *
@@ -58,7 +60,8 @@
 #include <sys/uio.h>
 #include <time.h>
 
-#define IOV_BATCH	256
+/* UIO_MAXIOV: one pwritev writes up to 4 MiB of a run */
+#define IOV_BATCH	1024
 #define EVICT_MAX	4096
 /* swap_map value of a freed slot that a forked child may still view */
 #define SWAP_MAP_DEFERRED	UINT16_MAX
@@ -79,6 +82,26 @@ static uint64_t mono_now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/*
+ * The swap file again, write-only and O_DIRECT, for pageout: a slot is
+ * written from the page itself to the disk, as the kernel's swap writes
+ * from the page it unmaps.  Through the page cache, a batch would first be
+ * copied there (twice the batch's memory until written back, in the very
+ * pass that is to give memory back), dirtied, throttled as any writer's
+ * dirty pages are, then written back and dropped.  Views still read the
+ * slots through the page cache (swap_ro_fd), and a direct write
+ * invalidates the cached pages of the slots it writes, which no view maps:
+ * the slots were free.  -1 where the file system has no O_DIRECT (tmpfs
+ * before Linux 6.6) or there is no /proc: buffered writes then.
+ */
+static int open_direct(int fd)
+{
+	char path[40];
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	return open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
 }
 
 int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
@@ -130,6 +153,7 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 	pool->max_resident = max_resident_pages;
 	pool->reclaim_batch = batch;
 	pool->swap_dir_fd = dir_fd;
+	pool->swap_dio_fd = open_direct(swap_fd);
 	pool->swap_fd = swap_fd;
 	pool->swap_ro_fd = ro;
 	uksm_unlock(pool);
@@ -144,6 +168,8 @@ void uksm_swap_destroy(struct uksm_pool *pool)
 		close(pool->swap_ro_fd);
 	if (pool->swap_dir_fd >= 0)
 		close(pool->swap_dir_fd);
+	if (pool->swap_fd >= 0 && pool->swap_dio_fd >= 0)
+		close(pool->swap_dio_fd);
 	if (pool->swap_meta)
 		munmap(pool->swap_meta, pool->swap_meta_bytes);
 }
@@ -490,7 +516,7 @@ static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 
 	while (a < b) {
 		size_t n = 0, first = pool->evict_slot[a];
-		ssize_t done;
+		ssize_t done = -1;
 
 		while (a + n < b && n < IOV_BATCH && pool->evict_slot[a + n] == first + n) {
 			const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[a + n]];
@@ -503,7 +529,16 @@ static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 		}
 		if (uksm_injected(UKSM_OP_PWRITE))
 			return -errno;
-		done = pwritev(pool->swap_fd, iov, (int)n, (off_t)(first * PG));
+		if (pool->swap_dio_fd >= 0) {
+			done = pwritev(pool->swap_dio_fd, iov, (int)n, (off_t)(first * PG));
+			if (done < 0 && errno == EINVAL) {
+				/* no direct I/O here after all (alignment): buffered from now on */
+				close(pool->swap_dio_fd);
+				pool->swap_dio_fd = -1;
+			}
+		}
+		if (pool->swap_dio_fd < 0)
+			done = pwritev(pool->swap_fd, iov, (int)n, (off_t)(first * PG));
 		if (done < 0)
 			return -errno;
 		if ((size_t)done != n * PG)
@@ -1057,5 +1092,9 @@ int uksm_swap_detach(struct uksm_pool *pool)
 	dup3(ro, pool->swap_ro_fd, O_CLOEXEC);
 	close(fd);
 	close(ro);
+	/* the parent's file must never be written: direct writes go to the copy */
+	if (pool->swap_dio_fd >= 0)
+		close(pool->swap_dio_fd);
+	pool->swap_dio_fd = open_direct(pool->swap_fd);
 	return 0;
 }

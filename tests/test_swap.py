@@ -81,8 +81,9 @@ def kswapd(pool):
 def swap_fds(directory):
     """(fd, link) of this process's descriptors open on a nameless file in
     @directory: its /proc link is '<dir>/#<ino> (deleted)' (O_TMPFILE) or
-    '<dir>/name (deleted)'.  The pool holds its swap file twice (read-write
-    for writing slots, read-only for the views)."""
+    '<dir>/name (deleted)'.  The pool holds its swap file two or three times
+    (read-write, read-only for the views, and O_DIRECT for writing slots
+    where the file system has it)."""
     prefix = os.path.realpath(directory) + "/"
     out = []
     for name in os.listdir("/proc/self/fd"):

@@ -193,3 +193,50 @@ def test_lock_swaps_a_run_in_private(swdir, cow):
     del ball
     gc.collect()
     pool.close()
+
+
+def _fd_flags(fd):
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    return 0
+
+
+def test_slots_are_written_direct_where_the_file_system_allows(swdir):
+    """Pageout writes from the page to the disk (O_DIRECT) where the swap
+    directory's file system takes direct I/O: no copy of the batch sits in
+    the page cache while the pass is giving memory back.  The descriptor is
+    the pool's own, on its swap file, write-only; it goes with the pool."""
+    try:
+        probe = os.open(swdir, os.O_TMPFILE | os.O_WRONLY | os.O_DIRECT, 0o600)
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system: the writes are buffered")
+    st_probe = os.fstat(probe)
+    os.close(probe)
+    before = set(os.listdir("/proc/self/fd"))
+    pool, ball = make_pool(swdir)
+    new = [int(x) for x in set(os.listdir("/proc/self/fd")) - before]
+    direct = []
+    for fd in new:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if st.st_dev == st_probe.st_dev and st.st_nlink == 0 and _fd_flags(fd) & os.O_DIRECT:
+            direct.append(fd)
+    assert len(direct) == 1, new
+    ino = os.fstat(direct[0]).st_ino
+    assert _fd_flags(direct[0]) & os.O_ACCMODE == os.O_WRONLY
+    arr = pool.empty(4 * MiB, np.uint8)
+    src = fill(arr, 5)
+    swap_out(pool, arr)
+    assert pool.stats()["bytes_swap_cached"] == 0
+    assert np.array_equal(arr, src)
+    del arr, ball
+    gc.collect()
+    pool.close()
+    try:
+        assert os.fstat(direct[0]).st_ino != ino, "the direct descriptor outlived the pool"
+    except OSError:
+        pass
