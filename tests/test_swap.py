@@ -1051,7 +1051,7 @@ def test_swap_file_is_private_nameless_and_in_swap_path(swdir):
     files = swap_files(swdir)
     assert len(files) == 1, files
     fds = next(iter(files.values()))
-    for fd, link in swap_fds(swdir):
+    for _fd, link in swap_fds(swdir):
         assert link.endswith("(deleted)"), link        # O_TMPFILE '#ino' or unlinked
         assert os.path.dirname(link.split(" (deleted)")[0]) == os.path.realpath(swdir)
     fd = fds[0]
