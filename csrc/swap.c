@@ -56,6 +56,7 @@
  */
 #include "uksm_internal.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
