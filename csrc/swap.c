@@ -28,9 +28,11 @@
  * its slot: one mmap per run of consecutive pages on consecutive slots.
  * The anonymous pages and the frames go back to the kernel with that.  A
  * shared frame is written once, to one slot, for all its mappers: sharing
- * survives swapping.  Writeback is started at once (sync_file_range) and
- * the clean pages are dropped from the page cache at the next pass
- * (POSIX_FADV_DONTNEED): that is when the memory really goes.  A write
+ * survives swapping.  The write is O_DIRECT where the file system allows
+ * it, from the page to the disk with no copy in the page cache; otherwise
+ * writeback is started at once (sync_file_range) and the clean pages are
+ * dropped from the page cache at the end of the pass (POSIX_FADV_DONTNEED):
+ * that is when the memory really goes.  A write
  * error (ENOSPC, EFBIG, EIO) stops the batch before anything is remapped:
  * the pages stay resident, the error is counted, nothing is lost.
  *
@@ -54,16 +56,26 @@
  */
 #include "uksm_internal.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
 
-#define IOV_BATCH	256
+/* UIO_MAXIOV: one pwritev writes up to 4 MiB of a run */
+#define IOV_BATCH	1024
 #define EVICT_MAX	4096
 /* swap_map value of a freed slot that a forked child may still view */
 #define SWAP_MAP_DEFERRED	UINT16_MAX
 /* the most views counted on one slot: max_page_sharing is below it */
 #define SWAP_MAP_MAX		(UINT16_MAX - 1)
+
+/* evict_mark, per frame: where a shared frame stands in the batch being evicted */
+enum {
+	EVICT_NONE,		/* not in this batch */
+	EVICT_CANDIDATE,	/* being evicted, picked by one of its views */
+	EVICT_KEEP,		/* stays: a mapper is locked, or could not be write-protected */
+	EVICT_MOVED,		/* written to evict_slot_of[]: its mappers follow it */
+};
 
 static uint64_t mono_now_ns(void)
 {
@@ -71,6 +83,26 @@ static uint64_t mono_now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/*
+ * The swap file again, write-only and O_DIRECT, for pageout: a slot is
+ * written from the page itself to the disk, as the kernel's swap writes
+ * from the page it unmaps.  Through the page cache, a batch would first be
+ * copied there (twice the batch's memory until written back, in the very
+ * pass that is to give memory back), dirtied, throttled as any writer's
+ * dirty pages are, then written back and dropped.  Views still read the
+ * slots through the page cache (swap_ro_fd), and a direct write
+ * invalidates the cached pages of the slots it writes, which no view maps:
+ * the slots were free.  -1 where the file system has no O_DIRECT (tmpfs
+ * before Linux 6.6) or there is no /proc: buffered writes then.
+ */
+static int open_direct(int fd)
+{
+	char path[40];
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	return open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
 }
 
 int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
@@ -122,6 +154,7 @@ int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 	pool->max_resident = max_resident_pages;
 	pool->reclaim_batch = batch;
 	pool->swap_dir_fd = dir_fd;
+	pool->swap_dio_fd = open_direct(swap_fd);
 	pool->swap_fd = swap_fd;
 	pool->swap_ro_fd = ro;
 	uksm_unlock(pool);
@@ -136,6 +169,8 @@ void uksm_swap_destroy(struct uksm_pool *pool)
 		close(pool->swap_ro_fd);
 	if (pool->swap_dir_fd >= 0)
 		close(pool->swap_dir_fd);
+	if (pool->swap_fd >= 0 && pool->swap_dio_fd >= 0)
+		close(pool->swap_dio_fd);
 	if (pool->swap_meta)
 		munmap(pool->swap_meta, pool->swap_meta_bytes);
 }
@@ -438,8 +473,8 @@ static int evictable(const struct uksm_pte *pte)
 
 /*
  * Pick a batch of up to @want candidates from the clock hand: private pages
- * present, and KSM frames (by one of their views; mark 1).  Caller holds
- * pool->lock.  Returns candidates in evict_vpn[].
+ * present, and KSM frames (by one of their views: EVICT_CANDIDATE).  Caller
+ * holds pool->lock.  Returns candidates in evict_vpn[].
  */
 static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t *walked)
 {
@@ -465,7 +500,7 @@ static size_t pick_batch(struct uksm_pool *pool, size_t want, int group, size_t 
 				pool->evict_vpn[n++] = (uint32_t)(v + i);
 			} else if (pte->state == UKSM_PTE_KSM && !pool->evict_mark[pte->pfn] &&
 				   pool->frames[pte->pfn].mapcount <= SWAP_MAP_MAX) {
-				pool->evict_mark[pte->pfn] = 1;
+				pool->evict_mark[pte->pfn] = EVICT_CANDIDATE;
 				pool->evict_vpn[n++] = (uint32_t)(v + i);
 			}
 			if (n == want)
@@ -482,7 +517,7 @@ static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 
 	while (a < b) {
 		size_t n = 0, first = pool->evict_slot[a];
-		ssize_t done;
+		ssize_t done = -1;
 
 		while (a + n < b && n < IOV_BATCH && pool->evict_slot[a + n] == first + n) {
 			const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[a + n]];
@@ -495,7 +530,16 @@ static int write_slots(struct uksm_pool *pool, size_t a, size_t b)
 		}
 		if (uksm_injected(UKSM_OP_PWRITE))
 			return -errno;
-		done = pwritev(pool->swap_fd, iov, (int)n, (off_t)(first * PG));
+		if (pool->swap_dio_fd >= 0) {
+			done = pwritev(pool->swap_dio_fd, iov, (int)n, (off_t)(first * PG));
+			if (done < 0 && errno == EINVAL) {
+				/* no direct I/O here after all (alignment): buffered from now on */
+				close(pool->swap_dio_fd);
+				pool->swap_dio_fd = -1;
+			}
+		}
+		if (pool->swap_dio_fd < 0)
+			done = pwritev(pool->swap_fd, iov, (int)n, (off_t)(first * PG));
 		if (done < 0)
 			return -errno;
 		if ((size_t)done != n * PG)
@@ -523,92 +567,120 @@ static void to_slot(struct uksm_pool *pool, size_t v, uint32_t slot)
 }
 
 /*
- * Evict candidates evict_vpn[0..n).  Caller holds pool->lock.  Returns
- * pages of memory given back, or -errno if the write failed (then nothing
- * changed but the error count).
+ * Eviction of one batch, try_to_unmap and pageout in steps (evict_batch).
+ * The candidates are evict_vpn[0..n) from pick_batch(); each step narrows
+ * them (a page dropped from the batch is UINT32_MAX, or left out of the
+ * count), and the per-frame evict_mark says where a shared candidate
+ * stands (the enum at the top).
  */
-static long evict_batch(struct uksm_pool *pool, size_t n)
-{
-	size_t ok = 0, got, s = 0;
-	long freed = 0;
-	int shared = 0, err;
 
-	/* a frame with a locked mapper stays; every mapper is protected */
-	for (size_t i = 0; i < n; i++)
-		shared |= pool->ptes[pool->evict_vpn[i]].state == UKSM_PTE_KSM;
+/*
+ * Step 1: a frame with a locked (or pinned) mapper stays resident, as
+ * try_to_unmap gives up on a VM_LOCKED vma: mark it, then keep only the
+ * private candidates and the frames still being evicted.  Returns how
+ * many candidates remain.
+ */
+static size_t evict_keep_locked(struct uksm_pool *pool, size_t n, int shared)
+{
+	size_t ok = 0;
+
 	if (shared) {
 		for (size_t v = 0; v < pool->va_pages; v++) {
 			const struct uksm_pte *pte = &pool->ptes[v];
 
-			if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1 &&
-			    !evictable(pte))
-				pool->evict_mark[pte->pfn] = 2;
+			if (pte->state == UKSM_PTE_KSM &&
+			    pool->evict_mark[pte->pfn] == EVICT_CANDIDATE && !evictable(pte))
+				pool->evict_mark[pte->pfn] = EVICT_KEEP;
 		}
 	}
 	for (size_t i = 0; i < n; i++) {
 		uint32_t v = pool->evict_vpn[i];
 		const struct uksm_pte *pte = &pool->ptes[v];
 
-		if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] != 1) {
-			pool->evict_mark[pte->pfn] = 0;
+		if (pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] != EVICT_CANDIDATE) {
+			pool->evict_mark[pte->pfn] = EVICT_NONE;
 			continue;
 		}
 		pool->evict_vpn[ok++] = v;
 	}
-	/* the page lock: write-protect the private candidates */
+	return ok;
+}
+
+/*
+ * Step 2: the page lock.  The candidates are write-protected, a run of
+ * neighbours at a time: a write from now on waits in the handler until the
+ * page is a view of its slot, so what we write is what the page holds.  A
+ * run that cannot be protected (vm.max_map_count) is not evicted.
+ */
+static void evict_lock_pages(struct uksm_pool *pool, size_t ok)
+{
 	for (size_t i = 0; i < ok;) {
 		size_t e = i + 1;
 
 		while (e < ok && pool->evict_vpn[e] == pool->evict_vpn[e - 1] + 1)
 			e++;
 		if (uksm_mprotect(page_addr(pool, pool->evict_vpn[i]), (e - i) * PG, PROT_READ)) {
-			/* not protected: not evicted */
 			for (size_t k = i; k < e; k++) {
 				const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[k]];
 
 				if (pte->state == UKSM_PTE_KSM)
-					pool->evict_mark[pte->pfn] = 0;
+					pool->evict_mark[pte->pfn] = EVICT_NONE;
 				pool->evict_vpn[k] = UINT32_MAX;
 			}
 		}
 		i = e;
 	}
-	/*
-	 * Views of shared candidates elsewhere: protect them as well, then
-	 * pagemap says which the kernel copied before we did (private now).
-	 */
-	if (shared) {
-		/* by runs of such views: one mprotect and one pagemap read each */
-		for (size_t v = 0; v < pool->va_pages;) {
-			uint64_t *pm = pool->run.pm;
-			size_t e = v;
+}
 
-			while (e < pool->va_pages && e - v < UKSM_RUN_MAX &&
-			       pool->ptes[e].state == UKSM_PTE_KSM &&
-			       pool->evict_mark[pool->ptes[e].pfn] == 1)
-				e++;
-			if (e == v) {
-				v++;
-				continue;
-			}
-			if (uksm_mprotect(page_addr(pool, v), (e - v) * PG, PROT_READ) ||
-			    uksm_pagemap_read((size_t)page_addr(pool, v), e - v, pm)) {
-				/* no page lock on these views: their frames stay */
-				for (size_t k = v; k < e; k++)
-					pool->evict_mark[pool->ptes[k].pfn] = 2;
-				v = e;
-				continue;
-			}
-			for (size_t k = v; k < e; k++) {
-				if (!pm_cowed(pm[k - v]))
-					continue;
-				uksm_page_cowed(pool, k);
-				(void)uksm_mprotect(page_addr(pool, k), PG, PROT_READ | PROT_WRITE);
-			}
-			v = e;
+/*
+ * Step 3: the other views of a shared candidate are locked as well, by
+ * runs of such views (one mprotect and one pagemap read each).  pagemap
+ * then tells which of them the kernel copied on write before the lock: those
+ * are private pages now, no longer the frame's, and get their write access
+ * back.  A run that cannot be locked keeps its frames resident.
+ */
+static void evict_lock_sharers(struct uksm_pool *pool)
+{
+	for (size_t v = 0; v < pool->va_pages;) {
+		uint64_t *pm = pool->run.pm;
+		size_t e = v;
+
+		while (e < pool->va_pages && e - v < UKSM_RUN_MAX &&
+		       pool->ptes[e].state == UKSM_PTE_KSM &&
+		       pool->evict_mark[pool->ptes[e].pfn] == EVICT_CANDIDATE)
+			e++;
+		if (e == v) {
+			v++;
+			continue;
 		}
+		if (uksm_mprotect(page_addr(pool, v), (e - v) * PG, PROT_READ) ||
+		    uksm_pagemap_read((size_t)page_addr(pool, v), e - v, pm)) {
+			for (size_t k = v; k < e; k++)
+				pool->evict_mark[pool->ptes[k].pfn] = EVICT_KEEP;
+			v = e;
+			continue;
+		}
+		for (size_t k = v; k < e; k++) {
+			if (!pm_cowed(pm[k - v]))
+				continue;
+			uksm_page_cowed(pool, k);
+			(void)uksm_mprotect(page_addr(pool, k), PG, PROT_READ | PROT_WRITE);
+		}
+		v = e;
 	}
-	got = 0;
+}
+
+/*
+ * Step 4: under the lock, what is still to be evicted: private pages, and
+ * frames none of whose mappers stopped it.  A candidate copied on write
+ * since pick_batch() stays (it is a private page with new contents, which
+ * the next pass may take).  Returns the pages to write, compacted to the
+ * front of evict_vpn[].
+ */
+static size_t evict_recheck(struct uksm_pool *pool, size_t ok)
+{
+	size_t got = 0;
+
 	for (size_t i = 0; i < ok; i++) {
 		uint32_t v = pool->evict_vpn[i];
 		const struct uksm_pte *pte;
@@ -617,62 +689,101 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 			continue;
 		pte = &pool->ptes[v];
 		if (pte->state != UKSM_PTE_PRIVATE &&
-		    !(pte->state == UKSM_PTE_KSM && pool->evict_mark[pte->pfn] == 1))
-			continue;	/* copied on write since: stays */
+		    !(pte->state == UKSM_PTE_KSM &&
+		      pool->evict_mark[pte->pfn] == EVICT_CANDIDATE))
+			continue;
 		pool->evict_vpn[got++] = v;
 	}
-	/* clustered slots: the batch on consecutive slots */
+	return got;
+}
+
+/*
+ * Step 5: clustered slots (scan_swap_map_slots' cluster): the batch, in
+ * address order, goes to runs of consecutive free slots, lowest first.  A
+ * run of neighbouring pages on a run of neighbouring slots is then one view,
+ * one vma, and the kernel's readahead and fault-around at swap-in read it as
+ * the file it is.  Slots are taken (SWAP_MAP_DEFERRED) until written.
+ * Returns the pages that got a slot: with the swap file full, fewer.
+ */
+static size_t evict_alloc_slots(struct uksm_pool *pool, size_t got)
+{
+	size_t s = 0;
+
 	for (size_t i = 0; i < got;) {
 		size_t k = slot_alloc_run(pool, got - i, &s);
 
-		if (!k) {
-			got = i;
-			break;
-		}
+		if (!k)
+			return i;
 		for (size_t j = 0; j < k; j++) {
 			pool->evict_slot[i + j] = (uint32_t)(s + j);
-			pool->swap_map[s + j] = SWAP_MAP_DEFERRED;	/* taken, for now */
+			pool->swap_map[s + j] = SWAP_MAP_DEFERRED;
 		}
 		pool->slot_hint = s + k;
 		i += k;
 	}
-	err = write_slots(pool, 0, got);
-	if (err) {
-		for (size_t i = 0; i < got; i++) {
-			pool->swap_map[pool->evict_slot[i]] = 0;
-			if (pool->evict_slot[i] < pool->slot_hint)
-				pool->slot_hint = pool->evict_slot[i];
-		}
-		got = 0;
-		pool->st.swap_errors++;
-		pool->st.last_swap_errno = (uint64_t)-err;
-		pool->swap_backoff_ns = mono_now_ns() + 200000000ull;
-	}
-	/* the slots are written: map the pages, all mappers of a frame, */
-	for (size_t i = 0; i < got; i++) {
-		const struct uksm_pte *pte = &pool->ptes[pool->evict_vpn[i]];
+	return got;
+}
 
+/*
+ * Step 6: pageout.  One pwritev per run of slots, from the pages (or the
+ * direct map, for a frame).  A failed write (ENOSPC, EFBIG, EIO) gives the
+ * slots back before anything was remapped: every page is still what it
+ * was, resident; the error is counted and eviction backs off for a while,
+ * as the kernel does with a swap device that fails.  Returns 0 or -errno.
+ */
+static int evict_write(struct uksm_pool *pool, size_t got)
+{
+	int err = write_slots(pool, 0, got);
+
+	if (!err)
+		return 0;
+	for (size_t i = 0; i < got; i++) {
 		pool->swap_map[pool->evict_slot[i]] = 0;
+		if (pool->evict_slot[i] < pool->slot_hint)
+			pool->slot_hint = pool->evict_slot[i];
+	}
+	pool->st.swap_errors++;
+	pool->st.last_swap_errno = (uint64_t)-err;
+	pool->swap_backoff_ns = mono_now_ns() + 200000000ull;
+	return err;
+}
+
+/*
+ * Step 7: set_pte to the swap entry.  The slots hold the pages now: each
+ * run of neighbouring pages on neighbouring slots becomes one private view
+ * of the run (one mmap, replacing the anonymous pages or the frame views
+ * under it; the kernel frees them).  A shared frame's slot is noted for its
+ * other mappers (step 8).  A view that cannot be mapped (vm.max_map_count)
+ * leaves its pages as they were and frees their slots.  Returns pages of
+ * memory given back: a private page, or a frame's last mapper.
+ */
+static long evict_map_views(struct uksm_pool *pool, size_t got)
+{
+	uint32_t *vp = pool->evict_vpn, *sl = pool->evict_slot;
+	long freed = 0;
+
+	for (size_t i = 0; i < got; i++) {
+		const struct uksm_pte *pte = &pool->ptes[vp[i]];
+
+		pool->swap_map[sl[i]] = 0;	/* to_slot() counts its views */
 		pool->st.slots_used++;
 		pool->st.swap_outs++;
 		if (pte->state == UKSM_PTE_KSM) {
-			pool->evict_slot_of[pte->pfn] = pool->evict_slot[i];
-			pool->evict_mark[pte->pfn] = 3;
+			pool->evict_slot_of[pte->pfn] = sl[i];
+			pool->evict_mark[pte->pfn] = EVICT_MOVED;
 		}
 	}
 	for (size_t i = 0; i < got;) {
 		size_t e = i + 1;
-		uint32_t *vp = pool->evict_vpn, *sl = pool->evict_slot;
 
 		while (e < got && vp[e] == vp[e - 1] + 1 && sl[e] == sl[e - 1] + 1)
 			e++;
 		if (uksm_map_view(pool, vp[i], e - i, pool->swap_ro_fd, sl[i], view_prot(pool))) {
-			/* vm.max_map_count: these pages stay; so do their frames */
 			for (size_t k = i; k < e; k++) {
 				const struct uksm_pte *pte = &pool->ptes[vp[k]];
 
 				if (pte->state == UKSM_PTE_KSM)
-					pool->evict_mark[pte->pfn] = 1;
+					pool->evict_mark[pte->pfn] = EVICT_CANDIDATE;
 				pool->st.slots_used--;
 				pool->st.swap_outs--;
 				slot_free(pool, sl[k]);
@@ -687,35 +798,50 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 		}
 		i = e;
 	}
-	/*
-	 * try_to_unmap: the other mappers of an evicted frame follow it to
-	 * its slot; those of a frame that stays get their protection back.
-	 */
-	if (shared) {
-		for (size_t v = 0; v < pool->va_pages; v++) {
-			const struct uksm_pte *pte = &pool->ptes[v];
-			uint8_t mark;
+	return freed;
+}
 
-			if (pte->state != UKSM_PTE_KSM)
+/*
+ * Step 8: try_to_unmap for the rest of the rmap: the other mappers of an
+ * evicted frame follow it to its slot, one view each, and the frame goes
+ * with its last mapper; those of a frame that stays get their protection
+ * back.  The marks are cleared for the next batch.  Returns frames freed.
+ */
+static long evict_follow_frames(struct uksm_pool *pool)
+{
+	long freed = 0;
+
+	for (size_t v = 0; v < pool->va_pages; v++) {
+		const struct uksm_pte *pte = &pool->ptes[v];
+		uint8_t mark;
+
+		if (pte->state != UKSM_PTE_KSM)
+			continue;
+		mark = pool->evict_mark[pte->pfn];
+		if (mark == EVICT_MOVED) {
+			uint32_t slot = pool->evict_slot_of[pte->pfn];
+
+			if (!uksm_map_view(pool, v, 1, pool->swap_ro_fd, slot, view_prot(pool))) {
+				freed += pool->frames[pte->pfn].mapcount == 1;
+				to_slot(pool, v, slot);
 				continue;
-			mark = pool->evict_mark[pte->pfn];
-			if (mark == 3) {
-				uint32_t slot = pool->evict_slot_of[pte->pfn];
-
-				if (!uksm_map_view(pool, v, 1, pool->swap_ro_fd, slot,
-						   view_prot(pool))) {
-					freed += pool->frames[pte->pfn].mapcount == 1;
-					to_slot(pool, v, slot);
-					continue;
-				}
 			}
-			if (mark)
-				(void)uksm_mprotect(page_addr(pool, v), PG, view_prot(pool));
 		}
-		for (size_t f = 0; f < pool->file_frames; f++)
-			pool->evict_mark[f] = 0;
+		if (mark != EVICT_NONE)
+			(void)uksm_mprotect(page_addr(pool, v), PG, view_prot(pool));
 	}
-	/* what stayed private gets its write access back */
+	for (size_t f = 0; f < pool->file_frames; f++)
+		pool->evict_mark[f] = EVICT_NONE;
+	return freed;
+}
+
+/*
+ * Step 9: unlock_page.  The candidates that stayed private (copied on write
+ * before the lock, no slot left, a view not mapped) get their write access
+ * back; those now views have theirs from the mmap.
+ */
+static void evict_unlock_pages(struct uksm_pool *pool, size_t ok)
+{
 	for (size_t i = 0; i < ok; i++) {
 		uint32_t v = pool->evict_vpn[i];
 
@@ -723,9 +849,40 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 		    pool->ptes[v].state == UKSM_PTE_PRIVATE)
 			(void)uksm_mprotect(page_addr(pool, v), PG, PROT_READ | PROT_WRITE);
 	}
+}
+
+/*
+ * Evict candidates evict_vpn[0..n), steps 1 to 9.  Caller holds
+ * pool->lock.  Returns pages of memory given back, or -errno if the write
+ * failed (then nothing changed but the error count).
+ */
+static long evict_batch(struct uksm_pool *pool, size_t n)
+{
+	size_t ok, got;
+	long freed = 0;
+	int shared = 0, err;
+
+	for (size_t i = 0; i < n; i++)
+		shared |= pool->ptes[pool->evict_vpn[i]].state == UKSM_PTE_KSM;
+	ok = evict_keep_locked(pool, n, shared);
+	evict_lock_pages(pool, ok);
+	if (shared)
+		evict_lock_sharers(pool);
+	got = evict_recheck(pool, ok);
+	got = evict_alloc_slots(pool, got);
+	err = evict_write(pool, got);
+	if (err)
+		got = 0;
+	freed += evict_map_views(pool, got);
+	if (shared)
+		freed += evict_follow_frames(pool);
+	evict_unlock_pages(pool, ok);
 	uksm_frames_flush(pool);
 	if (got) {
-		/* start writeback now; the next pass drops the clean pages */
+		/*
+		 * Writeback starts now, while the next batch is picked: the
+		 * pass's final wait then finds most of it done.
+		 */
 		(void)sync_file_range(pool->swap_fd, (off_t)(pool->evict_slot[0] * (size_t)PG),
 				      (off_t)(got * PG), SYNC_FILE_RANGE_WRITE);
 		pool->st.reclaim_runs++;
@@ -936,5 +1093,9 @@ int uksm_swap_detach(struct uksm_pool *pool)
 	dup3(ro, pool->swap_ro_fd, O_CLOEXEC);
 	close(fd);
 	close(ro);
+	/* the parent's file must never be written: direct writes go to the copy */
+	if (pool->swap_dio_fd >= 0)
+		close(pool->swap_dio_fd);
+	pool->swap_dio_fd = open_direct(pool->swap_fd);
 	return 0;
 }

@@ -173,6 +173,7 @@ struct uksm_pool {
 	uint32_t *evict_slot_of;	/* per frame: its slot, while evicting */
 	size_t swap_meta_bytes;
 	void *swap_meta;
+	int swap_dio_fd;		/* the same, O_DIRECT for slot writes; -1: buffered */
 	uint64_t group_pages[UKSM_MAX_GROUPS];	/* resident pages charged, at last count */
 	uint64_t group_max[UKSM_MAX_GROUPS];	/* pages; 0: no limit */
 	uint64_t group_swapped[UKSM_MAX_GROUPS];

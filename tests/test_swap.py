@@ -81,8 +81,9 @@ def kswapd(pool):
 def swap_fds(directory):
     """(fd, link) of this process's descriptors open on a nameless file in
     @directory: its /proc link is '<dir>/#<ino> (deleted)' (O_TMPFILE) or
-    '<dir>/name (deleted)'.  The pool holds its swap file twice (read-write
-    for writing slots, read-only for the views)."""
+    '<dir>/name (deleted)'.  The pool holds its swap file two or three times
+    (read-write, read-only for the views, and O_DIRECT for writing slots
+    where the file system has it)."""
     prefix = os.path.realpath(directory) + "/"
     out = []
     for name in os.listdir("/proc/self/fd"):
@@ -1050,7 +1051,7 @@ def test_swap_file_is_private_nameless_and_in_swap_path(swdir):
     files = swap_files(swdir)
     assert len(files) == 1, files
     fds = next(iter(files.values()))
-    for fd, link in swap_fds(swdir):
+    for _fd, link in swap_fds(swdir):
         assert link.endswith("(deleted)"), link        # O_TMPFILE '#ino' or unlinked
         assert os.path.dirname(link.split(" (deleted)")[0]) == os.path.realpath(swdir)
     fd = fds[0]
