@@ -40,13 +40,6 @@ if TYPE_CHECKING:
 PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
 RUN_MAX: int = lib.UKSM_RUN_MAX
 
-PTE_NONE: int = lib.UKSM_PTE_NONE
-PTE_PRIVATE: int = lib.UKSM_PTE_PRIVATE
-PTE_KSM: int = lib.UKSM_PTE_KSM
-PTE_ZERO: int = lib.UKSM_PTE_ZERO
-PTE_SWAPPED: int = lib.UKSM_PTE_SWAPPED
-SCAN_UNTOUCHED: int = lib.UKSM_SCAN_UNTOUCHED
-
 
 class PageState(enum.IntEnum):
     """A pool page's state, as pool.page_states() reports it (csrc/uksm.h)."""
@@ -56,6 +49,17 @@ class PageState(enum.IntEnum):
     KSM = lib.UKSM_PTE_KSM            # a private view of a stable frame
     ZERO = lib.UKSM_PTE_ZERO          # given back as zeroes
     SWAPPED = lib.UKSM_PTE_SWAPPED    # a private view of a swap slot
+
+
+# The same states as plain ints, for the scanner's batch compares: numpy
+# compares an array with an IntEnum member several times slower than with
+# an int (it cannot take the member as a weak Python scalar).
+PTE_NONE: int = PageState.NONE.value
+PTE_PRIVATE: int = PageState.PRIVATE.value
+PTE_KSM: int = PageState.KSM.value
+PTE_ZERO: int = PageState.ZERO.value
+PTE_SWAPPED: int = PageState.SWAPPED.value
+SCAN_UNTOUCHED: int = lib.UKSM_SCAN_UNTOUCHED
 
 
 COW_MODES = {"kernel": lib.UKSM_COW_KERNEL, "signal": lib.UKSM_COW_SIGNAL}
