@@ -267,7 +267,7 @@ def test_signal_cow_that_cannot_be_done_ends_the_process_clearly():
         a = pool.full(8 * 4096, 5, dtype=np.uint8)
         b = pool.full(8 * 4096, 5, dtype=np.uint8)
         pool.scan(full_scans=2)
-        assert (pool.page_states(b)[0] == KSM).all()
+        assert (pool.page_states(b)[0] == uksm.PageState.KSM).all()
         _core.inject("mmap", 0, -1, errno.ENOMEM)
         _core.inject("mprotect", 0, -1, errno.ENOMEM)
         b[0] = 6

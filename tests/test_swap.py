@@ -1244,7 +1244,7 @@ FORK_CHILD = """
     arrs = [pool.asarray(s) for s in shadows]
     pool.scan(full_scans=2)
     pool.max_resident = PAGE
-    assert all((pool.page_states(a)[0] == SWAPPED).all() for a in arrs)
+    assert all((pool.page_states(a)[0] == uksm.PageState.SWAPPED).all() for a in arrs)
     # half of one array written, so the parent has private and swapped pages
     arrs[0][:16 * PAGE:PAGE] ^= 1
     shadows[0][:16 * PAGE:PAGE] ^= 1
