@@ -10,6 +10,7 @@ invocation, as separate processes; the program reports its own figures.
 
 python bench/bench_handler.py [--size MiB] [--copies N] [--iters N] [--json FILE]
 """
+
 import argparse
 import json
 import os
@@ -95,11 +96,15 @@ def main():
         print(f"duplicates: {a.copies} x {a.size} MiB, ideal saving {ideal >> 20} MiB")
         print(f"  same output: {plain['checksum'] == under['checksum']}")
         for k in ("uss", "pss", "maxrss"):
-            print(f"  {k:6s} plain {plain[k] >> 20:6d} MiB   uksm run {under[k] >> 20:6d} MiB"
-                  f"   saved {(plain[k] - under[k]) >> 20} MiB")
-        print(f"  pool: bytes_saved {under['uksm']['bytes_saved'] >> 20} MiB "
-              f"(peak {under['uksm']['bytes_saved_peak'] >> 20} MiB) = "
-              f"{100 * under['uksm']['bytes_saved_peak'] / ideal:.0f}% of ideal")
+            print(
+                f"  {k:6s} plain {plain[k] >> 20:6d} MiB   uksm run {under[k] >> 20:6d} MiB"
+                f"   saved {(plain[k] - under[k]) >> 20} MiB"
+            )
+        print(
+            f"  pool: bytes_saved {under['uksm']['bytes_saved'] >> 20} MiB "
+            f"(peak {under['uksm']['bytes_saved_peak'] >> 20} MiB) = "
+            f"{100 * under['uksm']['bytes_saved_peak'] / ideal:.0f}% of ideal"
+        )
         print(f"  {under['summary']}")
         cargs = (a.iters, a.kib)
         cp = run(CHURN, cargs, False, tmp)
@@ -107,8 +112,10 @@ def main():
         res["churn"] = {"plain": cp, "uksm": cu}
         print(f"churn: {a.iters} iterations of 3 arrays of {a.kib} KiB")
         print(f"  same output: {cp['checksum'] == cu['checksum']}")
-        print(f"  time   plain {cp['seconds']:.2f} s   uksm run {cu['seconds']:.2f} s "
-              f"({cu['seconds'] / cp['seconds']:.2f}x)")
+        print(
+            f"  time   plain {cp['seconds']:.2f} s   uksm run {cu['seconds']:.2f} s "
+            f"({cu['seconds'] / cp['seconds']:.2f}x)"
+        )
         print(f"  maxrss plain {cp['maxrss'] >> 20} MiB   uksm run {cu['maxrss'] >> 20} MiB")
         print(f"  handler: {cu['uksm']['handler']}")
     if a.json:

@@ -78,21 +78,19 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import measure  # noqa: E402
-import uksm  # noqa: E402
-from uksm import _core, kernelksm  # noqa: E402
+import uksm
+from uksm import _core
+from uksm.bench import kernelksm, measure
 
 MiB = measure.MiB
 PAGE = measure.PAGE
-pages_of = measure._pages
+pages_of = measure.pages_of
 
 DEFAULT_MIB = 1024
 SMOKE_MIB = 16
 DEFAULT_ROUNDS = 5
 WARMUP = 1
-MERGE_SCANS_MAX = 20        # full scans allowed to reach pages_sharing == N
+MERGE_SCANS_MAX = 20  # full scans allowed to reach pages_sharing == N
 SWAPPED_FRACTION = 0.10
 
 # the knobs /sys/kernel/mm/ksm is left with, whatever happens
@@ -115,8 +113,7 @@ def sizes(size_mib: int) -> Dict[str, int]:
     """The workloads of one run, scaled from --size-mib (1024: 64 MiB of
     merged pages for the COW break, 1 GiB for fork, 256 MiB for I/O)."""
     size = size_mib * MiB
-    return {"pool": size, "cow_pairs": max(size // 16 // PAGE, 16),
-            "io": max(size // 4, 64 * PAGE)}
+    return {"pool": size, "cow_pairs": max(size // 16 // PAGE, 16), "io": max(size // 4, 64 * PAGE)}
 
 
 def median(values) -> Optional[float]:
@@ -125,6 +122,7 @@ def median(values) -> Optional[float]:
 
 
 # -- layouts ---------------------------------------------------------------------
+
 
 def pairs_reference(n: int) -> np.ndarray:
     """What page i < n of measure.fill_pairs(arr, n) holds, as (n, PAGE)."""
@@ -174,15 +172,16 @@ def check_model(arr: np.ndarray, last: np.ndarray, full: bool = True) -> Optiona
         return "pairs half: page stamps"
     if not np.all(p[:h].view(np.uint32)[:, 3] == 0xFFFFFFFF):
         return "pairs half: markers"
-    if not np.array_equal(p[h:].view(np.uint64)[:, 0],
-                          np.arange(npages - h, dtype=np.uint64) + (1 << 40)):
+    if not np.array_equal(
+        p[h:].view(np.uint64)[:, 0], np.arange(npages - h, dtype=np.uint64) + (1 << 40)
+    ):
         return "distinct half: page stamps"
     for i in range(0, q, 2048):
         j = min(i + 2048, q)
-        if not np.array_equal(p[i:j, 1:-1], p[q + i:q + j, 1:-1]):
+        if not np.array_equal(p[i:j, 1:-1], p[q + i : q + j, 1:-1]):
             return f"pairs half: pages {i}..{j} differ from their twins"
     for i in range(h, npages, 2048):
-        if not np.all(p[i:i + 2048, 8:-1] == 0x5A):
+        if not np.all(p[i : i + 2048, 8:-1] == 0x5A):
             return f"distinct half: page contents at {i}"
     return None
 
@@ -196,19 +195,25 @@ def merge_until(pool: uksm.Pool, sharing: int) -> dict:
         st = pool.scan(full_scans=1)
         scans += 1
     if st["pages_sharing"] != sharing:
-        raise RuntimeError(f"uksm merged {st['pages_sharing']} of {sharing} pages "
-                           f"in {scans} full scans")
+        raise RuntimeError(
+            f"uksm merged {st['pages_sharing']} of {sharing} pages in {scans} full scans"
+        )
     return st
 
 
 def state_counts(pool: uksm.Pool, arr: np.ndarray) -> Dict[str, int]:
     state, _, _ = pool.page_states(arr)
-    names = {_core.PTE_PRIVATE: "private", _core.PTE_KSM: "ksm",
-             _core.PTE_ZERO: "zero", _core.PTE_SWAPPED: "swapped"}
+    names = {
+        _core.PTE_PRIVATE: "private",
+        _core.PTE_KSM: "ksm",
+        _core.PTE_ZERO: "zero",
+        _core.PTE_SWAPPED: "swapped",
+    }
     return {name: int(np.count_nonzero(state == code)) for code, name in names.items()}
 
 
 # -- /proc ------------------------------------------------------------------------
+
 
 def mem_available() -> int:
     """MemAvailable in bytes, the per-CPU counters folded in first
@@ -217,7 +222,7 @@ def mem_available() -> int:
         with open("/proc/sys/vm/stat_refresh", "w") as f:
             f.write("1")
     except OSError:
-        time.sleep(1.1)     # vm.stat_interval: the counters fold every second
+        time.sleep(1.1)  # vm.stat_interval: the counters fold every second
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -227,6 +232,7 @@ def mem_available() -> int:
 
 def uss_of(pid: int) -> int:
     import psutil
+
     return psutil.Process(pid).memory_full_info().uss
 
 
@@ -237,9 +243,9 @@ def maps_count() -> int:
 
 # -- 1. COW break ---------------------------------------------------------------
 
+
 def _uksm_cow_round(n: int, cow: str, ref: np.ndarray) -> Dict:
-    w = measure.UksmPairs(n, pages_to_scan=10000, sleep_millisecs=0, cow=cow,
-                          use_zero_pages=False)
+    w = measure.UksmPairs(n, pages_to_scan=10000, sleep_millisecs=0, cow=cow, use_zero_pages=False)
     try:
         merge_until(w.pool, n)
         before = state_counts(w.pool, w.arr)
@@ -253,16 +259,21 @@ def _uksm_cow_round(n: int, cow: str, ref: np.ndarray) -> Dict:
         checks = {
             "all_merged_before": before["ksm"] == 2 * n,
             "twin_intact": bool(np.array_equal(pages[:n], ref)),
-            "written": bool(np.all(pages[n:, 0] == 0xA5)
-                            and np.array_equal(pages[n:, 1:], ref[:, 1:])),
+            "written": bool(
+                np.all(pages[n:, 0] == 0xA5) and np.array_equal(pages[n:, 1:], ref[:, 1:])
+            ),
             "cow_breaks": st1["cow_breaks"] - st0["cow_breaks"] == n,
-            "cow_breaks_signal": (st1["cow_breaks_signal"] - st0["cow_breaks_signal"]
-                                  == (n if cow == "signal" else 0)),
+            "cow_breaks_signal": (
+                st1["cow_breaks_signal"] - st0["cow_breaks_signal"] == (n if cow == "signal" else 0)
+            ),
             "states_after": after["private"] == n and after["ksm"] == n,
         }
-        return {"us_per_page": dt / n * 1e6, "checks": checks,
-                "cow_breaks": st1["cow_breaks"] - st0["cow_breaks"],
-                "pages_sharing_after": st1["pages_sharing"]}
+        return {
+            "us_per_page": dt / n * 1e6,
+            "checks": checks,
+            "cow_breaks": st1["cow_breaks"] - st0["cow_breaks"],
+            "pages_sharing_after": st1["pages_sharing"],
+        }
     finally:
         w.close()
 
@@ -278,12 +289,16 @@ def _kernel_cow_round(n: int, ref: np.ndarray) -> Dict:
         checks = {
             "all_merged_before": bool(c["converged"] and c["pages_sharing"] >= n),
             "twin_intact": bool(np.array_equal(pages[:n], ref)),
-            "written": bool(np.all(pages[n:, 0] == 0xA5)
-                            and np.array_equal(pages[n:, 1:], ref[:, 1:])),
+            "written": bool(
+                np.all(pages[n:, 0] == 0xA5) and np.array_equal(pages[n:, 1:], ref[:, 1:])
+            ),
         }
         del pages
-        return {"us_per_page": dt / n * 1e6, "checks": checks,
-                "pages_sharing_before": c["pages_sharing"]}
+        return {
+            "us_per_page": dt / n * 1e6,
+            "checks": checks,
+            "pages_sharing_before": c["pages_sharing"],
+        }
     finally:
         w.close()
         kernelksm.write("run", kernelksm.KSM_RUN_UNMERGE)
@@ -297,8 +312,9 @@ def cow_break(n: int, rounds: int, warmup: int = WARMUP, kernel: bool = True) ->
     ref = pairs_reference(n)
     out = {"pages": n, "kernel": [], "signal": [], "ksm": []}
     use_kernel = kernel and kernelksm.available()
-    out["ksm_skipped"] = None if use_kernel else (
-        "not asked" if not kernel else kernelksm.unavailable_reason())
+    out["ksm_skipped"] = (
+        None if use_kernel else ("not asked" if not kernel else kernelksm.unavailable_reason())
+    )
 
     def rounds_loop():
         for r in range(warmup + rounds):
@@ -318,12 +334,17 @@ def cow_break(n: int, rounds: int, warmup: int = WARMUP, kernel: bool = True) ->
         rounds_loop()
     for key in ("kernel", "signal", "ksm"):
         out[key + "_us"] = median(r["us_per_page"] for r in out[key] if not r["warmup"])
-    out["checks"] = {f"{key}: {name}": ok for key in ("kernel", "signal", "ksm")
-                     for r in out[key] for name, ok in r["checks"].items()}
+    out["checks"] = {
+        f"{key}: {name}": ok
+        for key in ("kernel", "signal", "ksm")
+        for r in out[key]
+        for name, ok in r["checks"].items()
+    }
     return out
 
 
 # -- 2 and 3. fork and multiprocessing ----------------------------------------------
+
 
 def _trivial(x: int) -> int:
     return x * 2
@@ -342,8 +363,14 @@ class ModelProcess:
         t0 = time.perf_counter()
         if kind == "uksm":
             batch = min(2 * MiB, max(64 * 1024, size // 256))
-            self.pool = uksm.Pool(2 * size, max_resident=2 * size, swap_path=swap_dir,
-                                  swap_batch=batch, pages_to_scan=10000, sleep_millisecs=0)
+            self.pool = uksm.Pool(
+                2 * size,
+                max_resident=2 * size,
+                swap_path=swap_dir,
+                swap_batch=batch,
+                pages_to_scan=10000,
+                sleep_millisecs=0,
+            )
             self.arr = self.pool.empty(size, np.uint8)
             fill_model(self.arr)
             st = merge_until(self.pool, self.npages // 4)
@@ -351,12 +378,14 @@ class ModelProcess:
             self.info["bytes_resident_merged"] = st["bytes_resident"]
             self._swap_out(SWAPPED_FRACTION)
             st = self.pool.stats()
-            self.info.update(states=state_counts(self.pool, self.arr),
-                             pages_swapped=st["pages_swapped"],
-                             swapped_fraction=st["pages_swapped"] / self.npages,
-                             max_resident=self.pool.max_resident,
-                             bytes_resident=st["bytes_resident"],
-                             swap_file_bytes=st["swap_file_bytes"])
+            self.info.update(
+                states=state_counts(self.pool, self.arr),
+                pages_swapped=st["pages_swapped"],
+                swapped_fraction=st["pages_swapped"] / self.npages,
+                max_resident=self.pool.max_resident,
+                bytes_resident=st["bytes_resident"],
+                swap_file_bytes=st["swap_file_bytes"],
+            )
         else:
             self.arr = np.empty(size, np.uint8)
             fill_model(self.arr)
@@ -377,8 +406,10 @@ class ModelProcess:
                 return
             budget = min(budget, st["bytes_resident"]) - max(deficit // 2, 1) * PAGE
             self.pool.max_resident = budget
-        raise RuntimeError(f"could not swap out {fraction:.0%} of the pool: "
-                           f"{self.pool.stats()['pages_swapped']} of {self.npages} pages")
+        raise RuntimeError(
+            f"could not swap out {fraction:.0%} of the pool: "
+            f"{self.pool.stats()['pages_swapped']} of {self.npages} pages"
+        )
 
     # -- fork ----------------------------------------------------------------------
 
@@ -404,7 +435,7 @@ class ModelProcess:
         hundredth page, and both sides check that each sees its own writes
         only (the last byte of every page; with @parent_marks every byte)."""
         p = pages_of(self.arr)
-        mine = slice(5, None, 100)          # the parent's pages, after the fork
+        mine = slice(5, None, 100)  # the parent's pages, after the fork
         child_last = self.last.copy()
         if write:
             child_last[::10] = 0xC3
@@ -451,12 +482,14 @@ class ModelProcess:
             parent_last[mine] = 0xE7
         parent_err = check_model(self.arr, parent_last, full=parent_marks)
         if parent_marks:
-            p[mine, -1] = self.last[mine]       # back to the layout
+            p[mine, -1] = self.last[mine]  # back to the layout
         return {
-            "uss": uss, "uss_fraction": uss / self.size,
+            "uss": uss,
+            "uss_fraction": uss / self.size,
             "avail_drop": (avail0 + avail2) / 2 - avail1,
             "avail_fraction": ((avail0 + avail2) / 2 - avail1) / self.size,
-            "child_status": status, "child_check": child_said,
+            "child_status": status,
+            "child_check": child_said,
             "parent_check": parent_err or "ok",
             "ok": status == 0 and child_said == "ok" and parent_err is None,
         }
@@ -485,9 +518,17 @@ class ModelProcess:
         out = {"check": check_model(self.arr, self.last) or "ok"}
         if self.pool is not None:
             st = self.pool.stats()
-            out["stats"] = {k: st[k] for k in ("pages_swapped", "frames_deferred",
-                                                "fork_detaches", "cow_breaks", "swap_ins",
-                                                "bytes_resident")}
+            out["stats"] = {
+                k: st[k]
+                for k in (
+                    "pages_swapped",
+                    "frames_deferred",
+                    "fork_detaches",
+                    "cow_breaks",
+                    "swap_ins",
+                    "bytes_resident",
+                )
+            }
         return out
 
     def close(self) -> None:
@@ -505,7 +546,7 @@ class Holder:
     of this process, so they differ only in what they hold."""
 
     OPS = ("fork_times", "child_memory", "mp_times", "final")
-    live: List["Holder"] = []       # a holder closes the others' pipe ends
+    live: List["Holder"] = []  # a holder closes the others' pipe ends
 
     def __init__(self, kind: str, size: int, swap_dir: Optional[str]) -> None:
         cmd_r, cmd_w = os.pipe()
@@ -518,7 +559,7 @@ class Holder:
             for other in Holder.live:
                 for f in (other.cmd, other.res):
                     os.close(f.fileno())
-            self._serve(kind, size, swap_dir, cmd_r, res_w)     # never returns
+            self._serve(kind, size, swap_dir, cmd_r, res_w)  # never returns
         os.close(cmd_r)
         os.close(res_w)
         self.kind = kind
@@ -550,6 +591,7 @@ class Holder:
                     code = 0
                 except BaseException:
                     import traceback
+
                     res.write(json.dumps({"error": traceback.format_exc()}) + "\n")
                     res.flush()
         finally:
@@ -597,8 +639,13 @@ class Holder:
         return status
 
 
-def fork_and_mp(size: int, rounds: int, swap_dir: Optional[str],
-                warmup: int = WARMUP, mem_rounds: Optional[int] = None) -> Dict:
+def fork_and_mp(
+    size: int,
+    rounds: int,
+    swap_dir: Optional[str],
+    warmup: int = WARMUP,
+    mem_rounds: Optional[int] = None,
+) -> Dict:
     """fork time, children's memory and multiprocessing start: a holder
     process with the pool and one with the numpy array, round by round
     (the order alternating), the first @warmup rounds not counted."""
@@ -608,8 +655,10 @@ def fork_and_mp(size: int, rounds: int, swap_dir: Optional[str],
     try:
         for kind in ("uksm", "numpy"):
             holders[kind] = Holder(kind, size, swap_dir)
-        res: Dict[str, Dict] = {k: {"info": h.info, "fork_s": [], "mp_s": [],
-                                    "idle": [], "write": []} for k, h in holders.items()}
+        res: Dict[str, Dict] = {
+            k: {"info": h.info, "fork_s": [], "mp_s": [], "idle": [], "write": []}
+            for k, h in holders.items()
+        }
 
         def each(r):
             return ("uksm", "numpy") if r % 2 == 0 else ("numpy", "uksm")
@@ -622,8 +671,11 @@ def fork_and_mp(size: int, rounds: int, swap_dir: Optional[str],
         for name, write in (("idle", False), ("write", True)):
             for r in range(mem_rounds):
                 for kind in each(r):
-                    res[kind][name].append(holders[kind].call(
-                        "child_memory", write=write, parent_marks=(r == mem_rounds - 1)))
+                    res[kind][name].append(
+                        holders[kind].call(
+                            "child_memory", write=write, parent_marks=(r == mem_rounds - 1)
+                        )
+                    )
         for r in range(warmup + rounds):
             for kind in each(r):
                 t = holders[kind].call("mp_times", rounds=1, warmup=0)
@@ -659,6 +711,7 @@ def fork_and_mp(size: int, rounds: int, swap_dir: Optional[str],
 
 # -- 4. read(2) into merged pages, np.save of swapped pages --------------------------
 
+
 def _read_into(path: str, arr: np.ndarray) -> float:
     mv = memoryview(arr).cast("B")
     t0 = time.perf_counter()
@@ -674,8 +727,9 @@ def _read_into(path: str, arr: np.ndarray) -> float:
     return dt
 
 
-def read_merged(size: int, workdir: str, rounds: int, warmup: int = WARMUP,
-                kernel: bool = True) -> Dict:
+def read_merged(
+    size: int, workdir: str, rounds: int, warmup: int = WARMUP, kernel: bool = True
+) -> Dict:
     """read(2) of @size bytes (page cache warm) into a fully merged pool
     array, a fresh numpy array and (root) the kernel KSM's merged memory,
     round by round."""
@@ -684,7 +738,7 @@ def read_merged(size: int, workdir: str, rounds: int, warmup: int = WARMUP,
     data = np.random.default_rng(4).integers(0, 256, size, dtype=np.uint8)
     path = os.path.join(workdir, "read-source.bin")
     data.tofile(path)
-    for _ in range(2):                      # into the page cache
+    for _ in range(2):  # into the page cache
         with open(path, "rb") as f:
             while f.read(16 * MiB):
                 pass
@@ -692,10 +746,14 @@ def read_merged(size: int, workdir: str, rounds: int, warmup: int = WARMUP,
     use_kernel = kernel and kernelksm.available()
     if not use_kernel:
         out["ksm_skipped"] = "not asked" if not kernel else kernelksm.unavailable_reason()
-    pool = uksm.Pool(2 * size + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0,
-                     use_zero_pages=False)
-    session = (kernelksm.session(pages_to_scan=10000, sleep_millisecs=0) if use_kernel
-               else contextlib.nullcontext())
+    pool = uksm.Pool(
+        2 * size + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0, use_zero_pages=False
+    )
+    session = (
+        kernelksm.session(pages_to_scan=10000, sleep_millisecs=0)
+        if use_kernel
+        else contextlib.nullcontext()
+    )
     try:
         with session:
             for r in range(warmup + rounds):
@@ -707,12 +765,19 @@ def read_merged(size: int, workdir: str, rounds: int, warmup: int = WARMUP,
                 c0 = pool.stats()["cow_breaks"]
                 dt = _read_into(path, a)
                 st = pool.stats()
-                out["uksm"].append({"s": dt, "warmup": warm, "ksm_before": states["ksm"],
-                                    "cow_breaks": st["cow_breaks"] - c0})
+                out["uksm"].append(
+                    {
+                        "s": dt,
+                        "warmup": warm,
+                        "ksm_before": states["ksm"],
+                        "cow_breaks": st["cow_breaks"] - c0,
+                    }
+                )
                 out["checks"][f"uksm round {r}: all merged before"] = states["ksm"] == npages
                 out["checks"][f"uksm round {r}: bytes read"] = bool(np.array_equal(a, data))
-                out["checks"][f"uksm round {r}: every page copied"] = \
+                out["checks"][f"uksm round {r}: every page copied"] = (
                     st["cow_breaks"] - c0 == npages
+                )
                 del a
                 b = np.empty(size, np.uint8)
                 dt = _read_into(path, b)
@@ -725,12 +790,13 @@ def read_merged(size: int, workdir: str, rounds: int, warmup: int = WARMUP,
                 try:
                     c = w.converge(target=1.0)
                     dt = _read_into(path, w.arr)
-                    out["ksm"].append({"s": dt, "warmup": warm,
-                                       "pages_sharing": c["pages_sharing"]})
-                    out["checks"][f"ksm round {r}: merged before"] = \
-                        bool(c["converged"] and c["pages_sharing"] >= n)
-                    out["checks"][f"ksm round {r}: bytes read"] = \
-                        bool(np.array_equal(w.arr, data))
+                    out["ksm"].append(
+                        {"s": dt, "warmup": warm, "pages_sharing": c["pages_sharing"]}
+                    )
+                    out["checks"][f"ksm round {r}: merged before"] = bool(
+                        c["converged"] and c["pages_sharing"] >= n
+                    )
+                    out["checks"][f"ksm round {r}: bytes read"] = bool(np.array_equal(w.arr, data))
                 finally:
                     w.close()
                     kernelksm.write("run", kernelksm.KSM_RUN_UNMERGE)
@@ -781,11 +847,14 @@ def save_swapped(size: int, workdir: str, rounds: int, warmup: int = WARMUP) -> 
             a[:] = data
             pool.max_resident = PAGE
             st = pool.stats()
-            rd = {"warmup": r < warmup, "pages_swapped": st["pages_swapped"],
-                  "swap_cached_before": st["bytes_swap_cached"]}
-            rd["cold"] = timed(lambda: np.save(files["cold"], a))
+            rd = {
+                "warmup": r < warmup,
+                "pages_swapped": st["pages_swapped"],
+                "swap_cached_before": st["bytes_swap_cached"],
+            }
+            rd["cold"] = timed(lambda a=a: np.save(files["cold"], a))
             rd["swap_cached_after_cold"] = pool.stats()["bytes_swap_cached"]
-            rd["warm"] = timed(lambda: np.save(files["warm"], a))
+            rd["warm"] = timed(lambda a=a: np.save(files["warm"], a))
             rd["numpy"] = timed(lambda: np.save(files["numpy"], data))
             _drop_cache(floor_path)
             rd["floor_read"] = timed(lambda: _read_into(floor_path, floor_buf))
@@ -793,12 +862,15 @@ def save_swapped(size: int, workdir: str, rounds: int, warmup: int = WARMUP) -> 
             out["rounds"].append(rd)
             ck = out["checks"]
             ck[f"round {r}: all swapped before"] = st["pages_swapped"] >= npages - 1
-            ck[f"round {r}: cold file identical"] = filecmp.cmp(files["cold"], files["numpy"],
-                                                                shallow=False)
-            ck[f"round {r}: warm file identical"] = filecmp.cmp(files["warm"], files["numpy"],
-                                                                shallow=False)
-            ck[f"round {r}: still swapped after"] = \
+            ck[f"round {r}: cold file identical"] = filecmp.cmp(
+                files["cold"], files["numpy"], shallow=False
+            )
+            ck[f"round {r}: warm file identical"] = filecmp.cmp(
+                files["warm"], files["numpy"], shallow=False
+            )
+            ck[f"round {r}: still swapped after"] = (
                 pool.stats()["pages_swapped"] == st["pages_swapped"]
+            )
             ck[f"round {r}: floor bytes read"] = bool(np.array_equal(floor_buf, data))
             for f in files.values():
                 os.unlink(f)
@@ -817,8 +889,10 @@ def save_swapped(size: int, workdir: str, rounds: int, warmup: int = WARMUP) -> 
 
 # -- rows and the table ---------------------------------------------------------------
 
-def row(key: str, what: str, uksm_value, reference, ref_name: str, unit: str,
-        goal: Optional[str] = None) -> Dict:
+
+def row(
+    key: str, what: str, uksm_value, reference, ref_name: str, unit: str, goal: Optional[str] = None
+) -> Dict:
     ratio = measure.ratio(uksm_value, reference)
     goal_on, limit = GOALS.get(key, (None, None))
     met = None
@@ -827,20 +901,39 @@ def row(key: str, what: str, uksm_value, reference, ref_name: str, unit: str,
     elif goal_on == "uksm" and uksm_value is not None:
         met = uksm_value <= limit
     if goal is None and goal_on is not None:
-        goal = (f"ratio <= {limit:g}" if goal_on == "ratio"
-                else f"uksm <= {limit * 100:g}% of pool")
-    return {"key": key, "what": what, "uksm": uksm_value, "reference": reference,
-            "reference_name": ref_name, "unit": unit, "ratio": ratio, "goal": goal or "-",
-            "met": met}
+        goal = f"ratio <= {limit:g}" if goal_on == "ratio" else f"uksm <= {limit * 100:g}% of pool"
+    return {
+        "key": key,
+        "what": what,
+        "uksm": uksm_value,
+        "reference": reference,
+        "reference_name": ref_name,
+        "unit": unit,
+        "ratio": ratio,
+        "goal": goal or "-",
+        "met": met,
+    }
 
 
 def cow_rows(c: Dict) -> List[Dict]:
     n = c["pages"]
     return [
-        row("cow_kernel", f"COW break, {n} merged pages, cow=\"kernel\"",
-            c["kernel_us"], c["ksm_us"], "kernel KSM", "us/page"),
-        row("cow_signal", f"COW break, {n} merged pages, cow=\"signal\"",
-            c["signal_us"], c["ksm_us"], "kernel KSM", "us/page"),
+        row(
+            "cow_kernel",
+            f'COW break, {n} merged pages, cow="kernel"',
+            c["kernel_us"],
+            c["ksm_us"],
+            "kernel KSM",
+            "us/page",
+        ),
+        row(
+            "cow_signal",
+            f'COW break, {n} merged pages, cow="signal"',
+            c["signal_us"],
+            c["ksm_us"],
+            "kernel KSM",
+            "us/page",
+        ),
     ]
 
 
@@ -849,30 +942,76 @@ def fork_rows(f: Dict) -> List[Dict]:
     u, n = f["uksm"], f["numpy"]
     shape = f"{mib} MiB pool (half merged, {u['info']['swapped_fraction']:.0%} swapped)"
     return [
-        row("fork_time", f"os.fork() holding a {shape}", u["fork_median_s"],
-            n["fork_median_s"], "numpy array", "s"),
-        row("fork_idle_uss", "memory added by a child that writes nothing (its USS)",
-            u["idle_uss_fraction"], n["idle_uss_fraction"], "numpy array", "fraction"),
-        row("fork_idle_avail", "memory added by a child that writes nothing "
-            "(MemAvailable drop)", u["idle_avail_fraction"], n["idle_avail_fraction"],
-            "numpy array", "fraction"),
-        row("fork_write_uss", "memory added by a child writing 10% of the pages (its USS)",
-            u["write_uss_fraction"], n["write_uss_fraction"], "numpy array", "fraction"),
-        row("fork_write_avail", "memory added by a child writing 10% of the pages "
-            "(MemAvailable drop)", u["write_avail_fraction"], n["write_avail_fraction"],
-            "numpy array", "fraction"),
-        row("mp_pool", f"multiprocessing Pool(4) start + map, holding the {mib} MiB pool",
-            u["mp_median_s"], n["mp_median_s"], "numpy array", "s"),
+        row(
+            "fork_time",
+            f"os.fork() holding a {shape}",
+            u["fork_median_s"],
+            n["fork_median_s"],
+            "numpy array",
+            "s",
+        ),
+        row(
+            "fork_idle_uss",
+            "memory added by a child that writes nothing (its USS)",
+            u["idle_uss_fraction"],
+            n["idle_uss_fraction"],
+            "numpy array",
+            "fraction",
+        ),
+        row(
+            "fork_idle_avail",
+            "memory added by a child that writes nothing (MemAvailable drop)",
+            u["idle_avail_fraction"],
+            n["idle_avail_fraction"],
+            "numpy array",
+            "fraction",
+        ),
+        row(
+            "fork_write_uss",
+            "memory added by a child writing 10% of the pages (its USS)",
+            u["write_uss_fraction"],
+            n["write_uss_fraction"],
+            "numpy array",
+            "fraction",
+        ),
+        row(
+            "fork_write_avail",
+            "memory added by a child writing 10% of the pages (MemAvailable drop)",
+            u["write_avail_fraction"],
+            n["write_avail_fraction"],
+            "numpy array",
+            "fraction",
+        ),
+        row(
+            "mp_pool",
+            f"multiprocessing Pool(4) start + map, holding the {mib} MiB pool",
+            u["mp_median_s"],
+            n["mp_median_s"],
+            "numpy array",
+            "s",
+        ),
     ]
 
 
 def read_rows(r: Dict) -> List[Dict]:
     mib = r["size"] // MiB
     return [
-        row("read_merged", f"read(2) of {mib} MiB into a fully merged pool array",
-            r["uksm_s"], r["numpy_s"], "fresh numpy array", "s"),
-        row("read_merged_ksm", f"read(2) of {mib} MiB into merged memory",
-            r["uksm_s"], r["ksm_s"], "kernel KSM", "s"),
+        row(
+            "read_merged",
+            f"read(2) of {mib} MiB into a fully merged pool array",
+            r["uksm_s"],
+            r["numpy_s"],
+            "fresh numpy array",
+            "s",
+        ),
+        row(
+            "read_merged_ksm",
+            f"read(2) of {mib} MiB into merged memory",
+            r["uksm_s"],
+            r["ksm_s"],
+            "kernel KSM",
+            "s",
+        ),
     ]
 
 
@@ -880,13 +1019,25 @@ def save_rows(s: Dict) -> List[Dict]:
     mib = s["size"] // MiB
     what = f"np.save of a {mib} MiB pool array, all swapped out"
     return [
-        row("save_swapped", what + ", slots on disk", s["cold_s"], s["numpy_s"],
-            "numpy array", "s"),
-        row("save_swapped_warm", what + ", slots in the page cache", s["warm_s"],
-            s["numpy_s"], "numpy array", "s"),
-        row("save_swapped_floor", what + ", slots on disk, against the disk", s["cold_s"],
+        row(
+            "save_swapped", what + ", slots on disk", s["cold_s"], s["numpy_s"], "numpy array", "s"
+        ),
+        row(
+            "save_swapped_warm",
+            what + ", slots in the page cache",
+            s["warm_s"],
+            s["numpy_s"],
+            "numpy array",
+            "s",
+        ),
+        row(
+            "save_swapped_floor",
+            what + ", slots on disk, against the disk",
+            s["cold_s"],
             s["floor_s"],
-            "cold read(2) of the bytes + numpy's np.save", "s"),
+            "cold read(2) of the bytes + numpy's np.save",
+            "s",
+        ),
     ]
 
 
@@ -901,15 +1052,16 @@ def fmt_value(value, unit: str) -> str:
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| what | uksm | reference | ratio | goal | met |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| what | uksm | reference | ratio | goal | met |", "|---|---|---|---|---|---|"]
     for r in rows:
         met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
         ref = fmt_value(r["reference"], r["unit"])
         if r["reference"] is not None:
             ref += f" ({r['reference_name']})"
-        lines.append(f"| {r['what']} | {fmt_value(r['uksm'], r['unit'])} | {ref} | "
-                     f"{measure.fmt(r['ratio'], 2)} | {r['goal']} | {met} |")
+        lines.append(
+            f"| {r['what']} | {fmt_value(r['uksm'], r['unit'])} | {ref} | "
+            f"{measure.fmt(r['ratio'], 2)} | {r['goal']} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -925,18 +1077,31 @@ def restore_ksm_defaults() -> Dict:
         return {}
     with kernelksm.session(unmerge_first=False) as sess:
         found = {k: sess.saved[k] for k, v in KSM_DEFAULTS.items() if sess.saved[k] != v}
-        sess.saved.update(KSM_DEFAULTS)     # what the session restores on exit
+        sess.saved.update(KSM_DEFAULTS)  # what the session restores on exit
     return found
 
 
-def run_all(size_mib: int, rounds: int, workdir: str, warmup: int = WARMUP,
-            log: Callable[[str], None] = lambda s: None) -> Dict:
+def run_all(
+    size_mib: int,
+    rounds: int,
+    workdir: str,
+    warmup: int = WARMUP,
+    log: Callable[[str], None] = lambda s: None,
+) -> Dict:
     sz = sizes(size_mib)
-    result: Dict = {"size_mib": size_mib, "rounds": rounds, "warmup": warmup,
-                    "sizes": sz, "kernel_ksm": kernelksm.unavailable_reason() or "available",
-                    "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                                "python": platform.python_version(),
-                                "numpy": np.__version__}}
+    result: Dict = {
+        "size_mib": size_mib,
+        "rounds": rounds,
+        "warmup": warmup,
+        "sizes": sz,
+        "kernel_ksm": kernelksm.unavailable_reason() or "available",
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+    }
     try:
         log(f"COW break: {sz['cow_pairs']} pairs")
         result["cow"] = cow_break(sz["cow_pairs"], rounds, warmup)
@@ -948,37 +1113,59 @@ def run_all(size_mib: int, rounds: int, workdir: str, warmup: int = WARMUP,
         result["save"] = save_swapped(sz["io"], workdir, rounds, warmup)
     finally:
         result["ksm_knobs_reset"] = restore_ksm_defaults()
-    result["rows"] = (cow_rows(result["cow"]) + fork_rows(result["fork"])
-                      + read_rows(result["read"]) + save_rows(result["save"]))
-    result["checks"] = {f"{part}: {name}": ok for part in ("cow", "fork", "read", "save")
-                        for name, ok in result[part]["checks"].items()}
+    result["rows"] = (
+        cow_rows(result["cow"])
+        + fork_rows(result["fork"])
+        + read_rows(result["read"])
+        + save_rows(result["save"])
+    )
+    result["checks"] = {
+        f"{part}: {name}": ok
+        for part in ("cow", "fork", "read", "save")
+        for name, ok in result[part]["checks"].items()
+    }
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=DEFAULT_MIB,
-                    help="pool size for fork and multiprocessing (COW: size/16 of "
-                         "merged pages, I/O: size/4); default %(default)s")
-    ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                    help="measured rounds per figure, after one warm-up (default "
-                         "%(default)s)")
+    ap.add_argument(
+        "--size-mib",
+        type=int,
+        default=DEFAULT_MIB,
+        help="pool size for fork and multiprocessing (COW: size/16 of "
+        "merged pages, I/O: size/4); default %(default)s",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help="measured rounds per figure, after one warm-up (default %(default)s)",
+    )
     ap.add_argument("--json", metavar="FILE", help="write every figure here")
     args = ap.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="uksm-bench-")
     t0 = time.perf_counter()
     try:
-        result = run_all(args.size_mib, args.rounds, workdir,
-                         log=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
+        result = run_all(
+            args.size_mib,
+            args.rounds,
+            workdir,
+            log=lambda s: print(f"  {s} ...", file=sys.stderr, flush=True),
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
-    print(f"\nuksm memory model, {args.size_mib} MiB, median of {args.rounds} rounds "
-          f"after {WARMUP} warm-up; kernel KSM: {result['kernel_ksm']}\n")
+    print(
+        f"\nuksm memory model, {args.size_mib} MiB, median of {args.rounds} rounds "
+        f"after {WARMUP} warm-up; kernel KSM: {result['kernel_ksm']}\n"
+    )
     print(table(result["rows"]))
     bad = [name for name, ok in result["checks"].items() if not ok]
-    print(f"\ndata checks: {len(result['checks']) - len(bad)} of {len(result['checks'])} "
-          f"passed" + ("" if not bad else "; FAILED: " + "; ".join(bad)))
+    print(
+        f"\ndata checks: {len(result['checks']) - len(bad)} of {len(result['checks'])} "
+        f"passed" + ("" if not bad else "; FAILED: " + "; ".join(bad))
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -990,6 +1177,7 @@ def main(argv=None) -> int:
 #
 # One test per measurement; `--benchmark-disable` (benchmark.disabled) is the
 # smoke run: SMOKE_MIB, one round and no warm-up, and only the data checked.
+
 
 def _scale(benchmark):
     if benchmark.disabled:
@@ -1010,12 +1198,17 @@ def _assert_checks(checks: Dict[str, bool]) -> None:
 
 
 def _report(benchmark, shared, rows: List[Dict]) -> None:
-    from harness import report
+    from uksm.bench.micro import report
+
     shared.cache.setdefault("memory_model_rows", {}).update({r["key"]: r for r in rows})
     for r in rows:
-        report(benchmark, f"{r['what']}: uksm {fmt_value(r['uksm'], r['unit'])}, "
-               f"{r['reference_name']} {fmt_value(r['reference'], r['unit'])}, ratio "
-               f"{measure.fmt(r['ratio'], 2)} (goal {r['goal']})", **{r["key"]: r})
+        report(
+            benchmark,
+            f"{r['what']}: uksm {fmt_value(r['uksm'], r['unit'])}, "
+            f"{r['reference_name']} {fmt_value(r['reference'], r['unit'])}, ratio "
+            f"{measure.fmt(r['ratio'], 2)} (goal {r['goal']})",
+            **{r["key"]: r},
+        )
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ Two workloads: 2 x 64 MiB of duplicate pairs after merging (stable tree
 full), and 128 MiB of pages all different after two full scans (unstable
 tree full).
 """
+
 import pytest
 
-import measure
-from harness import report, rounds
+from uksm.bench import measure, micro
+from uksm.bench.micro import report, rounds
 
 MiB = measure.MiB
 PAGE = measure.PAGE
@@ -23,18 +24,21 @@ def test_meta_duplicates(benchmark):
     results = []
 
     def target():
-        r = measure.meta_duplicates(n)
+        r = micro.meta_duplicates(n)
         results.append(r)
         return r
 
     benchmark.pedantic(target, rounds=rounds(benchmark, 1))
     r = results[-1]
-    report(benchmark,
-           f"metadata, 2 x {n * PAGE // MiB} MiB duplicate pairs merged: "
-           f"{r['metadata_bytes_per_page']:.1f} bytes/page (limit {LIMIT}); "
-           f"{r['metadata_bytes'] / MiB:.2f} MiB for {r['pages']} pages",
-           pages=r["pages"], metadata_bytes_per_page=r["metadata_bytes_per_page"],
-           metadata_bytes=r["metadata_bytes"])
+    report(
+        benchmark,
+        f"metadata, 2 x {n * PAGE // MiB} MiB duplicate pairs merged: "
+        f"{r['metadata_bytes_per_page']:.1f} bytes/page (limit {LIMIT}); "
+        f"{r['metadata_bytes'] / MiB:.2f} MiB for {r['pages']} pages",
+        pages=r["pages"],
+        metadata_bytes_per_page=r["metadata_bytes_per_page"],
+        metadata_bytes=r["metadata_bytes"],
+    )
     assert r["pages_sharing"] >= n - 1
     assert r["metadata_bytes_per_page"] <= LIMIT
 
@@ -45,17 +49,21 @@ def test_meta_unique(benchmark):
     results = []
 
     def target():
-        r = measure.meta_unique(n)
+        r = micro.meta_unique(n)
         results.append(r)
         return r
 
     benchmark.pedantic(target, rounds=rounds(benchmark, 1))
     r = results[-1]
-    report(benchmark,
-           f"metadata, {n * PAGE // MiB} MiB unique pages after 2 scans: "
-           f"{r['metadata_bytes_per_page']:.1f} bytes/page (limit {LIMIT}); "
-           f"pages_unshared {r['pages_unshared']}",
-           pages=r["pages"], metadata_bytes_per_page=r["metadata_bytes_per_page"],
-           metadata_bytes=r["metadata_bytes"], pages_unshared=r["pages_unshared"])
+    report(
+        benchmark,
+        f"metadata, {n * PAGE // MiB} MiB unique pages after 2 scans: "
+        f"{r['metadata_bytes_per_page']:.1f} bytes/page (limit {LIMIT}); "
+        f"pages_unshared {r['pages_unshared']}",
+        pages=r["pages"],
+        metadata_bytes_per_page=r["metadata_bytes_per_page"],
+        metadata_bytes=r["metadata_bytes"],
+        pages_unshared=r["pages_unshared"],
+    )
     assert r["pages_sharing"] == 0
     assert r["metadata_bytes_per_page"] <= LIMIT

@@ -4,6 +4,7 @@ move.
 
     python -m pytest bench/bench_migrate.py -s -p no:cacheprovider
 """
+
 import gc
 import threading
 import time
@@ -40,8 +41,7 @@ def scattered_workload(pool, pages: int, seed: int = 0):
 
 
 def measure_compaction(pages: int) -> dict:
-    with uksm.Pool(max(64 << 20, 4 * pages * PAGE), checksum="xxhash",
-                   compact_threshold=0) as pool:
+    with uksm.Pool(max(64 << 20, 4 * pages * PAGE), checksum="xxhash", compact_threshold=0) as pool:
         a, b = scattered_workload(pool, pages)
         shadow = np.array(a)
         shadow_b = np.array(b)
@@ -56,7 +56,7 @@ def measure_compaction(pages: int) -> dict:
             last = time.perf_counter()
             while not stop.is_set():
                 i = int(rng.integers(flat.size)) & ~7
-                flat[i + 7] = flat[i + 7]          # rewrite the same value
+                flat[i + 7] = flat[i + 7]  # rewrite the same value
                 now = time.perf_counter()
                 pauses.append(now - last)
                 last = now
@@ -87,12 +87,14 @@ def test_compaction(benchmark):
     benchmark.pedantic(run, rounds=1 if benchmark.disabled else 3, iterations=1)
     r = sorted(results, key=lambda x: x["mib_per_s"])[len(results) // 2]
     benchmark.extra_info.update(r)
-    print(f"\n  compaction of {pages} scattered pages: {r['mib_per_s']:.0f} MiB/s moved "
-          f"({r['bytes_moved'] >> 20} MiB in {r['seconds'] * 1e3:.1f} ms), "
-          f"VMAs {r['vmas_before']} -> {r['vmas_after']}, memfd "
-          f"{r['memfd_size_before'] >> 20} -> {r['memfd_size_after'] >> 20} MiB; "
-          f"longest lock hold {r['max_pause_seconds'] * 1e3:.2f} ms, writer gap "
-          f"p99 {r['writer_p99_gap_s'] * 1e3:.2f} ms max {r['writer_max_gap_s'] * 1e3:.2f} ms")
+    print(
+        f"\n  compaction of {pages} scattered pages: {r['mib_per_s']:.0f} MiB/s moved "
+        f"({r['bytes_moved'] >> 20} MiB in {r['seconds'] * 1e3:.1f} ms), "
+        f"VMAs {r['vmas_before']} -> {r['vmas_after']}, memfd "
+        f"{r['memfd_size_before'] >> 20} -> {r['memfd_size_after'] >> 20} MiB; "
+        f"longest lock hold {r['max_pause_seconds'] * 1e3:.2f} ms, writer gap "
+        f"p99 {r['writer_p99_gap_s'] * 1e3:.2f} ms max {r['writer_max_gap_s'] * 1e3:.2f} ms"
+    )
     # the live frames now fill the bottom of the memfd (the writer may have
     # freed some meanwhile), and the file is cut after them
     assert r["frames_moved"] > 0

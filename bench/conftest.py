@@ -6,23 +6,23 @@ once, on small sizes (benchmark.disabled), and the kernel side is skipped
 when this is not root or there is no /sys/kernel/mm/ksm.  A real run:
 `pytest bench -s --benchmark-min-rounds=1` prints one line per benchmark.
 """
+
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from uksm import kernelksm  # noqa: E402
-
-from harness import Shared  # noqa: E402
+from uksm.bench import kernelksm
+from uksm.bench.micro import Shared
 
 
 def pytest_collect_file(file_path, parent):
     # bench/ keeps its own file names (bench_*.py) and is not in testpaths.
     # A file named on the command line is collected by pytest itself.
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -34,13 +34,36 @@ enum {
 	TARGET_ANCHOR = -2,	/* an unstable-tree page: a frame is made for it */
 };
 
-/* Take @cost VMAs from the caller's budget; refuse when it is spent. */
+/*
+ * Take @cost VMAs from the caller's budget; refuse when it is spent.  Each
+ * step of a run charges the most it can cut (a write-protect in the middle
+ * of a mapping: two), so that the budget covers the run at its peak, when
+ * its pages are protected and not yet remapped.
+ */
 static int vma_charge(int64_t *budget, int64_t cost)
 {
 	if (*budget < cost)
 		return 0;
 	*budget -= cost;
 	return 1;
+}
+
+/*
+ * A run is done: give back what its steps charged beyond what it left
+ * behind.  Most of a write-protect's cuts heal when the pages are remapped
+ * or released, and a view next to a view of the frame before it joins that
+ * mapping: the net change, counted over the run's window before and after,
+ * is what the process keeps.  It may be negative (views joined), and then
+ * the budget grows.  The fault handler's estimate follows it too.
+ */
+static void vma_settle(struct uksm_pool *pool, int64_t *budget, int64_t at_start,
+		       int64_t before, int64_t after)
+{
+	int64_t kept = after - before;
+
+	if (at_start - kept > *budget)
+		*budget = at_start - kept;
+	pool->vma_estimate += kept;
 }
 
 static int protect(struct uksm_pool *pool, size_t vpn, size_t n, int prot)
@@ -527,8 +550,9 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		result[k] = UKSM_MERGE_BUSY;
 	}
 	while (i < n) {
-		size_t j = i + 1, len;
+		size_t j = i + 1, len, d0, d1;
 		int stable = dst_vpn[i] < 0;
+		int64_t at_start, before;
 
 		/*
 		 * A run: consecutive sources whose targets advance by one page
@@ -549,6 +573,11 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 			i = j;
 			continue;	/* BUSY: the next scan tries again */
 		}
+		/* a run's sources are consecutive, and so are its tree pages */
+		d0 = stable ? 1 : (size_t)dst_vpn[i];
+		d1 = stable ? 0 : (size_t)dst_vpn[j - 1];
+		at_start = *vma_budget;
+		before = uksm_vma_window(pool, src_vpn[i], src_vpn[j - 1], d0, d1);
 		merge_resolve(pool, i, len, src_vpn, dst_vpn, dst_pfn, dst_key, result);
 		merge_write_protect(pool, i, len, src_vpn, dst_vpn, vma_budget, result);
 		merge_compare(pool, i, len, src_vpn, dst_vpn, max_sharing, result);
@@ -556,6 +585,8 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		merge_install_sources(pool, i, len, src_vpn, vma_budget, out_pfn, out_key,
 				      result);
 		merge_release(pool, i, len, src_vpn);
+		vma_settle(pool, vma_budget, at_start, before,
+			   uksm_vma_window(pool, src_vpn[i], src_vpn[j - 1], d0, d1));
 		uksm_frames_flush(pool);
 		uksm_unlock(pool);
 		i = j;
@@ -596,10 +627,12 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 	}
 	while (i < n) {
 		size_t j = i + 1, r;
+		int64_t at_start = *vma_budget, before;
 
 		while (j < n && j - i < UKSM_RUN_MAX && vpns[j] == vpns[j - 1] + 1)
 			j++;
 		uksm_lock(pool);
+		before = uksm_vma_window(pool, vpns[i], vpns[j - 1], 1, 0);
 		for (r = i; r < j;) {
 			size_t e = r + 1, r0;
 
@@ -651,6 +684,8 @@ int uksm_merge_zero(struct uksm_pool *pool, size_t n, const int64_t *vpns,
 				pool->st.merge_runs++;
 			}
 		}
+		vma_settle(pool, vma_budget, at_start, before,
+			   uksm_vma_window(pool, vpns[i], vpns[j - 1], 1, 0));
 		uksm_unlock(pool);
 		i = j;
 	}

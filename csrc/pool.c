@@ -642,6 +642,36 @@ static int va_alloc(struct uksm_pool *pool, size_t n, size_t *vpn_out)
 	}
 }
 
+/*
+ * Give back the pages of the pte table that now describe free address
+ * space only (every pte in them NONE, which reads back as the zero page
+ * does): the table costs what the buffers in use cost, not what a pool
+ * that churned through its whole range once touched.  A page shared with
+ * the neighbouring tables, or with a pte still in use, stays.  Caller
+ * holds pool->lock.
+ */
+static void ptes_trim(struct uksm_pool *pool, size_t vpn, size_t npages)
+{
+	const size_t sz = sizeof(struct uksm_pte);
+	const uintptr_t base = (uintptr_t)pool->ptes, end = base + pool->va_pages * sz;
+	uintptr_t p = (base + vpn * sz) & ~(uintptr_t)(PG - 1);
+	uintptr_t hi = (base + (vpn + npages) * sz + PG - 1) & ~(uintptr_t)(PG - 1);
+	uintptr_t run = 0;
+
+	for (; p <= hi; p += PG) {
+		int free = p < hi && p >= base && p + PG <= end;
+
+		for (size_t i = (p - base) / sz; free && i < (p + PG - base) / sz; i++)
+			free = !uksm_bit_test(pool->va_map, i);
+		if (free && !run)
+			run = p;
+		if (!free && run) {
+			(void)madvise((void *)run, p - run, MADV_DONTNEED);
+			run = 0;
+		}
+	}
+}
+
 int uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	if (!uksm_range_ok(pool, vpn, npages))
@@ -651,6 +681,7 @@ int uksm_va_free(struct uksm_pool *pool, size_t vpn, size_t npages)
 		uksm_bit_clear(pool->va_map, vpn + i);
 	if (vpn < pool->va_hint)
 		pool->va_hint = vpn;
+	ptes_trim(pool, vpn, npages);
 	uksm_unlock(pool);
 	return 0;
 }
@@ -833,6 +864,22 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		struct uksm_memory *out)
 {
+	const uint64_t range[2] = { vpn, npages };
+
+	return uksm_memory_ranges(pool, range, 1, out);
+}
+
+/*
+ * uksm_memory_ranges - uksm_memory() over @nranges ranges (vpn, npages
+ * pairs in @ranges): the pool's live buffers, as the caller knows them.
+ * The cost follows the pages in use, not the address space reserved: a
+ * walk of a terabyte pool's whole range would read gigabytes of empty page
+ * table (and fault in the page tables of the zero page to do it) to find a
+ * few buffers.
+ */
+int uksm_memory_ranges(struct uksm_pool *pool, const uint64_t *ranges,
+		       size_t nranges, struct uksm_memory *out)
+{
 	uint64_t pm[UKSM_RUN_MAX];
 	struct stat stbuf;
 	uint16_t *seen = NULL, *seen_slot;
@@ -843,8 +890,9 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 	int own = 0;
 
 	memset(out, 0, sizeof(*out));
-	if (!uksm_range_ok(pool, vpn, npages))
-		return -EINVAL;
+	for (size_t r = 0; r < nranges; r++)
+		if (!uksm_range_ok(pool, ranges[2 * r], ranges[2 * r + 1]))
+			return -EINVAL;
 	/*
 	 * views present per frame, to tell frames mapped once from shared
 	 * ones: in the pool's own table unless another caller has it, so that
@@ -865,45 +913,49 @@ int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		}
 	}
 	seen_slot = seen ? seen + nframes : NULL;
-	for (size_t done = 0; done < npages && !err;) {
-		size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
+	for (size_t r = 0; r < nranges && !err; r++) {
+		const size_t vpn = ranges[2 * r], npages = ranges[2 * r + 1];
 
-		int any = 0;
+		for (size_t done = 0; done < npages && !err;) {
+			size_t n = npages - done < UKSM_RUN_MAX ? npages - done : UKSM_RUN_MAX;
 
-		uksm_lock(pool);
-		for (size_t i = 0; i < n && !any; i++)
-			any = pool->ptes[vpn + done + i].state != UKSM_PTE_NONE;
-		err = any ? uksm_pagemap_read((size_t)page_addr(pool, vpn + done), n, pm) : 0;
-		if (any && !err) {
-			/* the counters read after this must know the kernel's copies */
-			uksm_reconcile_locked(pool, vpn + done, n, pm);
-			uksm_frames_flush(pool);
-		}
-		for (size_t i = 0; i < n && any && !err; i++) {
-			const struct uksm_pte *pte = &pool->ptes[vpn + done + i];
-			uint64_t e = pm[i];
+			int any = 0;
 
-			if (!(e & PM_PRESENT))
-				continue;
-			if (!(e & PM_FILE) || pte->state == UKSM_PTE_PRIVATE ||
-			    pte->state == UKSM_PTE_ZERO) {
-				/* anonymous: ours alone, or shared with a relative */
-				if (pm_anon_present(e)) {
-					out->private_present++;
-					out->private_shared += !(e & PM_EXCLUSIVE);
-				}
-			} else if (pte->state == UKSM_PTE_KSM) {
-				out->views_present++;
-				if (seen && pte->pfn < nframes && seen[pte->pfn] < UINT16_MAX)
-					seen[pte->pfn]++;
-			} else if (pte->state == UKSM_PTE_SWAPPED) {
-				out->swap_views_present++;
-				if (seen_slot && pte->pfn < nslots && seen_slot[pte->pfn] < UINT16_MAX)
-					seen_slot[pte->pfn]++;
+			uksm_lock(pool);
+			for (size_t i = 0; i < n && !any; i++)
+				any = pool->ptes[vpn + done + i].state != UKSM_PTE_NONE;
+			err = any ? uksm_pagemap_read((size_t)page_addr(pool, vpn + done), n, pm) : 0;
+			if (any && !err) {
+				/* the counters read after this must know the kernel's copies */
+				uksm_reconcile_locked(pool, vpn + done, n, pm);
+				uksm_frames_flush(pool);
 			}
+			for (size_t i = 0; i < n && any && !err; i++) {
+				const struct uksm_pte *pte = &pool->ptes[vpn + done + i];
+				uint64_t e = pm[i];
+
+				if (!(e & PM_PRESENT))
+					continue;
+				if (!(e & PM_FILE) || pte->state == UKSM_PTE_PRIVATE ||
+				    pte->state == UKSM_PTE_ZERO) {
+					/* anonymous: ours alone, or shared with a relative */
+					if (pm_anon_present(e)) {
+						out->private_present++;
+						out->private_shared += !(e & PM_EXCLUSIVE);
+					}
+				} else if (pte->state == UKSM_PTE_KSM) {
+					out->views_present++;
+					if (seen && pte->pfn < nframes && seen[pte->pfn] < UINT16_MAX)
+						seen[pte->pfn]++;
+				} else if (pte->state == UKSM_PTE_SWAPPED) {
+					out->swap_views_present++;
+					if (seen_slot && pte->pfn < nslots && seen_slot[pte->pfn] < UINT16_MAX)
+						seen_slot[pte->pfn]++;
+				}
+			}
+			uksm_unlock(pool);
+			done += n;
 		}
-		uksm_unlock(pool);
-		done += n;
 	}
 	for (size_t f = 0; seen && f < nframes; f++) {
 		out->frames_single += seen[f] == 1;

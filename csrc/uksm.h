@@ -275,6 +275,8 @@ int uksm_frames_info(struct uksm_pool *pool, const uint32_t *pfns, size_t n,
 		     uint32_t *mapcount, uint32_t *key, uint32_t *flags);
 int uksm_memory(struct uksm_pool *pool, size_t vpn, size_t npages,
 		struct uksm_memory *out);
+int uksm_memory_ranges(struct uksm_pool *pool, const uint64_t *ranges,
+		       size_t nranges, struct uksm_memory *out);
 int uksm_fork_poll(void);
 
 /* checksum.c */

@@ -317,6 +317,44 @@ static inline int64_t uksm_split_cost(struct uksm_pool *pool, size_t vpn, size_t
 }
 
 /*
+ * Boundaries between VMAs among the page pairs (a, a + 1), a in [@lo, @hi),
+ * as uksm_same_vma() sees them.  Counted over the same window before and
+ * after a change, the difference is the mappings that change added (or,
+ * negative, joined): what the process keeps, unlike the transient cuts of
+ * a write-protect.  Caller holds pool->lock.
+ */
+static inline int64_t uksm_vma_boundaries(struct uksm_pool *pool, size_t lo, size_t hi)
+{
+	int64_t n = 0;
+
+	if (hi > pool->va_pages - 1)
+		hi = pool->va_pages - 1;
+	for (size_t a = lo; a < hi; a++)
+		n += !uksm_same_vma(pool, a);
+	return n;
+}
+
+/*
+ * The pair window [*lo, *hi) that changing pages [@first, @last] can touch,
+ * and the same for a second range (@first2 > @last2: none), as one window
+ * when they overlap, or two.  Returns the boundaries in them.
+ */
+static inline int64_t uksm_vma_window(struct uksm_pool *pool, size_t first, size_t last,
+				      size_t first2, size_t last2)
+{
+	size_t lo = first ? first - 1 : 0, hi = last + 1;
+	size_t lo2, hi2;
+
+	if (first2 > last2)
+		return uksm_vma_boundaries(pool, lo, hi);
+	lo2 = first2 ? first2 - 1 : 0;
+	hi2 = last2 + 1;
+	if (lo2 <= hi && lo <= hi2)
+		return uksm_vma_boundaries(pool, lo < lo2 ? lo : lo2, hi > hi2 ? hi : hi2);
+	return uksm_vma_boundaries(pool, lo, hi) + uksm_vma_boundaries(pool, lo2, hi2);
+}
+
+/*
  * The registry the signal handler and the fork hooks walk: each slot's pool
  * and, for the handler, the virtual range its buffers live in (0, 0 when
  * free; the range is cleared before the pool is, and set after).

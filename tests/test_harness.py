@@ -1,4 +1,4 @@
-"""The benchmark harness (uksm.harness, ``python -m uksm bench``) on tiny sizes,
+"""The benchmark harness (uksm.bench.harness, ``python -m uksm bench``) on tiny sizes,
 and the other subcommands (``demo``, ``stats``).
 
 Every suite runs and its outputs parse: results.json holds every suite,
@@ -10,6 +10,7 @@ cleanly where it cannot run (simulated by pointing kernelksm at a missing
 sysfs directory), and as root the kernel's KSM knobs are back to what they
 were after a failure or a Ctrl-C injected while a session had them changed.
 """
+
 import io
 import json
 import os
@@ -22,24 +23,37 @@ import zlib
 
 import pytest
 
-from uksm import harness, kernelksm, measure
 from uksm.__main__ import main
+from uksm.bench import harness, kernelksm, measure
 
 MiB = 1 << 20
 PAGE = harness.PAGE_SIZE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "| suite | metric | uksm | kernel | ratio | unit |"
 
-need_kernel = pytest.mark.skipif(not kernelksm.available(),
-                                 reason="kernel KSM needs root and /sys/kernel/mm/ksm")
+need_kernel = pytest.mark.skipif(
+    not kernelksm.available(), reason="kernel KSM needs root and /sys/kernel/mm/ksm"
+)
 
 
 def tiny(outdir, **kw) -> harness.Config:
     """A configuration that runs every suite in a few seconds."""
-    base = dict(size=2 * MiB, repeats=1, selftest_mib=2, steady_warmup_scans=2,
-                steady_scans=2, steady_min_seconds=0.0, advisor_scans=1, timeout=30.0,
-                tail=0.05, interval=0.01, output=str(outdir), quick_run=True,
-                command="pytest tests/test_harness.py")
+    base = dict(
+        size=2 * MiB,
+        swap_size=2 * MiB,
+        repeats=1,
+        selftest_mib=2,
+        steady_warmup_scans=2,
+        steady_scans=2,
+        steady_min_seconds=0.0,
+        advisor_scans=1,
+        timeout=30.0,
+        tail=0.05,
+        interval=0.01,
+        output=str(outdir),
+        quick_run=True,
+        command="pytest tests/test_harness.py",
+    )
     base.update(kw)
     return harness.Config(**base)
 
@@ -59,8 +73,8 @@ def check_png(path) -> None:
     assert kind == b"IHDR" and length == 13
     width, height = struct.unpack(">II", data[16:24])
     assert 100 <= width <= 5000 and 100 <= height <= 5000
-    crc = struct.unpack(">I", data[16 + length:20 + length])[0]
-    assert crc == zlib.crc32(data[12:16 + length]) & 0xFFFFFFFF
+    crc = struct.unpack(">I", data[16 + length : 20 + length])[0]
+    assert crc == zlib.crc32(data[12 : 16 + length]) & 0xFFFFFFFF
     assert data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -110,8 +124,11 @@ def test_savings_are_the_kernels(full):
     for r in pairs:
         assert r["saved_held_bytes"] == r["saved_counter_bytes"], r
         assert r["saved_held_bytes"] >= 0.99 * n * PAGE
-        assert 0.75 * r["saved_held_bytes"] <= r["saved_pss_bytes"] <= \
-            1.05 * r["saved_held_bytes"] + MiB, r
+        assert (
+            0.75 * r["saved_held_bytes"]
+            <= r["saved_pss_bytes"]
+            <= 1.05 * r["saved_held_bytes"] + MiB
+        ), r
     real = [r for r in results["suites"]["realistic"]["runs"] if r["side"] == "uksm"]
     assert real
     for r in real:
@@ -122,9 +139,10 @@ def test_savings_are_the_kernels(full):
 
 def test_swap_rounds_swap_out_the_same_pages(full):
     """Suite 5, uksm: each round writes out all but the budget's worth of
-    the (private) pages and ends within the budget, by bytes_resident; the
+    the (private) array and ends within the budget, by bytes_resident; the
     reads leave the pages views of their slots, and each round makes them
-    private again for the next."""
+    private again for the next.  The figures are read rates, not faults:
+    the sequential read is MiB/s over the array, the random one us/page."""
     _, results, _, _ = full
     s = results["suites"]["swap"]
     budget = s["parameters"]["budget_mib"] * MiB
@@ -133,11 +151,19 @@ def test_swap_rounds_swap_out_the_same_pages(full):
     for r in runs:
         assert r["contents_ok"] and r["swap_errors"] == 0
         pages = r["bytes"] // PAGE
+        assert set(r["rounds"]) == {"seq", "rand"}
         for name, rnd in r["rounds"].items():
             assert rnd["reached"], (name, rnd)
             assert rnd["expected"] == pages - budget // PAGE == rnd["pages_written"], (name, rnd)
             assert rnd["bytes_resident_after"] <= budget, (name, rnd)
             assert rnd["swapped"] == rnd["expected"] and rnd["still_swapped"] == 0, (name, rnd)
+        assert r["rounds"]["rand"]["read_pages"] == min(r["rounds"]["rand"]["swapped"], 2000)
+        assert 0 < r["seq_read_mib_s"] and 0 < r["rand_read_us"]
+        # a swapped page read from the disk or the page cache is not a
+        # resident one: the read of the resident array is faster
+        assert r["resident_read_mib_s"] > r["seq_read_mib_s"], r
+    floors = [r for r in s["runs"] if r["side"] == "floor"]
+    assert floors and all(f["read_seq_cold_mib_s"] > 0 and f["rand_cold_us"] > 0 for f in floors)
 
 
 def test_results_json_parses(full):
@@ -163,7 +189,7 @@ def test_report_has_the_table(full):
     lines = text.splitlines()
     i = lines.index(HEADER)
     assert lines[i + 1] == "|---|---|---|---|---|---|"
-    table = [ln for ln in lines[i + 2:] if ln.startswith("| ")]
+    table = [ln for ln in lines[i + 2 :] if ln.startswith("| ")]
     for n, key in enumerate(harness.SUITES, 1):
         assert any(ln.startswith(f"| {n} {key} |") for ln in table), key
     for ln in table:
@@ -172,7 +198,7 @@ def test_report_has_the_table(full):
     assert swap and not any("not available yet" in ln for ln in swap)
     assert any("swap-out" in ln and "MiB/s" in ln for ln in swap)
     # machine facts at the top, before the table
-    head = text[:text.index(HEADER)]
+    head = text[: text.index(HEADER)]
     for fact in ("| kernel |", "| CPUs |", "kernel KSM"):
         assert fact in head
 
@@ -233,8 +259,15 @@ def test_knobs_restored_after_injected_failure(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(measure, "uksm_steady", failing)
-    results, printed = run(tiny(tmp_path / "out", repeats=2, suites=["steady", "swap"],
-                                steady_warmup_scans=1, steady_scans=1))
+    results, printed = run(
+        tiny(
+            tmp_path / "out",
+            repeats=2,
+            suites=["steady", "swap"],
+            steady_warmup_scans=1,
+            steady_scans=1,
+        )
+    )
     s = results["suites"]["steady"]
     assert s["status"] == "error" and "injected failure" in s["error"]
     assert "FAILED" in printed
@@ -242,11 +275,13 @@ def test_knobs_restored_after_injected_failure(tmp_path, monkeypatch):
     assert seen["advisor_mode"] == "scan-time"
     assert seen["advisor_target_scan_time"] == harness.ADVISOR_TARGET_SCAN_TIME
     assert seen["sleep_millisecs"] == 20
-    assert results["suites"]["swap"]["status"] == "ok"   # the run went on
+    assert results["suites"]["swap"]["status"] == "ok"  # the run went on
     assert kernelksm.knobs() == before
     assert results["knobs_restored"] is True
-    assert "suite failed: RuntimeError: injected failure" in (tmp_path / "out" /
-                                                              "report.md").read_text()
+    assert (
+        "suite failed: RuntimeError: injected failure"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 @need_kernel
@@ -281,13 +316,18 @@ def test_sessions_of_two_processes_take_turns():
     end, then saves the knobs it restored (not the ones it had set)."""
     before = kernelksm.knobs()
     child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from uksm import kernelksm\n"
-         "with kernelksm.session(sleep_millisecs=0, pages_to_scan=1234):\n"
-         "    print('in', flush=True)\n"
-         "    time.sleep(1.0)\n"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from uksm.bench import kernelksm\n"
+            "with kernelksm.session(sleep_millisecs=0, pages_to_scan=1234):\n"
+            "    print('in', flush=True)\n"
+            "    time.sleep(1.0)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "in"
         t0 = time.monotonic()
@@ -313,14 +353,16 @@ def test_parse_suites():
 
 def test_cli_bench_subcommand(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["bench", "--suites", "swap", "--output", str(out), "--repeats", "1",
-                 "--quick"]) == 0
+    assert (
+        main(["bench", "--suites", "swap", "--output", str(out), "--repeats", "1", "--quick"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "swap-out" in printed
     data = json.loads((out / "results.json").read_text())
     assert list(data["suites"]) == ["swap"]
-    assert data["command"] == (f"python -m uksm bench --suites swap --output {out} "
-                               "--repeats 1 --quick")
+    assert data["command"] == (
+        f"python -m uksm bench --suites swap --output {out} --repeats 1 --quick"
+    )
     assert HEADER in (out / "report.md").read_text()
     assert main(["bench", "--suites", "nine"]) == 2
     assert main(["bench", "--suites", "5", "--repeats", "0", "--output", str(out)]) == 2
@@ -333,21 +375,27 @@ def test_cli_demo_shows_real_savings():
     least as much.  In a
     process of its own: this one's PSS moves with whatever the tests before
     left for the garbage collector."""
-    proc = subprocess.run([sys.executable, "-m", "uksm", "demo", "--size", "4MiB",
-                           "--copies", "3", "--quiet"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uksm", "demo", "--size", "4MiB", "--copies", "3", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     figures = {}
     for line in out.splitlines():
-        m = re.match(r"\s+saved, (pool|process PSS|process USS)\b.*?:\s+([\d.]+) MiB"
-                     r"(?: of an ideal ([\d.]+) MiB)?", line)
+        m = re.match(
+            r"\s+saved, (pool|process PSS|process USS)\b.*?:\s+([\d.]+) MiB"
+            r"(?: of an ideal ([\d.]+) MiB)?",
+            line,
+        )
         if m:
             figures[m.group(1)] = float(m.group(2))
             if m.group(3):
                 figures["ideal"] = float(m.group(3))
     assert set(figures) == {"pool", "process PSS", "process USS", "ideal"}, out
-    assert figures["ideal"] == 12.0                  # 2 duplicate copies + the zeroes
+    assert figures["ideal"] == 12.0  # 2 duplicate copies + the zeroes
     assert figures["pool"] == figures["ideal"], out
     # PSS also moves with the interpreter's own pages that other processes
     # share (the test runner's, the libraries'): seen to fall short by 3.5
@@ -372,7 +420,46 @@ def test_cli_stats_prints_the_counters(capsys):
     assert st["pages_shared"] == pages and st["pages_sharing"] == 2 * pages
     assert st["ksm_zero_pages"] == pages
     assert st["bytes_frames"] == st["pages_shared"] * PAGE
-    assert st["bytes_private"] == pages * PAGE          # the volatile array
+    assert st["bytes_private"] == pages * PAGE  # the volatile array
     assert st["bytes_resident"] == st["bytes_private"] + st["bytes_frames"]
     for gone in ("cow_reserve_used_max", "swap_cache_hits", "reference_hint_faults"):
         assert gone not in st
+
+
+def test_scale_smoke(tmp_path, capsys):
+    """``python -m uksm bench --scale`` at two tiny sizes: every figure is
+    there for every size and side measured, and sane (merged, positive,
+    the contents intact, metadata a few dozen bytes a page, the peak RSS at
+    least the data); the kernel's knobs are left at run=0,
+    pages_to_scan=100, sleep_millisecs=20."""
+    from uksm.bench import scale
+
+    out = tmp_path / "scale"
+    assert main(["bench", "--scale", "--sizes", "16MiB,32MiB", "--output", str(out)]) == 0
+    data = json.loads((out / "scale.json").read_text())
+    assert data["status"] == "done"
+    assert [r["bytes"] for r in data["sizes"]] == [16 * MiB, 32 * MiB]
+    sides = ["uksm"] + (["kernel"] if data["kernel_side"]["available"] else [])
+    for row in data["sizes"]:
+        pages = row["bytes"] // PAGE
+        for side in sides:
+            r = row[side]
+            assert set(scale.FIELDS) <= set(r), (side, r)
+            assert r["contents_ok"], (side, r)
+            assert r["pages_sharing"] >= 0.99 * pages // 2, (side, r)
+            for f in scale.FIELDS:
+                assert r[f] > 0, (side, f, r)
+            assert r["merge_s_per_page"] < 1e-3 and r["steady_us_per_page"] < 100, (side, r)
+            assert 8 <= r["metadata_bytes_per_page"] <= 512, (side, r)
+            assert r["peak_rss_bytes"] >= row["bytes"] // 2, (side, r)
+            assert r["cow_us_per_page"] < 1000 and r["unmerge_us_per_page"] < 1000, (side, r)
+        if "kernel" not in sides:
+            assert row["kernel"] is None
+    text = (out / "scale.md").read_text()
+    assert "| 16 MiB | time to merge fresh duplicates |" in text
+    check_png(out / "scale.png")
+    if data["kernel_side"]["available"]:
+        assert data["kernel_knobs_after"] == {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20}
+        assert kernelksm.knobs()["pages_to_scan"] == 100
+    assert main(["bench", "--scale", "--sizes", "1KiB"]) == 2
+    assert "wrote " in capsys.readouterr().out

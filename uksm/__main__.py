@@ -5,15 +5,16 @@ demo    builds duplicated arrays in a pool (copies of one dataset, a
         runs), runs the background scanner with a progress bar, then prints
         memory before and after as the kernel accounts for it (the pool's
         private pages from pagemap, its frames from the memfd's allocated
-        blocks, the process's PSS and USS from psutil), the saving by each,
+        blocks, the process's PSS and USS from smaps_rollup), the saving by each,
         and the KSM counters.
 stats   the same workload, just the counters as JSON (for scripts).
 run     runs a Python program with every numpy array of --threshold
         bytes or more allocated from a pool (uksm.run): python -m uksm run
         [options] script.py args... or -m module args...
-bench   the benchmark harness (uksm.harness): uksm and the kernel's KSM on
-        the same content, side by side; writes results.json, report.md and
-        PNG plots into --output.
+bench   the benchmark harness (uksm.bench, the "bench" extra: pip install
+        "uksm[bench]"): uksm and the kernel's KSM on the same content, side
+        by side; writes results.json, report.md and PNG plots into --output.
+        --scale: cost per page against pool size, both implementations.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import sys
 import time
 
 import numpy as np
-import psutil
 
-from . import Pool, parse_size, PAGE_SIZE
+from . import PAGE_SIZE, Pool, parse_size
 
 
 def _mib(n: float) -> str:
@@ -36,8 +36,27 @@ def _mib(n: float) -> str:
 
 
 def _pss_uss():
-    m = psutil.Process().memory_full_info()
-    return m.pss, m.uss
+    """The process's PSS and USS, as psutil's memory_full_info() computes
+    them, from /proc/self/smaps_rollup (psutil is the bench extra's, not the
+    allocator's): USS is the private clean and dirty pages."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+def _need_extra(command: str) -> bool:
+    """False, having said which extra to install, if the bench extra is missing."""
+    from .bench import INSTALL_HINT, missing
+    gone = missing()
+    if gone:
+        print(f"python -m uksm {command} needs {' and '.join(gone)}: {INSTALL_HINT}",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _progress(fraction: float, width: int = 40) -> str:
@@ -127,8 +146,8 @@ def demo(args: argparse.Namespace) -> int:
             ("private pages (pagemap)", before["bytes_private"], after["bytes_private"]),
             ("frames (memfd blocks)", before["bytes_frames"], after["bytes_frames"]),
             ("pool total (private + frames)", held_before, held_after),
-            ("process PSS (psutil)", pss_before, pss_after),
-            ("process USS (psutil)", uss_before, uss_after),
+            ("process PSS (smaps_rollup)", pss_before, pss_after),
+            ("process USS (smaps_rollup)", uss_before, uss_after),
             ("bytes_mapped (live buffers)", before["bytes_mapped"], after["bytes_mapped"]),
         ]
         print(f"\nconverged in {elapsed:.2f} s ({after['full_scans']} full scans)\n")
@@ -138,8 +157,8 @@ def demo(args: argparse.Namespace) -> int:
         saved = held_before - held_after
         print(f"\n  saved, pool (private + frames):  {_mib(saved).strip()} of an ideal "
               f"{_mib(ideal * PAGE_SIZE).strip()}")
-        print(f"  saved, process PSS (psutil):     {_mib(pss_before - pss_after).strip()}")
-        print(f"  saved, process USS (psutil):     {_mib(uss_before - uss_after).strip()} "
+        print(f"  saved, process PSS (smaps_rollup): {_mib(pss_before - pss_after).strip()}")
+        print(f"  saved, process USS (smaps_rollup): {_mib(uss_before - uss_after).strip()} "
               f"(a frame shared by several views is in no one's USS)")
         print(f"\n  process PSS before the pool: {_mib(pss0).strip()}")
         print("\n  counters (names as in /sys/kernel/mm/ksm):")
@@ -222,7 +241,11 @@ def stats_cmd(args: argparse.Namespace) -> int:
 
 
 def bench_cmd(args: argparse.Namespace) -> int:
-    from . import harness
+    if not _need_extra("bench"):
+        return 2
+    if args.scale:
+        return scale_cmd(args)
+    from .bench import harness
     try:
         suites = harness.parse_suites(args.suites)
     except ValueError as e:
@@ -235,6 +258,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
           "command": shlex.join(["python", "-m", "uksm", "bench"] + given)}
     if args.size is not None:
         kw["size"] = parse_size(args.size, "--size")
+    if args.swap_size is not None:
+        kw["swap_size"] = parse_size(args.swap_size, "--swap-size")
     if args.repeats is not None:
         if args.repeats < 1:
             print("python -m uksm bench: --repeats must be at least 1", file=sys.stderr)
@@ -249,6 +274,27 @@ def bench_cmd(args: argparse.Namespace) -> int:
         harness.run(cfg)
     except KeyboardInterrupt:
         print(f"\ninterrupted; what was measured is in {cfg.output}/", file=sys.stderr)
+        return 130
+    return 0
+
+
+def scale_cmd(args: argparse.Namespace) -> int:
+    """python -m uksm bench --scale [--sizes ...]: uksm.bench.scale."""
+    from .bench import scale
+    try:
+        sizes = scale.parse_sizes(args.sizes or scale.DEFAULT_SIZES)
+    except ValueError as e:
+        print(f"python -m uksm bench: {e}", file=sys.stderr)
+        return 2
+    given = list(sys.argv[1:] if args.argv is None else args.argv)
+    given = given[given.index("bench") + 1:] if "bench" in given else given
+    output = args.output if args.output != "bench-out" else "bench-out/scale"
+    try:
+        scale.run(sizes, output, kernel=not args.no_kernel,
+                  timeout=args.timeout if args.timeout is not None else 600.0,
+                  command=shlex.join(["python", "-m", "uksm", "bench"] + given))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; what was measured is in {output}/", file=sys.stderr)
         return 130
     return 0
 
@@ -303,6 +349,15 @@ def main(argv=None) -> int:
                    help="seconds to wait for any one convergence (default 120)")
     b.add_argument("--no-kernel", action="store_true",
                    help="measure uksm only, even as root")
+    b.add_argument("--swap-size", default=None,
+                   help="the array of the swap suite (default 256MiB; --quick 16MiB)")
+    b.add_argument("--scale", action="store_true",
+                   help="instead of the suites: cost per page against pool size, uksm and "
+                        "the kernel's KSM side by side (scale.json, scale.md, scale.png in "
+                        "--output, default ./bench-out/scale)")
+    b.add_argument("--sizes", default=None,
+                   help="pool sizes of --scale, comma-separated (default "
+                        "64MiB,256MiB,1GiB,4GiB,8GiB)")
     b.set_defaults(fn=bench_cmd, argv=argv)
     args = parser.parse_args(argv)
     if getattr(args, "copies", 1) < 1:

@@ -334,6 +334,14 @@ class NativePool:
         check(lib.uksm_memory(self._pool, vpn, npages, out), "memory")
         return _fields(out, "struct uksm_memory")
 
+    def memory_ranges(self, ranges: npt.ArrayLike) -> Dict[str, int]:
+        """memory() over the (vpn, npages) rows of @ranges, in one call."""
+        out = ffi.new("struct uksm_memory *")
+        r = np.ascontiguousarray(ranges, np.uint64).reshape(-1, 2)
+        check(lib.uksm_memory_ranges(self._pool, _ptr("uint64_t[]", r), len(r), out),
+              "memory")
+        return _fields(out, "struct uksm_memory")
+
     # -- swap (csrc/swap.c) --------------------------------------------------
 
     def swap_enable(self, swap_fd: int, dir_fd: int, max_resident: int, batch: int) -> None:

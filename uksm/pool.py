@@ -139,6 +139,11 @@ def _cpu_knob(name: str, value: Any) -> int:
     return _int_knob(name, value, 1, 100)
 
 
+def _map_count_reserve_knob(name: str, value: Any) -> Optional[int]:
+    # mappings, as vm.max_map_count counts them (an int sysctl)
+    return None if value is None else _int_knob(name, value, 0, 2**31 - 1)
+
+
 def _compact_threshold_knob(name: str, value: Any) -> float:
     allowed = "0 (off) or a finite ratio >= 1"
     v = _float_knob(name, value, allowed)
@@ -689,11 +694,16 @@ class Pool:
     The knobs keep the names and meanings of /sys/kernel/mm/ksm:
 
     pages_to_scan     how many pages to scan before the scanner sleeps
+                      (default 1000: ten times ksmd's, a page costing a
+                      quarter of what it costs ksmd)
     sleep_millisecs   how many milliseconds the scanner sleeps between batches
+                      (4x, 16x, then 32x longer after full scans that found
+                      nothing new, until something changes: idle backoff)
     max_page_sharing  maximum sharing allowed for each KSM page
     use_zero_pages    merge empty pages with the kernel zero page (no frame)
     smart_scan        skip pages that repeatedly fail to merge
-    checksum          "jhash2" (the seed's calc_checksum) or "xxhash" (XXH3)
+    checksum          "xxhash" (XXH3, the default) or "jhash2" (the seed's
+                      calc_checksum)
     advisor_mode      "none" or "scan-time": retune pages_to_scan so a full
                       scan takes advisor_target_scan_time seconds
 
@@ -720,6 +730,11 @@ class Pool:
                       directory (that directory; the file never has a
                       name); needs max_resident
     swap_batch        how much one swap write takes at most
+    map_count_reserve mappings (vm.max_map_count) merging leaves to the
+                      program's own; None: a 32nd of the limit, at least
+                      1024.  Merged pages cost mappings; past the limit
+                      less this, merges are skipped and counted
+                      (pages_unmerged_map_limit)
     """
 
     # A typo such as pool.pages_to_scn = 5 must fail, not make an attribute
@@ -730,17 +745,18 @@ class Pool:
                  "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
                  "_unsettled", "_saved_peak", "__weakref__")
 
-    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 100,
+    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 1000,
                  sleep_millisecs: int = 20, max_page_sharing: int = 256,
                  use_zero_pages: bool = True, smart_scan: bool = True,
-                 checksum: str = "jhash2", advisor_mode: str = "none",
+                 checksum: str = "xxhash", advisor_mode: str = "none",
                  advisor_target_scan_time: float = 200.0,
                  advisor_min_pages_to_scan: int = 500,
                  advisor_max_pages_to_scan: int = 30000,
                  advisor_max_cpu: int = 70,
                  cow: str = "kernel", virtual_size: Any = None, cow_reserve: Any = None,
                  compact_threshold: float = 2.0, max_resident: Any = None,
-                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB") -> None:
+                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB",
+                 map_count_reserve: Optional[int] = None) -> None:
         self._closed = True     # until fully built, for __del__/close
         cap = parse_size(capacity, "capacity")
         if cap % PAGE_SIZE:
@@ -771,6 +787,8 @@ class Pool:
             "advisor_max_cpu": _cpu_knob("advisor_max_cpu", advisor_max_cpu),
             "compact_threshold": _compact_threshold_knob("compact_threshold",
                                                          compact_threshold),
+            "map_count_reserve": _map_count_reserve_knob("map_count_reserve",
+                                                         map_count_reserve),
         }
         if not isinstance(cow, str) or cow not in _core.COW_MODES:
             raise ValueError(f"unknown cow mode {cow!r}: 'kernel' or 'signal'")
@@ -848,6 +866,7 @@ class Pool:
     use_zero_pages = _knob_property("use_zero_pages", _bool_knob)
     smart_scan = _knob_property("smart_scan", _bool_knob)
     advisor_max_cpu = _knob_property("advisor_max_cpu", _cpu_knob)
+    map_count_reserve = _knob_property("map_count_reserve", _map_count_reserve_knob)
     del _knob_property
 
     @staticmethod
@@ -882,8 +901,7 @@ class Pool:
         # reference hints cost VMAs and the C side only estimates them: a
         # real count now and then keeps the estimate (and eviction) honest
         sc = self._scanner
-        if self._native.vma_estimate() > 0.8 * sc.max_map_count * 0.9:
-            sc.recount_maps()
+        sc.maybe_recount_maps()
         if group < 0:
             self._unsettled = 0
         try:
@@ -1396,7 +1414,8 @@ class Pool:
             self._native.swap_trim(256)
         if not _core.handler_installed():
             _core.install_handler()
-        return self._knobs["sleep_millisecs"] / 1000.0
+        # idle backoff (uksm.scanner): a pool at rest is looked at less often
+        return self._knobs["sleep_millisecs"] * self._scanner.sleep_factor() / 1000.0
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -1462,6 +1481,11 @@ class Pool:
         finally:
             handler._set(old)
 
+    def _live_ranges(self) -> np.ndarray:
+        """(vpn, npages) of every buffer not yet released, one row each."""
+        rows = [(r.vpn, r.npages) for r in list(self._buffers.values()) if not r.released]
+        return np.array(rows or [(0, 0)], np.uint64)
+
     def stats(self) -> dict:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
         uksm's own memory figures.  pages_shared: KSM frames in use;
@@ -1477,7 +1501,9 @@ class Pool:
                 self._reap()
             sc = self._scanner
             # pagemap first: it also reconciles, so the counters below are fresh
-            mem = self._native.memory(0, self._native.va_pages)
+            # over the live buffers only: the cost of stats() follows the
+            # pages in use, not the address space reserved
+            mem = self._native.memory_ranges(self._live_ranges())
             c = self._native.stats()
             chains, dups = sc.stable.chains()
             meta = sc.metadata_bytes()
@@ -1555,6 +1581,14 @@ class Pool:
                 "metadata_bytes_per_page": (meta_total / sc.rmap_items) if sc.rmap_items else 0.0,
                 "last_full_scan_seconds": sc.last_full_scan_seconds,
                 "max_map_count": sc.max_map_count,
+                # the mappings merging works within: the process's (counted
+                # now and then, our merges' own since), the limit, the
+                # part left to the program, and the pages a full scan left
+                # private because the rest was spent
+                "map_count": sc.map_count(),
+                "map_count_max": sc.map_count_max(),
+                "map_count_reserve": sc.map_count_reserve(),
+                "pages_unmerged_map_limit": sc.unmerged_map_limit(),
                 "bytes_saved": self._note_saved(c),
                 "bytes_saved_peak": self._saved_peak,
                 "handler": (self._native.events_stats() if self._native.events_enabled

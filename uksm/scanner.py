@@ -62,14 +62,24 @@ pages_to_scan after each full scan so a full scan takes about
 advisor_target_scan_time seconds, within advisor_max_cpu.
 
 VMA budget.  Every protection change or remap of part of a mapping can
-split it; the process dies at vm.max_map_count.  Merges draw on a budget of
-half of max_map_count less the maps already there, re-counted from
-/proc/self/maps when the estimate runs low; merges beyond it are skipped
-and counted (merges_skipped_vma), never forced.  The kernel's own COW
-never splits a mapping; with cow="signal" the fault handler is told the
-count at each recount and, past 90% of the limit (or if mprotect says
-ENOMEM), makes the whole run of merged pages around a fault writable,
-which needs no split.
+split it; the process's next mmap fails at vm.max_map_count.  Merges draw
+on a budget of max_map_count less map_count_reserve (left to the program's
+own mappings) less the maps already there.  The maps are counted from
+/proc/self/maps rarely: at the first merge of each full scan, and when the
+budget runs low at most once a second; in between, every merge reports the
+mappings it really kept (the C core counts the mapping boundaries around
+each run before and after it), so the count stays exact for our own
+changes, and one count serves every pool of the process.  A merged page
+costs two mappings when it cuts a mapping in the middle, none when its view
+extends the view of the frame before it.  When the budget cannot cover a
+batch, runs go before single pages and stable frames before new ones
+(pages saved per mapping), and what is left is skipped and counted
+(merges_skipped_vma; pages_unmerged_map_limit: the pages a full scan left
+private for lack of mappings), never forced.  The kernel's own COW never
+splits a mapping; with cow="signal" the fault handler is told the count and,
+within half the reserve of the limit (or if mprotect says ENOMEM), makes
+the whole run of merged pages around a fault writable, which needs no
+split.
 
 Locking: the caller holds the pool's Python lock around every method here;
 the C core takes its own lock inside each call.
@@ -78,8 +88,11 @@ the C core takes its own lock inside each call.
 from __future__ import annotations
 
 import bisect
+import mmap
+import os
+import threading
 import time
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import numpy.ma  # noqa: F401  (see below)
@@ -100,9 +113,49 @@ np.isin(np.zeros(2, np.int64), np.zeros(1, np.int64))
 np.lexsort((np.zeros(2), np.zeros(2)))
 
 EWMA_WEIGHT = 30
+# Idle backoff: after a full scan that found nothing new (no page changed,
+# nothing merged, no buffer came), the background scanner sleeps four times
+# as long per batch, and four times longer again after each further idle
+# scan, up to IDLE_FACTOR_MAX times sleep_millisecs; the first change it
+# meets, or a new buffer, puts it back to full speed at once.  ksmd's smart scan skips
+# the pages that fail to merge; this skips the time a pool at rest would
+# spend proving that it still is.
+IDLE_FACTOR_MAX = 32
 ADVISOR_MIN_CPU = 10
-VMA_SHARE = 0.5
-VMA_COW_SOFT = 0.9
+MAP_COUNT_RESERVE_MIN = 1024
+MAP_COUNT_RESERVE_SHARE = 32        # default reserve: 1/32 of the limit, >= the above
+RECOUNT_INTERVAL = 1.0              # seconds between two counts of a short budget
+
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def _table(n: int, dtype: Any) -> np.ndarray:
+    """A zeroed table of @n slots, one per virtual page (or frame): address
+    space reserved without commitment (MAP_NORESERVE, as the C core's own
+    pte table), so a slot costs memory only once it is written.  np.zeros
+    would be calloc, lazy too, but counted whole against the overcommit
+    heuristic: a table for a pool of many terabytes would be refused."""
+    dt = np.dtype(dtype)
+    m = mmap.mmap(-1, max(n * dt.itemsize, 1),
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    return np.frombuffer(m, dt, count=n)
+
+
+def _table_trim(table: np.ndarray, lo: int, hi: int, gap_lo: int, gap_hi: int) -> None:
+    """Give back the pages of @table that hold only slots of the free gap
+    [gap_lo, gap_hi) and some of [lo, hi): the slots read as zero again, as
+    a fresh rmap item's do."""
+    base = table.base
+    base = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(base, mmap.mmap):
+        return
+    b = table.itemsize
+    pg = mmap.PAGESIZE
+    start = max(-(-gap_lo * b // pg) * pg, lo * b // pg * pg)
+    end = min(gap_hi * b // pg * pg, -(-hi * b // pg) * pg)
+    if end > start:
+        base.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _count_maps() -> int:
@@ -117,6 +170,67 @@ def _read_max_map_count() -> int:
             return int(f.read())
     except OSError:
         return 65530
+
+
+def map_count_reserve(knob: Optional[int], max_map_count: int) -> int:
+    """The mappings merging leaves to the program: the knob, or by default
+    a 32nd of the limit and at least 1024 (a program that raises the limit
+    usually needs many mappings of its own)."""
+    if knob is not None:
+        return knob
+    return max(MAP_COUNT_RESERVE_MIN, max_map_count // MAP_COUNT_RESERVE_SHARE)
+
+
+class _ProcessMaps:
+    """The process's mappings, as every pool's scanner sees them.  The
+    limit is per process, so the pools share one count: the lines of
+    /proc/self/maps when last counted, plus what merges kept since (net,
+    possibly negative), plus the budget handed to merges still running in
+    other threads (taken whole before a merge and settled after it, so two
+    scanners never spend the same mappings)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counted = 0
+        self.counted_at = -1e18
+        self.kept = 0
+        self.inflight = 0
+
+    def recount(self) -> int:
+        maps = _count_maps()
+        with self.lock:
+            self.counted = maps
+            self.counted_at = time.monotonic()
+            self.kept = 0
+        return maps
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.counted_at >= RECOUNT_INTERVAL
+
+    def estimate(self) -> int:
+        return self.counted + self.kept + self.inflight
+
+    def take(self, limit: int) -> int:
+        with self.lock:
+            budget = max(0, limit - self.counted - self.kept - self.inflight)
+            self.inflight += budget
+        return budget
+
+    def settle(self, taken: int, left: int) -> None:
+        with self.lock:
+            self.inflight -= taken
+            self.kept += taken - left
+
+
+_MAPS = _ProcessMaps()
+
+
+def _maps_after_fork() -> None:
+    global _MAPS
+    _MAPS = _ProcessMaps()      # a lock another thread held is not the child's
+
+
+os.register_at_fork(after_in_child=_maps_after_fork)
 
 
 def _mutating(method):
@@ -227,16 +341,19 @@ class Scanner:
         va_pages = native.va_pages
         self.native = native
         self.knobs = knobs
-        # rmap items, one slot per virtual page: np.zeros is calloc, so only
-        # the slots of pages ever used take memory.
-        self.oldchecksum = np.zeros(va_pages, np.uint64)
-        self.tag = np.zeros(va_pages, np.uint16)
-        self.age = np.zeros(va_pages, np.uint8)
-        self.skips = np.zeros(va_pages, np.uint8)
-        # stable node + 1 of each frame, 0 for none: np.zeros is calloc, so
-        # (unlike a table filled with -1) only the frames ever merged cost
-        # memory, however large the frame store may grow
-        self.node1_of_pfn = np.zeros(native.nr_frames, np.int32)
+        # rmap items, one slot per virtual page, reserved and not committed
+        # (_table): only the slots of pages in use take memory, and a freed
+        # buffer's slots are given back (remove_range), so the tables cost
+        # what the tracked pages cost, whatever the pool's capacity.
+        self.oldchecksum = _table(va_pages, np.uint64)
+        self.tag = _table(va_pages, np.uint16)
+        self.age = _table(va_pages, np.uint8)
+        self.skips = _table(va_pages, np.uint8)
+        self.va_pages = va_pages
+        # stable node + 1 of each frame, 0 for none: zero-filled, so (unlike
+        # a table filled with -1) only the frames ever merged cost memory,
+        # however large the frame store may grow
+        self.node1_of_pfn = _table(native.nr_frames, np.int32)
         self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
         self.starts: List[int] = []
         self.rmap_items = 0
@@ -255,11 +372,23 @@ class Scanner:
         self.pages_unshared = 0
         self.full_scans = 0
         self.merges_skipped_vma = 0
+        # idle backoff: what this full scan found new, and the full scans
+        # in a row that found nothing
+        self._news = 0
+        self.idle_scans = 0
         # VMA budget
         self.max_map_count = _read_max_map_count()
-        self._maps = None
-        self._charged = 0
+        self.map_count_limit: Optional[int] = None   # tests: a limit below the sysctl's
+        self._maps: Optional[int] = None
         self.recount_maps()
+        self._maps = None       # and again at the first merge: buffers came since
+        # pages left private for lack of mappings: in this full scan (a
+        # flag per vpn, calloc'ed; the set ones listed to clear them), and
+        # in the last one
+        self._novma = np.zeros(va_pages, bool)
+        self._novma_list: List[np.ndarray] = []
+        self._novma_now = 0
+        self.pages_unmerged_map_limit = 0
         # advisor
         self._scan_start = time.monotonic()
         self._cpu_start = time.thread_time()
@@ -284,6 +413,7 @@ class Scanner:
         self.starts.insert(i, start)
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
+        self.idle_scans = 0         # new pages to look at: full speed
 
     @_mutating
     def remove_range(self, start: int, npages: int) -> bool:
@@ -297,6 +427,11 @@ class Scanner:
         self.pages_unshared -= int(np.count_nonzero(self.tag[sl]))
         self.tag[sl] = 0
         self.rmap_items -= npages
+        # the slots no tracked buffer shares a page with go back
+        gap_lo = self.extents[i - 1][0] + self.extents[i - 1][1] if i else 0
+        gap_hi = self.extents[i][0] if i < len(self.extents) else self.va_pages
+        for table in (self.oldchecksum, self.tag, self.age, self.skips):
+            _table_trim(table, start, start + npages, gap_lo, gap_hi)
         return True
 
     # -- the scan -------------------------------------------------------------
@@ -325,8 +460,7 @@ class Scanner:
     @_mutating
     def scan_batch(self, want: int) -> int:
         """ksm_do_scan(): visit up to @want pages; returns pages visited."""
-        if self.native.vma_estimate() > VMA_COW_SOFT * 0.9 * self.max_map_count:
-            self.recount_maps()     # the handler's estimate only guesses
+        self.maybe_recount_maps()
         ranges, wrapped = self._next_ranges(want)
         n = sum(r[1] for r in ranges)
         if n:
@@ -345,6 +479,11 @@ class Scanner:
             self._end_full_scan()
         return n
 
+    def sleep_factor(self) -> int:
+        """How many sleep_millisecs the background scanner sleeps after a
+        batch: 1, four times more with each idle full scan in a row."""
+        return min(4 ** min(self.idle_scans, 3), IDLE_FACTOR_MAX)
+
     def _smart_skip(self, vpns: np.ndarray) -> np.ndarray:
         """should_skip_rmap_item() for a batch: 1 where the page is skipped."""
         age = self.age[vpns]
@@ -357,56 +496,171 @@ class Scanner:
         self.skips[vpns[skip]] = rem[skip] - 1
         return skip.astype(np.uint8)
 
+    # -- the VMA budget (see "VMA budget" above) -------------------------------
+
+    def map_count_max(self) -> int:
+        """The limit merging works under: vm.max_map_count as last read, or
+        a lower one a test set."""
+        if self.map_count_limit is not None:
+            return min(self.map_count_limit, self.max_map_count)
+        return self.max_map_count
+
+    def map_count_reserve(self) -> int:
+        return map_count_reserve(self.knobs.get("map_count_reserve"), self.map_count_max())
+
+    def map_count(self) -> int:
+        """The process's mappings: the last count and our changes since."""
+        return _MAPS.estimate()
+
+    def _map_budget_limit(self) -> int:
+        return self.map_count_max() - self.map_count_reserve()
+
     def _vma_budget(self) -> int:
-        limit = int(self.max_map_count * VMA_SHARE)
-        if self._maps is None or limit - self._maps - self._charged < 4 * _core.RUN_MAX:
+        """Take the mappings merging may add now (give back what is left
+        with _vma_settle).  Counted again at the first merge of a full scan,
+        and when short, at most once a RECOUNT_INTERVAL: the count costs a
+        line of text per mapping, which at the limit is megabytes."""
+        limit = self._map_budget_limit()
+        if self._maps is None or (limit - _MAPS.estimate() < 4 * _core.RUN_MAX
+                                  and _MAPS.stale()):
             self.recount_maps()
-        return max(0, limit - self._maps - self._charged)
+        return _MAPS.take(limit)
+
+    def _vma_settle(self, taken: int, left: int) -> None:
+        _MAPS.settle(taken, left)
 
     def recount_maps(self) -> None:
         """Count the process's VMAs and tell the fault handler, which
-        switches to whole-run COW breaks past VMA_COW_SOFT of the limit.
-        The limit is read again too (as at every full scan): an
+        switches to whole-run COW breaks within half the reserve of the
+        limit.  The limit is read again too (as at every full scan): an
         administrator may raise or lower vm.max_map_count while we run, and
         this is when a stale limit would matter - a sysctl read, cheap
         beside the maps count itself."""
         self.max_map_count = _read_max_map_count()
-        self._maps = _count_maps()
-        self._charged = 0
-        self.native.set_vma_state(self._maps, int(self.max_map_count * VMA_COW_SOFT))
+        self._maps = _MAPS.recount()
+        limit = self.map_count_max()
+        self.native.set_vma_state(self._maps, limit - self.map_count_reserve() // 2)
 
-    def _merge(self, src, dst_vpn, dst_pfn, dst_key):
-        """uksm_merge() within the VMA budget.  When the budget cannot cover
-        every run, the runs go first: a run of k pages saves k pages for the
-        same few VMAs an isolated page costs."""
-        budget = self._vma_budget()
+    def maybe_recount_maps(self) -> None:
+        """Count again if the fault handler's estimate (which adds the cuts
+        it guesses to our merges) nears its limit, at most once a
+        RECOUNT_INTERVAL."""
+        soft = self.map_count_max() - self.map_count_reserve() // 2
+        if self.native.vma_estimate() > soft - 2 * _core.RUN_MAX and _MAPS.stale():
+            self.recount_maps()
+
+    def _note_novma(self, src: np.ndarray, res: np.ndarray) -> None:
+        """Pages a merge left private for want of mappings, for
+        pages_unmerged_map_limit; those merged since are not."""
+        self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
+        ok = src[res == _core.MERGE_OK]
+        if len(ok):
+            was = ok[self._novma[ok]]
+            self._novma[was] = False
+            self._novma_now -= len(was)
+        nv = src[res == _core.MERGE_NOVMA]
+        if len(nv):
+            nv = np.unique(nv[~self._novma[nv]])
+            self._novma[nv] = True
+            self._novma_now += len(nv)
+            self._novma_list.append(nv)
+
+    def _map_limit_full_scan(self) -> None:
+        """A full scan ended: its count of unmerged pages becomes the figure."""
+        self.pages_unmerged_map_limit = self._novma_now
+        for nv in self._novma_list:
+            self._novma[nv] = False
+        self._novma_list = []
+        self._novma_now = 0
+
+    def unmerged_map_limit(self) -> int:
+        """pages_unmerged_map_limit: the last full scan's, or this one's if
+        it already found more."""
+        return max(self.pages_unmerged_map_limit, self._novma_now)
+
+    def _merge_order(self, src: np.ndarray, dst_vpn: np.ndarray,
+                     dst_pfn: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Units of merging and their order by benefit, for a budget too short
+        for all of them.  A unit is a run of sources onto consecutive frames
+        (or consecutive tree pages): one remap.  It saves a page per source,
+        and costs at most two mappings for its sources' cuts and, merging
+        with the unstable tree, two for the tree pages' (paid once by all
+        the units of a tree page: k equal pages save k - 1 for 2k
+        mappings).  Returns (unit of each entry, units best first, each
+        unit's worst-case cost)."""
         n = len(src)
-        # each run may cost up to three protection changes or remaps
-        target = np.where(dst_vpn >= 0, dst_vpn, dst_pfn.astype(np.int64))
+        stable = dst_vpn < 0
+        target = np.where(stable, dst_pfn.astype(np.int64), dst_vpn)
         brk = np.ones(n, bool)
-        brk[1:] = (np.diff(src) != 1) | (np.diff(target) != 1) | \
-            ((dst_vpn[1:] >= 0) != (dst_vpn[:-1] >= 0))
-        nruns = int(np.count_nonzero(brk))
-        if nruns * 6 <= budget or nruns == n:
-            passes = [np.arange(n)]
-        else:
-            run_id = np.cumsum(brk) - 1
-            runlen = np.bincount(run_id)[run_id]
-            passes = [np.flatnonzero(runlen > 1), np.flatnonzero(runlen == 1)]
+        brk[1:] = (np.diff(src) != 1) | (np.diff(target) != 1) | (stable[1:] != stable[:-1])
+        unit = np.cumsum(brk) - 1
+        first = np.flatnonzero(brk)
+        nu = len(first)
+        gain = np.bincount(unit, minlength=nu).astype(np.float64)
+        ucost = np.where(stable[first], 2, 4).astype(np.int64)
+        # a tree page's units share its cost: one group per tree page
+        key = np.where(stable[first], -1 - np.arange(nu, dtype=np.int64), dst_vpn[first])
+        keys, grp = np.unique(key, return_inverse=True)
+        ggain = np.bincount(grp, weights=gain)
+        gcost = 2.0 * np.bincount(grp) + np.where(keys >= 0, 2.0, 0.0)
+        ratio = (ggain / gcost)[grp]
+        order = np.lexsort((np.arange(nu), -gain, -ratio))
+        return unit, order, ucost
+
+    def _merge(self, src: np.ndarray, dst_vpn: np.ndarray, dst_pfn: np.ndarray,
+               dst_key: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uksm_merge() within the VMA budget.  When the budget cannot cover
+        every unit at its worst, the units go in order of pages saved per
+        mapping (_merge_order), as many at a time as the budget left covers
+        at their worst; the C core gives back what each run did not keep,
+        and the next units draw on that."""
+        budget = self._vma_budget()
+        taken = budget
+        n = len(src)
         res = np.full(n, _core.MERGE_NOVMA, np.uint8)
         opfn = np.zeros(n, np.uint32)
         okey = np.zeros(n, np.uint32)
-        for sel in passes:
-            if not len(sel):
-                continue
-            r, p, k, left = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
-                                              dst_key[sel], self.knobs["max_page_sharing"],
-                                              budget)
-            res[sel], opfn[sel], okey[sel] = r, p, k
-            self._charged += budget - left
-            budget = left
-        self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
+        try:
+            unit, order, ucost = self._merge_order(src, dst_vpn, dst_pfn)
+            if int(ucost.sum()) <= budget:
+                batches = [np.arange(n)]
+            else:
+                batches = []
+            sharing = self.knobs["max_page_sharing"]
+            for sel in batches:
+                r, p, k, budget = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
+                                                    dst_key[sel], sharing, budget)
+                res[sel], opfn[sel], okey[sel] = r, p, k
+            if not batches:
+                start = np.searchsorted(unit, np.arange(len(ucost)))
+                stop = np.append(start[1:], n)
+                todo = order
+                while len(todo) and budget >= int(ucost[todo].min()):
+                    fits = np.cumsum(ucost[todo]) <= budget
+                    take, todo = todo[fits], todo[~fits]
+                    if not len(take):
+                        break
+                    sel = np.sort(np.concatenate([np.arange(start[u], stop[u])
+                                                  for u in take.tolist()]))
+                    r, p, k, budget = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
+                                                        dst_key[sel], sharing, budget)
+                    res[sel], opfn[sel], okey[sel] = r, p, k
+        finally:
+            self._vma_settle(taken, budget)
+        self._note_novma(src, res)
         return res, opfn, okey
+
+    def _merge_zero(self, vpns: np.ndarray) -> np.ndarray:
+        """uksm_merge_zero() within the VMA budget."""
+        budget = self._vma_budget()
+        left = budget
+        try:
+            res, left = self.native.merge_zero(vpns, budget)
+        finally:
+            self._vma_settle(budget, left)
+        self._note_novma(vpns, res)
+        out: np.ndarray = res
+        return out
 
     def _cmp_and_merge(self, vpns, sums, states, skip) -> None:
         self.pages_scanned += len(vpns)
@@ -443,6 +697,10 @@ class Scanner:
         # 3: the checksum gate
         rest = ~done
         changed = s != self.oldchecksum[v]
+        news = int(np.count_nonzero(changed)) + int(np.count_nonzero(done))
+        if news:
+            self._news += news
+            self.idle_scans = 0
         self.oldchecksum[v] = s
         gated = rest & ~changed
 
@@ -450,10 +708,7 @@ class Scanner:
         if self.knobs["use_zero_pages"]:
             z = np.flatnonzero(gated & (s == self.zero_sum))
             if len(z):
-                budget = self._vma_budget()
-                res, left = self.native.merge_zero(v[z], budget)
-                self._charged += budget - left
-                self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
+                res = self._merge_zero(v[z])
                 ok = z[res == _core.MERGE_OK]
                 done[ok] = True
                 gated[ok] = False
@@ -582,6 +837,8 @@ class Scanner:
                                           np.zeros(len(src), np.uint32))
             ok = res == _core.MERGE_OK
             if ok.any():
+                self._news += int(np.count_nonzero(ok))
+                self.idle_scans = 0
                 self.age[src[ok]] = 0
                 self.skips[src[ok]] = 0
                 # anchors upgraded in place leave the unstable tree ...
@@ -618,12 +875,15 @@ class Scanner:
         """The cursor wrapped: the unstable tree is thrown away, stale stable
         nodes are swept out, and the advisor retunes pages_to_scan."""
         self.full_scans += 1
+        self.idle_scans = 0 if self._news else self.idle_scans + 1
+        self._news = 0
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
         self.prune_stable()
         self.max_map_count = _read_max_map_count()     # the sysctl may have moved
         self._maps = None
+        self._map_limit_full_scan()
         now = time.monotonic()
         cpu = time.thread_time()
         scan_time = max(now - self._scan_start, 1e-3)
@@ -659,7 +919,7 @@ class Scanner:
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
-        self.tag = np.zeros(len(self.tag), np.uint16)     # calloc: commits nothing
+        self.tag = _table(len(self.tag), np.uint16)       # commits nothing
         self.pages_unshared = 0
         ranges = sorted(ranges)
         self.starts = [start for start, _ in ranges]
@@ -677,7 +937,7 @@ class Scanner:
         order = np.argsort(st.sum[live], kind="stable")
         st.idx_sum = st.sum[live][order]
         st.idx_node = live[order].astype(np.int32)
-        self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+        self.node1_of_pfn = _table(len(self.node1_of_pfn), np.int32)
         self.node1_of_pfn[st.pfn[live]] = live.astype(np.int32) + 1
         self.prune_stable()
         self.dirty = 0
@@ -694,7 +954,7 @@ class Scanner:
                 st.prune(nodes[stale])
         if st.n - st.nr_alive > max(1024, st.n // 2):
             st.compact()
-            self.node1_of_pfn = np.zeros(len(self.node1_of_pfn), np.int32)
+            self.node1_of_pfn = _table(len(self.node1_of_pfn), np.int32)
             self.node1_of_pfn[st.pfn[: st.n]] = np.arange(1, st.n + 1, dtype=np.int32)
 
     def _scan_time_advisor(self, scan_time: float, cpu_time: float) -> None:

@@ -1,4 +1,4 @@
-"""uksm.kernelksm - drive the kernel's own KSM, to measure uksm against it.
+"""uksm.bench.kernelksm - drive the kernel's own KSM, to measure uksm against it.
 
 DOC: Overview
 
@@ -70,22 +70,43 @@ PAGE_SIZE = mmap.PAGESIZE
 # Every knob a session may change, in the order they are restored: the
 # advisor's parameters, then advisor_mode, before pages_to_scan (see the trap
 # above), run last.
-KNOBS = ("advisor_target_scan_time", "advisor_min_pages_to_scan",
-         "advisor_max_pages_to_scan", "advisor_max_cpu", "advisor_mode",
-         "max_page_sharing", "merge_across_nodes", "use_zero_pages",
-         "smart_scan", "sleep_millisecs", "pages_to_scan", "run")
+KNOBS = (
+    "advisor_target_scan_time",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_max_cpu",
+    "advisor_mode",
+    "max_page_sharing",
+    "merge_across_nodes",
+    "use_zero_pages",
+    "smart_scan",
+    "sleep_millisecs",
+    "pages_to_scan",
+    "run",
+)
 
 # The counters, as documented in Documentation/admin-guide/mm/ksm.rst.
-COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-            "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
-            "stable_node_dups", "ksm_zero_pages", "general_profit")
+COUNTERS = (
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
+    "general_profit",
+)
 
 # Knobs that the kernel refuses to change (EBUSY) while KSM pages exist.
 _NEED_UNMERGED = ("max_page_sharing", "merge_across_nodes")
 
 # Sessions of different processes take turns on this lock (see above).
-LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
-                         "uksm-kernelksm.lock")
+LOCK_PATH = os.path.join(
+    "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(), "uksm-kernelksm.lock"
+)
 LOCK_TIMEOUT = 1800.0
 
 KSM_RUN_STOP = 0
@@ -109,6 +130,7 @@ def catch_sigterm():
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
+
     return signal.signal(signal.SIGTERM, on_term)
 
 
@@ -124,7 +146,7 @@ def available() -> bool:
     try:
         if os.geteuid() != 0:
             return False
-    except AttributeError:      # not a POSIX system
+    except AttributeError:  # not a POSIX system
         return False
     return os.access(_path("run"), os.W_OK)
 
@@ -156,7 +178,7 @@ def read(name: str) -> Union[int, str]:
     with open(_path(name)) as f:
         text = f.read().strip()
     if "[" in text:
-        return text[text.index("[") + 1:text.index("]")]
+        return text[text.index("[") + 1 : text.index("]")]
     try:
         return int(text)
     except ValueError:
@@ -235,13 +257,14 @@ def ksmd_cpu_seconds() -> float:
             stat = f.read()
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     ticks = int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- private anonymous memory ----------------------------------------------------
+
 
 def alloc_private(nbytes: int) -> Tuple[mmap.mmap, np.ndarray]:
     """@nbytes (rounded up to pages) of private anonymous memory, the only
@@ -250,8 +273,9 @@ def alloc_private(nbytes: int) -> Tuple[mmap.mmap, np.ndarray]:
     The array holds a buffer export of the mmap: delete every array over it
     before free_private(), or the mapping stays (emptied) until they go."""
     size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
-    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mm = mmap.mmap(
+        -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
+    )
     return mm, np.frombuffer(mm, dtype=np.uint8)
 
 
@@ -299,10 +323,12 @@ def _lock_acquire(timeout: float) -> float:
                 break
             except BlockingIOError:
                 if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"kernelksm: another process has held {LOCK_PATH} "
-                                       f"(a KSM session) for over {timeout:.0f} s") from None
+                    raise TimeoutError(
+                        f"kernelksm: another process has held {LOCK_PATH} "
+                        f"(a KSM session) for over {timeout:.0f} s"
+                    ) from None
                 time.sleep(0.05)
-    except BaseException:       # the timeout, or Ctrl-C while waiting
+    except BaseException:  # the timeout, or Ctrl-C while waiting
         os.close(fd)
         raise
     _lock_fd = fd
@@ -348,7 +374,7 @@ class Session:
         self._open = False
         self._old_sigterm = None
         self._locked = False
-        self.lock_wait = 0.0        # seconds spent waiting for another process
+        self.lock_wait = 0.0  # seconds spent waiting for another process
 
     # -- entry --------------------------------------------------------------------
 
@@ -421,7 +447,7 @@ class Session:
                 _lock_release()
         held.replay()
         for err in errors:
-            warnings.warn(f"kernelksm: could not restore {err}", RuntimeWarning)
+            warnings.warn(f"kernelksm: could not restore {err}", RuntimeWarning, stacklevel=2)
         return errors
 
     def _restore(self) -> List[str]:
@@ -438,7 +464,7 @@ class Session:
                 continue
             want = self.saved[name]
             if name == "pages_to_scan" and self.saved.get("advisor_mode", "none") != "none":
-                continue    # the advisor owns pages_to_scan
+                continue  # the advisor owns pages_to_scan
             try:
                 if read(name) != want:
                     write(name, want)
@@ -478,11 +504,24 @@ class Session:
         finally:
             write("run", KSM_RUN_STOP)
 
-    def converge(self, region: mmap.mmap, target_pages_sharing: int,
-                 pages_to_scan: int = 10000, sleep_millisecs: int = 0,
-                 timeout: float = 300.0, **kwargs) -> "Convergence":
-        return converge(region, target_pages_sharing, pages_to_scan,
-                        sleep_millisecs, timeout, within=self, **kwargs)
+    def converge(
+        self,
+        region: mmap.mmap,
+        target_pages_sharing: int,
+        pages_to_scan: int = 10000,
+        sleep_millisecs: int = 0,
+        timeout: float = 300.0,
+        **kwargs,
+    ) -> "Convergence":
+        return converge(
+            region,
+            target_pages_sharing,
+            pages_to_scan,
+            sleep_millisecs,
+            timeout,
+            within=self,
+            **kwargs,
+        )
 
 
 def session(unmerge_first: bool = True, **settings: Union[int, str]) -> Session:
@@ -493,8 +532,9 @@ def session(unmerge_first: bool = True, **settings: Union[int, str]) -> Session:
 def current_session() -> Session:
     """The innermost open session; RuntimeError outside one."""
     if not _active or not _active[-1]._open:
-        raise RuntimeError("this changes system-wide KSM knobs: call it inside "
-                           "`with kernelksm.session(): ...`")
+        raise RuntimeError(
+            "this changes system-wide KSM knobs: call it inside `with kernelksm.session(): ...`"
+        )
     return _active[-1]
 
 
@@ -526,7 +566,7 @@ class _HoldSignals:
         for sig in self.pending:
             handler = self.old.get(sig)
             if callable(handler):
-                handler(sig, None)      # default_int_handler raises KeyboardInterrupt
+                handler(sig, None)  # default_int_handler raises KeyboardInterrupt
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), sig)
 
@@ -537,6 +577,7 @@ class Convergence:
     CPU seconds over the same span, full scans completed, and pages_sharing
     gained (relative to the count at the start); converged is False on
     timeout."""
+
     wall: float
     cpu: float
     full_scans: int
@@ -544,10 +585,17 @@ class Convergence:
     converged: bool
 
 
-def converge(region: mmap.mmap, target_pages_sharing: int, pages_to_scan: int = 10000,
-             sleep_millisecs: int = 0, timeout: float = 300.0, *,
-             min_full_scans: int = 0, poll: float = 0.002,
-             within: Optional[Session] = None) -> Convergence:
+def converge(
+    region: mmap.mmap,
+    target_pages_sharing: int,
+    pages_to_scan: int = 10000,
+    sleep_millisecs: int = 0,
+    timeout: float = 300.0,
+    *,
+    min_full_scans: int = 0,
+    poll: float = 0.002,
+    within: Optional[Session] = None,
+) -> Convergence:
     """Merge @region with ksmd and time it, as kernel_ksm_reference.c does.
 
     Marks @region MADV_MERGEABLE, sets pages_to_scan (unless the scan-time
@@ -563,8 +611,10 @@ def converge(region: mmap.mmap, target_pages_sharing: int, pages_to_scan: int = 
     """
     sess = within or (_active[-1] if _active else None)
     if sess is None or not sess._open:
-        raise RuntimeError("kernelksm.converge() changes system-wide knobs: call it "
-                           "inside `with kernelksm.session(): ...`")
+        raise RuntimeError(
+            "kernelksm.converge() changes system-wide knobs: call it "
+            "inside `with kernelksm.session(): ...`"
+        )
     if has("advisor_mode") and read("advisor_mode") != "none":
         # the advisor owns pages_to_scan: writing it is EINVAL
         sess.apply(sleep_millisecs=sleep_millisecs)
@@ -593,5 +643,10 @@ def converge(region: mmap.mmap, target_pages_sharing: int, pages_to_scan: int = 
         write("run", KSM_RUN_STOP)
     cpu = ksmd_cpu_seconds() - cpu0
     end = counters()
-    return Convergence(wall=wall, cpu=cpu, full_scans=end["full_scans"] - scans0,
-                       pages_sharing=end["pages_sharing"] - sharing0, converged=ok)
+    return Convergence(
+        wall=wall,
+        cpu=cpu,
+        full_scans=end["full_scans"] - scans0,
+        pages_sharing=end["pages_sharing"] - sharing0,
+        converged=ok,
+    )

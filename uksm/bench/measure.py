@@ -1,14 +1,14 @@
-"""uksm.measure - the measurements behind uksm's benchmarks, as plain functions.
+"""uksm.bench.measure - the measurements behind uksm's benchmarks, as plain functions.
 
 DOC: Overview
 
 Nothing here knows about pytest or about the report: bench/*.py (the
-pytest-benchmark microbenchmarks) and uksm.harness (``python -m uksm
+pytest-benchmark microbenchmarks) and uksm.bench.harness (``python -m uksm
 bench``) both call these.  Every figure is taken so that it can be set
 beside the kernel's, measured the same way on the same content in the same
 process run; each workload therefore comes twice, once in a uksm.Pool and
 once in private anonymous memory madvised MADV_MERGEABLE for ksmd
-(uksm.kernelksm), and the kernel halves must run inside a
+(uksm.bench.kernelksm), and the kernel halves must run inside a
 ``kernelksm.session()``, which owns the system-wide knobs.
 
   selftest ports  tools/testing/selftests/mm/ksm_tests.c with its own
@@ -53,8 +53,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import psutil
 
-from . import _core, kernelksm
-from .pool import Pool
+from .. import _core
+from ..pool import Pool
+from . import kernelksm
 
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
@@ -72,6 +73,7 @@ SELFTEST_TIMEOUT = 120.0
 
 
 # -- helpers -------------------------------------------------------------------
+
 
 def pss() -> int:
     """This process's whole proportional set size (psutil)."""
@@ -149,8 +151,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def summarize(results: List[Dict], keys=("wall", "cpu", "saved_pss", "saved_held",
-                                         "scanner_cpu", "runq_wait", "us_per_page")) -> Dict:
+def summarize(
+    results: List[Dict],
+    keys=("wall", "cpu", "saved_pss", "saved_held", "scanner_cpu", "runq_wait", "us_per_page"),
+) -> Dict:
     """Medians over rounds of the numeric figures present."""
     out = {}
     for k in keys:
@@ -189,19 +193,36 @@ def _kernel_reset() -> None:
 
 # -- uksm: the duplicate-pairs workload ----------------------------------------------
 
+
 class UksmPairs:
     """A pool holding 2 x @n pages where page i equals page n + i."""
 
-    def __init__(self, n: int, checksum: str = "jhash2", pages_to_scan: int = 10000,
-                 sleep_millisecs: int = 0, **knobs) -> None:
+    def __init__(
+        self,
+        n: int,
+        checksum: str = "jhash2",
+        pages_to_scan: int = 10000,
+        sleep_millisecs: int = 0,
+        **knobs,
+    ) -> None:
         self.n = n
-        self.pool = Pool(2 * n * PAGE + 16 * MiB, pages_to_scan=pages_to_scan,
-                         sleep_millisecs=sleep_millisecs, checksum=checksum, **knobs)
+        self.pool = Pool(
+            2 * n * PAGE + 16 * MiB,
+            pages_to_scan=pages_to_scan,
+            sleep_millisecs=sleep_millisecs,
+            checksum=checksum,
+            **knobs,
+        )
         self.arr = self.pool.empty(2 * n * PAGE, np.uint8)
         fill_pairs(self.arr, n)
 
-    def converge(self, driver: str = "scan", target: float = 0.99,
-                 timeout: float = 300.0, poll: float = 0.002) -> Dict:
+    def converge(
+        self,
+        driver: str = "scan",
+        target: float = 0.99,
+        timeout: float = 300.0,
+        poll: float = 0.002,
+    ) -> Dict:
         """Scan until pages_sharing >= target * n; wall and process CPU time.
 
         driver "scan": pool.scan(1) in this thread, checking after each full
@@ -290,11 +311,18 @@ class UksmPairs:
         st = self.pool.stats()
         breaks = st["cow_breaks"] + st["zero_page_cows"] - before
         idx = np.arange(n) & 0xFF
-        intact = bool(np.array_equal(pages[:n, 0], idx.astype(np.uint8))
-                      and np.all(pages[n:, 0] == 0xA5)
-                      and np.array_equal(pages[n:, 1], idx.astype(np.uint8)))
-        return {"us_per_page": dt / n * 1e6, "pages": n, "merged_before": merged,
-                "cow_faults": breaks, "contents_ok": intact}
+        intact = bool(
+            np.array_equal(pages[:n, 0], idx.astype(np.uint8))
+            and np.all(pages[n:, 0] == 0xA5)
+            and np.array_equal(pages[n:, 1], idx.astype(np.uint8))
+        )
+        return {
+            "us_per_page": dt / n * 1e6,
+            "pages": n,
+            "merged_before": merged,
+            "cow_faults": breaks,
+            "contents_ok": intact,
+        }
 
     def close(self) -> None:
         self.arr = None
@@ -305,6 +333,7 @@ class UksmPairs:
 
 # -- the kernel: the same workload in private anonymous memory ----------------------
 
+
 class KernelPairs:
     """2 x @n private anonymous pages, page i equal to page n + i.  Needs an
     open kernelksm.session()."""
@@ -314,19 +343,31 @@ class KernelPairs:
         self.mm, self.arr = kernelksm.alloc_private(2 * n * PAGE)
         fill_pairs(self.arr, n)
 
-    def converge(self, pages_to_scan: int = 10000, sleep_millisecs: int = 0,
-                 target: float = 0.99, timeout: float = 300.0) -> Dict:
+    def converge(
+        self,
+        pages_to_scan: int = 10000,
+        sleep_millisecs: int = 0,
+        target: float = 0.99,
+        timeout: float = 300.0,
+    ) -> Dict:
         n = self.n
         pss0 = pss_private()
         zero0 = kernelksm.counters().get("ksm_zero_pages", 0)
-        c = kernelksm.converge(self.mm, math.ceil(target * n), pages_to_scan,
-                               sleep_millisecs, timeout)
+        c = kernelksm.converge(
+            self.mm, math.ceil(target * n), pages_to_scan, sleep_millisecs, timeout
+        )
         saved = pss0 - pss_private()
         zero = kernelksm.counters().get("ksm_zero_pages", 0) - zero0
-        return {"wall": c.wall, "cpu": c.cpu, "converged": c.converged,
-                "full_scans": c.full_scans, "pages_sharing": c.pages_sharing,
-                "saved_pss": saved / (n * PAGE), "saved_pss_bytes": saved,
-                "saved_counter_bytes": (c.pages_sharing + zero) * PAGE}
+        return {
+            "wall": c.wall,
+            "cpu": c.cpu,
+            "converged": c.converged,
+            "full_scans": c.full_scans,
+            "pages_sharing": c.pages_sharing,
+            "saved_pss": saved / (n * PAGE),
+            "saved_pss_bytes": saved,
+            "saved_counter_bytes": (c.pages_sharing + zero) * PAGE,
+        }
 
     def cow(self) -> Dict:
         pages = pages_of(self.arr)
@@ -335,9 +376,12 @@ class KernelPairs:
         t0 = time.perf_counter()
         pages[n:, 0] = 0xA5
         dt = time.perf_counter() - t0
-        return {"us_per_page": dt / n * 1e6, "pages": n,
-                "pages_sharing_before": sharing0,
-                "pages_sharing_after": int(kernelksm.read("pages_sharing"))}
+        return {
+            "us_per_page": dt / n * 1e6,
+            "pages": n,
+            "pages_sharing_before": sharing0,
+            "pages_sharing_after": int(kernelksm.read("pages_sharing")),
+        }
 
     def close(self) -> None:
         self.arr = None
@@ -346,8 +390,13 @@ class KernelPairs:
             self.mm = None
 
 
-def kernel_converge_rounds(n: int, rounds: int, pages_to_scan: int = 10000,
-                           sleep_millisecs: int = 0, timeout: float = 300.0) -> List[Dict]:
+def kernel_converge_rounds(
+    n: int,
+    rounds: int,
+    pages_to_scan: int = 10000,
+    sleep_millisecs: int = 0,
+    timeout: float = 300.0,
+) -> List[Dict]:
     """@rounds kernel convergences of the pairs workload, each on fresh memory."""
     out = []
     with kernelksm.session(pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs):
@@ -367,22 +416,30 @@ def kernel_converge_rounds(n: int, rounds: int, pages_to_scan: int = 10000,
 # two full scans" replaced by pool.scan(full_scans=2) (a pool's buffers are
 # mergeable from birth); each kernel port is the selftest itself, in Python.
 
+
 def _uksm_selftest_pool(nbytes: int, checksum: str, **knobs) -> Pool:
     knobs.setdefault("pages_to_scan", SELFTEST_PAGES_TO_SCAN)
     knobs.setdefault("sleep_millisecs", SELFTEST_SLEEP_MILLISECS)
     return Pool(nbytes + 16 * MiB, checksum=checksum, **knobs)
 
 
-def kernel_merge_pages(mm: mmap.mmap, pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
-                       timeout: float = SELFTEST_TIMEOUT):
+def kernel_merge_pages(
+    mm: mmap.mmap, pages_to_scan: int = SELFTEST_PAGES_TO_SCAN, timeout: float = SELFTEST_TIMEOUT
+):
     """ksm_merge_pages(): MADV_MERGEABLE, run=1, wait for two full scans
     ("merging occurs only after 2 scans"), run=0.  Inside a session."""
-    return kernelksm.converge(mm, 0, pages_to_scan, SELFTEST_SLEEP_MILLISECS, timeout,
-                              min_full_scans=2)
+    return kernelksm.converge(
+        mm, 0, pages_to_scan, SELFTEST_SLEEP_MILLISECS, timeout, min_full_scans=2
+    )
 
 
-def uksm_merge_time(mib: int = SELFTEST_MIB, checksum: str = "jhash2",
-                    extra_scans: int = 20, target: float = 0.99, **knobs) -> Dict:
+def uksm_merge_time(
+    mib: int = SELFTEST_MIB,
+    checksum: str = "jhash2",
+    extra_scans: int = 20,
+    target: float = 0.99,
+    **knobs,
+) -> Dict:
     """ksm_merge_time() on a pool: fill @mib MiB with '*', time two full scans
     (the selftest's definition of merge time).  Then keep scanning, up to
     @extra_scans more, until pages_sharing reaches @target of what full
@@ -403,10 +460,15 @@ def uksm_merge_time(mib: int = SELFTEST_MIB, checksum: str = "jhash2",
         if st["pages_sharing"] >= target * expect:
             t_target = time.perf_counter() - t0
         result = {
-            "mib": mib, "wall": wall, "cpu": cpu, "mib_per_s": mib / wall,
-            "pages_sharing": sharing2, "expected_sharing": expect,
+            "mib": mib,
+            "wall": wall,
+            "cpu": cpu,
+            "mib_per_s": mib / wall,
+            "pages_sharing": sharing2,
+            "expected_sharing": expect,
             "merged_fraction": sharing2 / expect,
-            "wall_to_target": t_target, "scans_to_target": scans if t_target else None,
+            "wall_to_target": t_target,
+            "scans_to_target": scans if t_target else None,
             "merged_fraction_final": st["pages_sharing"] / expect,
             "merges_skipped_vma": st["merges_skipped_vma"],
         }
@@ -416,8 +478,11 @@ def uksm_merge_time(mib: int = SELFTEST_MIB, checksum: str = "jhash2",
         pool.close()
 
 
-def kernel_merge_time(mib: int = SELFTEST_MIB, pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
-                      timeout: float = SELFTEST_TIMEOUT) -> Dict:
+def kernel_merge_time(
+    mib: int = SELFTEST_MIB,
+    pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
+    timeout: float = SELFTEST_TIMEOUT,
+) -> Dict:
     """ksm_merge_time() itself: a '*' region, then the clock runs over
     MADV_MERGEABLE, run=1 and two full scans.  Inside a session."""
     pages = mib * MiB // PAGE
@@ -428,10 +493,17 @@ def kernel_merge_time(mib: int = SELFTEST_MIB, pages_to_scan: int = SELFTEST_PAG
         t0 = time.perf_counter()
         c = kernel_merge_pages(mm, pages_to_scan, timeout)
         wall = time.perf_counter() - t0
-        return {"mib": mib, "wall": wall, "cpu": c.cpu, "mib_per_s": mib / wall,
-                "pages_sharing": c.pages_sharing, "expected_sharing": expect,
-                "merged_fraction": c.pages_sharing / expect, "full_scans": c.full_scans,
-                "converged": c.converged}
+        return {
+            "mib": mib,
+            "wall": wall,
+            "cpu": c.cpu,
+            "mib_per_s": mib / wall,
+            "pages_sharing": c.pages_sharing,
+            "expected_sharing": expect,
+            "merged_fraction": c.pages_sharing / expect,
+            "full_scans": c.full_scans,
+            "converged": c.converged,
+        }
     finally:
         del arr
         kernelksm.free_private(mm)
@@ -451,23 +523,27 @@ def _cow_pairs(pages: np.ndarray) -> None:
 def _cow_writes(pages: np.ndarray) -> float:
     """The timed loop: memset(page i, '-', 1) for every even page i."""
     t0 = time.perf_counter()
-    pages[0:len(pages) - 1:2, 0] = ord("-")
+    pages[0 : len(pages) - 1 : 2, 0] = ord("-")
     return time.perf_counter() - t0
 
 
 def _cow_result(npages: int, unmerged: float, merged: float, **extra) -> Dict:
     written = npages // 2
     mib = written * PAGE / MiB
-    return {"pages": npages, "pages_written": written,
-            "unmerged_s": unmerged, "merged_s": merged,
-            "unmerged_us_per_page": unmerged / written * 1e6,
-            "merged_us_per_page": merged / written * 1e6,
-            "unmerged_mib_per_s": mib / unmerged if unmerged else None,
-            "merged_mib_per_s": mib / merged if merged else None, **extra}
+    return {
+        "pages": npages,
+        "pages_written": written,
+        "unmerged_s": unmerged,
+        "merged_s": merged,
+        "unmerged_us_per_page": unmerged / written * 1e6,
+        "merged_us_per_page": merged / written * 1e6,
+        "unmerged_mib_per_s": mib / unmerged if unmerged else None,
+        "merged_mib_per_s": mib / merged if merged else None,
+        **extra,
+    }
 
 
-def uksm_cow_time(npages: int = SELFTEST_COW_PAGES, checksum: str = "jhash2",
-                  **knobs) -> Dict:
+def uksm_cow_time(npages: int = SELFTEST_COW_PAGES, checksum: str = "jhash2", **knobs) -> Dict:
     """ksm_cow_time() on a pool: @npages of '*'; time a one-byte write into
     every other page (unmerged); make 2000 pairs, merge (two full scans),
     and time the same writes again: each is now a COW break."""
@@ -479,22 +555,31 @@ def uksm_cow_time(npages: int = SELFTEST_COW_PAGES, checksum: str = "jhash2",
         _cow_pairs(pages)
         pool.scan(2)
         state, _, _ = pool.page_states(arr)
-        merged_before = int(np.count_nonzero(state[0:npages - 1:2] == _core.PTE_KSM))
+        merged_before = int(np.count_nonzero(state[0 : npages - 1 : 2] == _core.PTE_KSM))
         c0 = pool.stats()["cow_breaks"]
         merged = _cow_writes(pages)
         cow = pool.stats()["cow_breaks"] - c0
-        ok = bool(np.all(pages[0:npages - 1:2, 0] == ord("-"))
-                  and np.all(pages[1::2, 0] == ord("+")))
+        ok = bool(
+            np.all(pages[0 : npages - 1 : 2, 0] == ord("-")) and np.all(pages[1::2, 0] == ord("+"))
+        )
         del pages, arr, state
-        return _cow_result(npages, unmerged, merged, written_merged_before=merged_before,
-                           cow_faults=cow, contents_ok=ok)
+        return _cow_result(
+            npages,
+            unmerged,
+            merged,
+            written_merged_before=merged_before,
+            cow_faults=cow,
+            contents_ok=ok,
+        )
     finally:
         pool.close()
 
 
-def kernel_cow_time(npages: int = SELFTEST_COW_PAGES,
-                    pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
-                    timeout: float = SELFTEST_TIMEOUT) -> Dict:
+def kernel_cow_time(
+    npages: int = SELFTEST_COW_PAGES,
+    pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
+    timeout: float = SELFTEST_TIMEOUT,
+) -> Dict:
     """ksm_cow_time() itself, in private anonymous memory.  Inside a session."""
     mm, arr = kernelksm.alloc_private(npages * PAGE)
     try:
@@ -507,8 +592,14 @@ def kernel_cow_time(npages: int = SELFTEST_COW_PAGES,
         merged = _cow_writes(pages)
         after = int(kernelksm.read("pages_sharing"))
         del pages
-        return _cow_result(npages, unmerged, merged, written_merged_before=c.pages_sharing,
-                           pages_sharing_before=sharing, pages_sharing_after=after)
+        return _cow_result(
+            npages,
+            unmerged,
+            merged,
+            written_merged_before=c.pages_sharing,
+            pages_sharing_before=sharing,
+            pages_sharing_after=after,
+        )
     finally:
         del arr
         kernelksm.free_private(mm)
@@ -527,15 +618,23 @@ def uksm_unmerge_time(mib: int = SELFTEST_MIB, checksum: str = "jhash2", **knobs
         wall = time.perf_counter() - t0
         after = pool.stats()
         del arr
-        return {"mib": mib, "wall": wall, "mib_per_s": mib / wall,
-                "pages_sharing_before": st["pages_sharing"],
-                "pages_unmerged": unmerged, "pages_sharing_after": after["pages_sharing"]}
+        return {
+            "mib": mib,
+            "wall": wall,
+            "mib_per_s": mib / wall,
+            "pages_sharing_before": st["pages_sharing"],
+            "pages_unmerged": unmerged,
+            "pages_sharing_after": after["pages_sharing"],
+        }
     finally:
         pool.close()
 
 
-def kernel_unmerge_time(mib: int = SELFTEST_MIB, pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
-                        timeout: float = SELFTEST_TIMEOUT) -> Dict:
+def kernel_unmerge_time(
+    mib: int = SELFTEST_MIB,
+    pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
+    timeout: float = SELFTEST_TIMEOUT,
+) -> Dict:
     """ksm_unmerge_time() itself: merge a '*' region, then time
     madvise(MADV_UNMERGEABLE) over it.  Inside a session."""
     mm, arr = kernelksm.alloc_private(mib * MiB)
@@ -545,9 +644,13 @@ def kernel_unmerge_time(mib: int = SELFTEST_MIB, pages_to_scan: int = SELFTEST_P
         t0 = time.perf_counter()
         mm.madvise(mmap.MADV_UNMERGEABLE)
         wall = time.perf_counter() - t0
-        return {"mib": mib, "wall": wall, "mib_per_s": mib / wall,
-                "pages_sharing_before": c.pages_sharing,
-                "pages_sharing_after": int(kernelksm.read("pages_sharing"))}
+        return {
+            "mib": mib,
+            "wall": wall,
+            "mib_per_s": mib / wall,
+            "pages_sharing_before": c.pages_sharing,
+            "pages_sharing_after": int(kernelksm.read("pages_sharing")),
+        }
     finally:
         del arr
         kernelksm.free_private(mm)
@@ -555,6 +658,7 @@ def kernel_unmerge_time(mib: int = SELFTEST_MIB, pages_to_scan: int = SELFTEST_P
 
 
 # -- realistic numpy data -------------------------------------------------------------
+
 
 def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0) -> Dict:
     """Lay out the realistic workload in arrays from @alloc(nbytes) (page-aligned,
@@ -574,7 +678,7 @@ def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0
     same numbers, so the overlap is page-exact as well as value-exact."""
     rng = np.random.default_rng(seed)
     n = max(size // 8, 4 * PAGE // 8)
-    n -= n % (4 * PAGE // 8)         # quarters stay page-aligned
+    n -= n % (4 * PAGE // 8)  # quarters stay page-aligned
     q = n // 4
     # Random numbers go straight into the arrays (out=): a temporary of this
     # size would come from malloc's heap once glibc has raised its mmap
@@ -586,28 +690,35 @@ def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0
     a[:] = base
     out["finetuned"] = a = alloc(n * 8)
     a[:] = base
-    rng.standard_normal(out=a[q:2 * q])
+    rng.standard_normal(out=a[q : 2 * q])
     out["concat"] = a = alloc(n * 8)
-    a[:2 * q] = base[:2 * q]
-    rng.standard_normal(out=a[2 * q:])
+    a[: 2 * q] = base[: 2 * q]
+    rng.standard_normal(out=a[2 * q :])
     out["grad_buffer"] = a = alloc(2 * q * 8)
     a[:] = 1.0
     a[:] = 0.0
     out["padded"] = a = alloc(2 * q * 8)
-    rng.standard_normal(out=a[:q // 2])
-    a[q // 2:] = 0.0
+    rng.standard_normal(out=a[: q // 2])
+    a[q // 2 :] = 0.0
     out["volatile"] = a = alloc(q * 8)
     rng.standard_normal(out=a)
     del base, a
-    pq = q * 8 // PAGE                  # pages in a quarter
-    ideal = (4 * pq        # replica
-             + 3 * pq      # finetuned
-             + 2 * pq      # concat
-             + 2 * pq      # grad_buffer: zero pages
-             + 2 * pq - (q // 2 * 8 + PAGE - 1) // PAGE)   # padded's zero tail
+    pq = q * 8 // PAGE  # pages in a quarter
+    ideal = (
+        4 * pq  # replica
+        + 3 * pq  # finetuned
+        + 2 * pq  # concat
+        + 2 * pq  # grad_buffer: zero pages
+        + 2 * pq
+        - (q // 2 * 8 + PAGE - 1) // PAGE
+    )  # padded's zero tail
     total = sum(x.nbytes for x in out.values())
-    return {"arrays": out, "ideal_pages": ideal, "total_bytes": total,
-            "volatile_bytes": out["volatile"].nbytes}
+    return {
+        "arrays": out,
+        "ideal_pages": ideal,
+        "total_bytes": total,
+        "volatile_bytes": out["volatile"].nbytes,
+    }
 
 
 def touch_volatile(arr: np.ndarray, step: float = 1.0) -> None:
@@ -615,8 +726,15 @@ def touch_volatile(arr: np.ndarray, step: float = 1.0) -> None:
     arr.reshape(-1)[:: PAGE // arr.itemsize] += step
 
 
-def _timeline_loop(sample: Callable[[], Dict], volatile: np.ndarray, ideal_pages: int,
-                   target: float, timeout: float, tail: float, interval: float) -> Dict:
+def _timeline_loop(
+    sample: Callable[[], Dict],
+    volatile: np.ndarray,
+    ideal_pages: int,
+    target: float,
+    timeout: float,
+    tail: float,
+    interval: float,
+) -> Dict:
     """Sample memory every @interval seconds, rewriting the volatile region
     each time, until the saving reaches @target of @ideal_pages, then for
     @tail seconds more.  Returns the samples and the time to target."""
@@ -640,9 +758,15 @@ def _timeline_loop(sample: Callable[[], Dict], volatile: np.ndarray, ideal_pages
     return {"samples": samples, "time_to_target": reached, "converged": reached is not None}
 
 
-def uksm_realistic(size: int, checksum: str = "jhash2", target: float = 0.99,
-                   timeout: float = 120.0, tail: float = 0.5, interval: float = 0.05,
-                   **knobs) -> Dict:
+def uksm_realistic(
+    size: int,
+    checksum: str = "jhash2",
+    target: float = 0.99,
+    timeout: float = 120.0,
+    tail: float = 0.5,
+    interval: float = 0.05,
+    **knobs,
+) -> Dict:
     """The realistic workload in a pool, merged by the background scanner
     (pool.start(), as ksmd's run=1) while this thread rewrites the volatile
     region and samples memory: PSS (anon + shmem, less the PSS before the
@@ -662,15 +786,20 @@ def uksm_realistic(size: int, checksum: str = "jhash2", target: float = 0.99,
         def sample():
             st = pool.stats()
             saved = st["pages_sharing"] + st["ksm_zero_pages"]
-            return {"pss": pss_private() - pss0, "resident": st["bytes_resident"],
-                    "saved_pages": saved, "full_scans": st["full_scans"]}
+            return {
+                "pss": pss_private() - pss0,
+                "resident": st["bytes_resident"],
+                "saved_pages": saved,
+                "full_scans": st["full_scans"],
+            }
 
         before = sample()
         c0, m0 = time.process_time(), time.thread_time()
         pool.start()
         try:
-            tl = _timeline_loop(sample, arrays["volatile"], w["ideal_pages"], target,
-                                timeout, tail, interval)
+            tl = _timeline_loop(
+                sample, arrays["volatile"], w["ideal_pages"], target, timeout, tail, interval
+            )
         finally:
             pool.stop()
         cpu = time.process_time() - c0 - (time.thread_time() - m0)
@@ -681,14 +810,22 @@ def uksm_realistic(size: int, checksum: str = "jhash2", target: float = 0.99,
             touch(a)
         after = sample()
         del arrays, w["arrays"]
-        return {**tl, "ideal_pages": w["ideal_pages"], "total_bytes": w["total_bytes"],
-                "pss_before": before["pss"], "pss_after": after["pss"],
-                "resident_before": before["resident"], "resident_after": after["resident"],
-                "saved_pss_bytes": before["pss"] - after["pss"],
-                "saved_counter_bytes": after["saved_pages"] * PAGE,
-                "saved_fraction": after["saved_pages"] / w["ideal_pages"],
-                "scanner_cpu": cpu, "full_scans": after["full_scans"],
-                "compactions": pool.stats().get("compactions"), "contents_ok": checks}
+        return {
+            **tl,
+            "ideal_pages": w["ideal_pages"],
+            "total_bytes": w["total_bytes"],
+            "pss_before": before["pss"],
+            "pss_after": after["pss"],
+            "resident_before": before["resident"],
+            "resident_after": after["resident"],
+            "saved_pss_bytes": before["pss"] - after["pss"],
+            "saved_counter_bytes": after["saved_pages"] * PAGE,
+            "saved_fraction": after["saved_pages"] / w["ideal_pages"],
+            "scanner_cpu": cpu,
+            "full_scans": after["full_scans"],
+            "compactions": pool.stats().get("compactions"),
+            "contents_ok": checks,
+        }
     finally:
         pool.close()
 
@@ -698,17 +835,25 @@ def _check_realistic(arrays: Dict[str, np.ndarray]) -> bool:
     n = len(arrays["weights"])
     q = n // 4
     w = arrays["weights"]
-    return bool(np.array_equal(arrays["replica"], w)
-                and np.array_equal(arrays["finetuned"][:q], w[:q])
-                and np.array_equal(arrays["finetuned"][2 * q:], w[2 * q:])
-                and np.array_equal(arrays["concat"][:2 * q], w[:2 * q])
-                and not arrays["grad_buffer"].any()
-                and not arrays["padded"][q // 2:].any())
+    return bool(
+        np.array_equal(arrays["replica"], w)
+        and np.array_equal(arrays["finetuned"][:q], w[:q])
+        and np.array_equal(arrays["finetuned"][2 * q :], w[2 * q :])
+        and np.array_equal(arrays["concat"][: 2 * q], w[: 2 * q])
+        and not arrays["grad_buffer"].any()
+        and not arrays["padded"][q // 2 :].any()
+    )
 
 
-def kernel_realistic(size: int, target: float = 0.99, timeout: float = 120.0,
-                     tail: float = 0.5, interval: float = 0.05,
-                     pages_to_scan: int = 10000, sleep_millisecs: int = 0) -> Dict:
+def kernel_realistic(
+    size: int,
+    target: float = 0.99,
+    timeout: float = 120.0,
+    tail: float = 0.5,
+    interval: float = 0.05,
+    pages_to_scan: int = 10000,
+    sleep_millisecs: int = 0,
+) -> Dict:
     """The realistic workload in private anonymous memory, one mapping per
     array, all MADV_MERGEABLE, merged by ksmd; the same sampling, with the
     kernel's saving as pages_sharing + ksm_zero_pages and "resident" as the
@@ -730,10 +875,18 @@ def kernel_realistic(size: int, target: float = 0.99, timeout: float = 120.0,
 
         def sample():
             c = kernelksm.counters()
-            saved = (c["pages_sharing"] - c0["pages_sharing"]
-                     + c.get("ksm_zero_pages", 0) - c0.get("ksm_zero_pages", 0))
-            return {"pss": pss_private() - pss0, "resident": total - saved * PAGE,
-                    "saved_pages": saved, "full_scans": c["full_scans"] - c0["full_scans"]}
+            saved = (
+                c["pages_sharing"]
+                - c0["pages_sharing"]
+                + c.get("ksm_zero_pages", 0)
+                - c0.get("ksm_zero_pages", 0)
+            )
+            return {
+                "pss": pss_private() - pss0,
+                "resident": total - saved * PAGE,
+                "saved_pages": saved,
+                "full_scans": c["full_scans"] - c0["full_scans"],
+            }
 
         before = sample()
         sess.apply(**_scan_knobs(pages_to_scan, sleep_millisecs))
@@ -741,22 +894,30 @@ def kernel_realistic(size: int, target: float = 0.99, timeout: float = 120.0,
             kernelksm.mark_mergeable(mm)
         cpu0 = kernelksm.ksmd_cpu_seconds()
         with sess.ksmd_running():
-            tl = _timeline_loop(sample, arrays["volatile"], w["ideal_pages"], target,
-                                timeout, tail, interval)
+            tl = _timeline_loop(
+                sample, arrays["volatile"], w["ideal_pages"], target, timeout, tail, interval
+            )
         cpu = kernelksm.ksmd_cpu_seconds() - cpu0
-        checks = _check_realistic(arrays)       # read, as uksm's are
+        checks = _check_realistic(arrays)  # read, as uksm's are
         for a in arrays.values():
             touch(a)
         after = sample()
         del arrays, w["arrays"]
-        return {**tl, "ideal_pages": w["ideal_pages"], "total_bytes": total,
-                "pss_before": before["pss"], "pss_after": after["pss"],
-                "resident_before": before["resident"], "resident_after": after["resident"],
-                "saved_pss_bytes": before["pss"] - after["pss"],
-                "saved_counter_bytes": after["saved_pages"] * PAGE,
-                "saved_fraction": after["saved_pages"] / w["ideal_pages"],
-                "scanner_cpu": cpu, "full_scans": after["full_scans"],
-                "contents_ok": checks}
+        return {
+            **tl,
+            "ideal_pages": w["ideal_pages"],
+            "total_bytes": total,
+            "pss_before": before["pss"],
+            "pss_after": after["pss"],
+            "resident_before": before["resident"],
+            "resident_after": after["resident"],
+            "saved_pss_bytes": before["pss"] - after["pss"],
+            "saved_counter_bytes": after["saved_pages"] * PAGE,
+            "saved_fraction": after["saved_pages"] / w["ideal_pages"],
+            "scanner_cpu": cpu,
+            "full_scans": after["full_scans"],
+            "contents_ok": checks,
+        }
     finally:
         for mm in regions:
             kernelksm.free_private(mm)
@@ -773,6 +934,7 @@ def _scan_knobs(pages_to_scan: int, sleep_millisecs: int) -> Dict:
 
 # -- steady state: the cost of watching memory that has nothing left to merge -----------
 
+
 def fill_steady(arr: np.ndarray, seed: int = 0) -> int:
     """@arr's pages: the first half duplicate pairs (page i equals page
     P/4 + i), the second half random, all different.  Returns the pages
@@ -781,18 +943,25 @@ def fill_steady(arr: np.ndarray, seed: int = 0) -> int:
     npages = len(pages)
     quarter = npages // 4
     fill_pairs(pages[: 2 * quarter], quarter)
-    pages[: 2 * quarter].view(np.uint32)[:, 3] = 0xFFFFFFFF   # no zero page among them
-    rest = pages[2 * quarter:]
+    pages[: 2 * quarter].view(np.uint32)[:, 3] = 0xFFFFFFFF  # no zero page among them
+    rest = pages[2 * quarter :]
     rng = np.random.default_rng(seed)
-    for i in range(0, len(rest), 4096):         # no page-sized temporaries
-        chunk = rest[i:i + 4096]
+    for i in range(0, len(rest), 4096):  # no page-sized temporaries
+        chunk = rest[i : i + 4096]
         chunk[:] = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
     return quarter
 
 
-def uksm_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds: float = 0.0,
-                checksum: str = "jhash2", driver: str = "scan",
-                timeout: float = 120.0, **knobs) -> Dict:
+def uksm_steady(
+    size: int,
+    warmup_scans: int = 8,
+    scans: int = 8,
+    min_seconds: float = 0.0,
+    checksum: str = "jhash2",
+    driver: str = "scan",
+    timeout: float = 120.0,
+    **knobs,
+) -> Dict:
     """Scanner CPU per page per full scan once everything mergeable is merged.
 
     Converges first (the pairs share), scans @warmup_scans more full scans
@@ -824,8 +993,10 @@ def uksm_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds: f
             if driver == "scan":
                 while True:
                     s = pool.scan(1)
-                    if (s["full_scans"] - s0["full_scans"] >= count
-                            and time.perf_counter() - t0 >= min_s):
+                    if (
+                        s["full_scans"] - s0["full_scans"] >= count
+                        and time.perf_counter() - t0 >= min_s
+                    ):
                         break
                 mine = 0.0
             else:
@@ -842,8 +1013,10 @@ def uksm_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds: f
                     while True:
                         time.sleep(0.01)
                         s = pool.stats()
-                        if (s["full_scans"] - s0["full_scans"] >= count
-                                and time.perf_counter() - t0 >= min_s):
+                        if (
+                            s["full_scans"] - s0["full_scans"] >= count
+                            and time.perf_counter() - t0 >= min_s
+                        ):
                             break
                         if time.perf_counter() - t0 > timeout:
                             raise RuntimeError("uksm steady-state scans timed out")
@@ -853,26 +1026,41 @@ def uksm_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds: f
             wall = time.perf_counter() - t0
             cpu = time.process_time() - c0 - mine
             s = pool.stats()
-            return {"wall": wall, "cpu": cpu, "full_scans": s["full_scans"] - s0["full_scans"],
-                    "pages_scanned": s["pages_scanned"] - s0["pages_scanned"],
-                    "pages_skipped": s["pages_skipped"] - s0["pages_skipped"],
-                    "pages_to_scan": s["pages_to_scan"],
-                    "last_full_scan_seconds": s["last_full_scan_seconds"]}
+            return {
+                "wall": wall,
+                "cpu": cpu,
+                "full_scans": s["full_scans"] - s0["full_scans"],
+                "pages_scanned": s["pages_scanned"] - s0["pages_scanned"],
+                "pages_skipped": s["pages_skipped"] - s0["pages_skipped"],
+                "pages_to_scan": s["pages_to_scan"],
+                "last_full_scan_seconds": s["last_full_scan_seconds"],
+            }
 
         run_scans(warmup_scans, 0.0)
         m = run_scans(scans, min_seconds)
         final = pool.stats()
         del arr
-        return {**m, "pages": npages, "converge_wall": t_conv,
-                "us_per_page_per_scan": m["cpu"] / (m["full_scans"] * npages) * 1e6,
-                "pages_sharing": final["pages_sharing"], "wanted_sharing": want}
+        return {
+            **m,
+            "pages": npages,
+            "converge_wall": t_conv,
+            "us_per_page_per_scan": m["cpu"] / (m["full_scans"] * npages) * 1e6,
+            "pages_sharing": final["pages_sharing"],
+            "wanted_sharing": want,
+        }
     finally:
         pool.close()
 
 
-def kernel_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds: float = 0.0,
-                  pages_to_scan: int = 10000, sleep_millisecs: int = 0,
-                  timeout: float = 120.0) -> Dict:
+def kernel_steady(
+    size: int,
+    warmup_scans: int = 8,
+    scans: int = 8,
+    min_seconds: float = 0.0,
+    pages_to_scan: int = 10000,
+    sleep_millisecs: int = 0,
+    timeout: float = 120.0,
+) -> Dict:
     """kernel_steady: uksm_steady's workload and measurement for ksmd, whose
     CPU time is read from /proc (kernelksm.ksmd_cpu_seconds).  The session's
     knobs (smart_scan, the advisor) are the caller's.  Inside a session."""
@@ -898,17 +1086,23 @@ def kernel_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds:
             while True:
                 time.sleep(0.002)
                 k = kernelksm.counters()
-                if (k["full_scans"] - k0["full_scans"] >= count
-                        and time.perf_counter() - t0 >= min_s):
+                if (
+                    k["full_scans"] - k0["full_scans"] >= count
+                    and time.perf_counter() - t0 >= min_s
+                ):
                     break
                 if time.perf_counter() - t0 > timeout:
                     raise RuntimeError("ksmd steady-state scans timed out")
             wall = time.perf_counter() - t0
             cpu = kernelksm.ksmd_cpu_seconds() - cpu0
-            return {"wall": wall, "cpu": cpu, "full_scans": k["full_scans"] - k0["full_scans"],
-                    "pages_scanned": k.get("pages_scanned", 0) - k0.get("pages_scanned", 0),
-                    "pages_skipped": k.get("pages_skipped", 0) - k0.get("pages_skipped", 0),
-                    "pages_to_scan": int(kernelksm.read("pages_to_scan"))}
+            return {
+                "wall": wall,
+                "cpu": cpu,
+                "full_scans": k["full_scans"] - k0["full_scans"],
+                "pages_scanned": k.get("pages_scanned", 0) - k0.get("pages_scanned", 0),
+                "pages_skipped": k.get("pages_skipped", 0) - k0.get("pages_skipped", 0),
+                "pages_to_scan": int(kernelksm.read("pages_to_scan")),
+            }
 
         sess.apply(**_scan_knobs(pages_to_scan, sleep_millisecs))
         with sess.ksmd_running():
@@ -920,9 +1114,14 @@ def kernel_steady(size: int, warmup_scans: int = 8, scans: int = 8, min_seconds:
         # memory was on the list too, and the CPU figure is not ours alone.
         per_scan = (m["pages_scanned"] + m["pages_skipped"]) / max(m["full_scans"], 1)
         m["foreign_pages"] = per_scan > 1.5 * npages + m["pages_to_scan"]
-        return {**m, "pages": npages, "converge_wall": c.wall,
-                "us_per_page_per_scan": m["cpu"] / (m["full_scans"] * npages) * 1e6,
-                "pages_sharing": sharing, "wanted_sharing": want}
+        return {
+            **m,
+            "pages": npages,
+            "converge_wall": c.wall,
+            "us_per_page_per_scan": m["cpu"] / (m["full_scans"] * npages) * 1e6,
+            "pages_sharing": sharing,
+            "wanted_sharing": want,
+        }
     finally:
         del arr
         kernelksm.free_private(mm)

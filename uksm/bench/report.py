@@ -1,9 +1,9 @@
-"""uksm.report - the benchmark harness's report: Markdown, a console table, plots.
+"""uksm.bench.report - the benchmark harness's report: Markdown, a console table, plots.
 
-Everything here reads the results dict that uksm.harness builds (and writes
+Everything here reads the results dict that uksm.bench.harness builds (and writes
 as results.json), so a report can be remade from a results.json alone:
 
-    python -c "import json, uksm.report as r; \\
+    python -c "import json, uksm.bench.report as r; \\
                print(r.markdown(json.load(open('bench-out/results.json'))))"
 
 Numbers are printed with three significant figures; a figure that was not
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 MiB = 1 << 20
 
@@ -148,23 +148,30 @@ def markdown(results: Dict) -> str:
     when = results.get("started", "")
     cmd = results.get("command") or "python -m uksm bench"
     status = results.get("status", "")
-    out.append(f"Run {when} with `{cmd}`; {results.get('seconds', 0):.0f} s"
-               + ("" if status == "done" else f" (**{status}**)") + ".")
+    out.append(
+        f"Run {when} with `{cmd}`; {results.get('seconds', 0):.0f} s"
+        + ("" if status == "done" else f" (**{status}**)")
+        + "."
+    )
     out.append("")
     out.append("## Machine")
     out.append("")
     out.append("| | |")
     out.append("|---|---|")
     out.append(f"| kernel | {m['kernel']} ({m['machine']}) {m.get('kernel_version', '')} |")
-    out.append(f"| CPUs | {m['cpu_count']} ({m.get('cpu_model') or 'unknown model'}; "
-               f"{m.get('cpus_usable')} usable) |")
+    out.append(
+        f"| CPUs | {m['cpu_count']} ({m.get('cpu_model') or 'unknown model'}; "
+        f"{m.get('cpus_usable')} usable) |"
+    )
     out.append(f"| memory | {_gib(m.get('mem_total'))}; swap {_gib(m.get('swap_total'))} |")
     out.append(f"| page size, vm.max_map_count | {m['page_size']}, {m.get('max_map_count')} |")
     out.append(f"| transparent hugepages | {m.get('transparent_hugepage') or 'n/a'} |")
     out.append(f"| Python, numpy, uksm | {m['python']}, {m['numpy']}, {m['uksm']} |")
     if ks["available"]:
-        side = "measured in the same run, on the same content (private anonymous " \
-               "memory, MADV_MERGEABLE); knobs saved and restored around each suite"
+        side = (
+            "measured in the same run, on the same content (private anonymous "
+            "memory, MADV_MERGEABLE); knobs saved and restored around each suite"
+        )
     else:
         side = f"**not available: {ks['reason']}**; only uksm was measured"
     out.append(f"| kernel KSM | {side} |")
@@ -172,23 +179,34 @@ def markdown(results: Dict) -> str:
     if before:
         out.append(f"| kernel KSM knobs as found | {_knobs(before)} |")
         restored = results.get("knobs_restored")
-        out.append("| kernel KSM knobs after the run | "
-                   + ("unchanged (restored)" if restored else
-                      f"**CHANGED**: {_knobs(results.get('kernel_knobs_after') or {})}")
-                   + " |")
-    out.append(f"| run | {cfg['repeats']} repeat(s); size {cfg['size'] / MiB:g} MiB; "
-               f"checksum {cfg['checksum']}{'; quick' if cfg.get('quick_run') else ''} |")
+        out.append(
+            "| kernel KSM knobs after the run | "
+            + (
+                "unchanged (restored)"
+                if restored
+                else f"**CHANGED**: {_knobs(results.get('kernel_knobs_after') or {})}"
+            )
+            + " |"
+        )
+    out.append(
+        f"| run | {cfg['repeats']} repeat(s); size {cfg['size'] / MiB:g} MiB; "
+        f"checksum {cfg['checksum']}{'; quick' if cfg.get('quick_run') else ''} |"
+    )
     out.append("")
     out.append("## Results")
     out.append("")
-    out.append("Each figure is the median over the repeats; **ratio = uksm / kernel**, "
-               "computed within each repeat (both measured back to back, in alternating "
-               "order), then the median of those ratios.  Whether a ratio below 1 favours "
-               "uksm depends on the metric: it says which direction is better.")
+    out.append(
+        "Each figure is the median over the repeats; **ratio = uksm / kernel**, "
+        "computed within each repeat (both measured back to back, in alternating "
+        "order), then the median of those ratios.  Whether a ratio below 1 favours "
+        "uksm depends on the metric: it says which direction is better."
+    )
     if not ks["available"]:
         out.append("")
-        out.append(f"The kernel's KSM was not measured ({ks['reason']}): its column says "
-                   "\"not available\" and there are no ratios.")
+        out.append(
+            f"The kernel's KSM was not measured ({ks['reason']}): its column says "
+            '"not available" and there are no ratios.'
+        )
     out.append("")
     out.append(markdown_table(rows(results)))
     out.append("")
@@ -197,11 +215,13 @@ def markdown(results: Dict) -> str:
         out.append("## Plots")
         out.append("")
         for p in plots:
-            caption = {"memory.png": "Memory over time while converging (suite 3): PSS and "
-                                     "bytes_resident (private pages + frames) for uksm; PSS "
-                                     "and the pages_sharing-derived figure for the kernel",
-                       "ratios.png": "uksm / kernel per metric, by suite: bars are medians, "
-                                     "dots the individual repeats"}.get(p, p)
+            caption = {
+                "memory.png": "Memory over time while converging (suite 3): PSS and "
+                "bytes_resident (private pages + frames) for uksm; PSS "
+                "and the pages_sharing-derived figure for the kernel",
+                "ratios.png": "uksm / kernel per metric, by suite: bars are medians, "
+                "dots the individual repeats",
+            }.get(p, p)
             out.append(f"![{caption}]({p})")
             out.append("")
             out.append(f"*{caption}.*")
@@ -241,12 +261,15 @@ def markdown(results: Dict) -> str:
             out.append("| metric | uksm per run | kernel per run | ratio per run |")
             out.append("|---|---|---|---|")
             for mm in runs:
-                out.append(f"| {mm['label']} | "
-                           + ", ".join(num(v, mm["unit"]) for v in mm["uksm_runs"]) + " | "
-                           + (", ".join(num(v, mm["unit"]) for v in mm["kernel_runs"])
-                              or "n/a") + " | "
-                           + (", ".join(_ratio(v) for v in mm["ratio_runs"]) or "n/a")
-                           + " |")
+                out.append(
+                    f"| {mm['label']} | "
+                    + ", ".join(num(v, mm["unit"]) for v in mm["uksm_runs"])
+                    + " | "
+                    + (", ".join(num(v, mm["unit"]) for v in mm["kernel_runs"]) or "n/a")
+                    + " | "
+                    + (", ".join(_ratio(v) for v in mm["ratio_runs"]) or "n/a")
+                    + " |"
+                )
         if s["status"] == "error" and s.get("error"):
             out.append("")
             out.append("```")
@@ -259,20 +282,33 @@ def markdown(results: Dict) -> str:
     out.append(f"{cmd}")
     out.append("```")
     out.append("")
-    out.append("(as root for the kernel side; results.json holds every run's figures and "
-               "the sampled memory timelines)")
+    out.append(
+        "(as root for the kernel side; results.json holds every run's figures and "
+        "the sampled memory timelines)"
+    )
     out.append("")
     return "\n".join(out)
 
 
 # -- plots -------------------------------------------------------------------------------
 
+
 def _figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def where(results: Dict[str, Any]) -> str:
+    """The machine a chart was measured on, for its title."""
+    m = results.get("machine", {})
+    return (
+        f"{m.get('cpu_model') or 'unknown CPU'}, {m.get('cpu_count')} cores, "
+        f"{m.get('kernel', 'unknown kernel')}"
+    )
 
 
 def _pick(timelines: List[Dict]) -> Optional[Dict]:
@@ -294,34 +330,48 @@ def plot_memory(results: Dict, path: str) -> bool:
     fig = _figure(12, 4.8)
     axes = fig.subplots(1, 2, sharey=True)
     ks = results["kernel_side"]
-    for ax, side, name, second in ((axes[0], "uksm", "uksm",
-                                    "bytes_resident (private pages + frames)"),
-                                   (axes[1], "kernel", "kernel KSM",
-                                    "mapped - (pages_sharing + ksm_zero_pages)")):
+    for ax, side, name, second in (
+        (axes[0], "uksm", "uksm", "bytes_resident (private pages + frames)"),
+        (axes[1], "kernel", "kernel KSM", "mapped - (pages_sharing + ksm_zero_pages)"),
+    ):
         tl = _pick(s["timelines"][side])
         ax.set_title(name)
         ax.set_xlabel("seconds since the scanner started")
         ax.grid(True, alpha=0.3)
         if tl is None:
             why = ks["reason"] if not ks["available"] else "not measured"
-            ax.text(0.5, 0.5, f"kernel KSM not available:\n{why}", ha="center",
-                    va="center", transform=ax.transAxes, wrap=True)
+            ax.text(
+                0.5,
+                0.5,
+                f"kernel KSM not available:\n{why}",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                wrap=True,
+            )
             continue
         t = [p["t"] for p in tl["samples"]]
-        ax.plot(t, [p["pss"] / MiB for p in tl["samples"]], "-", lw=2,
-                label="PSS (anon + shmem)")
+        ax.plot(t, [p["pss"] / MiB for p in tl["samples"]], "-", lw=2, label="PSS (anon + shmem)")
         ax.plot(t, [p["resident"] / MiB for p in tl["samples"]], "--", lw=2, label=second)
         ideal = (tl["total_bytes"] - tl["ideal_pages"] * 4096) / MiB
         ax.axhline(ideal, color="gray", ls=":", label="ideal after merging")
         if tl.get("time_to_target") is not None:
-            ax.axvline(tl["time_to_target"], color="green", ls="-.", lw=1,
-                       label=f"99% of ideal: {tl['time_to_target']:.2f} s")
+            ax.axvline(
+                tl["time_to_target"],
+                color="green",
+                ls="-.",
+                lw=1,
+                label=f"99% of ideal: {tl['time_to_target']:.2f} s",
+            )
         ax.legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("MiB")
     axes[0].set_ylim(bottom=0)
     size = s["parameters"].get("dataset_mib")
-    fig.suptitle(f"Memory while converging: realistic numpy workload (dataset {size:g} MiB, "
-                 "volatile region rewritten throughout)")
+    fig.suptitle(
+        f"Memory while converging: realistic numpy workload (dataset {size:g} MiB, "
+        f"volatile region rewritten throughout); lower is better\n{where(results)}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -330,49 +380,81 @@ def plot_memory(results: Dict, path: str) -> bool:
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
 
 
-def plot_ratios(results: Dict, path: str) -> None:
-    """uksm/kernel per metric, grouped by suite (log scale, 1 = parity)."""
+def plot_ratios(results: Dict[str, Any], path: str) -> None:
+    """uksm/kernel per metric, grouped by suite, turned so that right is
+    always uksm's better side: a metric where lower is better is drawn as
+    kernel/uksm.  Log scale, 1 = parity; labels in full, wrapped."""
+    import textwrap
+
     items = []
     for key, s in results.get("suites", {}).items():
         for m in s.get("metrics", []):
-            if m["ratio"] is not None and m["ratio"] > 0:     # log scale
+            if m["ratio"] is not None and m["ratio"] > 0:  # log scale
                 items.append((s["number"], key, m))
-    fig = _figure(11, max(2.5, 0.42 * len(items) + 1.5))
-    ax = fig.subplots()
+    title = "uksm against the kernel's KSM, per metric (same content, same run)"
     if not items:
+        fig = _figure(11, 2.5)
+        ax = fig.subplots()
         ks = results["kernel_side"]
         why = ks["reason"] if not ks["available"] else "no suite measured both sides"
-        ax.text(0.5, 0.5, f"No uksm / kernel ratios: {why}", ha="center", va="center",
-                transform=ax.transAxes, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            f"No uksm / kernel ratios: {why}",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            wrap=True,
+        )
         ax.set_axis_off()
+        fig.suptitle(f"{title}\n{where(results)}", fontsize=11)
         fig.savefig(path)
         return
-    labels, ys = [], []
-    for i, (number, key, m) in enumerate(reversed(items)):
-        y = i
+
+    def advantage(r: float, better: Optional[str]) -> float:
+        # > 1: uksm better, whichever way the metric runs
+        return 1.0 / r if better == "lower" else r
+
+    labels: List[str] = []
+    for number, key, m in reversed(items):
+        turn = {"lower": "kernel / uksm", "higher": "uksm / kernel"}.get(
+            m["better"] or "", "uksm / kernel"
+        )
+        text = f"{number} {key}: {m['label']} [{m['unit']}; {turn}]"
+        labels.append("\n".join(textwrap.wrap(text, 70)))
+    heights = [0.28 * (lab.count("\n") + 1) + 0.2 for lab in labels]
+    fig = _figure(14, max(3.0, sum(heights) + 2.0))
+    ax = fig.subplots()
+    ys, y = [], 0.0
+    for h in heights:
+        ys.append(y + h / 2)
+        y += h
+    vals = []
+    for yy, (number, _key, m) in zip(ys, reversed(items)):
         color = _COLORS[(number - 1) % len(_COLORS)]
+        adv = advantage(m["ratio"], m["better"])
         # bars start at parity (1) and reach the ratio, left or right
-        ax.barh(y, m["ratio"] - 1.0, left=1.0, color=color, alpha=0.6, height=0.7)
-        pts = [r for r in m["ratio_runs"] if r is not None and r > 0]
-        ax.plot(pts, [y] * len(pts), "k.", ms=5)
-        ax.text(max(pts + [m["ratio"], 1.0]) * 1.08, y, f"{m['ratio']:.3g}", va="center",
-                fontsize=8)
-        label = m["label"] if len(m["label"]) <= 58 else m["label"][:55] + "..."
-        arrow = {"lower": " [lower better]", "higher": " [higher better]"}.get(m["better"], "")
-        labels.append(f"{number} {key}: {label}{arrow}")
-        ys.append(y)
+        ax.barh(yy, adv - 1.0, left=1.0, color=color, alpha=0.6, height=0.22)
+        pts = [advantage(r, m["better"]) for r in m["ratio_runs"] if r is not None and r > 0]
+        ax.plot(pts, [yy] * len(pts), "k.", ms=5)
+        ax.text(max(pts + [adv, 1.0]) * 1.08, yy, f"{adv:.3g}x", va="center", fontsize=8)
+        vals += pts + [adv]
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(0, y)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=1)
-    ax.set_xlabel("uksm / kernel KSM (log scale; 1 = same)")
-    fig.suptitle("uksm / kernel KSM per metric, by suite\n(bars: median of the per-run "
-                 "ratios; dots: each repeat; 1 = the same)", fontsize=11)
+    lo, hi = min(vals + [1.0]), max(vals + [1.0])
+    ax.set_xlim(lo / 1.6, hi * 2.2)
+    ax.set_xlabel(
+        "<- kernel KSM better          advantage (log scale; 1 = the same)          uksm better ->"
+    )
+    fig.suptitle(
+        f"{title}\nbars: median of the per-run ratios, dots: each repeat; "
+        f"right of 1 is better for uksm\n{where(results)}",
+        fontsize=11,
+    )
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    runs = [r for _, _, m in items for r in m["ratio_runs"] + [m["ratio"]]
-            if r is not None and r > 0]
-    lo, hi = min(runs), max(runs)
-    ax.set_xlim(min(lo, 1.0) / 1.6, max(hi, 1.0) * 2.2)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -1,17 +1,11 @@
-"""bench/measure.py - the measurements behind uksm's pytest-benchmark suite.
+"""uksm.bench.micro - what only the pytest-benchmark microbenchmarks (bench/)
+need, beside uksm.bench.measure, which they share with ``python -m uksm bench``.
 
-The measurements that the command line shares (``python -m uksm bench``)
-live in the package, uksm.measure, and are re-exported here under their old
-names: the duplicate-pairs workload for uksm and for ksmd (UksmPairs,
-KernelPairs, kernel_converge_rounds), the selftests' -P merge time
-(uksm_merge_time, kernel_merge_time), and the helpers (pss, memfd_bytes,
-pool_held, touch, median, ratio, fmt, summarize, fill_pairs,
-expected_sharing).
-
-What stays here is only what the microbenchmarks need and the harness does
-not: the COW floors (bench/floor.c's userspace break, compiled at run time,
-and the kernel's own copy of a private file page), checksum cost per page in
-the C core, memcmp for reference, and metadata bytes per page.
+The COW floors (floor.c's userspace break, compiled at run time, and the
+kernel's own copy of a private file page), checksum cost per page in the C
+core, memcmp for reference, metadata bytes per page; and the plumbing the
+bench_*.py files share: rounds(), need_kernel(), report() and Shared, the
+figures measured once per run and reused.
 
 Savings are measured twice, as the kernel sees them: what the pool holds
 (its private pages present, from pagemap, plus its frames, the blocks of
@@ -29,33 +23,22 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 import numpy as np
 
-import uksm
-from uksm import _core
-from uksm.measure import (MiB, PAGE, KernelPairs, UksmPairs, expected_sharing,
-                          fill_pairs, fmt, kernel_converge_rounds, kernel_merge_time,
-                          median, memfd_bytes, pages_of, pool_held, pss, pss_private,
-                          ratio, runq_wait, summarize, touch, uksm_merge_time)
+from .. import _core
+from ..pool import Pool
+from . import kernelksm, measure
+from .measure import PAGE, MiB, UksmPairs, pages_of
 
-_pages = pages_of
+T = TypeVar("T")
 
-__all__ = [
-    # re-exported from uksm.measure
-    "MiB", "PAGE", "KernelPairs", "UksmPairs", "expected_sharing", "fill_pairs", "fmt",
-    "kernel_converge_rounds", "kernel_merge_time", "median", "memfd_bytes", "pool_held",
-    "pss", "pss_private", "ratio", "runq_wait", "summarize", "touch", "uksm_merge_time",
-    # bench only
-    "FLOOR_SOURCE", "compile_floor", "run_floor", "private_file_cow", "ChecksumPages",
-    "memcmp_seconds",
-    "meta_duplicates", "meta_unique",
-]
 FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c")
 
 
 # -- the COW floor ---------------------------------------------------------------------
+
 
 def compile_floor(workdir: str) -> Optional[str]:
     """Build bench/floor.c with the system cc into @workdir; None without cc."""
@@ -63,8 +46,7 @@ def compile_floor(workdir: str) -> Optional[str]:
     if cc is None:
         return None
     exe = os.path.join(workdir, "uksm-floor")
-    proc = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE],
-                          capture_output=True, text=True)
+    proc = subprocess.run([cc, "-O2", "-o", exe, FLOOR_SOURCE], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"compiling {FLOOR_SOURCE} failed:\n{proc.stderr}")
     return exe
@@ -91,9 +73,10 @@ def private_file_cow(pages: int) -> Dict[str, float]:
     per page."""
     fd = os.memfd_create("uksm-cow-floor", os.MFD_CLOEXEC)
     try:
-        os.pwrite(fd, b"\x01" * (pages * PAGE), 0)    # the page cache holds them
-        m = mmap.mmap(fd, pages * PAGE, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        os.pwrite(fd, b"\x01" * (pages * PAGE), 0)  # the page cache holds them
+        m = mmap.mmap(
+            fd, pages * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
         try:
             arr = np.frombuffer(m, np.uint8).reshape(pages, PAGE)
             t0 = time.perf_counter()
@@ -112,13 +95,14 @@ def private_file_cow(pages: int) -> Dict[str, float]:
 
 # -- checksums ---------------------------------------------------------------------------
 
+
 class ChecksumPages:
     """@n pages of random bytes in a pool, hashed in one batch by the C core
     (the scanner's own path: checksum_range through the direct map)."""
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n = n
-        self.pool = uksm.Pool(n * PAGE + 16 * MiB)
+        self.pool = Pool(n * PAGE + 16 * MiB)
         self.arr = self.pool.empty(n * PAGE, np.uint8)
         self.arr[:] = np.random.default_rng(seed).integers(0, 256, n * PAGE, dtype=np.uint8)
         self.vpn = self.pool._record(self.arr).vpn
@@ -157,15 +141,20 @@ def memcmp_seconds(a: np.ndarray, b: np.ndarray) -> float:
 
 # -- metadata ----------------------------------------------------------------------------
 
+
 def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
     """metadata_bytes_per_page with 2 x @n pages merged pairwise."""
     w = UksmPairs(n, checksum)
     try:
         r = w.merge_all()
         st = w.pool.stats()
-        return {"pages": 2 * n, "metadata_bytes_per_page": st["metadata_bytes_per_page"],
-                "metadata_bytes": st["metadata_bytes"], "pages_sharing": st["pages_sharing"],
-                "wall": r["wall"]}
+        return {
+            "pages": 2 * n,
+            "metadata_bytes_per_page": st["metadata_bytes_per_page"],
+            "metadata_bytes": st["metadata_bytes"],
+            "pages_sharing": st["pages_sharing"],
+            "wall": r["wall"],
+        }
     finally:
         w.close()
 
@@ -173,19 +162,83 @@ def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
 def meta_unique(n: int, checksum: str = "jhash2") -> Dict:
     """metadata_bytes_per_page with @n pages that are all different, after
     two full scans (every page then sits in the unstable tree)."""
-    pool = uksm.Pool(n * PAGE + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0,
-                     checksum=checksum)
+    pool = Pool(n * PAGE + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0, checksum=checksum)
     try:
         arr = pool.empty(n * PAGE, np.uint8)
-        pages = _pages(arr)
+        pages = pages_of(arr)
         pages.view(np.uint64)[:, 0] = np.arange(n, dtype=np.uint64) + 1
         pages.view(np.uint64)[:, 1:] = 0x9E3779B97F4A7C15
         t0 = time.perf_counter()
         st = pool.scan(2)
         wall = time.perf_counter() - t0
         del pages, arr
-        return {"pages": n, "metadata_bytes_per_page": st["metadata_bytes_per_page"],
-                "metadata_bytes": st["metadata_bytes"], "pages_unshared": st["pages_unshared"],
-                "pages_sharing": st["pages_sharing"], "wall": wall}
+        return {
+            "pages": n,
+            "metadata_bytes_per_page": st["metadata_bytes_per_page"],
+            "metadata_bytes": st["metadata_bytes"],
+            "pages_unshared": st["pages_unshared"],
+            "pages_sharing": st["pages_sharing"],
+            "wall": wall,
+        }
     finally:
         pool.close()
+
+
+# -- the bench_*.py files' plumbing ------------------------------------------------------
+
+
+def rounds(benchmark: Any, real: int = 3) -> int:
+    """Rounds for a heavy pedantic benchmark: 1 in the smoke run."""
+    return 1 if benchmark.disabled else real
+
+
+def need_kernel() -> None:
+    """Skip the calling benchmark where the kernel's KSM cannot be driven."""
+    import pytest
+
+    if not kernelksm.available():
+        pytest.skip("kernel KSM side needs root and a writable /sys/kernel/mm/ksm")
+
+
+def report(benchmark: Any, line: str, **extra: Any) -> None:
+    """One human-readable line (shown with -s) and the figures in extra_info."""
+    for key, value in extra.items():
+        benchmark.extra_info[key] = value
+    print("\n  " + line)
+
+
+class Shared:
+    """Figures measured once per run and reused by every benchmark that needs
+    them (the kernel's convergence, the floor), keyed by what was measured."""
+
+    def __init__(self, tmpdir: str) -> None:
+        self.tmpdir = tmpdir
+        self.cache: Dict[Any, Any] = {}
+
+    def get(self, key: Any, compute: Callable[[], T]) -> T:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        value: T = self.cache[key]
+        return value
+
+    def kernel_converge(self, n: int, nrounds: int) -> Optional[Dict[str, Any]]:
+        """Median kernel figures for the pairs workload, or None without KSM."""
+        if not kernelksm.available():
+            return None
+
+        def compute() -> Dict[str, Any]:
+            res = measure.kernel_converge_rounds(n, nrounds)
+            return {"rounds": res, **measure.summarize(res)}
+
+        return self.get(("kernel_converge", n), compute)
+
+    def floor(self, pages: int) -> Optional[Dict[str, float]]:
+        """floor.c's figures (us/page), or None without a C compiler."""
+
+        def compute() -> Optional[Dict[str, float]]:
+            exe = self.get("floor_exe", lambda: compile_floor(self.tmpdir))
+            if exe is None:
+                return None
+            return run_floor(exe, pages)
+
+        return self.get(("floor", pages), compute)
