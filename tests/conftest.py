@@ -36,7 +36,8 @@ def fill_pages(arr: np.ndarray, page_values) -> None:
         b[i * PAGE:(i + 1) * PAGE] = v
 
 
-NORMAL, KSM, ZERO = 1, 2, 3     # pool.page_states() values
+# pool.page_states() values
+NORMAL, KSM, ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO
 
 
 def page(a: np.ndarray, i: int) -> np.ndarray:
@@ -49,7 +50,7 @@ def states(pool, a):
     return pool.page_states(a)[0]
 
 
-PRIVATE, SWAPPED = 1, 4         # NORMAL is PRIVATE's old name
+PRIVATE, SWAPPED = uksm.PageState.PRIVATE, uksm.PageState.SWAPPED  # NORMAL is PRIVATE's old name
 
 
 @pytest.fixture(params=["kernel", "signal"])

@@ -20,7 +20,7 @@ import pytest
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-NORMAL, KSM, ZERO = 1, 2, 3
+NORMAL, KSM, ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO
 NP = 8
 TIMEOUT = 60
 

@@ -40,7 +40,8 @@ from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
-PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
+PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
+                               uksm.PageState.SWAPPED)
 COWS = ["kernel", "signal"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEADLINE = 60

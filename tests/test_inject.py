@@ -23,7 +23,8 @@ import uksm
 from uksm import _core
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
+PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
+                               uksm.PageState.SWAPPED)
 COWS = ["kernel", "signal"]
 
 
@@ -266,7 +267,7 @@ def test_signal_cow_that_cannot_be_done_ends_the_process_clearly():
         a = pool.full(8 * 4096, 5, dtype=np.uint8)
         b = pool.full(8 * 4096, 5, dtype=np.uint8)
         pool.scan(full_scans=2)
-        assert (pool.page_states(b)[0] == 2).all()
+        assert (pool.page_states(b)[0] == uksm.PageState.KSM).all()
         _core.inject("mmap", 0, -1, errno.ENOMEM)
         _core.inject("mprotect", 0, -1, errno.ENOMEM)
         b[0] = 6

@@ -17,7 +17,7 @@ import pytest
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM = 1, 2
+PRIVATE, KSM, SWAPPED = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.SWAPPED
 
 
 def merged_pair(pool, value=5.0, n=4 * PAGE // 8):
@@ -178,12 +178,12 @@ def test_kernel_io_on_swapped_pages(cow, tmp_path):
         src = rng.integers(1, 256, 2 << 20, dtype=np.uint8)
         x = pool.asarray(src)                       # 2 MiB: half must go out
         pool.max_resident = "1MiB"                  # reclaims now
-        assert (pool.page_states(x)[0] == 4).any()
+        assert (pool.page_states(x)[0] == SWAPPED).any()
         path = tmp_path / "out.bin"
         with open(path, "wb") as f:
             f.write(memoryview(x))
         assert path.read_bytes() == src.tobytes()
-        swapped = np.flatnonzero(pool.page_states(x)[0] == 4)
+        swapped = np.flatnonzero(pool.page_states(x)[0] == SWAPPED)
         i = int(swapped[0])
         view = memoryview(x)[i * PAGE:(i + 1) * PAGE]
         new = bytes(range(256)) * (PAGE // 256)

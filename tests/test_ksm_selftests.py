@@ -28,7 +28,7 @@ import pytest
 import uksm
 from conftest import PAGE, kernel_resident_bytes, memfd_bytes, pss_bytes
 
-PTE_PRIVATE, PTE_KSM, PTE_ZERO = 1, 2, 3
+PTE_PRIVATE, PTE_KSM, PTE_ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO
 COW_MODES = ["kernel", "signal"]
 MiB = 1 << 20
 PSS_MIN_SIGNAL = 4 * MiB     # below this the PSS check would measure noise

@@ -18,7 +18,7 @@ from conftest import PAGE, run_isolated
 
 import uksm
 
-KSM = 2
+KSM = uksm.PageState.KSM
 
 
 def count_maps() -> int:

@@ -35,7 +35,8 @@ from conftest import run_isolated
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
 HPAGE = 2 * MiB
-PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
+PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
+                               uksm.PageState.SWAPPED)
 
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62

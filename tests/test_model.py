@@ -97,7 +97,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO = 1, 2, 3
+PRIVATE, KSM, ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO
 LONG = os.environ.get("UKSM_LONG") == "1"
 MAX_LIVE = 14
 DTYPES = ["uint8", "int16", "float32", "float64", "complex128"]
@@ -864,7 +864,7 @@ class PoolModel(RuleBasedStateMachine):
             mc = np.concatenate([x[2] for x in info])
         else:
             state = pfn = mc = np.zeros(0, np.uint32)
-        assert not (state == 0).any(), "a live buffer has an unmapped page"
+        assert not (state == uksm.PageState.NONE).any(), "a live buffer has an unmapped page"
         assert not np.isin(state, (PRIVATE, KSM, ZERO), invert=True).any(), state
         ksm = state == KSM
         assert s["pages_shared"] == len(np.unique(pfn[ksm])), \

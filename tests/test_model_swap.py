@@ -21,7 +21,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
+PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
+                               uksm.PageState.SWAPPED)
 BATCH = 32 * 1024
 LONG = os.environ.get("UKSM_LONG") == "1"
 STEPS = {"steps": 0, "examples": 0, "swap_outs": 0, "swap_ins": 0}

@@ -17,7 +17,7 @@ import uksm
 from conftest import PAGE, run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KSM, PRIVATE, SWAPPED = 2, 1, 4
+KSM, PRIVATE, SWAPPED = uksm.PageState.KSM, uksm.PageState.PRIVATE, uksm.PageState.SWAPPED
 
 
 def run_child(fn: str, *args, timeout: float = 60):

@@ -37,7 +37,7 @@ import uksm
 from conftest import PRIVATE, kernel_private_bytes
 
 PAGE = uksm.PAGE_SIZE
-KSM, ZERO = 2, 3
+KSM, ZERO = uksm.PageState.KSM, uksm.PageState.ZERO
 
 
 def memfd_bytes(pool) -> int:

@@ -54,7 +54,7 @@ import pytest
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-SWAPPED = 4                      # pool.page_states() value
+SWAPPED = uksm.PageState.SWAPPED  # pool.page_states() value
 THREADS = 8
 ARRAYS = 6
 PAGES = 256                      # per array: 1 MiB

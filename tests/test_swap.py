@@ -39,7 +39,8 @@ import uksm
 from uksm import _core
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = 1, 2, 3, 4
+PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
+                               uksm.PageState.SWAPPED)
 KiB, MiB = 1 << 10, 1 << 20
 COWS = ["kernel", "signal"]
 
@@ -1244,7 +1245,7 @@ FORK_CHILD = """
     arrs = [pool.asarray(s) for s in shadows]
     pool.scan(full_scans=2)
     pool.max_resident = PAGE
-    assert all((pool.page_states(a)[0] == 4).all() for a in arrs)
+    assert all((pool.page_states(a)[0] == uksm.PageState.SWAPPED).all() for a in arrs)
     # half of one array written, so the parent has private and swapped pages
     arrs[0][:16 * PAGE:PAGE] ^= 1
     shadows[0][:16 * PAGE:PAGE] ^= 1

@@ -7,12 +7,19 @@ merged page is copied by the kernel itself, as for a KSM page.
 """
 
 from ._core import PAGE_SIZE, PageState
-from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, ReentrantCallError, TooManyPoolsError, UksmError,
-                     UksmSwapWarning,
-                     VirtualSpaceError)
-from .pool import Pool, parse_size
+from .errors import (
+    BufferInUseError,
+    ForeignArrayError,
+    PoolClosedError,
+    PoolFullError,
+    ReentrantCallError,
+    TooManyPoolsError,
+    UksmError,
+    UksmSwapWarning,
+    VirtualSpaceError,
+)
 from .handler import install, uninstall
+from .pool import Pool, parse_size
 from .swap import Group
 
 __all__ = [

@@ -25,10 +25,13 @@ import contextvars
 import ctypes
 import os
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from . import _native
 from ._core import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 DEFAULT_THRESHOLD = 4 * PAGE_SIZE
 
@@ -65,18 +68,33 @@ active = False
 _installed: List[Tuple[Any, Any]] = []
 
 
+def _meminfo_bytes(field: str) -> Optional[int]:
+    """One "Name:  N kB" line of /proc/meminfo, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == field:
+                    return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_capacity() -> int:
-    """What a program may use: the machine's memory and swap.  Address
-    space is reserved for it, nothing is committed."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("SwapTotal:"):
-                total += int(line.split()[1]) * 1024
+    """What a program may use: the machine's memory and swap (MemTotal +
+    SwapTotal, as free(1) shows them).  Address space is reserved for it,
+    nothing is committed.  Read from /proc/meminfo rather than through
+    psutil: the allocator imports nothing it does not need at run time."""
+    ram = _meminfo_bytes("MemTotal")
+    if ram is None:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    total = ram + (_meminfo_bytes("SwapTotal") or 0)
     return max(total // PAGE_SIZE, 1 << 14) * PAGE_SIZE
 
 
-def install(pool=None, *, threshold: Any = DEFAULT_THRESHOLD, start: bool = True):
+def install(pool: Optional[Pool] = None, *, threshold: Any = DEFAULT_THRESHOLD,
+            start: bool = True) -> Pool:
     """Send every numpy array of at least @threshold bytes (default 4
     pages) made in this context from now on to @pool (default: a new pool
     spanning the machine's memory, its scanner started).  Returns the pool.
@@ -104,11 +122,11 @@ def uninstall() -> None:
 _thread_start = threading.Thread.start
 
 
-def _start_in_copied_context(self, *args, **kwargs):
+def _start_in_copied_context(self: threading.Thread) -> None:
     ctx = contextvars.copy_context()
     run = self.run
-    self.run = lambda: ctx.run(run)
-    return _thread_start(self, *args, **kwargs)
+    self.run = lambda: ctx.run(run)  # type: ignore[method-assign]
+    _thread_start(self)
 
 
 def threads_inherit(on: bool = True) -> None:
@@ -116,12 +134,14 @@ def threads_inherit(on: bool = True) -> None:
     starter's context (Python 3.14's -X thread_inherit_context=1), so that
     it allocates with the handler its starter had.  `python -m uksm run`
     turns this on (--no-thread-inherit: off)."""
-    threading.Thread.start = _start_in_copied_context if on else _thread_start
+    threading.Thread.start = (  # type: ignore[method-assign]
+        _start_in_copied_context if on else _thread_start)
 
 
 def current_pool_address() -> Optional[int]:
     """The native pool of the current context's handler, if it is ours."""
-    return _pool_of(_get())
+    address: Optional[int] = _pool_of(_get())
+    return address
 
 
 def handler_name() -> str:
@@ -129,5 +149,6 @@ def handler_name() -> str:
     try:
         from numpy._core.multiarray import get_handler_name
     except ImportError:     # numpy 1.x
-        from numpy.core.multiarray import get_handler_name
-    return get_handler_name(np.empty(0))
+        from numpy.core.multiarray import get_handler_name  # type: ignore[no-redef]
+    # None only for an array that does not own its data
+    return str(get_handler_name(np.empty(0)))

@@ -444,12 +444,11 @@ class _Core:
                     f"free(), stats() and close() are served there (the others would "
                     f"wait for the interrupted call)")
             return True
-        if r == -errno.EDEADLK:
-            raise UksmError("uksm: waiting for this pool's lock would deadlock: another "
+        raise _core.error(r, "the pool's lock", {errno.EDEADLK: UksmError(
+                            "uksm: waiting for this pool's lock would deadlock: another "
                             "thread holds it and waits for a pool whose section this "
                             "thread is in (a finalizer or signal handler calling one pool "
-                            "from inside another's)")
-        raise OSError(-r, f"uksm: the pool's lock: {os.strerror(-r)}")
+                            "from inside another's)")})
 
     def try_enter(self) -> bool:
         """Take the policy lock if nobody holds it (not nested either)."""
@@ -1320,8 +1319,7 @@ class Pool:
         with self._c.section("pool.compact()"):
             self._check_open()
             result, err = self._compact_locked()
-        if err < 0:
-            raise OSError(-err, f"uksm: compact: {os.strerror(-err)}")
+        _core.check(err, "compact")
         return result
 
     def shrink(self, nbytes) -> dict:
@@ -1340,15 +1338,12 @@ class Pool:
         with self._c.section("pool.shrink()"):
             self._check_open()
             result, err = self._compact_locked(n // PAGE_SIZE)
-            if err == -errno.ENOSPC:
-                raise PoolFullError(f"uksm: cannot shrink by {n} bytes: the live data "
-                                    f"would not fit in what remains")
-            if err == -errno.EBUSY:
-                raise UksmError("uksm: cannot shrink: a frame in the range cannot move "
-                                "(a forked child may still map it, or a remap failed: "
-                                "vm.max_map_count?); nothing was removed")
-            if err < 0:
-                raise OSError(-err, f"uksm: shrink: {os.strerror(-err)}")
+            _core.check(err, "shrink", {
+                errno.ENOSPC: PoolFullError(f"uksm: cannot shrink by {n} bytes: the live data "
+                                            f"would not fit in what remains"),
+                errno.EBUSY: UksmError("uksm: cannot shrink: a frame in the range cannot move "
+                                       "(a forked child may still map it, or a remap failed: "
+                                       "vm.max_map_count?); nothing was removed")})
         return result
 
     # -- the scanner ------------------------------------------------------------------
@@ -1612,8 +1607,8 @@ class Pool:
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
-        ksm = state == _core.PTE_KSM
-        zero = state == _core.PTE_ZERO
+        ksm = state == _core.PageState.KSM
+        zero = state == _core.PageState.ZERO
         saved = float(np.sum(1.0 - 1.0 / mapcount[ksm])) * PAGE_SIZE if ksm.any() else 0.0
         saved += int(np.count_nonzero(zero)) * PAGE_SIZE
         return {

@@ -21,7 +21,8 @@ import os
 import runpy
 import sys
 import time
-import traceback
+from types import TracebackType
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # option name -> (Pool keyword or None, type); env var is UKSM_<NAME>
 _KNOBS = {
@@ -32,9 +33,10 @@ _KNOBS = {
 _VALUED = {"--" + k for k in _KNOBS} | {"--json"}
 
 
-def _split(argv):
+def _split(argv: List[str]) -> Tuple[List[str], Optional[str], Optional[str], List[str]]:
     """(our options, module or None, script or None, the program's args)."""
-    own, i = [], 0
+    own: List[str] = []
+    i = 0
     while i < len(argv):
         a = argv[i]
         if a == "-m":
@@ -60,9 +62,9 @@ def _split(argv):
     return own, None, argv[i], argv[i + 1:]
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m uksm run",
-                                description=__doc__.split("\n\n")[1])
+                                description=__doc__.split("\n\n")[1] if __doc__ else None)
     for name, typ in _KNOBS.items():
         env = "UKSM_" + name.upper().replace("-", "_")
         p.add_argument("--" + name, type=typ, default=None,
@@ -80,7 +82,7 @@ def _fmt(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _strip_runner(tb):
+def _strip_runner(tb: Optional[TracebackType]) -> Optional[TracebackType]:
     """The program's traceback, as python would print it: without the
     frames of this runner and runpy."""
     here = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
@@ -90,12 +92,12 @@ def _strip_runner(tb):
     return tb
 
 
-def main(argv) -> int:
+def main(argv: Sequence[str]) -> int:
     own, module, script, args = _split(list(argv))
     opts = _parser().parse_args(own)
     from . import handler
     from .pool import Pool, parse_size
-    kw = {}
+    kw: Dict[str, Any] = {}
     for name, typ in _KNOBS.items():
         attr = name.replace("-", "_")
         value = getattr(opts, attr)
@@ -120,20 +122,24 @@ def main(argv) -> int:
     if module is not None:
         sys.argv = [module] + args
     else:
+        assert script is not None   # _split gives one of the two
         sys.argv = [script] + args
         sys.path[0] = os.path.dirname(os.path.abspath(script))
-    code, kept, t0 = 0, None, time.perf_counter()
+    code = 0
+    kept: Optional[Dict[str, Any]] = None
+    t0 = time.perf_counter()
     try:
         if module is not None:
             kept = runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
-            kept = runpy.run_path(script, run_name="__main__")
+            kept = runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as exc:
-        code = exc.code
-        if code is None:
+        if exc.code is None:
             code = 0
-        elif not isinstance(code, int):
-            print(code, file=sys.stderr)
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
             code = 1
     except BaseException as exc:
         # as the interpreter would: the hook prints, the status is 1

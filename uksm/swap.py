@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 
+from .errors import error
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
 
@@ -43,7 +45,7 @@ def _swap_directory(swap_path: Optional[str]) -> str:
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise OSError(exc.errno, f"swap_path {path!r}: {os.strerror(exc.errno)}") from None
+        raise error(exc.errno, f"swap_path {path!r}") from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             return path
@@ -72,8 +74,7 @@ def open_swap_file(swap_path: Optional[str]) -> Tuple[int, int]:
     try:
         dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise OSError(exc.errno, f"swap_path {directory!r}: cannot open the directory: "
-                                 f"{os.strerror(exc.errno)}") from None
+        raise error(exc.errno, f"swap_path {directory!r}: cannot open the directory") from None
     try:
         try:
             try:
@@ -86,8 +87,8 @@ def open_swap_file(swap_path: Optional[str]) -> Tuple[int, int]:
         except OSError as exc:
             # read-only, full, or a file system such as /proc that holds no
             # files: say which path the caller should change
-            raise OSError(exc.errno, f"swap_path {directory!r}: cannot make the swap file "
-                                     f"there: {os.strerror(exc.errno)}") from None
+            raise error(exc.errno, f"swap_path {directory!r}: cannot make the swap file "
+                                   f"there") from None
         os.fchmod(fd, 0o600)
     except BaseException:
         os.close(dir_fd)
