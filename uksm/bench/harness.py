@@ -53,7 +53,7 @@ import platform
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, TextIO, Tuple, TypedDict, Union
 
 import numpy as np
 
@@ -103,8 +103,8 @@ class Config:
     command: str = ""
 
     @classmethod
-    def quick(cls, **kw) -> "Config":
-        base = dict(
+    def quick(cls, **kw: Any) -> "Config":
+        base: Dict[str, Any] = dict(
             size=16 * MiB,
             swap_size=16 * MiB,
             repeats=1,
@@ -122,6 +122,25 @@ class Config:
 
 
 # -- results -------------------------------------------------------------------------
+
+
+class MetricSummary(TypedDict):
+    """One metric of a suite in results.json (what report.py tabulates):
+    medians over the repeats, the figures of each repeat, and the text
+    shown instead of a number where a side has none."""
+
+    key: str
+    label: str
+    unit: str
+    better: Optional[str]
+    uksm: Optional[float]
+    kernel: Optional[float]
+    ratio: Optional[float]  # median of the per-repeat uksm / kernel ratios
+    uksm_runs: List[Optional[float]]
+    kernel_runs: List[Optional[float]]
+    ratio_runs: List[Optional[float]]
+    uksm_text: Optional[str]
+    kernel_text: Optional[str]
 
 
 @dataclasses.dataclass
@@ -145,7 +164,7 @@ class Metric:
 
     def ratios(self) -> List[Optional[float]]:
         n = max(len(self.uksm), len(self.kernel))
-        out = []
+        out: List[Optional[float]] = []
         for i in range(n):
             u = self.uksm[i] if i < len(self.uksm) else None
             k = self.kernel[i] if i < len(self.kernel) else None
@@ -153,11 +172,11 @@ class Metric:
         return out
 
     @staticmethod
-    def _median(values) -> Optional[float]:
+    def _median(values: Sequence[Optional[float]]) -> Optional[float]:
         vals = [v for v in values if v is not None and not math.isnan(v)]
         return measure.median(vals) if vals else None
 
-    def summary(self) -> Dict:
+    def summary(self) -> MetricSummary:
         ratios = self.ratios()
         return {
             "key": self.key,
@@ -183,13 +202,14 @@ class SuiteResult:
         self.number = SUITES.index(key) + 1
         self.title = TITLES[key]
         self.metrics: Dict[str, Metric] = {}
-        self.runs: List[Dict] = []
-        self.timelines: Dict[str, List] = {"uksm": [], "kernel": []}
-        self.uksm_knobs: Dict = {}
-        self.kernel_knobs: Dict = {}
+        self.runs: List[Dict[str, Any]] = []
+        self.timelines: Dict[str, List[Dict[str, Any]]] = {"uksm": [], "kernel": []}
+        # the knobs, or (suite 4) the knobs of each variant by name
+        self.uksm_knobs: Dict[str, Any] = {}
+        self.kernel_knobs: Dict[str, Any] = {}
         self.kernel_measured = False
         self.kernel_note: Optional[str] = None
-        self.parameters: Dict = {}
+        self.parameters: Dict[str, Any] = {}
         self.notes: List[str] = []
         self.status = "ok"
         self.error: Optional[str] = None
@@ -200,7 +220,7 @@ class SuiteResult:
             self.metrics[key] = Metric(key, label, unit, better)
         return self.metrics[key]
 
-    def to_json(self) -> Dict:
+    def to_json(self) -> Dict[str, Any]:
         return {
             "number": self.number,
             "title": self.title,
@@ -238,7 +258,7 @@ def _meminfo(field: str) -> Optional[int]:
     return None
 
 
-def machine_facts() -> Dict:
+def machine_facts() -> Dict[str, Any]:
     """Kernel, CPUs, memory and the versions that matter to these figures."""
     uname = platform.uname()
     cpu_model = None
@@ -269,9 +289,9 @@ def machine_facts() -> Dict:
     }
 
 
-def _pool_knobs(**knobs) -> Dict:
+def _pool_knobs(**knobs: Any) -> Dict[str, Any]:
     """The uksm knobs a suite uses: the pool's defaults, overridden."""
-    base = {
+    base: Dict[str, Any] = {
         "pages_to_scan": 100,
         "sleep_millisecs": 20,
         "max_page_sharing": 256,
@@ -289,7 +309,7 @@ def _has_compaction() -> bool:
     return "compact_threshold" in inspect.signature(Pool.__init__).parameters
 
 
-def _kernel_knobs_now() -> Dict:
+def _kernel_knobs_now() -> Dict[str, Union[int, str]]:
     k = kernelksm.knobs()
     k.pop("run", None)
     return k
@@ -302,10 +322,10 @@ class Bench:
     """One benchmark run: ``Bench(Config()).run()`` returns the results
     dict (also written to cfg.output, with the report and the plots)."""
 
-    def __init__(self, cfg: Config, out=None) -> None:
+    def __init__(self, cfg: Config, out: Optional[TextIO] = None) -> None:
         self.cfg = cfg
         self.out = out if out is not None else sys.stdout
-        self.results: Dict = {}
+        self.results: Dict[str, Any] = {}
         self.t_start = 0.0
         reason = kernelksm.unavailable_reason()
         if not cfg.kernel:
@@ -331,13 +351,15 @@ class Bench:
     # -- the kernel side ------------------------------------------------------------------
 
     class _NoKernel:
-        def __enter__(self):
+        def __enter__(self) -> None:
             return None
 
-        def __exit__(self, *exc):
+        def __exit__(self, *exc: object) -> Literal[False]:
             return False
 
-    def kernel_session(self, suite: SuiteResult, **knobs):
+    def kernel_session(
+        self, suite: SuiteResult, **knobs: Union[int, str]
+    ) -> Union[kernelksm.Session, "Bench._NoKernel"]:
         """kernelksm.session(**knobs) with the knobs this kernel has, or a
         stand-in yielding None when the kernel side cannot run."""
         if not self.kernel_ok:
@@ -345,9 +367,11 @@ class Bench:
             return self._NoKernel()
         have = {k: v for k, v in knobs.items() if kernelksm.has(k)}
         suite.kernel_measured = True
-        return kernelksm.session(**have)
+        return kernelksm.session(unmerge_first=True, **have)
 
-    def _entered(self, suite: SuiteResult, ks, knobs: bool = True) -> None:
+    def _entered(
+        self, suite: SuiteResult, ks: Optional[kernelksm.Session], knobs: bool = True
+    ) -> None:
         """Note the knobs a suite's session set, and any wait for the
         session lock (another process's KSM session)."""
         if ks is None:
@@ -368,7 +392,7 @@ class Bench:
 
     # -- the run ----------------------------------------------------------------------------
 
-    def run(self) -> Dict:
+    def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.t_start = time.perf_counter()
         started = datetime.datetime.now().astimezone()
@@ -519,7 +543,7 @@ class Bench:
             "memory's first touch is slow on a VM)."
         )
 
-        def one_round(side):
+        def one_round(side: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
             if side == "uksm":
                 return (
                     measure.uksm_merge_time(mib, cfg.checksum, **ukn),
@@ -651,11 +675,11 @@ class Bench:
                             C_d.put(side, r, extra["scanner_cpu"])
                             res = dict(res, with_compaction=extra)
                     else:
-                        w = measure.KernelPairs(n)
+                        kp = measure.KernelPairs(n)
                         try:
-                            res = w.converge(timeout=cfg.timeout, **knobs)
+                            res = kp.converge(timeout=cfg.timeout, **knobs)
                         finally:
-                            w.close()
+                            kp.close()
                             measure._kernel_reset()
                         cpu = res["cpu"]
                         counter = res["saved_counter_bytes"]
@@ -806,8 +830,10 @@ class Bench:
     def suite_steady(self, suite: SuiteResult) -> None:
         cfg = self.cfg
         size = max(cfg.size - cfg.size % PAGE_SIZE, 64 * PAGE_SIZE)
-        fast = dict(pages_to_scan=FAST_PAGES_TO_SCAN, sleep_millisecs=FAST_SLEEP_MILLISECS)
-        adv = dict(
+        fast: Dict[str, int] = dict(
+            pages_to_scan=FAST_PAGES_TO_SCAN, sleep_millisecs=FAST_SLEEP_MILLISECS
+        )
+        adv: Dict[str, Union[int, str]] = dict(
             advisor_mode="scan-time",
             advisor_target_scan_time=ADVISOR_TARGET_SCAN_TIME,
             advisor_min_pages_to_scan=500,
@@ -815,7 +841,8 @@ class Bench:
             advisor_max_cpu=70,
             sleep_millisecs=20,
         )
-        variants = [
+        # (key, label, the pool's knobs, the kernel's knobs)
+        variants: List[Tuple[str, str, Dict[str, Any], Dict[str, Union[int, str]]]] = [
             ("smart_on", "smart_scan on", dict(fast, smart_scan=True), dict(fast, smart_scan=1)),
             ("smart_off", "smart_scan off", dict(fast, smart_scan=False), dict(fast, smart_scan=0)),
             (
@@ -859,7 +886,7 @@ class Bench:
             "covers in well under the target it raises pages_to_scan, up to "
             "advisor_max_pages_to_scan."
         )
-        base_kernel = dict(fast, smart_scan=1, advisor_mode="none")
+        base_kernel: Dict[str, Union[int, str]] = dict(fast, smart_scan=1, advisor_mode="none")
         with self.kernel_session(suite, **base_kernel) as ks:
             self._entered(suite, ks, knobs=False)
             for r in range(cfg.repeats):
@@ -890,6 +917,7 @@ class Bench:
                                 **k,
                             )
                         else:
+                            assert ks is not None  # the kernel side runs in its session
                             want = {n: v for n, v in kk.items() if kernelksm.has(n)}
                             if kk.get("advisor_mode") == "scan-time" and "advisor_mode" not in want:
                                 suite.notes.append(
@@ -908,8 +936,8 @@ class Bench:
                                 warm,
                                 scans,
                                 min_s,
-                                pages_to_scan=kk.get("pages_to_scan", FAST_PAGES_TO_SCAN),
-                                sleep_millisecs=kk["sleep_millisecs"],
+                                pages_to_scan=int(kk.get("pages_to_scan", FAST_PAGES_TO_SCAN)),
+                                sleep_millisecs=int(kk["sleep_millisecs"]),
                                 timeout=cfg.timeout,
                             )
                         metrics[key].put(side, r, res["us_per_page_per_scan"])
@@ -1017,7 +1045,9 @@ class Bench:
         if reason is not None:
             suite.kernel_note = reason
             suite.notes.append(f"The kernel's swap was not measured: {reason}.")
-        ks_cm: Any = swapbench.KernelSwap(size) if reason is None else contextlib.nullcontext()
+        ks_cm: Union[swapbench.KernelSwap, contextlib.nullcontext[None]] = (
+            swapbench.KernelSwap(size) if reason is None else contextlib.nullcontext()
+        )
         with ks_cm as ks:
             if ks is not None:
                 suite.kernel_measured = True
@@ -1066,6 +1096,7 @@ class Bench:
                         if res["swap_errors"]:
                             raise RuntimeError(f"uksm: {res['swap_errors']} swap write errors")
                     else:
+                        assert ks is not None  # the kernel side runs in its block
                         res = ks.measure(size, budget, samples, seed=r + 1)
                     text = (
                         f"swap-out {measure.fmt(res['swap_out_mib_s'], 0)} MiB/s, "
@@ -1100,7 +1131,7 @@ class Bench:
                 )
 
 
-def _json_default(obj):
+def _json_default(obj: object) -> object:
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
@@ -1130,6 +1161,6 @@ def parse_suites(text: str) -> List[str]:
     return sorted(out, key=SUITES.index)
 
 
-def run(cfg: Config, out=None) -> Dict:
+def run(cfg: Config, out: Optional[TextIO] = None) -> Dict[str, Any]:
     """Run the benchmark described by @cfg; see Bench."""
     return Bench(cfg, out).run()

@@ -60,7 +60,8 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from types import FrameType, TracebackType
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -118,7 +119,12 @@ def _path(name: str) -> str:
     return os.path.join(KSM_DIR, name)
 
 
-def catch_sigterm():
+# What signal.signal() takes and gives back: a handler, SIG_DFL or SIG_IGN,
+# or None for a handler not installed from Python.
+SigHandler = Union[Callable[[int, Optional[FrameType]], object], int, signal.Handlers, None]
+
+
+def catch_sigterm() -> SigHandler:
     """Make a default-action SIGTERM raise SystemExit, so that a session
     changing system state (KSM knobs, a swapfile, a cgroup) unwinds and
     restores it instead of dying.  Main thread only (signal's rule).
@@ -128,13 +134,13 @@ def catch_sigterm():
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: Optional[FrameType]) -> None:
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, on_term)
 
 
-def release_sigterm(old) -> None:
+def release_sigterm(old: SigHandler) -> None:
     """Put back what catch_sigterm() replaced."""
     if old is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, old)
@@ -372,7 +378,7 @@ class Session:
         self.unmerge_first = unmerge_first
         self.saved: Dict[str, Union[int, str]] = {}
         self._open = False
-        self._old_sigterm = None
+        self._old_sigterm: SigHandler = None
         self._locked = False
         self.lock_wait = 0.0  # seconds spent waiting for another process
 
@@ -426,7 +432,12 @@ class Session:
 
     # -- exit ---------------------------------------------------------------------
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         errors = self._close()
         if errors and exc_type is None:
             raise RuntimeError("kernelksm: could not restore " + "; ".join(errors))
@@ -493,7 +504,7 @@ class Session:
     # -- measuring ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def ksmd_running(self):
+    def ksmd_running(self) -> Iterator["Session"]:
         """run=1 for the with-block, run=0 after it, however it ends (for
         callers that watch the counters themselves, as converge() does)."""
         if not self._open:
@@ -511,7 +522,9 @@ class Session:
         pages_to_scan: int = 10000,
         sleep_millisecs: int = 0,
         timeout: float = 300.0,
-        **kwargs,
+        *,
+        min_full_scans: int = 0,
+        poll: float = 0.002,
     ) -> "Convergence":
         return converge(
             region,
@@ -519,8 +532,9 @@ class Session:
             pages_to_scan,
             sleep_millisecs,
             timeout,
+            min_full_scans=min_full_scans,
+            poll=poll,
             within=self,
-            **kwargs,
         )
 
 
@@ -544,9 +558,9 @@ class _HoldSignals:
 
     def __init__(self) -> None:
         self.pending: List[int] = []
-        self.old: Dict[int, object] = {}
+        self.old: Dict[int, SigHandler] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> "_HoldSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
@@ -555,10 +569,10 @@ class _HoldSignals:
                     pass
         return self
 
-    def _hold(self, signum, frame) -> None:
+    def _hold(self, signum: int, frame: Optional[FrameType]) -> None:
         self.pending.append(signum)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
 

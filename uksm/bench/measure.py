@@ -48,7 +48,7 @@ import mmap
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypedDict
 
 import numpy as np
 import psutil
@@ -72,12 +72,27 @@ SELFTEST_COW_PAGES = 4000
 SELFTEST_TIMEOUT = 120.0
 
 
+class _SampleFigures(TypedDict):
+    pss: int  # anon + shmem PSS, less its value before the workload
+    resident: int  # uksm: bytes_resident; the kernel: bytes mapped less its saving
+    saved_pages: int  # pages_sharing + ksm_zero_pages
+    full_scans: int
+
+
+class Sample(_SampleFigures, total=False):
+    """One point of the realistic suite's memory timeline (results.json's
+    "samples"); t, seconds since the scanner started, is added by the loop."""
+
+    t: float
+
+
 # -- helpers -------------------------------------------------------------------
 
 
 def pss() -> int:
     """This process's whole proportional set size (psutil)."""
-    return psutil.Process().memory_full_info().pss
+    pss: int = psutil.Process().memory_full_info().pss
+    return pss
 
 
 def pss_private() -> int:
@@ -85,7 +100,7 @@ def pss_private() -> int:
     /proc/self/smaps_rollup: the pool's memfd and private anonymous memory,
     without file-backed pages whose PSS other processes move.  Falls back to
     the whole PSS on kernels without the split fields."""
-    fields = {}
+    fields: Dict[str, int] = {}
     try:
         with open("/proc/self/smaps_rollup") as f:
             for line in f:
@@ -109,7 +124,8 @@ def pool_held(pool: Pool) -> int:
     """What the kernel holds for @pool, less its swap file's page cache: the
     private pages present (pagemap) plus the frames (memfd blocks)."""
     st = pool.stats()
-    return st["bytes_private"] + st["bytes_frames"]
+    held: int = st["bytes_private"] + st["bytes_frames"]
+    return held
 
 
 def touch(arr: np.ndarray) -> int:
@@ -129,7 +145,7 @@ def runq_wait() -> Optional[float]:
         return None
 
 
-def median(values: List[float]) -> float:
+def median(values: Sequence[Optional[float]]) -> float:
     vals = [v for v in values if v is not None]
     return float(statistics.median(vals)) if vals else float("nan")
 
@@ -141,7 +157,7 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
-def fmt(value, digits: int = 3) -> str:
+def fmt(value: object, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -152,11 +168,19 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def summarize(
-    results: List[Dict],
-    keys=("wall", "cpu", "saved_pss", "saved_held", "scanner_cpu", "runq_wait", "us_per_page"),
-) -> Dict:
+    results: List[Dict[str, Any]],
+    keys: Sequence[str] = (
+        "wall",
+        "cpu",
+        "saved_pss",
+        "saved_held",
+        "scanner_cpu",
+        "runq_wait",
+        "us_per_page",
+    ),
+) -> Dict[str, float]:
     """Medians over rounds of the numeric figures present."""
-    out = {}
+    out: Dict[str, float] = {}
     for k in keys:
         vals = [r[k] for r in results if r.get(k) is not None]
         if vals:
@@ -203,9 +227,10 @@ class UksmPairs:
         checksum: str = "jhash2",
         pages_to_scan: int = 10000,
         sleep_millisecs: int = 0,
-        **knobs,
+        **knobs: Any,
     ) -> None:
         self.n = n
+        self._closed = False
         self.pool = Pool(
             2 * n * PAGE + 16 * MiB,
             pages_to_scan=pages_to_scan,
@@ -222,7 +247,7 @@ class UksmPairs:
         target: float = 0.99,
         timeout: float = 300.0,
         poll: float = 0.002,
-    ) -> Dict:
+    ) -> Dict[str, Any]:
         """Scan until pages_sharing >= target * n; wall and process CPU time.
 
         driver "scan": pool.scan(1) in this thread, checking after each full
@@ -274,7 +299,9 @@ class UksmPairs:
             "cpu": cpu,
             "scanner_cpu": cpu - mine if driver == "thread" else cpu,
             # the scanning thread's wait for a CPU (scan driver only)
-            "runq_wait": q1 - q0 if driver == "scan" and q0 is not None else None,
+            "runq_wait": (
+                q1 - q0 if driver == "scan" and q0 is not None and q1 is not None else None
+            ),
             "converged": ok,
             "full_scans": st["full_scans"],
             "pages_sharing": st["pages_sharing"],
@@ -290,14 +317,14 @@ class UksmPairs:
             "metadata_bytes_per_page": st["metadata_bytes_per_page"],
         }
 
-    def merge_all(self, timeout: float = 300.0) -> Dict:
+    def merge_all(self, timeout: float = 300.0) -> Dict[str, Any]:
         """Scan until every pair is merged (setup for the COW benchmark)."""
         r = self.converge("scan", target=1.0 - 1.5 / self.n, timeout=timeout)
         if not r["converged"]:
             raise RuntimeError(f"uksm did not merge the pairs: {r}")
         return r
 
-    def cow(self) -> Dict:
+    def cow(self) -> Dict[str, Any]:
         """One byte written into each merged page n..2n-1: each write breaks
         COW on a frame shared by two pages.  Verifies the contents after."""
         pages = pages_of(self.arr)
@@ -325,10 +352,11 @@ class UksmPairs:
         }
 
     def close(self) -> None:
-        self.arr = None
-        if self.pool is not None:
+        # the array is a view of the pool's memory: it goes first
+        if not self._closed:
+            self._closed = True
+            del self.arr
             self.pool.close()
-            self.pool = None
 
 
 # -- the kernel: the same workload in private anonymous memory ----------------------
@@ -340,6 +368,7 @@ class KernelPairs:
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self._closed = False
         self.mm, self.arr = kernelksm.alloc_private(2 * n * PAGE)
         fill_pairs(self.arr, n)
 
@@ -349,7 +378,7 @@ class KernelPairs:
         sleep_millisecs: int = 0,
         target: float = 0.99,
         timeout: float = 300.0,
-    ) -> Dict:
+    ) -> Dict[str, Any]:
         n = self.n
         pss0 = pss_private()
         zero0 = kernelksm.counters().get("ksm_zero_pages", 0)
@@ -369,7 +398,7 @@ class KernelPairs:
             "saved_counter_bytes": (c.pages_sharing + zero) * PAGE,
         }
 
-    def cow(self) -> Dict:
+    def cow(self) -> Dict[str, Any]:
         pages = pages_of(self.arr)
         n = self.n
         sharing0 = int(kernelksm.read("pages_sharing"))
@@ -384,10 +413,11 @@ class KernelPairs:
         }
 
     def close(self) -> None:
-        self.arr = None
-        if self.mm is not None:
+        # the array holds a buffer export of the mapping: it goes first
+        if not self._closed:
+            self._closed = True
+            del self.arr
             kernelksm.free_private(self.mm)
-            self.mm = None
 
 
 def kernel_converge_rounds(
@@ -396,9 +426,9 @@ def kernel_converge_rounds(
     pages_to_scan: int = 10000,
     sleep_millisecs: int = 0,
     timeout: float = 300.0,
-) -> List[Dict]:
+) -> List[Dict[str, Any]]:
     """@rounds kernel convergences of the pairs workload, each on fresh memory."""
-    out = []
+    out: List[Dict[str, Any]] = []
     with kernelksm.session(pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs):
         for _ in range(rounds):
             w = KernelPairs(n)
@@ -417,7 +447,7 @@ def kernel_converge_rounds(
 # mergeable from birth); each kernel port is the selftest itself, in Python.
 
 
-def _uksm_selftest_pool(nbytes: int, checksum: str, **knobs) -> Pool:
+def _uksm_selftest_pool(nbytes: int, checksum: str, **knobs: Any) -> Pool:
     knobs.setdefault("pages_to_scan", SELFTEST_PAGES_TO_SCAN)
     knobs.setdefault("sleep_millisecs", SELFTEST_SLEEP_MILLISECS)
     return Pool(nbytes + 16 * MiB, checksum=checksum, **knobs)
@@ -425,7 +455,7 @@ def _uksm_selftest_pool(nbytes: int, checksum: str, **knobs) -> Pool:
 
 def kernel_merge_pages(
     mm: mmap.mmap, pages_to_scan: int = SELFTEST_PAGES_TO_SCAN, timeout: float = SELFTEST_TIMEOUT
-):
+) -> kernelksm.Convergence:
     """ksm_merge_pages(): MADV_MERGEABLE, run=1, wait for two full scans
     ("merging occurs only after 2 scans"), run=0.  Inside a session."""
     return kernelksm.converge(
@@ -438,8 +468,8 @@ def uksm_merge_time(
     checksum: str = "jhash2",
     extra_scans: int = 20,
     target: float = 0.99,
-    **knobs,
-) -> Dict:
+    **knobs: Any,
+) -> Dict[str, Any]:
     """ksm_merge_time() on a pool: fill @mib MiB with '*', time two full scans
     (the selftest's definition of merge time).  Then keep scanning, up to
     @extra_scans more, until pages_sharing reaches @target of what full
@@ -482,7 +512,7 @@ def kernel_merge_time(
     mib: int = SELFTEST_MIB,
     pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
     timeout: float = SELFTEST_TIMEOUT,
-) -> Dict:
+) -> Dict[str, Any]:
     """ksm_merge_time() itself: a '*' region, then the clock runs over
     MADV_MERGEABLE, run=1 and two full scans.  Inside a session."""
     pages = mib * MiB // PAGE
@@ -527,7 +557,7 @@ def _cow_writes(pages: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def _cow_result(npages: int, unmerged: float, merged: float, **extra) -> Dict:
+def _cow_result(npages: int, unmerged: float, merged: float, **extra: Any) -> Dict[str, Any]:
     written = npages // 2
     mib = written * PAGE / MiB
     return {
@@ -543,7 +573,9 @@ def _cow_result(npages: int, unmerged: float, merged: float, **extra) -> Dict:
     }
 
 
-def uksm_cow_time(npages: int = SELFTEST_COW_PAGES, checksum: str = "jhash2", **knobs) -> Dict:
+def uksm_cow_time(
+    npages: int = SELFTEST_COW_PAGES, checksum: str = "jhash2", **knobs: Any
+) -> Dict[str, Any]:
     """ksm_cow_time() on a pool: @npages of '*'; time a one-byte write into
     every other page (unmerged); make 2000 pairs, merge (two full scans),
     and time the same writes again: each is now a COW break."""
@@ -579,7 +611,7 @@ def kernel_cow_time(
     npages: int = SELFTEST_COW_PAGES,
     pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
     timeout: float = SELFTEST_TIMEOUT,
-) -> Dict:
+) -> Dict[str, Any]:
     """ksm_cow_time() itself, in private anonymous memory.  Inside a session."""
     mm, arr = kernelksm.alloc_private(npages * PAGE)
     try:
@@ -606,7 +638,9 @@ def kernel_cow_time(
         _kernel_reset()
 
 
-def uksm_unmerge_time(mib: int = SELFTEST_MIB, checksum: str = "jhash2", **knobs) -> Dict:
+def uksm_unmerge_time(
+    mib: int = SELFTEST_MIB, checksum: str = "jhash2", **knobs: Any
+) -> Dict[str, Any]:
     """ksm_unmerge_time() on a pool: merge a '*' region (two full scans),
     then time pool.unmerge() of it (MADV_UNMERGEABLE)."""
     pool = _uksm_selftest_pool(2 * mib * MiB, checksum, **knobs)
@@ -634,7 +668,7 @@ def kernel_unmerge_time(
     mib: int = SELFTEST_MIB,
     pages_to_scan: int = SELFTEST_PAGES_TO_SCAN,
     timeout: float = SELFTEST_TIMEOUT,
-) -> Dict:
+) -> Dict[str, Any]:
     """ksm_unmerge_time() itself: merge a '*' region, then time
     madvise(MADV_UNMERGEABLE) over it.  Inside a session."""
     mm, arr = kernelksm.alloc_private(mib * MiB)
@@ -660,7 +694,7 @@ def kernel_unmerge_time(
 # -- realistic numpy data -------------------------------------------------------------
 
 
-def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0) -> Dict:
+def build_realistic(alloc: Callable[[int], np.ndarray], size: int, seed: int = 0) -> Dict[str, Any]:
     """Lay out the realistic workload in arrays from @alloc(nbytes) (page-aligned,
     float64).  @size is the size of the base dataset; with B = size:
 
@@ -727,20 +761,20 @@ def touch_volatile(arr: np.ndarray, step: float = 1.0) -> None:
 
 
 def _timeline_loop(
-    sample: Callable[[], Dict],
+    sample: Callable[[], Sample],
     volatile: np.ndarray,
     ideal_pages: int,
     target: float,
     timeout: float,
     tail: float,
     interval: float,
-) -> Dict:
+) -> Dict[str, Any]:
     """Sample memory every @interval seconds, rewriting the volatile region
     each time, until the saving reaches @target of @ideal_pages, then for
     @tail seconds more.  Returns the samples and the time to target."""
-    samples = []
+    samples: List[Sample] = []
     t0 = time.perf_counter()
-    reached = None
+    reached: Optional[float] = None
     want = target * ideal_pages
     while True:
         touch_volatile(volatile)
@@ -765,8 +799,8 @@ def uksm_realistic(
     timeout: float = 120.0,
     tail: float = 0.5,
     interval: float = 0.05,
-    **knobs,
-) -> Dict:
+    **knobs: Any,
+) -> Dict[str, Any]:
     """The realistic workload in a pool, merged by the background scanner
     (pool.start(), as ksmd's run=1) while this thread rewrites the volatile
     region and samples memory: PSS (anon + shmem, less the PSS before the
@@ -783,7 +817,7 @@ def uksm_realistic(
         w = build_realistic(lambda nbytes: pool.empty(nbytes // 8, np.float64), size)
         arrays = w["arrays"]
 
-        def sample():
+        def sample() -> Sample:
             st = pool.stats()
             saved = st["pages_sharing"] + st["ksm_zero_pages"]
             return {
@@ -853,7 +887,7 @@ def kernel_realistic(
     interval: float = 0.05,
     pages_to_scan: int = 10000,
     sleep_millisecs: int = 0,
-) -> Dict:
+) -> Dict[str, Any]:
     """The realistic workload in private anonymous memory, one mapping per
     array, all MADV_MERGEABLE, merged by ksmd; the same sampling, with the
     kernel's saving as pages_sharing + ksm_zero_pages and "resident" as the
@@ -861,7 +895,7 @@ def kernel_realistic(
     sess = kernelksm.current_session()
     regions: List[mmap.mmap] = []
 
-    def alloc(nbytes):
+    def alloc(nbytes: int) -> np.ndarray:
         mm, arr = kernelksm.alloc_private(nbytes)
         regions.append(mm)
         return arr.view(np.float64)
@@ -873,7 +907,7 @@ def kernel_realistic(
         total = w["total_bytes"]
         c0 = kernelksm.counters()
 
-        def sample():
+        def sample() -> Sample:
             c = kernelksm.counters()
             saved = (
                 c["pages_sharing"]
@@ -924,7 +958,7 @@ def kernel_realistic(
         _kernel_reset()
 
 
-def _scan_knobs(pages_to_scan: int, sleep_millisecs: int) -> Dict:
+def _scan_knobs(pages_to_scan: int, sleep_millisecs: int) -> Dict[str, Any]:
     """pages_to_scan is the advisor's while it is on: leave it out then."""
     knobs = {"sleep_millisecs": sleep_millisecs}
     if not kernelksm.has("advisor_mode") or kernelksm.read("advisor_mode") == "none":
@@ -960,8 +994,8 @@ def uksm_steady(
     checksum: str = "jhash2",
     driver: str = "scan",
     timeout: float = 120.0,
-    **knobs,
-) -> Dict:
+    **knobs: Any,
+) -> Dict[str, Any]:
     """Scanner CPU per page per full scan once everything mergeable is merged.
 
     Converges first (the pairs share), scans @warmup_scans more full scans
@@ -987,7 +1021,7 @@ def uksm_steady(
                 raise RuntimeError(f"uksm did not merge the steady-state pairs: {st}")
         t_conv = time.perf_counter() - t0
 
-        def run_scans(count: int, min_s: float) -> Dict:
+        def run_scans(count: int, min_s: float) -> Dict[str, Any]:
             s0 = pool.stats()
             t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             if driver == "scan":
@@ -1060,7 +1094,7 @@ def kernel_steady(
     pages_to_scan: int = 10000,
     sleep_millisecs: int = 0,
     timeout: float = 120.0,
-) -> Dict:
+) -> Dict[str, Any]:
     """kernel_steady: uksm_steady's workload and measurement for ksmd, whose
     CPU time is read from /proc (kernelksm.ksmd_cpu_seconds).  The session's
     knobs (smart_scan, the advisor) are the caller's.  Inside a session."""
@@ -1073,7 +1107,7 @@ def kernel_steady(
         if not c.converged:
             raise RuntimeError(f"ksmd did not merge the steady-state pairs: {c}")
 
-        def wait_scans(count: int, min_s: float) -> Dict:
+        def wait_scans(count: int, min_s: float) -> Dict[str, Any]:
             # start the window as a full scan ends, as pool.scan(1) does
             first = int(kernelksm.read("full_scans"))
             t_wait = time.perf_counter()

@@ -102,6 +102,7 @@ class ChecksumPages:
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n = n
+        self._closed = False
         self.pool = Pool(n * PAGE + 16 * MiB)
         self.arr = self.pool.empty(n * PAGE, np.uint8)
         self.arr[:] = np.random.default_rng(seed).integers(0, 256, n * PAGE, dtype=np.uint8)
@@ -117,8 +118,11 @@ class ChecksumPages:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        self.arr = None
-        self.pool.close()
+        # the array is a view of the pool's memory: it goes first
+        if not self._closed:
+            self._closed = True
+            del self.arr
+            self.pool.close()
 
 
 _libc = None
@@ -142,7 +146,7 @@ def memcmp_seconds(a: np.ndarray, b: np.ndarray) -> float:
 # -- metadata ----------------------------------------------------------------------------
 
 
-def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
+def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict[str, Any]:
     """metadata_bytes_per_page with 2 x @n pages merged pairwise."""
     w = UksmPairs(n, checksum)
     try:
@@ -159,7 +163,7 @@ def meta_duplicates(n: int, checksum: str = "jhash2") -> Dict:
         w.close()
 
 
-def meta_unique(n: int, checksum: str = "jhash2") -> Dict:
+def meta_unique(n: int, checksum: str = "jhash2") -> Dict[str, Any]:
     """metadata_bytes_per_page with @n pages that are all different, after
     two full scans (every page then sits in the unstable tree)."""
     pool = Pool(n * PAGE + 16 * MiB, pages_to_scan=10000, sleep_millisecs=0, checksum=checksum)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MiB = 1 << 20
 
@@ -53,7 +56,7 @@ def _ratio(v: Optional[float]) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
-def rows(results: Dict) -> List[List[str]]:
+def rows(results: Dict[str, Any]) -> List[List[str]]:
     """The table's rows (suite, metric, uksm, kernel, ratio, unit)."""
     out = []
     for key, s in results.get("suites", {}).items():
@@ -61,7 +64,7 @@ def rows(results: Dict) -> List[List[str]]:
     return out
 
 
-def _suite_rows(s: Dict, key: str) -> List[List[str]]:
+def _suite_rows(s: Dict[str, Any], key: str) -> List[List[str]]:
     name = f"{s['number']} {key}"
     out = []
     for m in s.get("metrics", []):
@@ -119,15 +122,15 @@ def text_table(table_rows: List[List[str]], header: bool = True) -> List[str]:
     return out
 
 
-def rows_text(suite: Dict, key: str) -> List[str]:
+def rows_text(suite: Dict[str, Any], key: str) -> List[str]:
     return text_table(_suite_rows(suite, key), header=True)
 
 
-def table(results: Dict) -> str:
+def table(results: Dict[str, Any]) -> str:
     return "\n".join(text_table(rows(results)))
 
 
-def _knobs(k: Dict) -> str:
+def _knobs(k: Dict[str, Any]) -> str:
     if not k:
         return "n/a"
     return ", ".join(f"{n}={v}" for n, v in k.items())
@@ -139,7 +142,7 @@ def _gib(n: Optional[int]) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def markdown(results: Dict) -> str:
+def markdown(results: Dict[str, Any]) -> str:
     """report.md: machine facts and knobs, the table, per-suite details, plots."""
     m = results["machine"]
     cfg = results["config"]
@@ -293,7 +296,7 @@ def markdown(results: Dict) -> str:
 # -- plots -------------------------------------------------------------------------------
 
 
-def _figure(w: float, h: float):
+def _figure(w: float, h: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -311,7 +314,7 @@ def where(results: Dict[str, Any]) -> str:
     )
 
 
-def _pick(timelines: List[Dict]) -> Optional[Dict]:
+def _pick(timelines: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The repeat whose time to target is the median one (else the first)."""
     if not timelines:
         return None
@@ -322,7 +325,7 @@ def _pick(timelines: List[Dict]) -> Optional[Dict]:
     return done[(len(done) - 1) // 2]
 
 
-def plot_memory(results: Dict, path: str) -> bool:
+def plot_memory(results: Dict[str, Any], path: str) -> bool:
     """Suite 3's memory over time, uksm and kernel side by side."""
     s = results.get("suites", {}).get("realistic")
     if not s or not s["timelines"]["uksm"]:
@@ -459,7 +462,7 @@ def plot_ratios(results: Dict[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
-def write_plots(results: Dict, outdir: str) -> List[str]:
+def write_plots(results: Dict[str, Any], outdir: str) -> List[str]:
     """Write the PNGs into @outdir; returns their file names."""
     written = []
     if plot_memory(results, os.path.join(outdir, "memory.png")):

@@ -70,9 +70,10 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, TypedDict, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _core
 from ..pool import Pool
@@ -97,7 +98,7 @@ LOCK_PATH = os.path.join(
 # -- helpers ----------------------------------------------------------------------------
 
 
-def percentiles(seconds, overhead: float = 0.0) -> Dict:
+def percentiles(seconds: ArrayLike, overhead: float = 0.0) -> Dict[str, Any]:
     """p50, p99, mean and max in microseconds of latencies given in seconds,
     less a per-sample @overhead (seconds, clamped at zero)."""
     a = np.asarray(seconds, dtype=float)
@@ -113,7 +114,7 @@ def percentiles(seconds, overhead: float = 0.0) -> Dict:
     }
 
 
-def mib_s(nbytes: float, seconds: float) -> Optional[float]:
+def mib_s(nbytes: float, seconds: Optional[float]) -> Optional[float]:
     if seconds is None or seconds <= 0:
         return None
     return nbytes / MiB / seconds
@@ -434,7 +435,7 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _write(path: str, value) -> None:
+def _write(path: str, value: object) -> None:
     with open(path, "w") as f:
         f.write(str(value))
 
@@ -662,13 +663,13 @@ class KernelSwap:
         self.cgroup: Optional[str] = None
         self.before: Dict[str, str] = {}
         self.after: Dict[str, str] = {}
-        self.restored: Dict = {}
+        self.restored: Dict[str, Any] = {}
         self.stale_cleaned: List[str] = []
         self.setup_s = 0.0
         self._lock_fd: Optional[int] = None
         self._subtree_added = False
         self._swapon = False
-        self._old_sigterm = None
+        self._old_sigterm: kernelksm.SigHandler = None
         self._child: Optional[_Child] = None
 
     # -- setup and restore ---------------------------------------------------------
@@ -691,7 +692,7 @@ class KernelSwap:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._restore()
 
     def _catch_sigterm(self) -> None:
@@ -724,7 +725,7 @@ class KernelSwap:
         os.close(fd)
         subprocess.run(
             [
-                _tool("dd"),
+                _tool("dd") or "dd",
                 "if=/dev/zero",
                 f"of={self.swapfile}",
                 "bs=1M",
@@ -735,9 +736,13 @@ class KernelSwap:
             check=True,
             capture_output=True,
         )
-        subprocess.run([_tool("mkswap"), self.swapfile], check=True, capture_output=True)
+        subprocess.run(
+            [_tool("mkswap") or "mkswap", self.swapfile], check=True, capture_output=True
+        )
         proc = subprocess.run(
-            [_tool("swapon"), "-p", "32767", self.swapfile], capture_output=True, text=True
+            [_tool("swapon") or "swapon", "-p", "32767", self.swapfile],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode:
             raise RuntimeError(f"swapon {self.swapfile} failed: {proc.stderr.strip()}")
@@ -750,31 +755,37 @@ class KernelSwap:
             if "memory" not in (_read(sub) or "").split():
                 _write(sub, "+memory")
                 self._subtree_added = True
-            self.cgroup = os.path.join(CGROUP_ROOT, name)
-            os.mkdir(self.cgroup)
+            self.cgroup = cgroup = os.path.join(CGROUP_ROOT, name)
+            os.mkdir(cgroup)
             self._limit("max")
-            _write(os.path.join(self.cgroup, "memory.swap.max"), "max")
-            if os.path.exists(os.path.join(self.cgroup, "memory.zswap.max")):
-                _write(os.path.join(self.cgroup, "memory.zswap.max"), "0")
+            _write(os.path.join(cgroup, "memory.swap.max"), "max")
+            if os.path.exists(os.path.join(cgroup, "memory.zswap.max")):
+                _write(os.path.join(cgroup, "memory.zswap.max"), "0")
         else:
-            self.cgroup = os.path.join(_v1_parent(), name)
-            os.mkdir(self.cgroup)
+            parent = _v1_parent()
+            if parent is None:
+                raise RuntimeError("no writable cgroup v1 memory cgroup of this process")
+            self.cgroup = cgroup = os.path.join(parent, name)
+            os.mkdir(cgroup)
             self._limit("max")
-            if (_read(os.path.join(self.cgroup, "memory.swappiness")) or "").strip() == "0":
-                _write(os.path.join(self.cgroup, "memory.swappiness"), "60")
+            if (_read(os.path.join(cgroup, "memory.swappiness")) or "").strip() == "0":
+                _write(os.path.join(cgroup, "memory.swappiness"), "60")
 
-    def _limit(self, value) -> None:
+    def _cgroup_file(self, name: str) -> str:
+        if self.cgroup is None:
+            raise RuntimeError("KernelSwap: no memory cgroup outside its with-block")
+        return os.path.join(self.cgroup, name)
+
+    def _limit(self, value: Union[int, str]) -> None:
         """memory.max (v2) or memory.limit_in_bytes (v1): bytes, or "max"."""
         if self.mode == "v2":
-            _write(os.path.join(self.cgroup, "memory.max"), value)
+            _write(self._cgroup_file("memory.max"), value)
         else:
-            _write(
-                os.path.join(self.cgroup, "memory.limit_in_bytes"), -1 if value == "max" else value
-            )
+            _write(self._cgroup_file("memory.limit_in_bytes"), -1 if value == "max" else value)
 
     def _usage(self) -> int:
         f = "memory.current" if self.mode == "v2" else "memory.usage_in_bytes"
-        return int(_read(os.path.join(self.cgroup, f)) or 0)
+        return int(_read(self._cgroup_file(f)) or 0)
 
     def _restore(self) -> None:
         from .kernelksm import _HoldSignals
@@ -838,7 +849,7 @@ class KernelSwap:
 
     # -- the measurement ----------------------------------------------------------------
 
-    def _lower(self, child: _Child, limit: int) -> Dict:
+    def _lower(self, child: _Child, limit: int) -> Dict[str, Any]:
         """Lower the limit to @limit, timed until the write returns (the
         kernel reclaims synchronously); v1 answers EBUSY when a reclaim pass
         makes no progress: retried until the usage is under the limit."""
@@ -937,7 +948,7 @@ def kernel_swap(
     budget: Optional[int] = None,
     samples: int = DEFAULT_SAMPLES,
     directory: str = SWAP_DIR,
-) -> Dict:
+) -> Dict[str, Any]:
     """KernelSwap's measurement in a block of its own; the result also
     carries what was restored."""
     ks = KernelSwap(nbytes, directory)
@@ -997,14 +1008,30 @@ FLOOR_ROWS: List[Tuple[str, str, str, str]] = [
 ]
 
 
+class CompareRow(TypedDict):
+    """One metric of compare(): the three figures side by side and their
+    ratios (None where either figure is missing)."""
+
+    key: str
+    label: str
+    unit: str
+    better: str
+    uksm: Optional[float]
+    floor: Optional[float]
+    kernel: Optional[float]
+    uksm_floor: Optional[float]
+    uksm_kernel: Optional[float]
+    kernel_floor: Optional[float]
+
+
 def compare(
     uksm: Optional[Dict[str, Any]],
     floor_: Optional[Dict[str, Any]],
     kernel: Optional[Dict[str, Any]],
-) -> List[Dict[str, Any]]:
+) -> List[CompareRow]:
     """One dict a row: the three figures and the ratios uksm/floor,
     uksm/kernel (and kernel/floor)."""
-    out = []
+    out: List[CompareRow] = []
     for key, label, uk, fk, kk, unit, better in ROWS:
         u = uksm.get(uk) if uksm else None
         f = floor_.get(fk) if floor_ else None
@@ -1032,7 +1059,7 @@ def _num(v: Optional[float]) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def table(rows: List[Dict]) -> str:
+def table(rows: List[CompareRow]) -> str:
     """The rows of compare() as aligned text."""
     head = [
         "metric",
