@@ -36,16 +36,18 @@ Per size and side:
   unmerge_us_per_page    pool.unmerge() / MADV_UNMERGEABLE of the second
                          half of the copies, per page
 
-Both COW and unmerge allocate a fresh page per page, and in a virtual
-machine the first touch of guest memory the host has taken back (free page
-reporting of a balloon device, or never backed yet) costs a host fault
-several times the guest's own fault: 1.5 us/page hot, 4 to 14 us/page cold
-on the machine this mode was written on, and which a phase gets depends on
-how much the previous child freed and how long ago.  So right before each
-of the two, the child touches and frees as many fresh anonymous pages as
-the phase will allocate: the phase then takes pages the host backs, as a
-process in its steady state does, and the cold touch is reported beside it
-(touch_before_cow_us_per_page, touch_before_unmerge_us_per_page) as the
+COW and unmerge allocate a fresh page per page, and uksm's merge a frame
+per pair (the kernel's allocates nothing: one of the pair becomes the KSM
+page).  In a virtual machine the first touch of guest memory the host has
+taken back (free page reporting of a balloon device, or never backed yet)
+costs a host fault several times the guest's own: 1.5 us/page hot, 4 to 14
+us/page cold on the machine this mode was written on, and which a phase
+gets depends on how much was freed before it and how long ago.  So right
+before each phase that allocates, the child touches and frees as many fresh
+anonymous pages as the phase will allocate: the phase then takes pages the
+host backs, as a process in its steady state does, and the cold touch is
+reported beside it (touch_before_merge_us_per_page, uksm only;
+touch_before_cow_us_per_page, touch_before_unmerge_us_per_page) as the
 figure that shows the host's share when it is large.
 
 The kernel's knobs are changed only inside a kernelksm.session() held by
@@ -209,6 +211,7 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         cow = pool.asarray(data[: quarter * PAGE_SIZE])
         unm = pool.asarray(data[quarter * PAGE_SIZE :])
         want = math.ceil(TARGET * half)
+        touch_merge, peak = warm_phase(half * PAGE_SIZE, 0)
         t0, c0 = time.perf_counter(), time.process_time()
         st = pool.scan(1)
         while st["pages_sharing"] < want:
@@ -233,7 +236,7 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         uss_meta = (_uss() - uss0 - held) / npages
         sharing = st["pages_sharing"]
         rows = cow.reshape(quarter, PAGE_SIZE)
-        touch_cow, peak = warm_phase(quarter * PAGE_SIZE, 0)
+        touch_cow, peak = warm_phase(quarter * PAGE_SIZE, peak)
         t0 = time.perf_counter()
         rows[:, 0] = 0xA5
         cow_s = time.perf_counter() - t0
@@ -268,6 +271,7 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         "peak_rss_bytes": peak,
         "cow_us_per_page": cow_s / quarter * 1e6,
         "unmerge_us_per_page": unmerge_s / n_unm * 1e6,
+        "touch_before_merge_us_per_page": touch_merge * 1e6,
         "touch_before_cow_us_per_page": touch_cow * 1e6,
         "touch_before_unmerge_us_per_page": touch_unm * 1e6,
         "pages_unmerged": unmerged,
