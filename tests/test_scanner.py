@@ -243,6 +243,41 @@ def test_jhash2_through_the_scanner_uses_page_words():
             assert int(sc.oldchecksum[vpn + i]) == py_jhash2(content[i].tobytes(), 17)
 
 
+@pytest.mark.parametrize("checksum", ["jhash2", "xxhash"])
+def test_checksum_range_hashes_each_page_it_reports(checksum):
+    """uksm_checksum_range over several of its chunks, with pages skipped,
+    never written and merged among those it hashes (the prefetch looks one
+    hashed page ahead): each hashed page's sum is its own page's checksum,
+    every other page's is 0."""
+    with uksm.Pool("16MiB", checksum=checksum, use_zero_pages=False) as pool:
+        n = 200
+        rng = np.random.default_rng(8)
+        a = pool.empty(n * PAGE, np.uint8)
+        rows = a.reshape(n, PAGE)
+        content = random_pages(n, seed=9)
+        written = rng.random(n) < 0.8
+        written[:8] = True
+        rows[written] = content[written]
+        twins = pool.asarray(rows[:8])
+        pool.scan(full_scans=2)  # rows 0..7 merge with their twins
+        vpn = (a.__array_interface__["data"][0] - pool._native.va) // PAGE
+        skip = (rng.random(n) < 0.3).astype(np.uint8)
+        sums = np.full(n, 12345, np.uint64)
+        st = np.zeros(n, np.uint8)
+        with pool._c.section("test"):
+            pool._native.checksum_range(vpn, skip, sums, st, _core.CHECKSUMS[checksum])
+        hashed = 0
+        for i in range(n):
+            if st[i] == _core.PTE_PRIVATE and not skip[i]:
+                assert int(sums[i]) == _core.calc_checksum(rows[i].tobytes(), checksum), i
+                hashed += 1
+            else:
+                assert sums[i] == 0, i
+            assert (st[i] == _core.SCAN_UNTOUCHED) == (not written[i]), i
+        assert (st[:8] == KSM).all() and hashed > 100
+        del twins
+
+
 # --- keyhole pruning ------------------------------------------------------------------
 
 

@@ -7,8 +7,9 @@ computed with the reference XXH3_64bits() (xxhash 0.8.1, XXH_INLINE_ALL,
 seed 0) on the byte pattern of pattern() below, one length from each of the
 algorithm's paths and both sides of every boundary between them.
 
-Each build variant is checked: the default one (the SSE2 loop on x86-64),
-the plain 64-bit loop every other architecture gets, and that one again with
+Each build variant is checked: the default one (on x86-64 the AVX2 loop
+where the CPU has it, else the SSE2 one), the SSE2 loop on its own, the
+plain 64-bit loop every other architecture gets, and that one again with
 the 128-bit multiply done in 32-bit halves, for compilers without __int128.
 """
 import ctypes
@@ -55,6 +56,7 @@ KNOWN_UNALIGNED_PAGE = 0x433FF1159C29E42A
 
 VARIANTS = {
     "default": [],
+    "sse2": ["-DUKSM_XXH3_NO_AVX2"],
     "scalar": ["-DUKSM_XXH3_SCALAR"],
     "scalar-no-int128": ["-DUKSM_XXH3_SCALAR", "-DUKSM_XXH3_NO_INT128"],
 }

@@ -36,6 +36,20 @@ Per size and side:
   unmerge_us_per_page    pool.unmerge() / MADV_UNMERGEABLE of the second
                          half of the copies, per page
 
+COW and unmerge allocate a fresh page per page, and uksm's merge a frame
+per pair (the kernel's allocates nothing: one of the pair becomes the KSM
+page).  In a virtual machine the first touch of guest memory the host has
+taken back (free page reporting of a balloon device, or never backed yet)
+costs a host fault several times the guest's own: 1.5 us/page hot, 4 to 14
+us/page cold on the machine this mode was written on, and which a phase
+gets depends on how much was freed before it and how long ago.  So right
+before each phase that allocates, the child touches and frees as many fresh
+anonymous pages as the phase will allocate: the phase then takes pages the
+host backs, as a process in its steady state does, and the cold touch is
+reported beside it (touch_before_merge_us_per_page, uksm only;
+touch_before_cow_us_per_page, touch_before_unmerge_us_per_page) as the
+figure that shows the host's share when it is large.
+
 The kernel's knobs are changed only inside a kernelksm.session() held by
 the parent around every kernel child, and put back to run=0,
 pages_to_scan=100, sleep_millisecs=20 afterwards, whatever happens.
@@ -51,7 +65,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import IO, Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,6 +135,25 @@ def fill_data(pages: np.ndarray, first: int = 0) -> None:
         words[sl, 0] = idx[sl] + np.uint64(1)
 
 
+def warm_pages(nbytes: int) -> float:
+    """Touch and free @nbytes of fresh anonymous memory, 4 KiB pages, so
+    that the next allocations of the process take guest pages the host
+    backs (see the overview); returns the touch's seconds per page."""
+    import mmap
+
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+        rows = np.frombuffer(mm, np.uint8).reshape(-1, PAGE_SIZE)
+        t0 = time.perf_counter()
+        rows[:, 0] = 1
+        dt = time.perf_counter() - t0
+        del rows
+    finally:
+        mm.close()
+    return dt / (nbytes // PAGE_SIZE)
+
+
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
     """a == b, a MiB at a time: a comparison's temporary of the whole
     array would be in the peak RSS this mode reports."""
@@ -132,6 +165,24 @@ def _equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start the process's peak RSS again from its RSS now (VmHWM), so that
+    warm_pages()' buffer, gone again, is not in the peak reported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak then counts the warm-up too
+
+
+def warm_phase(nbytes: int, peak: int) -> Tuple[float, int]:
+    """warm_pages(@nbytes), keeping the peak RSS of the work before it."""
+    peak = max(peak, _peak_rss())
+    touch = warm_pages(nbytes)
+    _reset_peak_rss()
+    return touch, peak
 
 
 def _uss() -> int:
@@ -160,6 +211,7 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         cow = pool.asarray(data[: quarter * PAGE_SIZE])
         unm = pool.asarray(data[quarter * PAGE_SIZE :])
         want = math.ceil(TARGET * half)
+        touch_merge, peak = warm_phase(half * PAGE_SIZE, 0)
         t0, c0 = time.perf_counter(), time.process_time()
         st = pool.scan(1)
         while st["pages_sharing"] < want:
@@ -184,14 +236,16 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         uss_meta = (_uss() - uss0 - held) / npages
         sharing = st["pages_sharing"]
         rows = cow.reshape(quarter, PAGE_SIZE)
+        touch_cow, peak = warm_phase(quarter * PAGE_SIZE, peak)
         t0 = time.perf_counter()
         rows[:, 0] = 0xA5
         cow_s = time.perf_counter() - t0
+        touch_unm, peak = warm_phase(unm.nbytes, peak)
         t0 = time.perf_counter()
         unmerged = pool.unmerge(unm)
         unmerge_s = time.perf_counter() - t0
         n_unm = unm.nbytes // PAGE_SIZE
-        peak = _peak_rss()
+        peak = max(peak, _peak_rss())
         ok = bool(
             _equal(unm, data[quarter * PAGE_SIZE :])
             and np.all(rows[:, 0] == 0xA5)
@@ -217,6 +271,9 @@ def uksm_one(size: int, timeout: float) -> Dict[str, Any]:
         "peak_rss_bytes": peak,
         "cow_us_per_page": cow_s / quarter * 1e6,
         "unmerge_us_per_page": unmerge_s / n_unm * 1e6,
+        "touch_before_merge_us_per_page": touch_merge * 1e6,
+        "touch_before_cow_us_per_page": touch_cow * 1e6,
+        "touch_before_unmerge_us_per_page": touch_unm * 1e6,
         "pages_unmerged": unmerged,
         "contents_ok": ok,
     }
@@ -298,15 +355,17 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
         shared = k1["pages_shared"] - c0["pages_shared"]
         sharing = k1["pages_sharing"] - c0["pages_sharing"]
         rows = pages[half : half + quarter]
+        touch_cow, peak = warm_phase(quarter * PAGE_SIZE, 0)
         t0 = time.perf_counter()
         rows[:, 0] = 0xA5
         cow_s = time.perf_counter() - t0
         region = half + quarter
+        touch_unm, peak = warm_phase((npages - region) * PAGE_SIZE, peak)
         t0 = time.perf_counter()
         mm.madvise(mmap.MADV_UNMERGEABLE, region * PAGE_SIZE, (npages - region) * PAGE_SIZE)
         unmerge_s = time.perf_counter() - t0
         n_unm = npages - region
-        peak = _peak_rss()
+        peak = max(peak, _peak_rss())
         ok = bool(
             _equal(pages[region:], pages[quarter:half])
             and np.all(rows[:, 0] == 0xA5)
@@ -339,6 +398,8 @@ def kernel_one(size: int, timeout: float) -> Dict[str, Any]:
         "peak_rss_bytes": peak,
         "cow_us_per_page": cow_s / quarter * 1e6,
         "unmerge_us_per_page": unmerge_s / n_unm * 1e6,
+        "touch_before_cow_us_per_page": touch_cow * 1e6,
+        "touch_before_unmerge_us_per_page": touch_unm * 1e6,
         "contents_ok": ok,
     }
 
