@@ -19,7 +19,7 @@ from __future__ import annotations
 import fractions
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import numpy as np
 
@@ -30,6 +30,25 @@ _UNIT_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*",
                       re.IGNORECASE)
 _SIZE_EXAMPLES = "e.g. 4096, '512k', '64MiB', '1.5GiB' or '2 TB'"
+
+class Knobs(TypedDict):
+    """A pool's knobs, checked: what Pool keeps and the scanner reads (the
+    sysfs files of /sys/kernel/mm/ksm, and uksm's own)."""
+
+    pages_to_scan: int
+    sleep_millisecs: int
+    max_page_sharing: int
+    use_zero_pages: bool
+    smart_scan: bool
+    checksum: str
+    advisor_mode: str
+    advisor_target_scan_time: float
+    advisor_min_pages_to_scan: int
+    advisor_max_pages_to_scan: int
+    advisor_max_cpu: int
+    compact_threshold: float
+    map_count_reserve: Optional[int]
+
 
 # The C core's knobs are unsigned int, as the kernel's sysfs files are.
 _UINT_MAX = (1 << 32) - 1

@@ -26,9 +26,10 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core, _handler
 
@@ -45,6 +46,7 @@ from .errors import (
     UksmSwapWarning,
 )
 from .knobs import (
+    Knobs,
     _bool_knob,
     _compact_threshold_knob,
     _cpu_knob,
@@ -181,7 +183,7 @@ class Pool:
         if advisor_mode not in ("none", "scan-time"):
             raise ValueError(f"unknown advisor_mode {advisor_mode!r}: "
                              "'none' or 'scan-time'")
-        knobs = {
+        knobs: Knobs = {
             "pages_to_scan": _uint_knob("pages_to_scan", pages_to_scan, 1),
             "sleep_millisecs": _uint_knob("sleep_millisecs", sleep_millisecs, 0),
             "max_page_sharing": _max_sharing_knob("max_page_sharing", max_page_sharing),
@@ -244,7 +246,8 @@ class Pool:
         self._knobs = knobs
         saved = _handler._set(_handler.DEFAULT) if _handler.active else None
         try:
-            self._scanner = Scanner(self._native, knobs)    # its arrays: see _Core._held
+            # its arrays: see _Core._held; it reads the knobs as they change
+            self._scanner = Scanner(self._native, cast(Dict[str, Any], knobs))
         finally:
             if saved is not None:
                 _handler._set(saved)
@@ -263,12 +266,14 @@ class Pool:
 
     # -- knobs, as attributes (the sysfs files) ---------------------------------
 
-    def _knob_property(name, check):  # type: ignore[no-redef]
-        def get(self):
-            return self._knobs[name]
+    def _knob_property(name: str,  # type: ignore[misc]
+                       check: Callable[[str, Any], Any]) -> Any:
+        # (a TypedDict is indexed by literal keys only: these go by name)
+        def get(self: Pool) -> Any:
+            return cast(Dict[str, Any], self._knobs)[name]
 
-        def set_(self, value):
-            self._knobs[name] = check(name, value)
+        def set_(self: Pool, value: Any) -> None:
+            cast(Dict[str, Any], self._knobs)[name] = check(name, value)
         return property(get, set_, doc=f"The {name} knob (as in /sys/kernel/mm/ksm).")
 
     pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _uint_knob(n, v, 1))
@@ -352,7 +357,7 @@ class Pool:
         self._groups[name] = g
         return g
 
-    def lock(self, arr: np.ndarray) -> None:
+    def lock(self, arr: npt.NDArray[Any]) -> None:
         """mlock: keep @arr's pages in memory (swapped in now, never swapped
         out).  Merging still happens; a shared frame stays resident while
         any of its mappers is locked."""
@@ -360,7 +365,7 @@ class Pool:
         rec = self._record(arr)
         self._native.set_locked(rec.vpn, rec.npages, True)
 
-    def unlock(self, arr: np.ndarray) -> None:
+    def unlock(self, arr: npt.NDArray[Any]) -> None:
         """munlock: @arr's pages may be swapped out again."""
         self._check_open()
         rec = self._record(arr)
@@ -395,7 +400,7 @@ class Pool:
         self._check_open()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -441,7 +446,8 @@ class Pool:
 
     # -- allocation ---------------------------------------------------------------
 
-    def _new_array(self, shape, dtype, group: int = 0) -> np.ndarray:
+    def _new_array(self, shape: Any, dtype: npt.DTypeLike,
+                   group: int = 0) -> npt.NDArray[Any]:
         self._check_open()
         dtype = np.dtype(dtype)
         if dtype.hasobject:
@@ -481,29 +487,34 @@ class Pool:
                 core.adds.append(rec)
             else:
                 self._scanner.add_range(vpn, npages)
-            buf = self._native.buffer(vpn, max(nbytes, 1),
-                                      lambda _cdata, rec=rec: core.on_release(rec, True))
+
+            def release(_cdata: object, rec: _Buffer = rec) -> None:
+                core.on_release(rec, True)
+            buf = self._native.buffer(vpn, max(nbytes, 1), release)
         if self._max_resident is not None:
             if group:
                 self._reclaim(group)
             self._note_swap_errors()    # the allocation's own reclaim may have failed
-        return np.ndarray(shape, dtype=dtype, buffer=buf)
+        # (numpy's stubs list no cffi buffer, though it exports the buffer protocol)
+        arr: npt.NDArray[Any] = np.ndarray(shape, dtype=dtype, buffer=cast(Any, buf))
+        return arr
 
     def _reap(self) -> None:
         self._c.reap()
         _core.fork_poll()       # frames a child held go back once it is gone
 
-    def empty(self, shape, dtype=float) -> np.ndarray:
+    def empty(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """A new array from the pool.  Its pages are fresh anonymous memory,
         so unlike numpy.empty it reads as zeroes: no old contents ever show
         through; nothing is committed until written."""
         return self._new_array(shape, dtype)
 
-    def zeros(self, shape, dtype=float) -> np.ndarray:
+    def zeros(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """A new array of zeroes (fresh pages are zero: nothing is written)."""
         return self._new_array(shape, dtype)
 
-    def full(self, shape, fill_value, dtype=None) -> np.ndarray:
+    def full(self, shape: Any, fill_value: Any,
+             dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
@@ -511,7 +522,7 @@ class Pool:
         self._settle(arr.nbytes)
         return arr
 
-    def asarray(self, obj, dtype=None) -> np.ndarray:
+    def asarray(self, obj: Any, dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         """A copy of @obj in the pool (always a copy, even of a pool array)."""
         src = np.asarray(obj, dtype=dtype)
         arr = self._new_array(src.shape, src.dtype)
@@ -535,7 +546,7 @@ class Pool:
         if self._unsettled >= self._settle_bytes:
             self._reclaim()
 
-    def _record(self, arr) -> _Buffer:
+    def _record(self, arr: Any) -> _Buffer:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"expected a numpy.ndarray from this pool, not "
                             f"{type(arr).__name__}")
@@ -565,7 +576,7 @@ class Pool:
                                     "into the middle of it)")
         return rec
 
-    def free(self, arr: np.ndarray) -> None:
+    def free(self, arr: npt.NDArray[Any]) -> None:
         """Give @arr's memory back now.  @arr must be the array the pool
         returned and no view of it may be alive; afterwards touching @arr
         is a use-after-free: its pages are PROT_NONE, and the process dies
@@ -601,7 +612,7 @@ class Pool:
 
     # -- merging control ------------------------------------------------------------
 
-    def unmerge(self, arr: np.ndarray) -> int:
+    def unmerge(self, arr: npt.NDArray[Any]) -> int:
         """MADV_UNMERGEABLE: make every merged, zero or swapped page of @arr
         private again (one MADV_POPULATE_WRITE per run) and stop scanning
         it.  Returns the pages unmerged; MemoryError if the kernel runs out
@@ -618,7 +629,7 @@ class Pool:
             rec.mergeable = False
         return n
 
-    def merge(self, arr: np.ndarray) -> None:
+    def merge(self, arr: npt.NDArray[Any]) -> None:
         """MADV_MERGEABLE: scan @arr again (the default for new arrays).
         Inside a pin() block this takes effect when the last pin ends."""
         self._check_open()
@@ -630,7 +641,7 @@ class Pool:
             rec.mergeable = True
 
     @contextlib.contextmanager
-    def pin(self, arr: np.ndarray):
+    def pin(self, arr: npt.NDArray[Any]) -> Iterator[npt.NDArray[Any]]:
         """Keep @arr private, writable and unmerged for the block: its merged
         and swapped pages become private on entry and the scanner and
         reclaim leave it alone until the block ends (blocks nest).  Plain
@@ -673,7 +684,7 @@ class Pool:
 
     # -- migration --------------------------------------------------------------------
 
-    def _compact_locked(self, shrink_frames: int = 0) -> dict:
+    def _compact_locked(self, shrink_frames: int = 0) -> Tuple[Dict[str, Any], int]:
         # caller holds the policy lock: the scanner is paused, so no new mapper of
         # any frame can appear behind the C core's plan
         self._reap()
@@ -686,7 +697,7 @@ class Pool:
         self._scanner.prune_stable()
         self._scanner.recount_maps()
         fst = os.fstat(self._native.fd)
-        result = {
+        result: Dict[str, Any] = {
             "frames_moved": st["frames_moved"],
             "bytes_moved": st["frames_moved"] * PAGE_SIZE,
             "moves": st["runs_moved"],
@@ -719,7 +730,7 @@ class Pool:
         return (c["frames_file"] > ratio * max(c["frames_used"], 1)
                 and slack * PAGE_SIZE >= (16 << 20))
 
-    def compact(self) -> dict:
+    def compact(self) -> Dict[str, Any]:
         """Move frames so the memfd shrinks to the live data and each buffer's
         pages lie on consecutive frames again (fewer mappings, further from
         vm.max_map_count).  Writers may keep writing meanwhile: a page being
@@ -733,7 +744,7 @@ class Pool:
         _core.check(err, "compact")
         return result
 
-    def shrink(self, nbytes) -> dict:
+    def shrink(self, nbytes: Any) -> Dict[str, Any]:
         """Give back the top @nbytes of the pool's frame store for good (the
         memory hot-remove analogue): stable frames living there are migrated
         below it first, with every view that maps them, and later merges
@@ -759,7 +770,7 @@ class Pool:
 
     # -- the scanner ------------------------------------------------------------------
 
-    def scan(self, full_scans: int = 1) -> dict:
+    def scan(self, full_scans: int = 1) -> Dict[str, Any]:
         """Run the scanner in the caller's thread until @full_scans more full
         scans have completed; returns stats()."""
         _int_knob("full_scans", full_scans, 0)
@@ -830,7 +841,7 @@ class Pool:
 
     # -- accounting ---------------------------------------------------------------------
 
-    def _note_saved(self, c: Optional[dict] = None) -> int:
+    def _note_saved(self, c: Optional[Dict[str, int]] = None) -> int:
         """Bytes merging saves now (pages_sharing plus zero pages), and the
         peak of it kept: sampled after every scan batch, where it grows."""
         if c is None:
@@ -842,7 +853,7 @@ class Pool:
 
     # -- the NEP 49 handler (csrc/handler.c, uksm/_handler.py) ---------------------------
 
-    def _handler(self, threshold: Any = None):
+    def _handler(self, threshold: Any = None) -> object:
         """A new handler capsule on this pool: arrays of at least @threshold
         bytes from the pool, smaller ones from the handler current now."""
         self._check_open()
@@ -875,7 +886,7 @@ class Pool:
         core.reap_if_free()
 
     @contextlib.contextmanager
-    def allocating(self, threshold: Any = None):
+    def allocating(self, threshold: Any = None) -> Iterator[Pool]:
         """Every numpy array of at least @threshold bytes (default 4 pages)
         made in the block comes from this pool; smaller ones from the handler
         in place before.  numpy keeps its handler in a context variable: the
@@ -895,7 +906,7 @@ class Pool:
         rows = [(r.vpn, r.npages) for r in list(self._buffers.values()) if not r.released]
         return np.array(rows or [(0, 0)], np.uint64)
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
         uksm's own memory figures.  pages_shared: KSM frames in use;
         pages_sharing: how many more pages map them (the saving);
@@ -1005,7 +1016,7 @@ class Pool:
             }
         return out
 
-    def buffer_stats(self, arr: np.ndarray) -> dict:
+    def buffer_stats(self, arr: npt.NDArray[Any]) -> Dict[str, Any]:
         """For one buffer: its pages, how many are merged (KSM or zero page)
         and the bytes that saves (a frame shared by n pages saves 1 - 1/n of
         a page for each of them, as PSS counts it)."""
@@ -1030,7 +1041,9 @@ class Pool:
             "handler": rec.handler,
         }
 
-    def page_states(self, arr: np.ndarray):
+    def page_states(self, arr: npt.NDArray[Any]) -> Tuple[npt.NDArray[np.uint8],
+                                                          npt.NDArray[np.uint32],
+                                                          npt.NDArray[np.uint32]]:
         """(state, pfn, mapcount) arrays for each page of @arr: the page table,
         for tests and tools.  States (uksm.PageState): 1 private, 2 KSM (pfn:
         its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
