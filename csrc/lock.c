@@ -18,7 +18,7 @@
  * as in a PI futex: taking the lock and naming the owner are one
  * compare-and-exchange, and a caller that finds its own tid there gets
  * -EDEADLK back instead of a wait.  What the Python side does then (queue
- * the work, or refuse it) is uksm/pool.py's business.
+ * the work, or refuse it) is uksm/policy.py's business.
  *
  * The word is a PI futex's: 0 free, else the owner's tid, with FUTEX_WAITERS
  * set by the kernel while others wait.  The kernel's FUTEX_LOCK_PI queues

@@ -19,7 +19,8 @@ from .errors import (
     VirtualSpaceError,
 )
 from .handler import install, uninstall
-from .pool import Pool, parse_size
+from .knobs import parse_size
+from .pool import Pool
 from .swap import Group
 
 __all__ = [

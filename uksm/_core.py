@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, ca
 
 # The core is loaded before numpy on purpose: its fork handlers register at
 # load time and must come before OpenBLAS's (see uksm_init in csrc/pool.c).
+# (re-exported: the policy lock and the fork hooks call lib directly)
 try:
-    from ._native import ffi, lib
+    from ._native import ffi as ffi
+    from ._native import lib as lib
 except ImportError as exc:  # pragma: no cover - exercised by the smoke test
     raise ImportError(
         "uksm's C core (uksm._native) is not built: install the package with "

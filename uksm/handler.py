@@ -14,55 +14,23 @@ context); a thread starts with a fresh context (CPython before 3.14, and
 inside contextvars.copy_context().run() of a covered context or calls
 install() or pool.allocating() itself.
 
-The handler's functions take Python objects, which cffi's cdef cannot
-declare: they are called through ctypes.PyDLL from the same shared object,
-with the GIL held.
+install() is policy over a Pool: it sits above uksm.pool, and the
+bindings the pool itself needs (making a capsule, switching the current
+handler) are uksm._handler, below it.
 """
 
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import os
 import threading
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
-from . import _native
 from ._core import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from .pool import Pool
-
-DEFAULT_THRESHOLD = 4 * PAGE_SIZE
-
-_dll = ctypes.PyDLL(_native.__file__)
-
-_new = _dll.uksm_handler_new
-_new.restype = ctypes.py_object
-_new.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.py_object]
-
-_set = _dll.uksm_handler_set
-_set.restype = ctypes.py_object
-_set.argtypes = [ctypes.py_object]
-
-_get = _dll.uksm_handler_get
-_get.restype = ctypes.py_object
-_get.argtypes = []
-
-_pool_of = _dll.uksm_handler_pool
-_pool_of.restype = ctypes.c_void_p
-_pool_of.argtypes = [ctypes.py_object]
-
-_threshold = _dll.uksm_handler_threshold
-_threshold.restype = ctypes.c_size_t
-_threshold.argtypes = [ctypes.py_object, ctypes.c_size_t]
-
-# numpy's handler as uksm found it: the pool's own Python side allocates
-# with it (see _Core.enter), never with a pool's handler
-DEFAULT = _get()
-
-# set once a pool has made a handler: until then nobody pays for the switch
-active = False
+from ._handler import DEFAULT as DEFAULT
+from ._handler import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD
+from ._handler import _get, _pool_of, _set
+from .pool import Pool
 
 # install()'s stack: (pool, the handler it replaced)
 _installed: List[Tuple[Any, Any]] = []
@@ -99,7 +67,6 @@ def install(pool: Optional[Pool] = None, *, threshold: Any = DEFAULT_THRESHOLD,
     pages) made in this context from now on to @pool (default: a new pool
     spanning the machine's memory, its scanner started).  Returns the pool.
     Calls nest: uninstall() puts back what this call replaced."""
-    from .pool import Pool
     if pool is None:
         pool = Pool(default_capacity())
         if start:
@@ -152,3 +119,4 @@ def handler_name() -> str:
         from numpy.core.multiarray import get_handler_name  # type: ignore[no-redef]
     # None only for an array that does not own its data
     return str(get_handler_name(np.empty(0)))
+

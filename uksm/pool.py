@@ -16,640 +16,53 @@ scanner thread running.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import errno
-import faulthandler
-import fractions
 import math
 import operator
 import os
-import re
-import signal
 import sys
 import threading
 import time
 import warnings
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, cast
 
 import numpy as np
+import numpy.typing as npt
 
-from . import _core
-from . import handler as _handler
-from .errors import (BufferInUseError, ForeignArrayError, PoolClosedError,
-                     PoolFullError, ReentrantCallError, UksmError, UksmSwapWarning)
+from . import _core, _handler
+
+# imported for what they do at import: the fork hooks registered, the
+# fault handler kept first in line (faulthandler and signal.signal wrapped)
+from . import forking as forking
+from . import signals as signals
+from .errors import (
+    BufferInUseError,
+    ForeignArrayError,
+    PoolClosedError,
+    PoolFullError,
+    UksmError,
+    UksmSwapWarning,
+)
+from .knobs import (
+    Knobs,
+    _bool_knob,
+    _compact_threshold_knob,
+    _cpu_knob,
+    _int_knob,
+    _map_count_reserve_knob,
+    _max_sharing_knob,
+    _scan_time_knob,
+    _uint_knob,
+)
+from .knobs import parse_size as parse_size  # uksm.pool.parse_size, as before
+from .policy import _Buffer, _Core
+from .policy import live_pools as _live_pools
 from .scanner import Scanner, _count_maps
 from .swap import Group, open_swap_file
 
 PAGE_SIZE = _core.PAGE_SIZE
-
-# Every unit is 1024-based, whatever its spelling, as systemd and docker
-# read memory sizes: a user writing "1GB" for a memory limit means 1 GiB far
-# more often than 10**9 bytes, and one reading keeps "1G" and "1GB" equal.
-_UNIT_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*",
-                      re.IGNORECASE)
-_SIZE_EXAMPLES = "e.g. 4096, '512k', '64MiB', '1.5GiB' or '2 TB'"
-
-# The C core's knobs are unsigned int, as the kernel's sysfs files are.
-_UINT_MAX = (1 << 32) - 1
-
-
-def parse_size(value: Any, what: str = "size") -> int:
-    """Bytes from an int or a size string such as "512MiB".
-
-    A string is a number (a decimal fraction is allowed) and an optional
-    unit, case-insensitive, with optional space between: B, K, M, G, T, P,
-    E, each also spelt KB/KiB, MB/MiB and so on.  Every unit is 1024-based,
-    as systemd and docker read them: "1GB" == "1G" == "1GiB" == 2**30 bytes,
-    "2TB" is 2 * 2**40.  A fraction is rounded up to whole bytes
-    ("1.5k" is 1536, "0.1k" is 103).  The result must be positive.
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
-                        f"not bool {value!r}")
-    if isinstance(value, (int, np.integer)):
-        size = int(value)
-    elif isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value)
-        if not m:
-            raise ValueError(f"{what}: cannot parse {value!r} as a size: give a positive "
-                             f"number of bytes and an optional unit B, K, M, G, T, P or E "
-                             f"(KB and KiB alike are 1024), {_SIZE_EXAMPLES}")
-        shift = _UNIT_SHIFT[(m.group(2) or "").lower()]
-        # exact arithmetic: float would round "1.1E" to a few hundred bytes off
-        size = math.ceil(fractions.Fraction(m.group(1)) * (1 << shift))
-    else:
-        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
-                        f"not {type(value).__name__} {value!r}")
-    if size <= 0:
-        raise ValueError(f"{what} must be a positive number of bytes, got {value!r}")
-    return size
-
-
-def _int_knob(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
-    allowed = (f"an int in [{minimum}, {maximum}]" if maximum is not None
-               else f"an int >= {minimum}")
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        # floats too, NaN and infinity among them: a page count is whole
-        raise TypeError(f"{name} must be {allowed}, not {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-def _uint_knob(name: str, value: Any, minimum: int) -> int:
-    return _int_knob(name, value, minimum, _UINT_MAX)
-
-
-def _max_sharing_knob(name: str, value: Any) -> int:
-    # swap counts a slot's mappers in 16 bits (csrc/swap.c swap_map)
-    return _int_knob(name, value, 2, 65535)
-
-
-def _bool_knob(name: str, value: Any) -> bool:
-    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, not {value!r}")
-
-
-def _float_knob(name: str, value: Any, allowed: str) -> float:
-    """A finite real number (NaN compares false with everything, so it
-    would pass any range check and poison the scanner's arithmetic)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be {allowed}, not {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return v
-
-
-def _scan_time_knob(name: str, value: Any) -> float:
-    allowed = "a finite number of seconds > 0"
-    v = _float_knob(name, value, allowed)
-    if v <= 0:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return v
-
-
-def _cpu_knob(name: str, value: Any) -> int:
-    # a share of one CPU, in percent, as the kernel's advisor_max_cpu
-    return _int_knob(name, value, 1, 100)
-
-
-def _map_count_reserve_knob(name: str, value: Any) -> Optional[int]:
-    # mappings, as vm.max_map_count counts them (an int sysctl)
-    return None if value is None else _int_knob(name, value, 0, 2**31 - 1)
-
-
-def _compact_threshold_knob(name: str, value: Any) -> float:
-    allowed = "0 (off) or a finite ratio >= 1"
-    v = _float_knob(name, value, allowed)
-    if v != 0 and v < 1:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return v
-
-
-# --- the SIGSEGV handler must stay first in line -----------------------------
-#
-# faulthandler installed after our handler sees every COW fault first and
-# turns it into "Fatal Python error"; faulthandler.disable() puts back the
-# handler it found, which may not be ours.  pytest does both around a run.
-# So every enable/disable is followed by putting ours back on top (chaining to
-# faulthandler for the faults that are not ours), and the pool also checks
-# at every entry point and in the scanner loop.  The same goes for SIGBUS,
-# which uksm takes too (a frame store truncated under its views).
-#
-# signal.signal() is worse than faulthandler: Python's C-level handler only
-# notes the signal and returns, so a write to a merged page in cow="signal"
-# re-executes and faults again for ever.  A handler installed that way goes
-# through, and ours is put back on top of it, chaining to it for the faults
-# that are not ours; the caller is told, since its handler no longer sees
-# every SIGSEGV first.
-#
-# The program's call and our re-install are one C call made with the GIL
-# held (csrc/pyglue.c): in between, no Python thread may run, since one that
-# wrote a merged page there would fault into the newcomer for ever, holding
-# the GIL the re-install needs.
-
-_glue = ctypes.PyDLL(_core.native_path()).uksm_py_call_then_install
-_glue.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.py_object, ctypes.c_int,
-                  ctypes.py_object]
-_glue.restype = ctypes.c_int
-
-
-def _call_then_install(fn, args, kwargs) -> tuple:
-    """(fn(*args, **kwargs), whether ours was re-installed), atomically."""
-    out: list = []
-    _glue(fn, tuple(args), dict(kwargs) if kwargs else None, 1 if _live_pools else 0, out)
-    return out[0], out[1] > 0
-
-_fh_enable = faulthandler.enable
-_fh_disable = faulthandler.disable
-
-
-_stacked_over_faulthandler = False
-
-
-def _enable_then_reinstall(*args, **kwargs):
-    global _stacked_over_faulthandler
-    result, installed = _call_then_install(_fh_enable, args, kwargs)
-    if installed:
-        _stacked_over_faulthandler = True
-    return result
-
-
-def _disable_then_reinstall(*args, **kwargs):
-    global _stacked_over_faulthandler
-    result = _fh_disable(*args, **kwargs)
-    if _stacked_over_faulthandler and _core.handler_installed():
-        # faulthandler put back its predecessor, which was us: chain to the
-        # handler we had before it, not to a disabled faulthandler
-        _core.handler_pop_prev()
-    _stacked_over_faulthandler = False
-    if _live_pools:
-        _core.install_handler()
-    return result
-
-
-_signal_signal = signal.signal
-_FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS)
-
-
-def _signal_then_reinstall(signalnum, handler):
-    global _stacked_over_faulthandler
-    if signalnum not in _FAULT_SIGNALS:
-        return _signal_signal(signalnum, handler)
-    old, installed = _call_then_install(_signal_signal, (signalnum, handler), None)
-    if installed:
-        # the handler we chain to is now this one, not faulthandler
-        _stacked_over_faulthandler = False
-        name = signal.Signals(signalnum).name
-        warnings.warn(
-            f"uksm: a {name} handler was installed over uksm's while uksm pools "
-            f"are live; uksm put its own handler back on top (merged pages "
-            f"need it) and passes the {name}s that are not uksm's on to the "
-            f"new handler", RuntimeWarning, stacklevel=2)
-    return old
-
-
-_enable_then_reinstall.__wrapped__ = _fh_enable  # type: ignore[attr-defined]
-_disable_then_reinstall.__wrapped__ = _fh_disable  # type: ignore[attr-defined]
-_signal_then_reinstall.__wrapped__ = _signal_signal  # type: ignore[attr-defined]
-faulthandler.enable = _enable_then_reinstall
-faulthandler.disable = _disable_then_reinstall
-signal.signal = _signal_then_reinstall
-
-_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
-
-
-# The pools' cores locked around a fork, held strongly: a pool the garbage
-# collector takes during another fork hook must not take its lock away
-# (its __del__ defers to the lock's release instead: see Pool.__del__).
-_fork_held: list = []
-_fork_tid = 0       # the forking thread, as the parent knew it
-
-
-def _before_fork() -> None:
-    # a fork from a finalizer or handler inside a pool section finds that
-    # pool's lock held by its own thread: left alone, and not given back
-    global _fork_held
-    global _fork_tid
-    _fork_tid = threading.get_native_id()
-    _fork_held = []
-    for pool in list(_live_pools):
-        core = pool._c
-        if core.owned():
-            continue
-        # (a handler raising right after enter(): the after-fork hooks give
-        # back only what this thread owns, so listing it first is safe)
-        _fork_held.append(core)
-        core.enter()
-
-
-def _after_fork_parent() -> None:
-    global _fork_held
-    cores, _fork_held = _fork_held, []
-    for core in cores:
-        core.leave()
-
-
-def _after_fork_child() -> None:
-    # The C core made the child's pools heirs of the parent's frame store;
-    # the scanner thread did not survive the fork.  A pool whose section
-    # this thread was in when it forked goes on in the child, owned by the
-    # child's thread.
-    global _fork_held
-    cores, _fork_held = _fork_held, []
-    for pool in list(_live_pools):
-        pool._thread = None
-        pool._stop_event = threading.Event()
-        _core.lib.uksm_plock_adopt(pool._c.word, _fork_tid)
-    for core in cores:
-        core.leave()
-
-
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                    after_in_child=_after_fork_child)
-
-
-class _Buffer:
-    """One allocation: a run of virtual pages (no per-page objects)."""
-
-    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "collected",
-                 "va_freed", "pins", "handler", "__weakref__")
-
-    def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
-        self.vpn = vpn
-        self.npages = npages
-        self.nbytes = nbytes
-        self.mergeable = True       # MADV_MERGEABLE (wanted, once unpinned)
-        self.released = False      # its frames and pages given back
-        self.collected = False     # no array reaches it any more
-        self.va_freed = False
-        self.pins = 0
-        self.handler = False        # made by the NEP 49 handler: numpy frees it
-
-
-_lock = _core.lib.uksm_plock_lock
-_unlock = _core.lib.uksm_plock_unlock
-_owned = _core.lib.uksm_plock_owned
-_unlock_if_owned = _core.lib.uksm_plock_unlock_if_owned
-_TAKEN = _core.lib.UKSM_PLOCK_TAKEN
-_NESTED = _core.lib.UKSM_PLOCK_NESTED
-
-
-class _Section:
-    """The policy lock around a pool call: `with` yields whether the call is
-    nested (this thread held the lock already, further up its stack); one
-    that cannot be served nested names itself in @what, and raises there."""
-
-    __slots__ = ("core", "what", "nested")
-
-    def __init__(self, core: "_Core", what: Optional[str] = None) -> None:
-        self.core, self.what = core, what
-
-    def __enter__(self) -> bool:
-        # the lock must be taken as the very last thing before returning:
-        # `with` covers its body only once __enter__ has returned
-        self.nested = True
-        self.nested = self.core.enter(self.what)
-        return self.nested
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.nested:
-            try:
-                if exc_type is not None:
-                    self.core.torn(exc)
-            finally:
-                self.core.leave()
-
-
-class _TrySection:
-    __slots__ = ("core", "got", "hooks")
-
-    def __init__(self, core: "_Core", hooks: bool = True) -> None:
-        self.core, self.hooks = core, hooks
-
-    def __enter__(self) -> bool:
-        self.got = False
-        self.got = self.core.try_enter()
-        return self.got
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.got:
-            return
-        try:
-            if exc_type is not None:
-                self.core.torn(exc)
-        finally:
-            if self.hooks:
-                self.core.leave()
-            else:
-                self.core._unlock()
-
-
-class _Core:
-    """What the arrays' release callbacks need of a pool, without the Pool:
-    an array may outlive its Pool object, and the last array to go must
-    still give the native pool back (else its memfd, address range and
-    registry slot leak, and the 65th pool fails).
-
-    It also owns the policy lock (csrc/lock.c), the lock the pool's Python
-    side runs under.  Finalizers and signal handlers may run in a thread
-    that holds it, further up the stack, so nothing they can reach ever
-    waits for it there: enter() says "nested" instead of waiting, and the
-    work that must happen under the lock (forgetting a freed buffer's
-    pages, giving its range back, tracking a buffer allocated meanwhile) is
-    queued on deques (append and popleft are atomic under the GIL) that the
-    next holder drains in reap().  Waiting for a lock another thread holds
-    is safe: that thread never needs this one to finish its section."""
-
-    __slots__ = ("native", "scanner", "buffers", "pending", "failed", "adds", "word",
-                 "on_exit", "closed", "recheck", "saved_handler", "__weakref__")
-
-    def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
-        self.native = native
-        self.scanner = scanner
-        self.buffers: Dict[int, _Buffer] = {}
-        self.pending: "collections.deque[_Buffer]" = collections.deque()
-        self.failed: "collections.deque[_Buffer]" = collections.deque()
-        self.adds: "collections.deque[_Buffer]" = collections.deque()
-        self.word = _core.ffi.new("uint32_t *")
-        self.on_exit = None     # run once, right after the lock is next given back
-        self.closed = False
-        self.recheck = False    # a handler capsule went: reap once more at leave()
-        self.saved_handler = None   # the section's caller's numpy handler
-
-    # -- the policy lock ------------------------------------------------------------
-
-    def enter(self, what: Optional[str] = None) -> bool:
-        """Take the policy lock.  True when this thread holds it already (a
-        finalizer or signal handler interrupted one of its own sections):
-        then nothing was taken, and the caller must not give it back.  With
-        @what, that case raises ReentrantCallError naming the call.
-
-        A Python signal handler may run (and raise) as the call that took
-        the lock returns: that is cleaned up here.  (Further up, `with`
-        protects its body only from __enter__'s return on, so enter() must be
-        the last call of an __enter__, or of anything before a `try`: the
-        pool's own sections go through served() and section().)  The lock
-        keeps the asynchronous signals blocked in this thread while held
-        (csrc/lock.c), so no handler runs inside a section unless another
-        thread took the signal."""
-        w = self.word
-        if _owned(w):
-            r = _NESTED
-        else:
-            try:
-                r = _lock(w, 1)
-            except BaseException:
-                _unlock_if_owned(w)
-                raise
-        if r == _TAKEN:
-            if _handler.active:
-                try:
-                    self._held()
-                except BaseException:
-                    self._unlock()
-                    raise
-            return False
-        if r == _NESTED:
-            if what is not None:
-                raise ReentrantCallError(
-                    f"uksm: {what} was called from a finalizer or signal handler that "
-                    f"interrupted this thread inside the same pool; only allocation, "
-                    f"free(), stats() and close() are served there (the others would "
-                    f"wait for the interrupted call)")
-            return True
-        raise _core.error(r, "the pool's lock", {errno.EDEADLK: UksmError(
-                            "uksm: waiting for this pool's lock would deadlock: another "
-                            "thread holds it and waits for a pool whose section this "
-                            "thread is in (a finalizer or signal handler calling one pool "
-                            "from inside another's)")})
-
-    def try_enter(self) -> bool:
-        """Take the policy lock if nobody holds it (not nested either)."""
-        w = self.word
-        if _owned(w):
-            return False
-        try:
-            if _lock(w, 0) != _TAKEN:
-                return False
-            if _handler.active:
-                self._held()
-            return True
-        except BaseException:
-            self._unlock()
-            raise
-
-    def _held(self) -> None:
-        # The section allocates with numpy's own handler, not with a pool's
-        # that the caller may have installed: an array the scanner keeps
-        # (its trees grow) would hold that handler's capsule, the capsule
-        # holds its pool, and a cycle through a capsule is one the garbage
-        # collector cannot see.
-        self.saved_handler = _handler._set(_handler.DEFAULT)
-
-    def _unlock(self) -> None:
-        saved, self.saved_handler = self.saved_handler, None
-        try:
-            if saved is not None:
-                _handler._set(saved)
-        finally:
-            _unlock_if_owned(self.word)
-
-    def reap_if_free(self) -> None:
-        """Reap now if nobody holds the lock; else its holder will."""
-        with _TrySection(self) as got:
-            if got:
-                self.reap()
-
-    def leave(self) -> None:
-        """Give the policy lock back (the caller took it), then run what was
-        left for its holder: a close deferred by a finalizer, the reaping of
-        a closed pool."""
-        self._unlock()
-        while self.on_exit is not None or self.recheck or \
-                (self.closed and (self.pending or self.adds or self.events_queued())):
-            hook, self.on_exit = self.on_exit, None
-            if hook is not None:
-                hook()
-                continue
-            with _TrySection(self, hooks=False) as got:
-                if not got:
-                    return      # its holder reaps when it leaves
-                self.reap()
-
-    def events_queued(self) -> bool:
-        native = self.native
-        return (not native.closed and native.events_enabled
-                and native.events_stats()["queued"] > 0)
-
-    def owned(self) -> bool:
-        return bool(_owned(self.word))
-
-    def torn(self, exc: BaseException) -> None:
-        """An exception left a section (its holder still holds the lock).
-        If it left the scanner in the middle of an update (a signal
-        handler's exception: KeyboardInterrupt is the common one), rebuild
-        the scanner's state; errors raised before any update (a bad
-        argument) cost nothing."""
-        if not self.scanner.dirty or self.native.closed:
-            return
-        self.scanner.recover([(r.vpn, r.npages) for r in list(self.buffers.values())
-                              if r.mergeable and not r.pins and not r.released])
-
-    def served(self) -> "_Section":
-        """The policy lock for a call that is served nested too: `with`
-        yields whether it is (then it must not drain the queues)."""
-        return _Section(self)
-
-    def section(self, what: str) -> "_Section":
-        """The policy lock for a call that cannot be served nested."""
-        return _Section(self, what)
-
-    # -- releases and the queues --------------------------------------------------
-
-    def reap(self) -> None:
-        """Drain the queues (holds the lock): track the buffers allocated
-        while the lock was held further up the stack, finish the releases
-        that free() and the garbage collector started.  Each record leaves
-        its queue only once its work is done, so that an exception (a signal
-        handler's, in a program whose own threads take signals) leaves the
-        rest for the next reap, never a record lost."""
-        self.recheck = False
-        for _ in range(len(self.failed)):
-            self.pending.append(self.failed[0])
-            self.failed.popleft()
-        self.drain_events()
-        while self.adds:
-            rec = self.adds[0]
-            if not rec.released and rec.mergeable and not rec.pins:
-                self.scanner.add_range(rec.vpn, rec.npages)
-            self.adds.popleft()
-        freed = bool(self.pending)
-        while self.pending:
-            rec = self.pending[0]
-            if not rec.released:
-                try:
-                    self.native.release(rec.vpn, rec.npages)
-                except OSError:
-                    # no mapping could cut the pages off (vm.max_map_count):
-                    # the frames and the range stay, tried again next time
-                    self.failed.append(rec)
-                    self.pending.popleft()
-                    continue
-                rec.released = True
-            self.scanner.remove_range(rec.vpn, rec.npages)
-            if rec.collected and not rec.va_freed:
-                # the range is reused only once no array can reach it; the
-                # record goes first, since an allocation nested right after
-                # va_free() may take the same vpn
-                rec.va_freed = True
-                if self.buffers.get(rec.vpn) is rec:
-                    del self.buffers[rec.vpn]
-                self.native.va_free(rec.vpn, rec.npages)
-            self.pending.popleft()
-        if freed and not self.native.closed:
-            self.native.swap_trim()     # freed buffers' slots: disk back now
-        if self.closed and not self.buffers and not self.native.closed and \
-                (not self.native.events_enabled or self.native.events_idle()):
-            self.native.destroy()
-
-    def drain_events(self) -> None:
-        """Apply the NEP 49 handler's events (csrc/handler.c), in order:
-        buffers numpy made and freed without the policy lock.  A freed
-        buffer's range is still reserved (the C side never reuses it): it
-        goes through the same pending path as a collected pool array, and
-        its va_free() comes only after the scanner forgot it."""
-        native = self.native
-        if native.closed or not native.events_enabled:
-            return
-        while True:
-            events = native.drain_events()
-            for kind, vpn, npages, released in events:
-                if kind == _core.EV_ALLOC:
-                    rec = _Buffer(vpn, npages, npages * PAGE_SIZE)
-                    rec.handler = True
-                    self.buffers[vpn] = rec
-                    self.scanner.add_range(vpn, npages)
-                    continue
-                rec = self.buffers.get(vpn)
-                if rec is None or not rec.handler:
-                    continue    # cannot happen: the range stayed reserved
-                if kind == _core.EV_FREE:
-                    rec.released = bool(released)
-                    self.on_release(rec, collected=True)
-                elif kind == _core.EV_TRIM and npages < rec.npages:
-                    tail, ntail = vpn + npages, rec.npages - npages
-                    # the scanner keeps whole extents: take the buffer's out
-                    # and put the head back (its rmap state starts afresh;
-                    # merged pages stay merged in the C tables), or the tail
-                    # would stay in an extent after another buffer has it
-                    if self.scanner.remove_range(vpn, rec.npages):
-                        self.scanner.add_range(vpn, npages)
-                    try:
-                        if not released:
-                            native.release(tail, ntail)
-                    except OSError:
-                        pass    # left mapped and reserved: the buffer's end
-                    else:
-                        native.va_free(tail, ntail)
-                    rec.npages = npages
-                    rec.nbytes = npages * PAGE_SIZE
-            if len(events) < native.EVENT_BATCH:
-                return
-
-    def on_release(self, rec: _Buffer, collected: bool) -> None:
-        """Give a buffer's frames back: pool.free(), or with @collected the
-        cffi gc callback once an array and all its views are gone (any
-        thread, any moment, possibly inside a section holding the lock).
-        Through the C core's own lock only; the scanner forgets the pages
-        and the range is reused at reap().  The collector's record is queued
-        before anything else, so that whatever interrupts the release,
-        reap() finishes it; a failed release (no mapping could cut the pages
-        off, at vm.max_map_count) is retried there too.  free()'s own
-        failure is the caller's to hear."""
-        if collected:
-            rec.collected = True
-            self.pending.append(rec)
-            if not rec.released:
-                try:
-                    self.native.release(rec.vpn, rec.npages)
-                    rec.released = True
-                except OSError:
-                    pass
-        else:
-            self.native.release(rec.vpn, rec.npages)
-            rec.released = True
-            self.pending.append(rec)
-        if self.closed:
-            # nobody else may come to reap a closed pool: do it now (if the
-            # lock is held, its holder does it as it leaves)
-            self.reap_if_free()
 
 
 def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
@@ -770,7 +183,7 @@ class Pool:
         if advisor_mode not in ("none", "scan-time"):
             raise ValueError(f"unknown advisor_mode {advisor_mode!r}: "
                              "'none' or 'scan-time'")
-        knobs = {
+        knobs: Knobs = {
             "pages_to_scan": _uint_knob("pages_to_scan", pages_to_scan, 1),
             "sleep_millisecs": _uint_knob("sleep_millisecs", sleep_millisecs, 0),
             "max_page_sharing": _max_sharing_knob("max_page_sharing", max_page_sharing),
@@ -833,7 +246,8 @@ class Pool:
         self._knobs = knobs
         saved = _handler._set(_handler.DEFAULT) if _handler.active else None
         try:
-            self._scanner = Scanner(self._native, knobs)    # its arrays: see _Core._held
+            # its arrays: see _Core._held; it reads the knobs as they change
+            self._scanner = Scanner(self._native, cast(Dict[str, Any], knobs))
         finally:
             if saved is not None:
                 _handler._set(saved)
@@ -852,12 +266,14 @@ class Pool:
 
     # -- knobs, as attributes (the sysfs files) ---------------------------------
 
-    def _knob_property(name, check):  # type: ignore[no-redef]
-        def get(self):
-            return self._knobs[name]
+    def _knob_property(name: str,  # type: ignore[misc]
+                       check: Callable[[str, Any], Any]) -> Any:
+        # (a TypedDict is indexed by literal keys only: these go by name)
+        def get(self: Pool) -> Any:
+            return cast(Dict[str, Any], self._knobs)[name]
 
-        def set_(self, value):
-            self._knobs[name] = check(name, value)
+        def set_(self: Pool, value: Any) -> None:
+            cast(Dict[str, Any], self._knobs)[name] = check(name, value)
         return property(get, set_, doc=f"The {name} knob (as in /sys/kernel/mm/ksm).")
 
     pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _uint_knob(n, v, 1))
@@ -941,7 +357,7 @@ class Pool:
         self._groups[name] = g
         return g
 
-    def lock(self, arr: np.ndarray) -> None:
+    def lock(self, arr: npt.NDArray[Any]) -> None:
         """mlock: keep @arr's pages in memory (swapped in now, never swapped
         out).  Merging still happens; a shared frame stays resident while
         any of its mappers is locked."""
@@ -949,7 +365,7 @@ class Pool:
         rec = self._record(arr)
         self._native.set_locked(rec.vpn, rec.npages, True)
 
-    def unlock(self, arr: np.ndarray) -> None:
+    def unlock(self, arr: npt.NDArray[Any]) -> None:
         """munlock: @arr's pages may be swapped out again."""
         self._check_open()
         rec = self._record(arr)
@@ -984,7 +400,7 @@ class Pool:
         self._check_open()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -1030,7 +446,8 @@ class Pool:
 
     # -- allocation ---------------------------------------------------------------
 
-    def _new_array(self, shape, dtype, group: int = 0) -> np.ndarray:
+    def _new_array(self, shape: Any, dtype: npt.DTypeLike,
+                   group: int = 0) -> npt.NDArray[Any]:
         self._check_open()
         dtype = np.dtype(dtype)
         if dtype.hasobject:
@@ -1070,29 +487,34 @@ class Pool:
                 core.adds.append(rec)
             else:
                 self._scanner.add_range(vpn, npages)
-            buf = self._native.buffer(vpn, max(nbytes, 1),
-                                      lambda _cdata, rec=rec: core.on_release(rec, True))
+
+            def release(_cdata: object, rec: _Buffer = rec) -> None:
+                core.on_release(rec, True)
+            buf = self._native.buffer(vpn, max(nbytes, 1), release)
         if self._max_resident is not None:
             if group:
                 self._reclaim(group)
             self._note_swap_errors()    # the allocation's own reclaim may have failed
-        return np.ndarray(shape, dtype=dtype, buffer=buf)
+        # (numpy's stubs list no cffi buffer, though it exports the buffer protocol)
+        arr: npt.NDArray[Any] = np.ndarray(shape, dtype=dtype, buffer=cast(Any, buf))
+        return arr
 
     def _reap(self) -> None:
         self._c.reap()
         _core.fork_poll()       # frames a child held go back once it is gone
 
-    def empty(self, shape, dtype=float) -> np.ndarray:
+    def empty(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """A new array from the pool.  Its pages are fresh anonymous memory,
         so unlike numpy.empty it reads as zeroes: no old contents ever show
         through; nothing is committed until written."""
         return self._new_array(shape, dtype)
 
-    def zeros(self, shape, dtype=float) -> np.ndarray:
+    def zeros(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """A new array of zeroes (fresh pages are zero: nothing is written)."""
         return self._new_array(shape, dtype)
 
-    def full(self, shape, fill_value, dtype=None) -> np.ndarray:
+    def full(self, shape: Any, fill_value: Any,
+             dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
@@ -1100,7 +522,7 @@ class Pool:
         self._settle(arr.nbytes)
         return arr
 
-    def asarray(self, obj, dtype=None) -> np.ndarray:
+    def asarray(self, obj: Any, dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         """A copy of @obj in the pool (always a copy, even of a pool array)."""
         src = np.asarray(obj, dtype=dtype)
         arr = self._new_array(src.shape, src.dtype)
@@ -1124,7 +546,7 @@ class Pool:
         if self._unsettled >= self._settle_bytes:
             self._reclaim()
 
-    def _record(self, arr) -> _Buffer:
+    def _record(self, arr: Any) -> _Buffer:
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"expected a numpy.ndarray from this pool, not "
                             f"{type(arr).__name__}")
@@ -1154,7 +576,7 @@ class Pool:
                                     "into the middle of it)")
         return rec
 
-    def free(self, arr: np.ndarray) -> None:
+    def free(self, arr: npt.NDArray[Any]) -> None:
         """Give @arr's memory back now.  @arr must be the array the pool
         returned and no view of it may be alive; afterwards touching @arr
         is a use-after-free: its pages are PROT_NONE, and the process dies
@@ -1190,7 +612,7 @@ class Pool:
 
     # -- merging control ------------------------------------------------------------
 
-    def unmerge(self, arr: np.ndarray) -> int:
+    def unmerge(self, arr: npt.NDArray[Any]) -> int:
         """MADV_UNMERGEABLE: make every merged, zero or swapped page of @arr
         private again (one MADV_POPULATE_WRITE per run) and stop scanning
         it.  Returns the pages unmerged; MemoryError if the kernel runs out
@@ -1207,7 +629,7 @@ class Pool:
             rec.mergeable = False
         return n
 
-    def merge(self, arr: np.ndarray) -> None:
+    def merge(self, arr: npt.NDArray[Any]) -> None:
         """MADV_MERGEABLE: scan @arr again (the default for new arrays).
         Inside a pin() block this takes effect when the last pin ends."""
         self._check_open()
@@ -1219,7 +641,7 @@ class Pool:
             rec.mergeable = True
 
     @contextlib.contextmanager
-    def pin(self, arr: np.ndarray):
+    def pin(self, arr: npt.NDArray[Any]) -> Iterator[npt.NDArray[Any]]:
         """Keep @arr private, writable and unmerged for the block: its merged
         and swapped pages become private on entry and the scanner and
         reclaim leave it alone until the block ends (blocks nest).  Plain
@@ -1262,7 +684,7 @@ class Pool:
 
     # -- migration --------------------------------------------------------------------
 
-    def _compact_locked(self, shrink_frames: int = 0) -> dict:
+    def _compact_locked(self, shrink_frames: int = 0) -> Tuple[Dict[str, Any], int]:
         # caller holds the policy lock: the scanner is paused, so no new mapper of
         # any frame can appear behind the C core's plan
         self._reap()
@@ -1275,7 +697,7 @@ class Pool:
         self._scanner.prune_stable()
         self._scanner.recount_maps()
         fst = os.fstat(self._native.fd)
-        result = {
+        result: Dict[str, Any] = {
             "frames_moved": st["frames_moved"],
             "bytes_moved": st["frames_moved"] * PAGE_SIZE,
             "moves": st["runs_moved"],
@@ -1308,7 +730,7 @@ class Pool:
         return (c["frames_file"] > ratio * max(c["frames_used"], 1)
                 and slack * PAGE_SIZE >= (16 << 20))
 
-    def compact(self) -> dict:
+    def compact(self) -> Dict[str, Any]:
         """Move frames so the memfd shrinks to the live data and each buffer's
         pages lie on consecutive frames again (fewer mappings, further from
         vm.max_map_count).  Writers may keep writing meanwhile: a page being
@@ -1322,7 +744,7 @@ class Pool:
         _core.check(err, "compact")
         return result
 
-    def shrink(self, nbytes) -> dict:
+    def shrink(self, nbytes: Any) -> Dict[str, Any]:
         """Give back the top @nbytes of the pool's frame store for good (the
         memory hot-remove analogue): stable frames living there are migrated
         below it first, with every view that maps them, and later merges
@@ -1348,7 +770,7 @@ class Pool:
 
     # -- the scanner ------------------------------------------------------------------
 
-    def scan(self, full_scans: int = 1) -> dict:
+    def scan(self, full_scans: int = 1) -> Dict[str, Any]:
         """Run the scanner in the caller's thread until @full_scans more full
         scans have completed; returns stats()."""
         _int_knob("full_scans", full_scans, 0)
@@ -1419,7 +841,7 @@ class Pool:
 
     # -- accounting ---------------------------------------------------------------------
 
-    def _note_saved(self, c: Optional[dict] = None) -> int:
+    def _note_saved(self, c: Optional[Dict[str, int]] = None) -> int:
         """Bytes merging saves now (pages_sharing plus zero pages), and the
         peak of it kept: sampled after every scan batch, where it grows."""
         if c is None:
@@ -1429,14 +851,13 @@ class Pool:
             self._saved_peak = saved
         return saved
 
-    # -- the NEP 49 handler (csrc/handler.c, uksm/handler.py) ----------------------------
+    # -- the NEP 49 handler (csrc/handler.c, uksm/_handler.py) ---------------------------
 
-    def _handler(self, threshold: Any = None):
+    def _handler(self, threshold: Any = None) -> object:
         """A new handler capsule on this pool: arrays of at least @threshold
         bytes from the pool, smaller ones from the handler current now."""
-        from . import handler
         self._check_open()
-        t = handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold,
+        t = _handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold,
                                                                              "threshold")
         # under the lock, open: a close() racing in could otherwise find the
         # pool idle and destroy it under the new capsule
@@ -1445,17 +866,17 @@ class Pool:
                 raise PoolClosedError("uksm pool is closed")
             if not self._native.events_enabled:
                 self._native.events_enable()
-            handler.active = True
+            _handler.active = True
             # the new handler falls back to the caller's, not to the
             # default the section runs with (_Core._held)
             caller = self._c.saved_handler
             if caller is None:
-                return handler._new(self._native.address, t, self._handler_gone)
-            handler._set(caller)
+                return _handler._new(self._native.address, t, self._handler_gone)
+            _handler._set(caller)
             try:
-                return handler._new(self._native.address, t, self._handler_gone)
+                return _handler._new(self._native.address, t, self._handler_gone)
             finally:
-                handler._set(handler.DEFAULT)
+                _handler._set(_handler.DEFAULT)
 
     def _handler_gone(self) -> None:
         # the capsule's last array is gone (any thread, the GIL held, maybe
@@ -1465,28 +886,27 @@ class Pool:
         core.reap_if_free()
 
     @contextlib.contextmanager
-    def allocating(self, threshold: Any = None):
+    def allocating(self, threshold: Any = None) -> Iterator[Pool]:
         """Every numpy array of at least @threshold bytes (default 4 pages)
         made in the block comes from this pool; smaller ones from the handler
         in place before.  numpy keeps its handler in a context variable: the
         block covers this thread (or asyncio task) and what copies its
         context.  Arrays made in the block outlive it, and keep the pool
         alive while they do."""
-        from . import handler
         cap = self._handler(threshold)
-        old = handler._set(cap)
+        old = _handler._set(cap)
         del cap
         try:
             yield self
         finally:
-            handler._set(old)
+            _handler._set(old)
 
     def _live_ranges(self) -> np.ndarray:
         """(vpn, npages) of every buffer not yet released, one row each."""
         rows = [(r.vpn, r.npages) for r in list(self._buffers.values()) if not r.released]
         return np.array(rows or [(0, 0)], np.uint64)
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         """Counters with the names and meanings of /sys/kernel/mm/ksm, plus
         uksm's own memory figures.  pages_shared: KSM frames in use;
         pages_sharing: how many more pages map them (the saving);
@@ -1596,7 +1016,7 @@ class Pool:
             }
         return out
 
-    def buffer_stats(self, arr: np.ndarray) -> dict:
+    def buffer_stats(self, arr: npt.NDArray[Any]) -> Dict[str, Any]:
         """For one buffer: its pages, how many are merged (KSM or zero page)
         and the bytes that saves (a frame shared by n pages saves 1 - 1/n of
         a page for each of them, as PSS counts it)."""
@@ -1621,7 +1041,9 @@ class Pool:
             "handler": rec.handler,
         }
 
-    def page_states(self, arr: np.ndarray):
+    def page_states(self, arr: npt.NDArray[Any]) -> Tuple[npt.NDArray[np.uint8],
+                                                          npt.NDArray[np.uint32],
+                                                          npt.NDArray[np.uint32]]:
         """(state, pfn, mapcount) arrays for each page of @arr: the page table,
         for tests and tools.  States (uksm.PageState): 1 private, 2 KSM (pfn:
         its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
@@ -1637,3 +1059,4 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self.running else "idle")
         return f"<uksm.Pool capacity={self.capacity} buffers={len(self._buffers)} {state}>"
+

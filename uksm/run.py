@@ -96,7 +96,8 @@ def main(argv: Sequence[str]) -> int:
     own, module, script, args = _split(list(argv))
     opts = _parser().parse_args(own)
     from . import handler
-    from .pool import Pool, parse_size
+    from .knobs import parse_size
+    from .pool import Pool
     kw: Dict[str, Any] = {}
     for name, typ in _KNOBS.items():
         attr = name.replace("-", "_")

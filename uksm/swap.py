@@ -6,6 +6,11 @@ clustered eviction under the page lock; the swap map; the page cache as
 the second chance).  This module opens the swap file the way a swap
 file must be opened, and gives groups (the memcg analogue of the seed's
 patch 6) their Python face.
+
+The pool owns its swap area and its groups, and the imports run that way
+only: a Group calls back into its pool through GroupOwner, the few things
+a memcg asks of its owner (allocate charged to it, reclaim it, read a
+size), which uksm.Pool satisfies without this module importing it.
 """
 
 from __future__ import annotations
@@ -14,14 +19,37 @@ import errno
 import os
 import stat
 import tempfile
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
+from ._core import NativePool
 from .errors import error
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .pool import Pool
+
+class GroupOwner(Protocol):
+    """What a Group needs of its pool (uksm.Pool is one): the pool's
+    allocation charged to a group, its reclaim, its native tables (a
+    group's limit and counters live there) and its sizes."""
+
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def _native(self) -> NativePool: ...
+
+    def _resident_frames(self, value: Any, capacity: int) -> int: ...
+
+    def _new_array(self, shape: Any, dtype: npt.DTypeLike,
+                   group: int = 0) -> npt.NDArray[Any]: ...
+
+    def _settle(self, nbytes: int) -> None: ...
+
+    def _reclaim(self, group: int = -1) -> None: ...
 
 
 def _swap_directory(swap_path: Optional[str]) -> str:
@@ -106,7 +134,8 @@ class Group:
     # as Pool's: a misspelt attribute must fail, not be set and ignored
     __slots__ = ("pool", "name", "gid", "_max")
 
-    def __init__(self, pool: "Pool", name: str, gid: int, max_resident: Optional[int]):
+    def __init__(self, pool: GroupOwner, name: str, gid: int,
+                 max_resident: Any) -> None:
         self.pool = pool
         self.name = name
         self.gid = gid
@@ -126,13 +155,14 @@ class Group:
         if frames:
             self.pool._reclaim(group=self.gid)
 
-    def empty(self, shape, dtype=float) -> np.ndarray:
+    def empty(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         return self.pool._new_array(shape, dtype, group=self.gid)
 
-    def zeros(self, shape, dtype=float) -> np.ndarray:
+    def zeros(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         return self.pool._new_array(shape, dtype, group=self.gid)
 
-    def full(self, shape, fill_value, dtype=None) -> np.ndarray:
+    def full(self, shape: Any, fill_value: Any,
+             dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
         arr = self.pool._new_array(shape, dtype, group=self.gid)
@@ -140,14 +170,14 @@ class Group:
         self.pool._settle(arr.nbytes)
         return arr
 
-    def asarray(self, obj, dtype=None) -> np.ndarray:
+    def asarray(self, obj: Any, dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
         src = np.asarray(obj, dtype=dtype)
         arr = self.pool._new_array(src.shape, src.dtype, group=self.gid)
         np.copyto(arr, src, casting="no")
         self.pool._settle(arr.nbytes)
         return arr
 
-    def stats(self) -> dict:
+    def stats(self) -> Dict[str, Any]:
         """bytes_resident (private pages and frames charged, at the last
         count), pages_swapped, swap_ins, max_resident."""
         s = self.pool._native.group_stats(self.gid)
