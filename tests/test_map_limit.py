@@ -201,3 +201,50 @@ def test_map_count_reserve_knob():
                 pool.map_count_reserve = bad
             with pytest.raises(exc, match="map_count_reserve"):
                 uksm.Pool("16MiB", map_count_reserve=bad)
+
+
+def child_forked_child_keeps_the_count() -> None:
+    """A child forked in the middle of a full scan inherits every mapping
+    its parent had: its merges must draw on the budget those leave, not on
+    the whole limit of a process with no mappings at all (which took this
+    child some 1400 mappings past its budget, past the limit itself)."""
+    import os
+    reserve, want = 128, 1200
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0,
+                     max_page_sharing=65535, map_count_reserve=reserve)
+    a, exp = scattered(pool, 3000, 2)
+    # the program's own mappings, which the child inherits
+    held = [mmap.mmap(-1, PAGE) for _ in range(1000)]
+    for m in held:
+        m[0] = 1
+    sc = pool._scanner
+    pool.scan(full_scans=1)
+    with pool._c.section("test"):
+        sc.scan_batch(64)               # merges a few: the count is now in use
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # mappings for want more merged pages and no more
+            limit = count_maps() + reserve + 2 * want
+            sc.map_count_limit = limit
+            pool.scan(full_scans=1)
+            maps = count_maps()
+            # (a few mappings of the fork itself: the epoch page, the
+            # child's own frame store)
+            if maps <= limit - reserve + 4 and np.array_equal(a, exp):
+                code = 0
+            else:
+                print("child", maps, limit - reserve, flush=True)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.array_equal(a, exp)
+    del held
+    pool.close()
+    print("ok")
+
+
+def test_forked_child_keeps_the_count():
+    assert "ok" in run_isolated("test_map_limit", "child_forked_child_keeps_the_count")

@@ -397,3 +397,47 @@ def test_handler_exceptions_tear_sections(background):
     and the counters stay right."""
     run_isolated("test_reentry", "handler_exceptions_tear_sections", 4.0, background,
                  timeout=120)
+
+
+def handler_compacts_another_pool_inside_the_map_budget() -> None:
+    """The mapping budget is one per process: a signal handler that runs in
+    this thread while one pool's merge holds the budget's lock, and
+    compacts (or makes) another pool, takes that lock again from the same
+    thread.  The signal is raised from a line trace at the budget's first
+    statement, where the lock is held: a handler would run there when the
+    signal arrives during the call before it."""
+    import inspect
+    import sys
+
+    from uksm import scanner
+
+    p1, p2 = uksm.Pool("16MiB"), uksm.Pool("16MiB")
+    ran = []
+    signal.signal(signal.SIGUSR1, lambda s, f: ran.append(p2.compact()))
+    src, first = inspect.getsourcelines(scanner._ProcessMaps.take)
+    at = first + next(i for i, line in enumerate(src) if "budget = " in line)
+    code = scanner._ProcessMaps.take.__code__
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == at and not ran:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with p1._c.section("test"):
+            budget = p1._scanner._vma_budget()
+            p1._scanner._vma_settle(budget, budget)
+    finally:
+        sys.settrace(None)
+    assert len(ran) == 1
+    assert 0 < p1._scanner.map_count() < p1._scanner.map_count_max()
+    p1.close()
+    p2.close()
+    print("ok")
+
+
+def test_handler_takes_the_map_budget_inside_it():
+    assert "ok" in run_isolated("test_reentry",
+                                "handler_compacts_another_pool_inside_the_map_budget",
+                                timeout=30)

@@ -187,21 +187,32 @@ class _ProcessMaps:
     /proc/self/maps when last counted, plus what merges kept since (net,
     possibly negative), plus the budget handed to merges still running in
     other threads (taken whole before a merge and settled after it, so two
-    scanners never spend the same mappings)."""
+    scanners never spend the same mappings).
+
+    The lock is reentrant: a signal handler (or a finalizer) that
+    interrupts this thread in one pool's merge, right as it took the lock,
+    and makes or compacts another pool comes back here on the same thread;
+    a plain lock would wait for itself for ever.  Each update is made in
+    one go, or with the count high in between (settle), so that the nested
+    call reads a count that errs, if at all, on the safe side."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.counted = 0
         self.counted_at = -1e18
         self.kept = 0
         self.inflight = 0
 
     def recount(self) -> int:
-        maps = _count_maps()
+        # what merges settle while the maps are read may be in the count
+        # already or not: kept for the next count to drop, counted twice
+        # at worst, never lost
         with self.lock:
-            self.counted = maps
-            self.counted_at = time.monotonic()
-            self.kept = 0
+            kept_before = self.kept
+        maps = _count_maps()
+        now = time.monotonic()
+        with self.lock:
+            self.counted, self.kept, self.counted_at = maps, self.kept - kept_before, now
         return maps
 
     def stale(self) -> bool:
@@ -211,15 +222,29 @@ class _ProcessMaps:
         return self.counted + self.kept + self.inflight
 
     def take(self, limit: int) -> int:
+        # no call inside the section: CPython runs a signal handler after a
+        # call returns, and one that took a budget between our reading
+        # and our update would spend the same mappings twice
         with self.lock:
-            budget = max(0, limit - self.counted - self.kept - self.inflight)
+            budget = limit - self.counted - self.kept - self.inflight
+            if budget < 0:
+                budget = 0
             self.inflight += budget
         return budget
 
     def settle(self, taken: int, left: int) -> None:
         with self.lock:
-            self.inflight -= taken
             self.kept += taken - left
+            self.inflight -= taken
+
+    def inherited(self) -> "_ProcessMaps":
+        """The child's count after fork: the kernel copied every mapping,
+        so the parent's count holds (the budgets of merges in flight in
+        threads that did not survive, counted as spent); stale, so that a
+        short budget is counted again first."""
+        child = _ProcessMaps()
+        child.counted = self.counted + self.kept + max(self.inflight, 0)
+        return child
 
 
 _MAPS = _ProcessMaps()
@@ -227,7 +252,8 @@ _MAPS = _ProcessMaps()
 
 def _maps_after_fork() -> None:
     global _MAPS
-    _MAPS = _ProcessMaps()      # a lock another thread held is not the child's
+    # a fresh lock (another thread may have held this one), the same count
+    _MAPS = _MAPS.inherited()
 
 
 os.register_at_fork(after_in_child=_maps_after_fork)
