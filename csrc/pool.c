@@ -476,7 +476,7 @@ int uksm_pool_create(size_t capacity_pages, size_t nr_frames, size_t va_pages,
 	pool->va_pages = va_pages;
 	pool->cow_mode = cow_mode;
 	pool->fd = pool->ro_fd = -1;
-	pool->swap_fd = pool->swap_ro_fd = pool->swap_dir_fd = -1;
+	pool->swap_fd = pool->swap_ro_fd = pool->swap_dir_fd = pool->swap_dio_fd = -1;
 	pool->vma_soft_limit = INT64_MAX;
 	pool->va = MAP_FAILED;
 	pool->direct = MAP_FAILED;

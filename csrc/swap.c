@@ -56,7 +56,6 @@
  */
 #include "uksm_internal.h"
 
-#include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -99,9 +98,19 @@ static uint64_t mono_now_ns(void)
  */
 static int open_direct(int fd)
 {
-	char path[40];
+	char path[32] = "/proc/self/fd/", digits[12];
+	size_t n = 0, len = strlen(path);
 
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	/* no snprintf: uksm_swap_detach() runs on syscalls alone */
+	if (fd < 0)
+		return -1;
+	do {
+		digits[n++] = (char)('0' + fd % 10);
+		fd /= 10;
+	} while (fd);
+	while (n)
+		path[len++] = digits[--n];
+	path[len] = '\0';
 	return open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
 }
 
@@ -169,7 +178,7 @@ void uksm_swap_destroy(struct uksm_pool *pool)
 		close(pool->swap_ro_fd);
 	if (pool->swap_dir_fd >= 0)
 		close(pool->swap_dir_fd);
-	if (pool->swap_fd >= 0 && pool->swap_dio_fd >= 0)
+	if (pool->swap_dio_fd >= 0)
 		close(pool->swap_dio_fd);
 	if (pool->swap_meta)
 		munmap(pool->swap_meta, pool->swap_meta_bytes);
