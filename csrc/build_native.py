@@ -19,7 +19,7 @@ import numpy
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c",
+SOURCES = ["frame.c", "pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c", "inject.c",
            "xxh3.c", "lock.c", "pyglue.c", "handler.c"]
 
 ffibuilder = FFI()

@@ -76,70 +76,7 @@ static int mergeable(const struct uksm_pte *pte)
 	return pte->state == UKSM_PTE_PRIVATE && !(pte->flags & UKSM_PTE_PINNED);
 }
 
-/*
- * The kernel copied the view at @vpn on write (or our handler made it do
- * so): the page is private again and holds no reference any more.
- * Caller holds pool->lock.
- */
-void uksm_page_cowed(struct uksm_pool *pool, size_t vpn)
-{
-	struct uksm_pte *pte = &pool->ptes[vpn];
-
-	switch (pte->state) {
-	case UKSM_PTE_KSM:
-		pool->st.ksm_mappings--;
-		pool->st.cow_breaks++;
-		uksm_frame_put(pool, pte->pfn);
-		break;
-	case UKSM_PTE_SWAPPED:
-		pool->st.swap_ins++;
-		if (pte->group < UKSM_MAX_GROUPS)
-			pool->group_swap_ins[pte->group]++;
-		uksm_slot_put(pool, pte->pfn, pte->group);
-		break;
-	case UKSM_PTE_ZERO:
-		pool->st.zero_pages--;
-		pool->st.zero_cow++;
-		break;
-	default:
-		return;
-	}
-	pte->state = UKSM_PTE_PRIVATE;
-	pte->pfn = 0;
-}
-
-/*
- * uksm_reconcile_locked - learn of the copies the kernel made, from
- * pagemap entries @pm of pages [vpn, vpn + n).  A view copied on write is
- * anonymous now (pm_cowed); a ZERO page written is present and exclusive.
- * Caller holds pool->lock, read @pm under it, and flushes.  Returns pages
- * found copied.
- */
-int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
-			  const uint64_t *pm)
-{
-	int found = 0;
-
-	for (size_t i = 0; i < n; i++) {
-		const struct uksm_pte *pte = &pool->ptes[vpn + i];
-		int cowed;
-
-		if (pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_SWAPPED)
-			cowed = pm_cowed(pm[i]);
-		else if (pte->state == UKSM_PTE_ZERO)
-			cowed = ((pm[i] & PM_PRESENT) && (pm[i] & PM_EXCLUSIVE)) ||
-				(pm[i] & PM_SWAP);
-		else
-			continue;
-		if (cowed) {
-			uksm_page_cowed(pool, vpn + i);
-			found++;
-		}
-	}
-	return found;
-}
-
-/* uksm_reconcile - the same for a range, reading pagemap itself. */
+/* uksm_reconcile - uksm_reconcile_locked() over a range, reading pagemap itself. */
 int uksm_reconcile(struct uksm_pool *pool, size_t vpn, size_t npages)
 {
 	int found = 0;
@@ -415,10 +352,8 @@ static void merge_install_anchors(struct uksm_pool *pool, size_t i, size_t len,
 			}
 			f->flags = UKSM_FRAME_KSM;
 			f->group = anchor->group;
-			anchor->state = UKSM_PTE_KSM;
-			anchor->pfn = (uint32_t)(pfn + k);
+			pte_set_ksm(pool, anchor, pfn + k);
 			pool->st.ksm_frames++;
-			pool->st.ksm_mappings++;
 		}
 		pool->st.merge_runs += !err;
 		/* the entries whose tree page got a frame now target it */
@@ -483,9 +418,7 @@ static void merge_install_sources(struct uksm_pool *pool, size_t i, size_t len,
 				c->target[r] = TARGET_NONE;
 				continue;
 			}
-			src->pfn = (uint32_t)c->target[r];
-			src->state = UKSM_PTE_KSM;
-			pool->st.ksm_mappings++;
+			pte_set_ksm(pool, src, (size_t)c->target[r]);
 			pool->st.pages_merged++;
 			c->wp[r] = 0;
 			result[k] = UKSM_MERGE_OK;
@@ -518,7 +451,7 @@ static void merge_release(struct uksm_pool *pool, size_t i, size_t len,
 }
 
 /*
- * uksm_merge - carry out @n merge decisions, sorted by src_vpn.  Entry i
+ * uksm_merge_runs - carry out @n merge decisions, sorted by src_vpn.  Entry i
  * merges private page src_vpn[i] into either a stable node's frame
  * (dst_vpn[i] < 0: dst_pfn[i] seen through the keyhole dst_key[i]) or,
  * with the unstable tree's page dst_vpn[i] found equal, into a fresh frame
@@ -532,11 +465,11 @@ static void merge_release(struct uksm_pool *pool, size_t i, size_t len,
  * beyond it are skipped with UKSM_MERGE_NOVMA, never failing anyone's mmap
  * later.
  */
-int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
-	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
-	       const uint32_t *dst_key, uint32_t max_sharing,
-	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
-	       uint8_t *result)
+int uksm_merge_runs(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
+		    const int64_t *dst_vpn, const uint32_t *dst_pfn,
+		    const uint32_t *dst_key, uint32_t max_sharing,
+		    int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
+		    uint8_t *result)
 {
 	size_t i = 0;
 
@@ -567,8 +500,11 @@ int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		len = j - i;
 
 		uksm_lock(pool);
-		/* a forked child's first merge takes a frame store of its own */
-		if (pool->heir && uksm_detach(pool)) {
+		/*
+		 * An heir's store is its parent's: pool.c's uksm_merge()
+		 * detached it first, and one that could not stays BUSY.
+		 */
+		if (pool->heir) {
 			uksm_unlock(pool);
 			i = j;
 			continue;	/* BUSY: the next scan tries again */

@@ -182,15 +182,16 @@ static int page_prot(struct uksm_pool *pool, size_t vpn)
 }
 
 /*
- * The first hold: an heir takes a store of its own; an offlining is checked
- * and its range taken from the allocator at once, so that no merge puts a
- * frame there meanwhile.
+ * The first hold: the pool has a store of its own (pool.c's uksm_compact()
+ * detached an heir; one still an heir is left alone); an offlining is
+ * checked and its range taken from the allocator at once, so that no merge
+ * puts a frame there meanwhile.
  */
 static int compact_begin(struct uksm_pool *pool, uint64_t shrink_frames,
 			 struct compact_ctl *c)
 {
 	size_t end, p;
-	int err = pool->heir ? uksm_detach(pool) : 0;
+	int err = pool->heir ? -EBUSY : 0;
 
 	if (err)
 		return err;
@@ -599,16 +600,16 @@ static int compact_end(struct uksm_pool *pool, struct compact_ctl *c, int err,
 }
 
 /*
- * uksm_compact - compaction, and offlining of @shrink_frames frames from the
+ * uksm_compact_frames - compaction, and offlining of @shrink_frames frames from the
  * top of the store (0: just compact).  KSM frames moved are logged in
  * log_from/log_to, in order, so that the scanner can move its stable nodes
  * along.  -ENOSPC if the frames in use would not fit below the new top, and
  * -EBUSY if a frame there cannot be moved (deferred, raced, no room): then
  * nothing is taken away.  What was moved stays moved.
  */
-int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
-		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
-		 size_t *log_n, struct uksm_compact_stats *out)
+int uksm_compact_frames(struct uksm_pool *pool, uint64_t shrink_frames,
+			uint32_t *log_from, uint32_t *log_to, size_t log_cap,
+			size_t *log_n, struct uksm_compact_stats *out)
 {
 	struct compact_ctl c;
 	uint64_t t0;

@@ -564,10 +564,7 @@ static void to_slot(struct uksm_pool *pool, size_t v, uint32_t slot)
 {
 	struct uksm_pte *pte = &pool->ptes[v];
 
-	if (pte->state == UKSM_PTE_KSM) {
-		pool->st.ksm_mappings--;
-		uksm_frame_put(pool, pte->pfn);
-	}
+	pte_clear(pool, pte);	/* a view's frame reference; a private page has none */
 	pte->state = UKSM_PTE_SWAPPED;
 	pte->pfn = slot;
 	pool->swap_map[slot]++;
@@ -900,12 +897,14 @@ static long evict_batch(struct uksm_pool *pool, size_t n)
 }
 
 /*
- * uksm_reclaim - evict until @nr_pages more are given back, or, with
+ * uksm_swap_reclaim - evict until @nr_pages more are given back, or, with
  * @nr_pages 0, until the pool (and @group, if >= 0, under its own limit)
  * is back under budget.  One batch per hold of pool->lock.  Returns pages
- * given back, or -errno of a failed swap write.
+ * given back, or -errno of a failed swap write.  The swap file written is
+ * the pool's own: pool.c's uksm_reclaim() detached an heir, whose file is
+ * its parent's; one still an heir is left alone (-EBUSY).
  */
-int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
+int uksm_swap_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
 {
 	size_t freed = 0, walked = 0, resident, limit, want;
 
@@ -917,12 +916,8 @@ int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
 		return 0;
 	uksm_lock(pool);
 	if (pool->heir) {
-		int err = uksm_detach(pool);
-
-		if (err) {
-			uksm_unlock(pool);
-			return err;
-		}
+		uksm_unlock(pool);
+		return -EBUSY;
 	}
 	drop_swap_cache(pool, 0);
 	uksm_unlock(pool);

@@ -233,8 +233,8 @@ static inline int uksm_trylock(struct uksm_pool *pool)
 	return atomic_compare_exchange_strong(&pool->lock, &c, 1);
 }
 
+/* frame.c: zap the direct map's entries for the frames touched */
 void uksm_direct_zap(struct uksm_pool *pool);
-void uksm_events_destroy(struct uksm_pool *pool);
 
 /* Drop pool->lock; the direct map's page table entries go first. */
 static inline void uksm_unlock(struct uksm_pool *pool)
@@ -369,13 +369,23 @@ extern _Atomic size_t uksm_pools_high;
 /*
  * Fork epochs (pool.c): the newest fork generation, and the oldest one a
  * live child may still hold (0: no child at all).  A frame or slot freed
- * while uksm_oldest_epoch is set waits, tagged with uksm_fork_gen.
+ * while uksm_oldest_epoch is set waits, tagged with uksm_fork_gen.  Only
+ * pool.c's fork hooks write them; frame.c and swap.c read them when they
+ * free, without calling up.
  */
 extern _Atomic uint32_t uksm_fork_gen;
 extern _Atomic uint32_t uksm_oldest_epoch;
 extern _Atomic int uksm_fork_frozen;
 extern _Atomic int uksm_fork_menders;
-int uksm_untracked(void);
+/* a fork whose epoch could not be made: from then on nothing is released */
+extern _Atomic int uksm_fork_untracked;
+/* this process forked, or is a forked child: anonymous pages may be shared */
+extern _Atomic int uksm_ever_forked;
+
+static inline int uksm_untracked(void)
+{
+	return atomic_load(&uksm_fork_untracked);
+}
 
 static inline int uksm_must_defer(struct uksm_pool *pool)
 {
@@ -390,9 +400,21 @@ static inline int uksm_gen_released(uint32_t gen)
 	return gen != UINT32_MAX && !uksm_untracked() && (!oldest || oldest > gen);
 }
 
-/* pool.c; caller holds pool->lock */
+/*
+ * The core's files, bottom up.  Each calls only files listed before it
+ * (tests/test_layout.py checks that the calls between them form no cycle):
+ *
+ *   frame.c < swap.c < merge.c < migrate.c < pool.c
+ *
+ * checksum.c and fault.c sit beside merge.c and use what is below it; the
+ * NEP 49 handler (handler.c) and the Python glue (pyglue.c) use pool.c's
+ * public API from above.  Caller holds pool->lock unless a function says
+ * otherwise.
+ */
+
+/* frame.c - the frame store and its views: any file of the core may call */
 int uksm_pagemap_read(size_t va, size_t n, uint64_t *out);
-int uksm_grow_file(struct uksm_pool *pool, size_t end);
+void uksm_pagemap_forget(void);		/* pool.c's fork hook, in the child */
 int uksm_bit_test(const uint64_t *map, size_t i);
 void uksm_bit_set(uint64_t *map, size_t i);
 void uksm_bit_clear(uint64_t *map, size_t i);
@@ -403,20 +425,144 @@ size_t uksm_frame_alloc_at(struct uksm_pool *pool, size_t pfn, size_t want,
 			   size_t limit, const void *fill);
 void uksm_frame_put(struct uksm_pool *pool, size_t pfn);
 void uksm_frames_flush(struct uksm_pool *pool);
+void uksm_frames_release_deferred(struct uksm_pool *pool);
 int uksm_map_view(struct uksm_pool *pool, size_t vpn, size_t n, int fd,
 		  size_t off, int prot);
 int uksm_map_anon(struct uksm_pool *pool, size_t vpn, size_t n, int prot);
-int uksm_detach(struct uksm_pool *pool);
-int uksm_reopen_ro(int fd);
-/* merge.c; caller holds pool->lock */
-void uksm_page_cowed(struct uksm_pool *pool, size_t vpn);
-int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
-			  const uint64_t *pm);
-/* swap.c; caller holds pool->lock */
+int uksm_reopen_ro(int fd);		/* no lock: a descriptor */
+
+/* swap.c - the swap area's slots: pool.c, and any file that clears a pte */
 void uksm_slot_put(struct uksm_pool *pool, size_t slot, uint32_t group);
+/* swap.c - the swap area's life: pool.c only */
 void uksm_swap_release_deferred(struct uksm_pool *pool);
 int uksm_swap_detach(struct uksm_pool *pool);
 void uksm_swap_destroy(struct uksm_pool *pool);
 size_t uksm_swap_cached_pages(struct uksm_pool *pool);
+int uksm_swap_reclaim(struct uksm_pool *pool, size_t nr_pages, int group);	/* no lock */
+
+/* merge.c - pool.c only: its uksm_merge() detaches an heir, then calls */
+int uksm_merge_runs(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
+		    const int64_t *dst_vpn, const uint32_t *dst_pfn,
+		    const uint32_t *dst_key, uint32_t max_sharing,
+		    int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
+		    uint8_t *result);
+
+/* migrate.c - pool.c only: its uksm_compact() detaches an heir, then calls */
+int uksm_compact_frames(struct uksm_pool *pool, uint64_t shrink_frames,
+			uint32_t *log_from, uint32_t *log_to, size_t log_cap,
+			size_t *log_n, struct uksm_compact_stats *out);
+
+/* pool.c - pool.c only: an heir takes a store and a swap file of its own */
+int uksm_detach(struct uksm_pool *pool);
+
+/* handler.c - pool.c's uksm_pool_destroy(): the NEP 49 event queue goes */
+void uksm_events_destroy(struct uksm_pool *pool);
+
+/*
+ * A page's way into and out of KSM, in one place, as in mm/ksm.c's
+ * replace_page() and the kernel's zap_pte_range(): the pte and the
+ * counters that follow it change together, so that no path can leave a
+ * frame's mapcount, a slot's swap_map or the stats telling another story
+ * than the ptes.
+ *
+ * pte_set_ksm - the pte at @pte is now a view of frame @pfn, mapped.  The
+ * reference the view holds on the frame (its mapcount) is the caller's,
+ * taken before the mmap: merge takes it when the page compares equal, so
+ * that max_sharing holds within a run, and gives it back with
+ * uksm_frame_put() if the mmap fails.
+ */
+static inline void pte_set_ksm(struct uksm_pool *pool, struct uksm_pte *pte, size_t pfn)
+{
+	pte->state = UKSM_PTE_KSM;
+	pte->pfn = (uint32_t)pfn;
+	pool->st.ksm_mappings++;
+}
+
+/*
+ * pte_clear - the page at @pte no longer maps anything of ours: a view
+ * gives its frame reference back (the frame itself goes with the last
+ * one), a swapped page its slot, a zero page its count; the pte is NONE
+ * until the caller says what the page is now.  The mapping itself was cut
+ * off (remapped, or found copied by the kernel) before: a frame or slot
+ * must not go back while a page can still reach it.
+ */
+static inline void pte_clear(struct uksm_pool *pool, struct uksm_pte *pte)
+{
+	switch (pte->state) {
+	case UKSM_PTE_KSM:
+		pool->st.ksm_mappings--;
+		uksm_frame_put(pool, pte->pfn);
+		break;
+	case UKSM_PTE_SWAPPED:
+		uksm_slot_put(pool, pte->pfn, pte->group);
+		break;
+	case UKSM_PTE_ZERO:
+		pool->st.zero_pages--;
+		break;
+	default:
+		break;
+	}
+	pte->state = UKSM_PTE_NONE;
+	pte->pfn = 0;
+}
+
+/*
+ * The kernel copied the view at @vpn on write (or our handler made it do
+ * so): the page is private again and holds no reference any more.
+ */
+static inline void uksm_page_cowed(struct uksm_pool *pool, size_t vpn)
+{
+	struct uksm_pte *pte = &pool->ptes[vpn];
+
+	switch (pte->state) {
+	case UKSM_PTE_KSM:
+		pool->st.cow_breaks++;
+		break;
+	case UKSM_PTE_SWAPPED:
+		pool->st.swap_ins++;
+		if (pte->group < UKSM_MAX_GROUPS)
+			pool->group_swap_ins[pte->group]++;
+		break;
+	case UKSM_PTE_ZERO:
+		pool->st.zero_cow++;
+		break;
+	default:
+		return;
+	}
+	pte_clear(pool, pte);
+	pte->state = UKSM_PTE_PRIVATE;
+}
+
+/*
+ * uksm_reconcile_locked - learn of the copies the kernel made, from
+ * pagemap entries @pm of pages [vpn, vpn + n).  A view copied on write is
+ * anonymous now (pm_cowed); a ZERO page written is present and exclusive.
+ * Caller read @pm under pool->lock, and flushes.  Returns pages found
+ * copied.  Here, not in merge.c, because reclaim (swap.c) and every
+ * reader of pagemap need it, and merge.c itself sits above swap.c.
+ */
+static inline int uksm_reconcile_locked(struct uksm_pool *pool, size_t vpn, size_t n,
+					const uint64_t *pm)
+{
+	int found = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		const struct uksm_pte *pte = &pool->ptes[vpn + i];
+		int cowed;
+
+		if (pte->state == UKSM_PTE_KSM || pte->state == UKSM_PTE_SWAPPED)
+			cowed = pm_cowed(pm[i]);
+		else if (pte->state == UKSM_PTE_ZERO)
+			cowed = ((pm[i] & PM_PRESENT) && (pm[i] & PM_EXCLUSIVE)) ||
+				(pm[i] & PM_SWAP);
+		else
+			continue;
+		if (cowed) {
+			uksm_page_cowed(pool, vpn + i);
+			found++;
+		}
+	}
+	return found;
+}
 
 #endif /* UKSM_INTERNAL_H */
