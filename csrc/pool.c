@@ -800,7 +800,7 @@ static void uksm_atfork_child(void)
  * pool->lock.  On failure nothing changed: the pool stays an heir and the
  * operation that needed a store fails.
  */
-int uksm_detach(struct uksm_pool *pool)
+static int uksm_detach(struct uksm_pool *pool)
 {
 	int fd, ro, err;
 	char *copy;

@@ -286,7 +286,7 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			int algo, const uint8_t *skip, uint64_t *sums,
 			uint8_t *state);
 
-/* merge.c */
+/* merge.c; uksm_merge() enters through pool.c, which detaches an heir first */
 int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
 	       const uint32_t *dst_key, uint32_t max_sharing,
@@ -301,12 +301,12 @@ void uksm_set_vma_state(struct uksm_pool *pool, int64_t maps, int64_t soft_limit
 int64_t uksm_vma_estimate(struct uksm_pool *pool);
 int uksm_set_pinned(struct uksm_pool *pool, size_t vpn, size_t npages, int on);
 
-/* migrate.c */
+/* migrate.c; uksm_compact() enters through pool.c, which detaches an heir first */
 int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 		 uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 		 size_t *log_n, struct uksm_compact_stats *out);
 
-/* swap.c */
+/* swap.c; uksm_reclaim() enters through pool.c, which detaches an heir first */
 int uksm_swap_enable(struct uksm_pool *pool, int swap_fd, int dir_fd,
 		     size_t max_resident_pages, size_t batch);
 int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group);

@@ -452,9 +452,6 @@ int uksm_compact_frames(struct uksm_pool *pool, uint64_t shrink_frames,
 			uint32_t *log_from, uint32_t *log_to, size_t log_cap,
 			size_t *log_n, struct uksm_compact_stats *out);
 
-/* pool.c - pool.c only: an heir takes a store and a swap file of its own */
-int uksm_detach(struct uksm_pool *pool);
-
 /* handler.c - pool.c's uksm_pool_destroy(): the NEP 49 event queue goes */
 void uksm_events_destroy(struct uksm_pool *pool);
 
