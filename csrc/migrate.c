@@ -587,7 +587,7 @@ static int compact_end(struct uksm_pool *pool, struct compact_ctl *c, int err,
 	uksm_frames_flush(pool);
 	top = (long)last_set_bit(pool->frame_map, pool->file_frames);
 	if (uksm_must_defer(pool) || (size_t)top >= pool->file_frames)
-		top = -1;
+		top = -EBUSY;	/* a child may map the frames above, or the last is in use */
 	else
 		top = store_maps(pool, NULL, (size_t)top);
 	if (top >= 0 && (size_t)top < pool->file_frames &&

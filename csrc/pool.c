@@ -681,13 +681,14 @@ int uksm_fork_poll(void)
 	return (int)kept;
 }
 
-/* The epoch a fork opens: the memfd and its writable shared page. */
+/* The epoch a fork opens: the memfd and its writable shared page; -errno. */
 static int epoch_open(void)
 {
 	int fd = memfd_create("uksm-epoch", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	int err;
 
 	if (fd < 0)
-		return -1;
+		return -errno;
 	if (ftruncate(fd, PG) == 0) {
 		fork_epoch_map = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 		if (fork_epoch_map != MAP_FAILED) {
@@ -695,8 +696,9 @@ static int epoch_open(void)
 			return 0;
 		}
 	}
+	err = -errno;
 	close(fd);
-	return -1;
+	return err;
 }
 
 /*
