@@ -7,8 +7,8 @@
  * pagemap, through which the core learns what the kernel did to a page,
  * is read here too.
  *
- * This is the bottom of the core: pool.c, merge.c, migrate.c, swap.c,
- * checksum.c and fault.c call in; nothing here calls out, so a frame's
+ * This is the bottom of the core: every other file calls in (the NEP 49
+ * handler too, for uksm_map_anon); nothing here calls out, so a frame's
  * life can be read in this one file.  The fork epochs that decide whether
  * a freed frame may go back at once are pool.c's (uksm_must_defer()).
  */
@@ -16,8 +16,8 @@
 
 #include <sys/ioctl.h>
 #include <stdio.h>
-#include <string.h>
 #include <sys/mman.h>
+
 /* The memfd grows by at least this much, so ftruncate is rare. */
 #define GROW_FRAMES	512
 
