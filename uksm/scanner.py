@@ -88,6 +88,7 @@ the C core takes its own lock inside each call.
 from __future__ import annotations
 
 import bisect
+import math
 import mmap
 import os
 import threading
@@ -112,7 +113,6 @@ np.unique(np.zeros(2, np.uint64))
 np.isin(np.zeros(2, np.int64), np.zeros(1, np.int64))
 np.lexsort((np.zeros(2), np.zeros(2)))
 
-EWMA_WEIGHT = 30
 # Idle backoff: after a full scan that found nothing new (no page changed,
 # nothing merged, no buffer came), the background scanner sleeps four times
 # as long per batch, and four times longer again after each further idle
@@ -121,7 +121,12 @@ EWMA_WEIGHT = 30
 # the pages that fail to merge; this skips the time a pool at rest would
 # spend proving that it still is.
 IDLE_FACTOR_MAX = 32
-ADVISOR_MIN_CPU = 10
+# The advisor's bounds on the scanner's share of a CPU (the kernel's
+# KSM_ADVISOR_MIN_CPU is 10%: a uksm page costs a quarter of a ksmd page,
+# and 10% would scan a GiB several times faster than a long target asks)
+# and on how much one full scan's measurement may change pages_to_scan.
+ADVISOR_MIN_CPU = 1
+ADVISOR_MAX_STEP = 4.0
 MAP_COUNT_RESERVE_MIN = 1024
 MAP_COUNT_RESERVE_SHARE = 32        # default reserve: 1/32 of the limit, >= the above
 RECOUNT_INTERVAL = 1.0              # seconds between two counts of a short budget
@@ -415,11 +420,16 @@ class Scanner:
         self._novma_list: List[np.ndarray] = []
         self._novma_now = 0
         self.pages_unmerged_map_limit = 0
-        # advisor
+        # advisor: what this full scan cost, as a full scan at full speed
+        # would take it (see _scan_time_advisor)
         self._scan_start = time.monotonic()
-        self._cpu_start = time.thread_time()
-        self._last_scan_time = 0.0
-        self._change = 100.0
+        self._adv_busy = 0.0        # wall seconds inside scan_batch()
+        self._adv_cpu = 0.0         # thread CPU seconds inside scan_batch()
+        self._adv_rest = 0.0        # seconds between batches, backoff taken out
+        self._adv_rests = 0         # ... over how many pauses
+        self._adv_pages = 0         # pages visited
+        self._batch_end = 0.0       # when the last batch ended
+        self._rested: Optional[float] = None    # note_rest(): backoff's share
         self.last_full_scan_seconds = 0.0
 
     # -- rmap items: buffers come and go ------------------------------------
@@ -486,6 +496,20 @@ class Scanner:
     @_mutating
     def scan_batch(self, want: int) -> int:
         """ksm_do_scan(): visit up to @want pages; returns pages visited."""
+        t0, c0 = time.monotonic(), time.thread_time()
+        if not self._adv_pages and self._rested is None:
+            # a full scan starts with its first batch, unless the background
+            # scanner just rested after the last one: a scanner started long
+            # after the pool was made, or stopped for a while, or driven by
+            # pool.scan() now and then, was not scanning all that time
+            self._scan_start = t0
+        if self._rested is not None:
+            # the background scanner's rest since the last batch: all the
+            # time between the two, lock and GIL waits included, less what
+            # the idle backoff added to its sleep
+            self._adv_rest += max(t0 - self._batch_end - self._rested, 0.0)
+            self._adv_rests += 1
+            self._rested = None
         self.maybe_recount_maps()
         ranges, wrapped = self._next_ranges(want)
         n = sum(r[1] for r in ranges)
@@ -501,9 +525,22 @@ class Scanner:
                     sums[o:o + k], states[o:o + k], self.algo)
                 o += k
             self._cmp_and_merge(vpns, sums, states, skip)
+        self._batch_end = time.monotonic()
+        self._adv_busy += self._batch_end - t0
+        self._adv_cpu += time.thread_time() - c0
+        self._adv_pages += n
         if wrapped:
             self._end_full_scan()
         return n
+
+    def note_rest(self, slept: float, factor: float) -> None:
+        """The background scanner slept @slept seconds since its last batch,
+        at @factor times sleep_millisecs (idle backoff); the next batch
+        counts the rest for the advisor as it would have been at full
+        speed: a pool at rest is looked at less often by choice, not because
+        its scans are slow, and must not make the advisor think it has to
+        scan faster."""
+        self._rested = slept * (1.0 - 1.0 / max(factor, 1.0))
 
     def sleep_factor(self) -> int:
         """How many sleep_millisecs the background scanner sleeps after a
@@ -911,13 +948,12 @@ class Scanner:
         self._maps = None
         self._map_limit_full_scan()
         now = time.monotonic()
-        cpu = time.thread_time()
-        scan_time = max(now - self._scan_start, 1e-3)
-        self.last_full_scan_seconds = scan_time
-        if self.knobs["advisor_mode"] == "scan-time":
-            self._scan_time_advisor(scan_time, cpu - self._cpu_start)
+        self.last_full_scan_seconds = max(now - self._scan_start, 1e-3)
+        if self.knobs["advisor_mode"] == "scan-time" and self._adv_pages:
+            self._scan_time_advisor()
         self._scan_start = now
-        self._cpu_start = cpu
+        self._adv_busy = self._adv_cpu = self._adv_rest = 0.0
+        self._adv_rests = self._adv_pages = 0
 
     @_mutating
     def frames_moved(self, log_from: np.ndarray, log_to: np.ndarray) -> None:
@@ -983,24 +1019,59 @@ class Scanner:
             self.node1_of_pfn = _table(len(self.node1_of_pfn), np.int32)
             self.node1_of_pfn[st.pfn[: st.n]] = np.arange(1, st.n + 1, dtype=np.int32)
 
-    def _scan_time_advisor(self, scan_time: float, cpu_time: float) -> None:
-        """scan_time_advisor() of Linux 6.8, in float seconds."""
+    def _scan_time_advisor(self) -> None:
+        """scan_time_advisor() of Linux 6.8: pages_to_scan for the next full
+        scan to take advisor_target_scan_time seconds.
+
+        A full scan of N pages in batches of p, resting r seconds after
+        each, takes N*r/p + W, W being the work itself (hashing, merging),
+        which p hardly changes.  So the pages that make the target T are
+        N*r / (T - W), from what the last full scan measured: its work, and
+        its rest per batch as slept (a loaded machine oversleeps), with the
+        idle backoff taken out (note_rest).  Where the kernel scales
+        pages_to_scan by the scan time's ratio to the target and to the last
+        scan time, this solves for it: a scan of few pages whose time is
+        mostly rest, and one whose work nearly fills the target, land on it
+        in a step or two, where the kernel's ratios (its EWMA of scan time
+        over last scan time among them) overshoot and swing.  The change
+        is bounded (ADVISOR_MAX_STEP per full scan: the measurement is one
+        scan's), and, as in the kernel, so is the background scanner's share
+        of a CPU (advisor_max_cpu, ADVISOR_MIN_CPU), then the page bounds
+        (advisor_min/max_pages_to_scan)."""
         k = self.knobs
-        cpu_percent = max(cpu_time * 100.0 / scan_time, 1.0)
-        last = self._last_scan_time or scan_time
-        factor = max(k["advisor_target_scan_time"] * 100.0 / scan_time, 1.0)
-        change = max(scan_time * 100.0 / last, 1.0)
-        change = ((100 - EWMA_WEIGHT) * self._change + EWMA_WEIGHT * change) / 100.0
-        pages = k["pages_to_scan"] * 100.0 / factor
-        pages = pages * change / 100.0
-        per_page_cost = max(k["pages_to_scan"] / cpu_percent, 1.0)
-        pages = min(pages, per_page_cost * k["advisor_max_cpu"])
-        pages = max(pages, per_page_cost * ADVISOR_MIN_CPU)
-        pages = min(pages, k["advisor_max_pages_to_scan"])
-        pages = max(pages, k["advisor_min_pages_to_scan"])
-        self._change = change
-        self._last_scan_time = scan_time
-        k["pages_to_scan"] = int(pages)
+        target = k["advisor_target_scan_time"]
+        pages = k["pages_to_scan"]
+        n = max(self.rmap_items, 1)
+        # the work scales with the pages there are now
+        scale = n / self._adv_pages
+        work = self._adv_busy * scale
+        cpu = self._adv_cpu * scale
+        background = self._adv_rests > 0
+        if background:
+            rest = self._adv_rest / self._adv_rests
+        else:           # pool.scan() only: the background's nominal rest
+            rest = k["sleep_millisecs"] / 1000.0
+        rest = max(rest, 1e-4)
+
+        def pages_for(seconds: float) -> float:
+            """pages_to_scan for a full scan of N*rest/pages + work seconds
+            to take @seconds."""
+            return n * rest / (seconds - work) if seconds > work else math.inf
+
+        new = pages_for(target)
+        if background:
+            # the bounds on ksmd's share of a CPU: full scans that take it
+            # @cpu seconds are no shorter than cpu / max share (none if the
+            # work itself is below that share) and no longer than cpu / min
+            # share (pool.scan()'s back-to-back scans tell nothing of it)
+            new = min(new, pages_for(cpu * 100.0 / k["advisor_max_cpu"]))
+            slowest = cpu * 100.0 / ADVISOR_MIN_CPU
+            if slowest > work:
+                new = max(new, pages_for(slowest))
+        new = min(max(new, pages / ADVISOR_MAX_STEP), pages * ADVISOR_MAX_STEP)
+        new = min(new, k["advisor_max_pages_to_scan"])
+        new = max(new, k["advisor_min_pages_to_scan"])
+        k["pages_to_scan"] = int(round(new))
 
     # -- accounting -----------------------------------------------------------
 
