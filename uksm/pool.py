@@ -65,12 +65,31 @@ from .swap import Group, open_swap_file
 PAGE_SIZE = _core.PAGE_SIZE
 
 
+# ksmd runs at nice 5 (set_user_nice() in ksm_scan_thread()): merging is
+# background work, and a busy CPU should go to the program first.  This
+# thread's nice goes KSMD_NICE steps below its program's own, which needs no
+# privilege.  Not SCHED_IDLE: the scanner holds the pool's lock for a batch,
+# and on a busy machine an idle-class holder could wait for a CPU forever
+# while the program waits for the lock (or for the GIL) behind it.
+KSMD_NICE = 5
+
+
+def _ksmd_nice() -> None:
+    try:
+        tid = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(nice + KSMD_NICE, 19))
+    except (AttributeError, OSError):
+        pass        # not Linux's per-thread nice: the scanner runs as it is
+
+
 def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
     """The background scanner (ksmd): batches while the pool lives and runs.
     It keeps the asynchronous signals blocked (csrc/lock.c): they go to the
     program's own threads, whose handlers then never run inside a section
     because of this thread."""
     _core.lib.uksm_block_async_signals()
+    _ksmd_nice()
     rest: Optional[Tuple[float, float]] = None    # (slept, the pause asked for)
     while not stop.is_set():
         pool = ref()
