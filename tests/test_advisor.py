@@ -18,7 +18,7 @@ TARGET = 1.0
 
 
 @pytest.fixture
-def mixed_pool(request) -> Iterator[Tuple[uksm.Pool, np.ndarray]]:
+def mixed_pool(request: pytest.FixtureRequest) -> Iterator[Tuple[uksm.Pool, np.ndarray]]:
     """A scan-time pool holding 128 MiB: 64 MiB unique, 32 MiB and a copy;
     smart_scan as the test's parameter says (default on)."""
     pool = uksm.Pool(f"{2 * MIB}MiB", advisor_mode="scan-time",
@@ -54,7 +54,7 @@ def full_scan_times(pool: uksm.Pool, scans: int, timeout: float) -> List[float]:
 
 
 @pytest.mark.parametrize("mixed_pool", [False], indirect=True, ids=["no_smart_scan"])
-def test_advisor_reaches_the_target_scan_time(mixed_pool):
+def test_advisor_reaches_the_target_scan_time(mixed_pool: Tuple[uksm.Pool, np.ndarray]) -> None:
     pool, unique = mixed_pool
     stop = threading.Event()
 
@@ -86,7 +86,8 @@ def test_advisor_reaches_the_target_scan_time(mixed_pool):
     assert pool.stats()["pages_sharing"] >= (MIB << 20) // 4 // PAGE - 16
 
 
-def test_idle_backoff_does_not_speed_the_advisor_up(mixed_pool):
+def test_idle_backoff_does_not_speed_the_advisor_up(
+        mixed_pool: Tuple[uksm.Pool, np.ndarray]) -> None:
     """Nothing changes: the backoff stretches the full scans, and the
     advisor, which counts the rests as they would be at full speed, keeps
     pages_to_scan where the target put it instead of raising it."""
