@@ -269,7 +269,7 @@ class Pool:
         saved = _handler._set(_handler.DEFAULT) if _handler.active else None
         try:
             # its arrays: see _Core._held; it reads the knobs as they change
-            self._scanner = Scanner(self._native, cast(Dict[str, Any], knobs))
+            self._scanner = Scanner(self._native, knobs)
         finally:
             if saved is not None:
                 _handler._set(saved)

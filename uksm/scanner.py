@@ -93,12 +93,33 @@ import mmap
 import os
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Type, TypeVar, cast
 
 import numpy as np
 import numpy.ma  # noqa: F401  (see below)
+import numpy.typing as npt
 
 from . import _core
+
+if TYPE_CHECKING:
+    from .knobs import Knobs
+
+# The rmap items' and the trees' arrays, by dtype.  The C core's page states
+# and merge results are compared as its plain ints (_core.PTE_*, MERGE_*)
+# against whole uint8 arrays, a batch at a time.
+_U64 = npt.NDArray[np.uint64]
+_U32 = npt.NDArray[np.uint32]
+_U16 = npt.NDArray[np.uint16]
+_U8 = npt.NDArray[np.uint8]
+_I64 = npt.NDArray[np.int64]
+_I32 = npt.NDArray[np.int32]
+_IntP = npt.NDArray[np.intp]
+_Bool = npt.NDArray[np.bool_]
+# node indices: a tree's own int32 index, or a search's intp positions
+_Nodes = npt.NDArray[np.signedinteger[Any]]
+
+_S = TypeVar("_S", bound=np.generic)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # The scanner runs under the pool's policy lock, and a served call (stats(),
 # an allocation) made by a finalizer in another thread waits for that lock
@@ -135,7 +156,7 @@ RECOUNT_INTERVAL = 1.0              # seconds between two counts of a short budg
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
-def _table(n: int, dtype: Any) -> np.ndarray:
+def _table(n: int, dtype: Type[_S]) -> npt.NDArray[_S]:
     """A zeroed table of @n slots, one per virtual page (or frame): address
     space reserved without commitment (MAP_NORESERVE, as the C core's own
     pte table), so a slot costs memory only once it is written.  np.zeros
@@ -147,7 +168,7 @@ def _table(n: int, dtype: Any) -> np.ndarray:
     return np.frombuffer(m, dt, count=n)
 
 
-def _table_trim(table: np.ndarray, lo: int, hi: int, gap_lo: int, gap_hi: int) -> None:
+def _table_trim(table: npt.NDArray[np.generic], lo: int, hi: int, gap_lo: int, gap_hi: int) -> None:
     """Give back the pages of @table that hold only slots of the free gap
     [gap_lo, gap_hi) and some of [lo, hi): the slots read as zero again, as
     a fresh rmap item's do."""
@@ -264,21 +285,21 @@ def _maps_after_fork() -> None:
 os.register_at_fork(after_in_child=_maps_after_fork)
 
 
-def _mutating(method):
+def _mutating(method: _F) -> _F:
     """A method that updates the scanner's state in several steps: while it
     runs the state is marked torn, and stays so if an exception (a signal
     handler's) leaves it half way; the pool then calls recover()."""
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Scanner, *args: Any, **kwargs: Any) -> Any:
         self.dirty += 1         # a depth: these methods call one another
         result = method(self, *args, **kwargs)
         self.dirty -= 1
         return result
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
-    return wrapper
+    return cast(_F, wrapper)
 
 
-def _skip_age(age: np.ndarray) -> np.ndarray:
+def _skip_age(age: _U8) -> _U8:
     """mm/ksm.c skip_age(): how many visits to skip at a given age."""
     out = np.full(age.shape, 8, np.uint8)
     out[age <= 8] = 4
@@ -292,12 +313,12 @@ class StableTree:
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum = np.zeros(1024, np.uint64)
-        self.pfn = np.zeros(1024, np.uint32)
-        self.key = np.zeros(1024, np.uint32)
-        self.alive = np.zeros(1024, bool)
-        self.idx_sum = np.zeros(0, np.uint64)
-        self.idx_node = np.zeros(0, np.int32)
+        self.sum: _U64 = np.zeros(1024, np.uint64)
+        self.pfn: _U32 = np.zeros(1024, np.uint32)
+        self.key: _U32 = np.zeros(1024, np.uint32)
+        self.alive: _Bool = np.zeros(1024, bool)
+        self.idx_sum: _U64 = np.zeros(0, np.uint64)
+        self.idx_node: _I32 = np.zeros(0, np.int32)
         self.nr_alive = 0
 
     def _grow(self, need: int) -> None:
@@ -312,7 +333,7 @@ class StableTree:
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
-    def insert(self, sums: np.ndarray, pfns: np.ndarray, keys: np.ndarray) -> None:
+    def insert(self, sums: _U64, pfns: _U32, keys: _U32) -> None:
         k = len(sums)
         if not k:
             return
@@ -329,7 +350,7 @@ class StableTree:
         self.idx_sum = np.insert(self.idx_sum, pos, sums[order])
         self.idx_node = np.insert(self.idx_node, pos, ids[order])
 
-    def prune(self, nodes: np.ndarray) -> None:
+    def prune(self, nodes: _Nodes) -> None:
         nodes = np.unique(nodes)
         nodes = nodes[self.alive[nodes]]
         self.alive[nodes] = False
@@ -368,7 +389,7 @@ class StableTree:
 class Scanner:
     """ksm_scan: the cursor, the trees, the rmap items, and the counters."""
 
-    def __init__(self, native: "_core.NativePool", knobs: dict) -> None:
+    def __init__(self, native: _core.NativePool, knobs: Knobs) -> None:
         va_pages = native.va_pages
         self.native = native
         self.knobs = knobs
@@ -391,8 +412,8 @@ class Scanner:
         self.dirty = 0              # > 0: an update was torn half way (_mutating)
         self.cursor = 0
         self.cur_tag = 1
-        self.u_sum = np.zeros(0, np.uint64)
-        self.u_vpn = np.zeros(0, np.uint32)
+        self.u_sum: _U64 = np.zeros(0, np.uint64)
+        self.u_vpn: _U32 = np.zeros(0, np.uint32)
         self.stable = StableTree()
         self.algo = _core.CHECKSUMS[knobs["checksum"]]
         self.zero_sum = np.uint64(_core.calc_checksum(bytes(_core.PAGE_SIZE),
@@ -416,8 +437,8 @@ class Scanner:
         # pages left private for lack of mappings: in this full scan (a
         # flag per vpn, calloc'ed; the set ones listed to clear them), and
         # in the last one
-        self._novma = np.zeros(va_pages, bool)
-        self._novma_list: List[np.ndarray] = []
+        self._novma: _Bool = np.zeros(va_pages, bool)
+        self._novma_list: List[_I64] = []
         self._novma_now = 0
         self.pages_unmerged_map_limit = 0
         # advisor: what this full scan cost, as a full scan at full speed
@@ -472,9 +493,9 @@ class Scanner:
 
     # -- the scan -------------------------------------------------------------
 
-    def _next_ranges(self, want: int):
+    def _next_ranges(self, want: int) -> Tuple[List[Tuple[int, int]], bool]:
         """The next @want pages in address order; True if a full scan ended."""
-        ranges = []
+        ranges: List[Tuple[int, int]] = []
         total = 0
         i = bisect.bisect_right(self.starts, self.cursor) - 1
         if i < 0 or self.cursor >= self.extents[i][0] + self.extents[i][1]:
@@ -545,9 +566,10 @@ class Scanner:
     def sleep_factor(self) -> int:
         """How many sleep_millisecs the background scanner sleeps after a
         batch: 1, four times more with each idle full scan in a row."""
-        return min(4 ** min(self.idle_scans, 3), IDLE_FACTOR_MAX)
+        factor: int = 4 ** min(self.idle_scans, 3)
+        return min(factor, IDLE_FACTOR_MAX)
 
-    def _smart_skip(self, vpns: np.ndarray) -> np.ndarray:
+    def _smart_skip(self, vpns: _I64) -> _U8:
         """should_skip_rmap_item() for a batch: 1 where the page is skipped."""
         age = self.age[vpns]
         self.age[vpns] = np.minimum(age.astype(np.uint16) + 1, 255).astype(np.uint8)
@@ -612,7 +634,7 @@ class Scanner:
         if self.native.vma_estimate() > soft - 2 * _core.RUN_MAX and _MAPS.stale():
             self.recount_maps()
 
-    def _note_novma(self, src: np.ndarray, res: np.ndarray) -> None:
+    def _note_novma(self, src: _I64, res: _U8) -> None:
         """Pages a merge left private for want of mappings, for
         pages_unmerged_map_limit; those merged since are not."""
         self.merges_skipped_vma += int(np.count_nonzero(res == _core.MERGE_NOVMA))
@@ -641,8 +663,8 @@ class Scanner:
         it already found more."""
         return max(self.pages_unmerged_map_limit, self._novma_now)
 
-    def _merge_order(self, src: np.ndarray, dst_vpn: np.ndarray,
-                     dst_pfn: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _merge_order(self, src: _I64, dst_vpn: _I64,
+                     dst_pfn: _U32) -> Tuple[_IntP, _IntP, _I64]:
         """Units of merging and their order by benefit, for a budget too short
         for all of them.  A unit is a run of sources onto consecutive frames
         (or consecutive tree pages): one remap.  It saves a page per source,
@@ -670,8 +692,8 @@ class Scanner:
         order = np.lexsort((np.arange(nu), -gain, -ratio))
         return unit, order, ucost
 
-    def _merge(self, src: np.ndarray, dst_vpn: np.ndarray, dst_pfn: np.ndarray,
-               dst_key: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _merge(self, src: _I64, dst_vpn: _I64, dst_pfn: _U32,
+               dst_key: _U32) -> Tuple[_U8, _U32, _U32]:
         """uksm_merge() within the VMA budget.  When the budget cannot cover
         every unit at its worst, the units go in order of pages saved per
         mapping (_merge_order), as many at a time as the budget left covers
@@ -713,7 +735,7 @@ class Scanner:
         self._note_novma(src, res)
         return res, opfn, okey
 
-    def _merge_zero(self, vpns: np.ndarray) -> np.ndarray:
+    def _merge_zero(self, vpns: _I64) -> _U8:
         """uksm_merge_zero() within the VMA budget."""
         budget = self._vma_budget()
         left = budget
@@ -722,10 +744,10 @@ class Scanner:
         finally:
             self._vma_settle(budget, left)
         self._note_novma(vpns, res)
-        out: np.ndarray = res
-        return out
+        return res
 
-    def _cmp_and_merge(self, vpns, sums, states, skip) -> None:
+    def _cmp_and_merge(self, vpns: _I64, sums: _U64, states: _U8,
+                       skip: Optional[_U8]) -> None:
         self.pages_scanned += len(vpns)
         # remove_rmap_item_from_tree(): a visited page leaves the old tree
         self.pages_unshared -= int(np.count_nonzero(self.tag[vpns]))
@@ -784,7 +806,7 @@ class Scanner:
             self.age[v[done]] = 0
             self.skips[v[done]] = 0
 
-    def _stable_tree_search(self, q: np.ndarray) -> np.ndarray:
+    def _stable_tree_search(self, q: _U64) -> _I64:
         """A live stable node with room for each checksum, or -1.
 
         Walks the dups of each checksum in order, looking at every candidate's
@@ -835,7 +857,7 @@ class Scanner:
             k += 1
         return res
 
-    def _unstable_search(self, q: np.ndarray) -> np.ndarray:
+    def _unstable_search(self, q: _U64) -> _I64:
         """The vpn of a live unstable tree page for each checksum, or -1."""
         res = np.full(len(q), -1, np.int64)
         L = len(self.u_sum)
@@ -861,7 +883,7 @@ class Scanner:
             k += 1
         return res
 
-    def _unstable_tree_search_insert(self, v: np.ndarray, s: np.ndarray) -> None:
+    def _unstable_tree_search_insert(self, v: _I64, s: _U64) -> None:
         """unstable_tree_search_insert() and try_to_merge_two_pages() for a
         batch.  Pages of one checksum form a group; the group's anchor is the
         live tree page if there is one, else its first page.  A KSM frame
@@ -956,7 +978,7 @@ class Scanner:
         self._adv_rests = self._adv_pages = 0
 
     @_mutating
-    def frames_moved(self, log_from: np.ndarray, log_to: np.ndarray) -> None:
+    def frames_moved(self, log_from: _U32, log_to: _U32) -> None:
         """Migration moved KSM frames (in this order; a frame may move twice):
         their stable nodes follow them by pfn, keeping their keys."""
         st = self.stable
