@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 
 import uksm
 
-from conftest import (KSM, PRIVATE, ZERO, kernel_private_bytes, memfd_bytes, page,
-                      states)
+from conftest import KSM, PRIVATE, ZERO, kernel_private_bytes, memfd_bytes, page, states
 
 PAGE = uksm.PAGE_SIZE
 COW_MODES = ["kernel", "signal"]

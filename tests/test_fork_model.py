@@ -36,6 +36,7 @@ import pytest
 
 import uksm
 from uksm.errors import PoolFullError, UksmError
+
 from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
@@ -291,7 +292,8 @@ def child_life(m: Model, release_r: int, depth: int, parent_ino: int) -> None:
             sub.rng = random.Random(m.rng.random())
             sub.log = list(m.log)
             ino = os.fstat(pool.fd).st_ino
-            kids.append(fork_run(lambda: child_life(sub, release_r, depth + 1, ino)))
+            kids.append(fork_run(lambda sub=sub, ino=ino:
+                                 child_life(sub, release_r, depth + 1, ino)))
             m.log.append(("grandchild",))
         elif op == "exec":
             pid = os.fork()
@@ -355,7 +357,7 @@ def run_model(seed: int, cow: str, swap: bool, steps: int = 60) -> None:
             r, w = os.pipe()
             others = [cw for _, cw in children]
             child_model = m
-            pid = fork_run(lambda: child_life(child_model, r, 1, ino), w, *others)
+            pid = fork_run(lambda m=child_model, r=r, ino=ino: child_life(m, r, 1, ino), w, *others)
             os.close(r)
             children.append((pid, w))
             forks += 1

@@ -333,7 +333,8 @@ def test_runner(tmp_path):
     assert r.returncode == 1 and "thread pool False" in r.stdout
     assert "uksm: saved" not in r.stderr
     tb = r.stderr.strip().splitlines()
-    assert tb[0] == "Traceback (most recent call last):" and tb[-1].endswith("boom from the program")
+    assert tb[0] == "Traceback (most recent call last):"
+    assert tb[-1].endswith("boom from the program")
     assert "runpy" not in r.stderr and "uksm" not in r.stderr
 
     env = dict(os.environ, UKSM_THRESHOLD=str(1 << 30))

@@ -308,7 +308,7 @@ def test_compaction_with_failing_remaps_rolls_forward():
     with uksm.Pool("128MiB", checksum="xxhash", compact_threshold=0) as pool:
         rng = np.random.default_rng(3)
         keep = []
-        for i in range(24):
+        for _ in range(24):
             x = pool.asarray(rng.standard_normal(64 * PAGE // 8))
             keep.append(x)
             keep.append(pool.asarray(x))             # a twin: KSM frames to move

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import PAGE, kernel_resident_bytes, memfd_bytes, pss_bytes
 
 PTE_PRIVATE, PTE_KSM, PTE_ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO

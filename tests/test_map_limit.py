@@ -14,9 +14,10 @@ import mmap
 
 import numpy as np
 import pytest
-from conftest import PAGE, run_isolated
 
 import uksm
+
+from conftest import PAGE, run_isolated
 
 KSM = uksm.PageState.KSM
 

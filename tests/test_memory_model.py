@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 import uksm
+
 from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
@@ -826,7 +827,7 @@ def random_writers_child(cow: str, seed: int, seconds: float) -> None:
                      use_zero_pages=True)
     npages = 192
     arrays, shadows = [], []
-    for k in range(4):
+    for _ in range(4):
         shadow = patterns[rng0.integers(0, len(patterns), npages)].reshape(-1).copy()
         arrays.append(pool.asarray(shadow))
         shadows.append(shadow)
@@ -934,14 +935,14 @@ def compaction_race_child(cow: str, iterations: int) -> None:
         stop = threading.Event()
         last = [0]
 
-        def writer() -> None:
+        def writer(stop: threading.Event, a: np.ndarray, last: list) -> None:
             v = 0
             while not stop.is_set():
                 v = v % 250 + 1
                 a.fill(v)
                 last[0] = v
 
-        t = threading.Thread(target=writer)
+        t = threading.Thread(target=writer, args=(stop, a, last))
         t.start()
         time.sleep(0.001)                    # the writer is filling by now
         try:

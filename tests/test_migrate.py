@@ -152,7 +152,7 @@ def test_compact_shrinks_the_memfd_to_the_live_frames(cow):
         # once, before and after: evacuating them above the cut copies nothing twice
         assert kernel_private_bytes(pool) == private
         assert s2["bytes_private"] == s["bytes_private"]
-        for a, (st0, pfn0, mc0), (st1, pfn1, mc1) in zip(live, before, snapshot(pool, live)):
+        for _, (st0, _pfn0, mc0), (st1, pfn1, mc1) in zip(live, before, snapshot(pool, live)):
             assert np.array_equal(st0, st1) and np.array_equal(mc0, mc1)
             ksm = st1 == KSM
             assert (pfn1[ksm] < nlive).all()
@@ -363,7 +363,7 @@ def test_kernel_writers_during_compaction_lose_nothing():
                 shadow = data.copy()
                 go, stop, errors = threading.Event(), threading.Event(), []
 
-                def kernel_writer():
+                def kernel_writer(a, shadow, go, stop, errors):
                     r = np.random.default_rng(10)
                     go.wait()
                     for i in r.permutation(N):
@@ -379,7 +379,7 @@ def test_kernel_writers_during_compaction_lose_nothing():
                         except Exception as exc:
                             errors.append(exc)
 
-                t = threading.Thread(target=kernel_writer)
+                t = threading.Thread(target=kernel_writer, args=(a, shadow, go, stop, errors))
                 t.start()
                 go.set()
                 try:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import kernel_private_bytes, run_isolated
 
 PAGE = uksm.PAGE_SIZE

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import PAGE, kernel_private_bytes, kernel_resident_bytes, memfd_bytes, uss_bytes
 
 STATS_KEYS = (
@@ -164,7 +165,7 @@ def test_context_manager_closes_and_closed_pool_refuses_work():
         "buffer_stats": lambda: p.buffer_stats(a),
         "page_states": lambda: p.page_states(a),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(uksm.PoolClosedError):
             call()
     assert issubclass(uksm.PoolClosedError, ValueError)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import PAGE, run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -188,11 +189,11 @@ def child_absurd_sizes(tmp):
     a = merged_pair(pool)           # frames in use
     n = pool._native
     for x in ABSURD:
-        for fn in (lambda: pool.empty((x, PAGE), np.uint8),
+        for fn in (lambda x=x: pool.empty((x, PAGE), np.uint8),
                    lambda: pool.empty((2**64 - 200, 4096), np.uint8),
-                   lambda: pool.empty(x // PAGE, np.uint8) if x // PAGE < 2**63 else
+                   lambda x=x: pool.empty(x // PAGE, np.uint8) if x // PAGE < 2**63 else
                    pool.empty(2**50),
-                   lambda: n.alloc(x)):
+                   lambda x=x: n.alloc(x)):
             with pytest.raises(MemoryError):
                 fn()
         with pytest.raises(ValueError):
@@ -217,12 +218,12 @@ def child_absurd_sizes(tmp):
                     call(vpn, cnt)
                 assert ei.value.errno == errno.EINVAL
         if x < 2**63:
-            for call in (lambda: n.merge(np.array([x], np.int64), np.array([0], np.int64),
-                                         np.zeros(1, np.uint32), np.zeros(1, np.uint32),
-                                         256, 100),
-                         lambda: n.merge_zero(np.array([x], np.int64), 100),
-                         lambda: n.checksum_range(x, None, np.zeros(4, np.uint64),
-                                                  np.zeros(4, np.uint8), 0)):
+            for call in (lambda x=x: n.merge(np.array([x], np.int64), np.array([0], np.int64),
+                                             np.zeros(1, np.uint32), np.zeros(1, np.uint32),
+                                             256, 100),
+                         lambda x=x: n.merge_zero(np.array([x], np.int64), 100),
+                         lambda x=x: n.checksum_range(x, None, np.zeros(4, np.uint64),
+                                                      np.zeros(4, np.uint8), 0)):
                 with pytest.raises(OSError) as ei:
                     call()
                 assert ei.value.errno == errno.EINVAL
@@ -324,7 +325,8 @@ def child_map_count_exhausted(path: str, cow: str, spare: int):
     tmp = tempfile.mkdtemp()
     pool = uksm.Pool("256MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow,
                      max_resident="16MiB", swap_path=tmp)
-    ref = np.arange(16 * PAGE, dtype=np.uint8).reshape(16, PAGE) ^ np.arange(16, dtype=np.uint8)[:, None]
+    ref = (np.arange(16 * PAGE, dtype=np.uint8).reshape(16, PAGE)
+           ^ np.arange(16, dtype=np.uint8)[:, None])
     rep = np.tile(ref[:8], (8, 1))      # 64 pages, 8 distinct contents
     a = pool.asarray(rep)
     pool.scan(full_scans=2)

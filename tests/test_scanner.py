@@ -74,7 +74,7 @@ def test_formerly_volatile_pages_merge_with_smart_scan(pool):
         b[:] = v
         pool.scan(full_scans=1)
         assert states(pool, a)[0] == NORMAL
-    for extra in range(1, 12):
+    for extra in range(1, 12):  # noqa: B007  (the scans it took: the assertion's message)
         if pool.scan(full_scans=1)["pages_shared"]:
             break
     assert states(pool, a)[0] == KSM and states(pool, b)[0] == KSM, extra
@@ -123,7 +123,7 @@ def _mixed_workload(pool):
     rng = np.random.default_rng(3)
     pats = random_pages(6, seed=4)
     arrs = []
-    for k in range(4):
+    for _ in range(4):
         a = pool.empty(32 * PAGE, np.uint8)
         kind = rng.integers(0, 10, 32)
         rows = a.reshape(32, PAGE)
@@ -187,12 +187,24 @@ def py_jhash2(data: bytes, initval: int) -> int:
         b = (b + k[i + 1]) & M32
         c = (c + k[i + 2]) & M32
         # __jhash_mix
-        a = (a - c) & M32; a ^= _rol32(c, 4);  c = (c + b) & M32
-        b = (b - a) & M32; b ^= _rol32(a, 6);  a = (a + c) & M32
-        c = (c - b) & M32; c ^= _rol32(b, 8);  b = (b + a) & M32
-        a = (a - c) & M32; a ^= _rol32(c, 16); c = (c + b) & M32
-        b = (b - a) & M32; b ^= _rol32(a, 19); a = (a + c) & M32
-        c = (c - b) & M32; c ^= _rol32(b, 4);  b = (b + a) & M32
+        a = (a - c) & M32
+        a ^= _rol32(c, 4)
+        c = (c + b) & M32
+        b = (b - a) & M32
+        b ^= _rol32(a, 6)
+        a = (a + c) & M32
+        c = (c - b) & M32
+        c ^= _rol32(b, 8)
+        b = (b + a) & M32
+        a = (a - c) & M32
+        a ^= _rol32(c, 16)
+        c = (c + b) & M32
+        b = (b - a) & M32
+        b ^= _rol32(a, 19)
+        a = (a + c) & M32
+        c = (c - b) & M32
+        c ^= _rol32(b, 4)
+        b = (b + a) & M32
         length -= 3
         i += 3
     if length == 0:
@@ -203,13 +215,20 @@ def py_jhash2(data: bytes, initval: int) -> int:
         b = (b + k[i + 1]) & M32
     a = (a + k[i]) & M32
     # __jhash_final
-    c ^= b; c = (c - _rol32(b, 14)) & M32
-    a ^= c; a = (a - _rol32(c, 11)) & M32
-    b ^= a; b = (b - _rol32(a, 25)) & M32
-    c ^= b; c = (c - _rol32(b, 16)) & M32
-    a ^= c; a = (a - _rol32(c, 4)) & M32
-    b ^= a; b = (b - _rol32(a, 14)) & M32
-    c ^= b; c = (c - _rol32(b, 24)) & M32
+    c ^= b
+    c = (c - _rol32(b, 14)) & M32
+    a ^= c
+    a = (a - _rol32(c, 11)) & M32
+    b ^= a
+    b = (b - _rol32(a, 25)) & M32
+    c ^= b
+    c = (c - _rol32(b, 16)) & M32
+    a ^= c
+    a = (a - _rol32(c, 4)) & M32
+    b ^= a
+    b = (b - _rol32(a, 14)) & M32
+    c ^= b
+    c = (c - _rol32(b, 24)) & M32
     return c
 
 
@@ -620,7 +639,8 @@ def test_freed_buffers_give_their_rmap_slots_back():
 
 def test_idle_backoff_slows_a_pool_at_rest_and_wakes_on_change():
     """A full scan that finds nothing new makes the background scanner
-    sleep longer per batch; a changed page or a new buffer puts it back to
+    sleep longer per batch
+    a changed page or a new buffer puts it back to
     full speed, so new duplicates still merge within two full scans."""
     with uksm.Pool("64MiB", pages_to_scan=100000, sleep_millisecs=0) as pool:
         sc = pool._scanner

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import uksm
+
 from conftest import PRIVATE, kernel_private_bytes
 
 PAGE = uksm.PAGE_SIZE
