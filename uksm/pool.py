@@ -288,8 +288,7 @@ class Pool:
 
     # -- knobs, as attributes (the sysfs files) ---------------------------------
 
-    def _knob_property(name: str,  # type: ignore[misc]
-                       check: Callable[[str, Any], Any]) -> Any:
+    def _knob_property(name: str, check: Callable[[str, Any], Any]) -> Any:  # type: ignore[misc]
         # (a TypedDict is indexed by literal keys only: these go by name)
         def get(self: Pool) -> Any:
             return cast(Dict[str, Any], self._knobs)[name]
