@@ -24,6 +24,7 @@ Self-contained: `pytest bench/bench_defaults.py -s --benchmark-min-rounds=1`.
 The smoke run (`--benchmark-disable`) uses small sizes and checks only
 that merging happens.
 """
+
 import os
 import statistics
 import threading
@@ -55,7 +56,7 @@ def merged_pool(size_mib: int, timeout: float = 120.0):
     copy), and the seconds from the copies' making to their merging."""
     pool = uksm.Pool(f"{4 * size_mib}MiB")
     pool.start()
-    time.sleep(0.2)             # the scanner is running, at rest
+    time.sleep(0.2)  # the scanner is running, at rest
     src = np.random.default_rng(7).integers(0, 255, (size_mib << 20) // 2, dtype=np.uint8)
     want = (size_mib << 20) // 2 // PAGE
     t0 = time.perf_counter()
@@ -85,9 +86,11 @@ def test_time_to_merge_with_defaults(benchmark):
 
     benchmark.pedantic(run, rounds=1 if benchmark.disabled else 3, iterations=1)
     best = min(times)
-    print(f"\ndefaults: {size} MiB of fresh duplicates merged in {best:.2f} s "
-          f"({best / pages * 1e6:.1f} us/page); the kernel's defaults: {kernel:.1f} s "
-          f"({best / kernel:.2f}x)")
+    print(
+        f"\ndefaults: {size} MiB of fresh duplicates merged in {best:.2f} s "
+        f"({best / pages * 1e6:.1f} us/page); the kernel's defaults: {kernel:.1f} s "
+        f"({best / kernel:.2f}x)"
+    )
     if not benchmark.disabled:
         assert best <= 0.25 * kernel, (best, kernel)
 
@@ -110,7 +113,7 @@ def tiled_pool(size_mib: int, timeout: float = 600.0):
     a = pool.zeros(nbytes, np.uint8)
     block = np.random.default_rng(1).integers(0, 255, min(64 << 20, nbytes), dtype=np.uint8)
     for o in range(0, nbytes, len(block)):
-        a[o:o + len(block)] = block
+        a[o : o + len(block)] = block
     want = (nbytes - len(block)) // PAGE
     t0 = time.perf_counter()
     while pool.stats()["pages_sharing"] < want - 64:
@@ -140,7 +143,7 @@ def test_idle_pool_cpu_with_defaults(benchmark, size):
         try:
             tid = pool._thread.native_id
             c_merged, t_merged = thread_cpu(tid), time.perf_counter()
-            time.sleep(1.0 if benchmark.disabled else 5.0)   # settle: a few idle scans
+            time.sleep(1.0 if benchmark.disabled else 5.0)  # settle: a few idle scans
             c0, t0 = thread_cpu(tid), time.perf_counter()
             time.sleep(1.0 if benchmark.disabled else 40.0)
             c1, t1 = thread_cpu(tid), time.perf_counter()
@@ -151,11 +154,13 @@ def test_idle_pool_cpu_with_defaults(benchmark, size):
             pool.close()
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    print(f"\ndefaults: idle pool of {size} MiB (merged): scanner thread "
-          f"{100 * result['cpu']:.2f}% of a core over 40 s from 5 s after the merge, "
-          f"{100 * result['since']:.2f}% since the merge ({result['scans']} full scans)")
+    print(
+        f"\ndefaults: idle pool of {size} MiB (merged): scanner thread "
+        f"{100 * result['cpu']:.2f}% of a core over 40 s from 5 s after the merge, "
+        f"{100 * result['since']:.2f}% since the merge ({result['scans']} full scans)"
+    )
     if not benchmark.disabled:
-        assert result["cpu"] <= 0.03, result      # target 2%; ticks are 10 ms
+        assert result["cpu"] <= 0.03, result  # target 2%; ticks are 10 ms
 
 
 def dot_loop(seconds: float, a: np.ndarray) -> float:
@@ -201,7 +206,7 @@ def test_numpy_loop_beside_a_started_pool(benchmark, loop):
     secs = 0.5 if benchmark.disabled else 3.0
     rounds = 1 if benchmark.disabled else 5
     a = np.random.default_rng(3).standard_normal((2000, 2000))
-    LOOPS[loop](0.5, a)         # warm BLAS up
+    LOOPS[loop](0.5, a)  # warm BLAS up
     alone, beside, cpu = [], [], []
 
     def run():
@@ -221,12 +226,14 @@ def test_numpy_loop_beside_a_started_pool(benchmark, loop):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     best, paired = slowdown(alone, beside)
-    print(f"\ndefaults: {loop} loop {min(alone) * 1e3:.2f} ms alone, "
-          f"{min(beside) * 1e3:.2f} ms beside a started pool of {size} MiB merged "
-          f"({100 * (best - 1):+.1f}% best of {rounds}, {100 * (paired - 1):+.1f}% median "
-          f"paired; scanner thread {100 * max(cpu):.2f}% of a core at most)")
+    print(
+        f"\ndefaults: {loop} loop {min(alone) * 1e3:.2f} ms alone, "
+        f"{min(beside) * 1e3:.2f} ms beside a started pool of {size} MiB merged "
+        f"({100 * (best - 1):+.1f}% best of {rounds}, {100 * (paired - 1):+.1f}% median "
+        f"paired; scanner thread {100 * max(cpu):.2f}% of a core at most)"
+    )
     if not benchmark.disabled:
-        assert min(best, paired) <= 1.10, (alone, beside)    # target 5%
+        assert min(best, paired) <= 1.10, (alone, beside)  # target 5%
 
 
 @pytest.mark.benchmark(group="defaults")
@@ -267,13 +274,15 @@ def test_numpy_loop_during_the_initial_merge(benchmark, loop):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     best, paired = slowdown(alone, beside)
-    print(f"\ndefaults: {loop} loop {min(alone) * 1e3:.2f} ms alone, "
-          f"{min(beside) * 1e3:.2f} ms during the merge of {size} MiB of fresh duplicates "
-          f"({100 * (best - 1):+.1f}% best of {rounds}, {100 * (paired - 1):+.1f}% median "
-          f"paired; scanner thread {100 * statistics.mean(cpu):.1f}% of a core meanwhile; "
-          f"merged in {statistics.median(merge):.2f} s, median)")
+    print(
+        f"\ndefaults: {loop} loop {min(alone) * 1e3:.2f} ms alone, "
+        f"{min(beside) * 1e3:.2f} ms during the merge of {size} MiB of fresh duplicates "
+        f"({100 * (best - 1):+.1f}% best of {rounds}, {100 * (paired - 1):+.1f}% median "
+        f"paired; scanner thread {100 * statistics.mean(cpu):.1f}% of a core meanwhile; "
+        f"merged in {statistics.median(merge):.2f} s, median)"
+    )
     if not benchmark.disabled:
-        assert min(best, paired) <= 1.10, (alone, beside)    # target 5%
+        assert min(best, paired) <= 1.10, (alone, beside)  # target 5%
 
 
 def mixed_advisor_pool(size_mib: int, target: float):
@@ -281,13 +290,17 @@ def mixed_advisor_pool(size_mib: int, target: float):
     copy; smart_scan off (pages added together age together, and most full
     scans would then skip every unique page, find nothing new and back
     off: the backoff, not the advisor, would set their length)."""
-    pool = uksm.Pool(f"{2 * size_mib}MiB", advisor_mode="scan-time",
-                     advisor_target_scan_time=target, smart_scan=False)
+    pool = uksm.Pool(
+        f"{2 * size_mib}MiB",
+        advisor_mode="scan-time",
+        advisor_target_scan_time=target,
+        smart_scan=False,
+    )
     half = (size_mib << 20) // 2
     rng = np.random.default_rng(11)
     unique = pool.empty(half, np.uint8)
     for o in range(0, half, 64 << 20):
-        unique[o:o + (64 << 20)] = rng.integers(0, 256, min(64 << 20, half - o), dtype=np.uint8)
+        unique[o : o + (64 << 20)] = rng.integers(0, 256, min(64 << 20, half - o), dtype=np.uint8)
     src = rng.integers(0, 256, half // 2, dtype=np.uint8)
     return pool, [unique, pool.asarray(src), pool.asarray(src)]
 
@@ -331,8 +344,10 @@ def test_advisor_reaches_the_target_on_1GiB(benchmark, target):
     benchmark.pedantic(run, rounds=1, iterations=1)
     pages = times.pop()
     settled = statistics.median(times[3:])
-    print(f"\ndefaults + advisor: {size} MiB mixed, target {target:g} s: full scans of "
-          f"{', '.join(f'{x:.2f}' for x in times)} s (median after the third "
-          f"{settled:.2f} s, {100 * (settled / target - 1):+.0f}%); pages_to_scan {pages}")
+    print(
+        f"\ndefaults + advisor: {size} MiB mixed, target {target:g} s: full scans of "
+        f"{', '.join(f'{x:.2f}' for x in times)} s (median after the third "
+        f"{settled:.2f} s, {100 * (settled / target - 1):+.0f}%); pages_to_scan {pages}"
+    )
     if not benchmark.disabled:
         assert abs(settled - target) <= 0.3 * target, times

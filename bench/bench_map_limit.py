@@ -21,6 +21,7 @@ not in the page tables at all, so neither counts the frames it maps:
 saved_mib_kernel is the Pss drop less the frame store's growth (its memfd's
 st_blocks), the kernel's own figures for what the process holds.
 """
+
 import argparse
 import json
 import subprocess
@@ -51,12 +52,13 @@ def one(kind: str, mib: int) -> dict:
     import numpy as np
 
     import uksm
+
     n = mib * 256
     rng = np.random.default_rng(0)
     pool = uksm.Pool(f"{2 * mib}MiB", pages_to_scan=32768, sleep_millisecs=0)
     a = pool.empty((n, PAGE), np.uint8)
     for i in range(0, n, 4096):
-        a[i:i + 4096] = rng.integers(0, 255, (min(4096, n - i), PAGE), dtype=np.uint8)
+        a[i : i + 4096] = rng.integers(0, 255, (min(4096, n - i), PAGE), dtype=np.uint8)
     if kind == "pairs":
         a[1::2] = a[0::2]
     elif kind == "same":
@@ -73,17 +75,25 @@ def one(kind: str, mib: int) -> dict:
     after = rollup_kib()
     st = pool.stats()
     assert np.array_equal(a[::1021], check)
-    out = {"variant": kind, "mib": mib, "candidates": n // 2,
-           "pages_merged": st["pages_sharing"], "pages_shared": st["pages_shared"],
-           "pages_unmerged_map_limit": st["pages_unmerged_map_limit"],
-           "saved_mib_kernel": round((before[0] - after[0]) / 1024
-                                     - (st["memfd_bytes"] - memfd0) / 2**20, 1),
-           "saved_mib_pss": round((before[0] - after[0]) / 1024, 1),
-           "saved_mib_uss": round((before[1] - after[1]) / 1024, 1),
-           "bytes_saved_mib_pool": round(st["bytes_saved"] / 2**20, 1),
-           "seconds_3_full_scans": round(secs, 2), "maps": count_maps(),
-           "map_count": st["map_count"], "map_count_max": st["map_count_max"],
-           "map_count_reserve": st["map_count_reserve"]}
+    out = {
+        "variant": kind,
+        "mib": mib,
+        "candidates": n // 2,
+        "pages_merged": st["pages_sharing"],
+        "pages_shared": st["pages_shared"],
+        "pages_unmerged_map_limit": st["pages_unmerged_map_limit"],
+        "saved_mib_kernel": round(
+            (before[0] - after[0]) / 1024 - (st["memfd_bytes"] - memfd0) / 2**20, 1
+        ),
+        "saved_mib_pss": round((before[0] - after[0]) / 1024, 1),
+        "saved_mib_uss": round((before[1] - after[1]) / 1024, 1),
+        "bytes_saved_mib_pool": round(st["bytes_saved"] / 2**20, 1),
+        "seconds_3_full_scans": round(secs, 2),
+        "maps": count_maps(),
+        "map_count": st["map_count"],
+        "map_count_max": st["map_count_max"],
+        "map_count_reserve": st["map_count_reserve"],
+    }
     pool.close()
     return out
 
@@ -98,8 +108,12 @@ def main() -> None:
         print(json.dumps(one(args.one, args.mib)))
         return
     for kind in args.variants.split(","):
-        r = subprocess.run([sys.executable, __file__, "--one", kind, "--mib", str(args.mib)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--one", kind, "--mib", str(args.mib)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(r.stdout.strip(), flush=True)
 
 

@@ -6,6 +6,7 @@ in the loop being timed; they are built like the core (setup.py's
 cffi_modules), not compiled at run time.  The header doubles as the cdef:
 it holds nothing cffi's parser refuses.
 """
+
 import os
 
 from cffi import FFI

@@ -13,14 +13,27 @@ no PyObject.
 
 UKSM_SANITIZE=address,undefined builds the core with those sanitizers.
 """
+
 import os
 
 import numpy
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["frame.c", "pool.c", "checksum.c", "merge.c", "fault.c", "migrate.c", "swap.c",
-           "inject.c", "xxh3.c", "lock.c", "pyglue.c", "handler.c"]
+SOURCES = [
+    "frame.c",
+    "pool.c",
+    "checksum.c",
+    "merge.c",
+    "fault.c",
+    "migrate.c",
+    "swap.c",
+    "inject.c",
+    "xxh3.c",
+    "lock.c",
+    "pyglue.c",
+    "handler.c",
+]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "uksm_cdef.h")) as f:

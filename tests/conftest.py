@@ -1,4 +1,5 @@
 """Shared fixtures: real pools, and the kernel's own view of their memory."""
+
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ def fill_pages(arr: np.ndarray, page_values) -> None:
     index-independent content is exactly that value repeated."""
     b = arr.reshape(-1).view(np.uint8)
     for i, v in enumerate(page_values):
-        b[i * PAGE:(i + 1) * PAGE] = v
+        b[i * PAGE : (i + 1) * PAGE] = v
 
 
 # pool.page_states() values
@@ -42,7 +43,7 @@ NORMAL, KSM, ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.Z
 
 def page(a: np.ndarray, i: int) -> np.ndarray:
     """Page @i of @a as a writable uint8 view."""
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+    return a.view(np.uint8).reshape(-1)[i * PAGE : (i + 1) * PAGE]
 
 
 def states(pool, a):
@@ -73,7 +74,7 @@ def pool_smaps(pool, field: str = "Anonymous") -> int:
             parts = line.split()
             if not parts:
                 continue
-            if not parts[0].endswith(":"):          # a mapping's header line
+            if not parts[0].endswith(":"):  # a mapping's header line
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 inside = lo < hi_va and hi > lo_va
             elif inside and parts[0] == key:
@@ -107,14 +108,15 @@ def run_isolated(module: str, fn: str, *args, timeout: float = 90) -> str:
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import {module} as m; "
-            f"m.{fn}(*{args!r})")
+    code = f"import sys; sys.path.insert(0, {here!r}); import {module} as m; m.{fn}(*{args!r})"
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
-    died = (f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else "")
-    assert r.returncode == 0, (f"{fn}{args} exited with {r.returncode}{died}:\n"
-                               f"{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    died = f" (killed by {signal.Signals(-r.returncode).name})" if r.returncode < 0 else ""
+    assert r.returncode == 0, (
+        f"{fn}{args} exited with {r.returncode}{died}:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+    )
     return r.stdout

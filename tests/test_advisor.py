@@ -3,6 +3,7 @@ advisor_mode="scan-time", a target, pool.start(), pages_to_scan never
 touched.  The full scans are timed from outside (stats()["full_scans"]
 over wall time), on a pool of mixed content (unique pages and duplicates).
 """
+
 import threading
 import time
 from typing import Iterator, List, Tuple
@@ -21,9 +22,12 @@ TARGET = 1.0
 def mixed_pool(request: pytest.FixtureRequest) -> Iterator[Tuple[uksm.Pool, np.ndarray]]:
     """A scan-time pool holding 128 MiB: 64 MiB unique, 32 MiB and a copy;
     smart_scan as the test's parameter says (default on)."""
-    pool = uksm.Pool(f"{2 * MIB}MiB", advisor_mode="scan-time",
-                     advisor_target_scan_time=TARGET,
-                     smart_scan=getattr(request, "param", True))
+    pool = uksm.Pool(
+        f"{2 * MIB}MiB",
+        advisor_mode="scan-time",
+        advisor_target_scan_time=TARGET,
+        smart_scan=getattr(request, "param", True),
+    )
     rng = np.random.default_rng(5)
     half = (MIB << 20) // 2
     unique = pool.asarray(rng.integers(0, 256, half, dtype=np.uint8))
@@ -87,7 +91,8 @@ def test_advisor_reaches_the_target_scan_time(mixed_pool: Tuple[uksm.Pool, np.nd
 
 
 def test_idle_backoff_does_not_speed_the_advisor_up(
-        mixed_pool: Tuple[uksm.Pool, np.ndarray]) -> None:
+    mixed_pool: Tuple[uksm.Pool, np.ndarray],
+) -> None:
     """Nothing changes: the backoff stretches the full scans, and the
     advisor, which counts the rests as they would be at full speed, keeps
     pages_to_scan where the target put it instead of raising it."""
@@ -99,6 +104,6 @@ def test_idle_backoff_does_not_speed_the_advisor_up(
     tuned = pool.pages_to_scan
     longer = full_scan_times(pool, 1, timeout=60.0)
     assert len(longer) == 1, longer
-    assert longer[0] > 2.5 * TARGET, (times, longer)       # the backoff works
+    assert longer[0] > 2.5 * TARGET, (times, longer)  # the backoff works
     assert pool.pages_to_scan <= 1.5 * tuned, (tuned, pool.pages_to_scan)
     assert unique.any()

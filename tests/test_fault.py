@@ -10,6 +10,7 @@ are not the pool's (a wild pointer, a freed buffer, kill -SEGV) must still
 kill the process with SIGSEGV, through faulthandler's traceback when it is
 enabled.
 """
+
 import faulthandler
 import os
 import signal
@@ -131,21 +132,27 @@ NPAGES = 6
 
 @pytest.fixture(scope="module", params=COW_MODES)
 def prop_pool(request):
-    p = uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False,
-                  cow=request.param)
+    p = uksm.Pool(
+        "16MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False, cow=request.param
+    )
     yield p
     p.close()
 
 
 writes_st = st.lists(
-    st.tuples(st.integers(0, NPAGES * PAGE - 1),     # byte offset in the array
-              st.integers(0, 255),                   # value
-              st.integers(0, NSHARERS - 1)),         # which sharer writes
-    min_size=1, max_size=6)
+    st.tuples(
+        st.integers(0, NPAGES * PAGE - 1),  # byte offset in the array
+        st.integers(0, 255),  # value
+        st.integers(0, NSHARERS - 1),
+    ),  # which sharer writes
+    min_size=1,
+    max_size=6,
+)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(writes=writes_st, seed=st.integers(0, 2**32 - 1))
 def test_cow_isolation_property(prop_pool, writes, seed):
     pool = prop_pool
@@ -191,7 +198,7 @@ def test_write_into_zero_pages(cow):
         assert (states(pool, z) == ZERO).all()
         assert st_["ksm_zero_pages"] == 16
         assert kernel_private_bytes(pool) == st_["bytes_resident"] == 0
-        assert memfd_bytes(pool) == 0              # the zero page takes no frame
+        assert memfd_bytes(pool) == 0  # the zero page takes no frame
 
         page(z, 5)[17] = 42
         s = states(pool, z)
@@ -224,7 +231,7 @@ def test_numpy_fill_of_multi_mib_merged_array(cow_pool):
     pool.scan(full_scans=2)
     assert (states(pool, a) == KSM).all() and (states(pool, b) == KSM).all()
     before = pool.stats()
-    a[:] = 7                                      # every page faults, GIL released
+    a[:] = 7  # every page faults, GIL released
     assert (a == 7).all()
     np.testing.assert_array_equal(b, src)
     assert (states(pool, a) == PRIVATE).all()
@@ -235,7 +242,7 @@ def test_numpy_fill_of_multi_mib_merged_array(cow_pool):
 def test_numpy_ufunc_out_into_merged_pages(cow_pool):
     pool = cow_pool
     rng = np.random.default_rng(3)
-    src = rng.random(2 * 1024 * 1024 // 8)        # 2 MiB
+    src = rng.random(2 * 1024 * 1024 // 8)  # 2 MiB
     x = pool.asarray(src)
     y = pool.asarray(src)
     c = pool.asarray(src)
@@ -247,7 +254,7 @@ def test_numpy_ufunc_out_into_merged_pages(cow_pool):
     np.testing.assert_array_equal(y, src)
     assert (states(pool, c) == PRIVATE).all()
     assert (states(pool, x) == KSM).all()
-    np.multiply(y, 2.0, out=y)                    # in place, on itself
+    np.multiply(y, 2.0, out=y)  # in place, on itself
     np.testing.assert_array_equal(y, src * 2.0)
     np.testing.assert_array_equal(x, src)
     assert (states(pool, y) == PRIVATE).all()
@@ -304,8 +311,10 @@ def test_writer_threads_race_background_scanner(cow):
 
         # thread t owns the pages (array k, page i) with (k * NP + i) % NTHREADS == t
         shadows = [[a.copy() for a in arrs] for _ in range(NTHREADS)]
-        owned = [[(k, i) for k in range(NARR) for i in range(NP)
-                  if (k * NP + i) % NTHREADS == t] for t in range(NTHREADS)]
+        owned = [
+            [(k, i) for k in range(NARR) for i in range(NP) if (k * NP + i) % NTHREADS == t]
+            for t in range(NTHREADS)
+        ]
         failures = []
         counts = [0] * NTHREADS
         deadline = time.monotonic() + RUN
@@ -318,7 +327,7 @@ def test_writer_threads_race_background_scanner(cow):
                 while time.monotonic() < deadline:
                     k, i = mine[r.integers(len(mine))]
                     pg = page(arrs[k], i)
-                    spg = sh[k][i * PAGE:(i + 1) * PAGE]
+                    spg = sh[k][i * PAGE : (i + 1) * PAGE]
                     if r.random() < 0.5:
                         # back to a common pattern: the scanner will merge it again
                         pat = patterns[r.integers(3)]
@@ -336,8 +345,7 @@ def test_writer_threads_race_background_scanner(cow):
                 failures.append((t, repr(e)))
 
         pool.start()
-        threads = [threading.Thread(target=writer, args=(t,), daemon=True)
-                   for t in range(NTHREADS)]
+        threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(NTHREADS)]
         for th in threads:
             th.start()
         for th in threads:
@@ -349,8 +357,10 @@ def test_writer_threads_race_background_scanner(cow):
             stopper.join(timeout=30)
         if hung or stopper.is_alive():
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            pytest.fail(f"deadlock: {len(hung)} writer thread(s) or the scanner "
-                        "did not finish (stacks dumped to stderr)")
+            pytest.fail(
+                f"deadlock: {len(hung)} writer thread(s) or the scanner "
+                "did not finish (stacks dumped to stderr)"
+            )
         assert not failures, failures
         assert min(counts) > 50, counts
 
@@ -359,14 +369,14 @@ def test_writer_threads_race_background_scanner(cow):
             for t in range(NTHREADS):
                 for kk, i in owned[t]:
                     if kk == k:
-                        expect[i * PAGE:(i + 1) * PAGE] = shadows[t][k][i * PAGE:(i + 1) * PAGE]
+                        expect[i * PAGE : (i + 1) * PAGE] = shadows[t][k][i * PAGE : (i + 1) * PAGE]
             assert np.array_equal(a, expect), f"array {k} lost writes"
         st_ = pool.stats()
         assert st_["cow_breaks"] > 0
         if cow == "signal":
             assert st_["cow_breaks_signal"] > 0
         else:
-            assert st_["cow_breaks_signal"] == 0        # the kernel copied: no signal
+            assert st_["cow_breaks_signal"] == 0  # the kernel copied: no signal
         assert st_["pages_merged_total"] > merged0, "scanner merged nothing while racing"
         # and the pool is still consistent: a quiet scan keeps the data
         pool.scan(full_scans=2)
@@ -374,7 +384,7 @@ def test_writer_threads_race_background_scanner(cow):
             for t in range(NTHREADS):
                 for kk, i in owned[t]:
                     if kk == k:
-                        assert np.array_equal(page(a, i), shadows[t][k][i * PAGE:(i + 1) * PAGE])
+                        assert np.array_equal(page(a, i), shadows[t][k][i * PAGE : (i + 1) * PAGE])
     finally:
         pool.close()
 
@@ -415,15 +425,17 @@ def run_child(body: str, *flags: str, cow: str, timeout: float = 60):
     copy-on-write mode there."""
     code = f"COW = {cow!r}\n" + PRELUDE + textwrap.dedent(body)
     try:
-        return subprocess.run([sys.executable, *flags, "-c", code],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:  # pragma: no cover - the failure
         pytest.fail(f"child hung for {timeout}s; stderr so far: {e.stderr!r}")
 
 
 def assert_died_by_sigsegv(proc):
     assert proc.returncode == -signal.SIGSEGV, (
-        f"returncode {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        f"returncode {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
 
 
 def crash_report_after_cow(stderr: str) -> str:
@@ -437,13 +449,18 @@ def crash_report_after_cow(stderr: str) -> str:
 
 @pytest.mark.parametrize("cow", COW_MODES)
 def test_wild_pointer_crashes_with_faulthandler_traceback(cow):
-    proc = run_child("""
+    proc = run_child(
+        """
         pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """, "-X", "faulthandler", cow=cow)
+    """,
+        "-X",
+        "faulthandler",
+        cow=cow,
+    )
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     after = crash_report_after_cow(proc.stderr)
@@ -453,7 +470,8 @@ def test_wild_pointer_crashes_with_faulthandler_traceback(cow):
 
 @pytest.mark.parametrize("cow", COW_MODES)
 def test_faulthandler_enabled_after_pool(cow):
-    proc = run_child("""
+    proc = run_child(
+        """
         pool = uksm.Pool("16MiB", cow=COW)
         faulthandler.enable()
         faulthandler.disable()
@@ -464,7 +482,9 @@ def test_faulthandler_enabled_after_pool(cow):
         c[0] = 6                        # a write that is not a COW still works
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """, cow=cow)
+    """,
+        cow=cow,
+    )
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     after = crash_report_after_cow(proc.stderr)
@@ -474,13 +494,16 @@ def test_faulthandler_enabled_after_pool(cow):
 
 @pytest.mark.parametrize("cow", COW_MODES)
 def test_wild_pointer_crashes_without_faulthandler(cow):
-    proc = run_child("""
+    proc = run_child(
+        """
         pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
         ctypes.string_at(1)
         print("SURVIVED", flush=True)
-    """, cow=cow)
+    """,
+        cow=cow,
+    )
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
 
@@ -488,7 +511,8 @@ def test_wild_pointer_crashes_without_faulthandler(cow):
 @pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")], ids=["plain", "faulthandler"])
 @pytest.mark.parametrize("cow", COW_MODES)
 def test_touching_freed_buffer_crashes(flags, cow):
-    proc = run_child("""
+    proc = run_child(
+        """
         pool = uksm.Pool("16MiB", cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
@@ -499,7 +523,10 @@ def test_touching_freed_buffer_crashes(flags, cow):
         print("READ", int(a[4096]), flush=True)
         a[4096] = 1
         print("WROTE", flush=True)
-    """, *flags, cow=cow)
+    """,
+        *flags,
+        cow=cow,
+    )
     assert_died_by_sigsegv(proc)
     assert "FREED" in proc.stdout
     assert "READ" not in proc.stdout and "WROTE" not in proc.stdout
@@ -512,7 +539,8 @@ def test_touching_freed_buffer_crashes(flags, cow):
 @pytest.mark.parametrize("scanner", [False, True], ids=["idle", "ksmd-running"])
 @pytest.mark.parametrize("cow", COW_MODES)
 def test_kill_sigsegv_still_kills(flags, scanner, cow):
-    proc = run_child(f"""
+    proc = run_child(
+        f"""
         pool = uksm.Pool("16MiB", sleep_millisecs=0, cow=COW)
         a, b = merged_pair(pool)
         cow_check(pool, a, b)
@@ -522,7 +550,11 @@ def test_kill_sigsegv_still_kills(flags, scanner, cow):
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)
         print("SURVIVED", flush=True)
-    """, *flags, cow=cow, timeout=30)
+    """,
+        *flags,
+        cow=cow,
+        timeout=30,
+    )
     assert_died_by_sigsegv(proc)
     assert "COW-OK" in proc.stdout and "SURVIVED" not in proc.stdout
     if flags:
@@ -546,9 +578,9 @@ def test_cow_under_vma_pressure_breaks_whole_runs(cow):
     knob, not the machinery) so the test needs a few hundred writes, not
     tens of thousands."""
     with uksm.Pool("64MiB", sleep_millisecs=0, cow=cow) as pool:
-        a = pool.zeros(16 << 20, np.uint8)           # 4096 pages
+        a = pool.zeros(16 << 20, np.uint8)  # 4096 pages
         a.fill(1)
-        a.fill(0)                                    # used, and zero again
+        a.fill(0)  # used, and zero again
         pool.scan(full_scans=2)
         st, _, _ = pool.page_states(a)
         assert (st == ZERO).all()
@@ -556,7 +588,7 @@ def test_cow_under_vma_pressure_breaks_whole_runs(cow):
         pool._native.set_vma_state(base, base + 200)
         shadow = np.zeros_like(np.asarray(a))
         peak = base
-        for i in range(0, 4096, 2):                  # every other page
+        for i in range(0, 4096, 2):  # every other page
             a[i * 4096 + 7] = i % 251 + 1
             shadow[i * 4096 + 7] = i % 251 + 1
             if i % 64 == 0:
@@ -583,7 +615,8 @@ def test_real_segfault_under_pytest_still_dies_with_a_traceback(tmp_path, cow):
     takes them) and a wild pointer must still kill the process by SIGSEGV
     with faulthandler's traceback."""
     test = tmp_path / "test_crash.py"
-    test.write_text(textwrap.dedent(f"""
+    test.write_text(
+        textwrap.dedent(f"""
         import ctypes
         import numpy as np
         import uksm
@@ -600,11 +633,16 @@ def test_real_segfault_under_pytest_still_dies_with_a_traceback(tmp_path, cow):
             assert s["cow_breaks_signal"] == {int(cow == "signal")}
             print("COW-OK", flush=True)
             ctypes.string_at(1)
-    """))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                           str(test)], capture_output=True, text=True, timeout=120,
-                          cwd=str(tmp_path))
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(test)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert "COW-OK" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr[-2000:])
     assert "Fatal Python error: Segmentation fault" in proc.stderr
-    assert "test_crash" in proc.stderr              # the traceback names the test
+    assert "test_crash" in proc.stderr  # the traceback names the test

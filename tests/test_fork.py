@@ -7,6 +7,7 @@ unmerged arrays, order the writes with multiprocessing events, and check
 that neither side ever sees the other's writes, that the child can use the
 pool it inherited, and that the parent's pool keeps working.
 """
+
 import multiprocessing as mp
 import os
 import select
@@ -26,7 +27,7 @@ TIMEOUT = 60
 
 
 def page(a: np.ndarray, i: int) -> np.ndarray:
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+    return a.view(np.uint8).reshape(-1)[i * PAGE : (i + 1) * PAGE]
 
 
 def contents(seed: int):
@@ -73,7 +74,7 @@ def _mp_child(arrays, inherited_pool, ready, go, report):
         if inherited_pool is not None:
             try:
                 seen["pool"] = exercise_pool(inherited_pool)
-            except uksm.UksmError as e:       # a clear error is acceptable
+            except uksm.UksmError as e:  # a clear error is acceptable
                 seen["pool"] = f"error: {type(e).__name__}: {e}"
             seen["states_a"] = inherited_pool.page_states(a)[0]
         else:
@@ -97,9 +98,9 @@ def test_multiprocessing_child_and_parent_never_share_writes(method):
         assert (pool.page_states(c)[0] == NORMAL).all()
 
         ready, report, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        proc = ctx.Process(target=_mp_child,
-                           args=((a, c), pool if method == "fork" else None,
-                                 ready, go, report))
+        proc = ctx.Process(
+            target=_mp_child, args=((a, c), pool if method == "fork" else None, ready, go, report)
+        )
         proc.start()
         try:
             assert ready.get(timeout=TIMEOUT) == proc.pid
@@ -109,7 +110,7 @@ def test_multiprocessing_child_and_parent_never_share_writes(method):
             page(c, 2)[7] ^= 0xFF
             parent_a = merged.copy()
             parent_a[PAGE] ^= 0xFF
-            parent_a[3 * PAGE:4 * PAGE] = 0x33
+            parent_a[3 * PAGE : 4 * PAGE] = 0x33
             parent_c = unique.copy()
             parent_c[2 * PAGE + 7] ^= 0xFF
             go.set()
@@ -173,22 +174,25 @@ def test_parent_acts_immediately_after_fork(parent_does):
     free or COW break must not reach the child, whose copy of the pool is
     still being made (a big pool makes that copy take a while)."""
     with uksm.Pool("128MiB") as pool:
-        big = pool.empty(48 << 20, np.uint8)              # 12288 NORMAL pages,
+        big = pool.empty(48 << 20, np.uint8)  # 12288 NORMAL pages,
         big.view(np.uint32)[:] = np.arange(big.size // 4, dtype=np.uint32)  # all different
         last = big[-PAGE:].copy()
-        x = pool.full(PAGE, 7, dtype=np.uint8)            # allocated last: copied last
+        x = pool.full(PAGE, 7, dtype=np.uint8)  # allocated last: copied last
         y = pool.full(PAGE, 7, dtype=np.uint8)
         if parent_does == "cow":
             pool.scan(full_scans=2)
             assert (pool.page_states(x)[0] == KSM).all()
         rfd, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:                                   # child
+        if pid == 0:  # child
             code = 1
             try:
                 os.close(rfd)
-                bad = (int(np.count_nonzero(x != 7)) + int(np.count_nonzero(y != 7))
-                       + int(np.count_nonzero(big[-PAGE:] != last)))
+                bad = (
+                    int(np.count_nonzero(x != 7))
+                    + int(np.count_nonzero(y != 7))
+                    + int(np.count_nonzero(big[-PAGE:] != last))
+                )
                 os.write(wfd, str(bad).encode())
                 code = 0
             finally:
@@ -200,14 +204,16 @@ def test_parent_acts_immediately_after_fork(parent_does):
         elif parent_does == "free":
             pool.free(x)
         else:
-            x[0] = 3                                   # COW break: a copy for x ...
-            y[0] = 3                                   # ... and y, sole mapper, reuses the frame
+            x[0] = 3  # COW break: a copy for x ...
+            y[0] = 3  # ... and y, sole mapper, reuses the frame
         status = _wait_child(pid, TIMEOUT)
         answer = os.read(rfd, 64)
         os.close(rfd)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-        assert answer == b"0", (f"the child saw {answer.decode()} bytes of what the "
-                                f"parent did after the fork ({parent_does})")
+        assert answer == b"0", (
+            f"the child saw {answer.decode()} bytes of what the "
+            f"parent did after the fork ({parent_does})"
+        )
 
 
 def test_os_fork_with_background_scanner_running():
@@ -231,13 +237,13 @@ def test_os_fork_with_background_scanner_running():
                 e[i * PAGE] ^= 0x5A
             rfd, wfd = os.pipe()
             pid = os.fork()
-            if pid == 0:                                   # child
+            if pid == 0:  # child
                 code = 1
                 try:
                     os.close(wfd)
                     ok = all(np.array_equal(a, e) for a, e in zip(arrs, expect))
                     code = 0 if ok else 2
-                    page(arrs[0], 10)[:] = 0x77           # private to the child
+                    page(arrs[0], 10)[:] = 0x77  # private to the child
                     if ok and not (page(arrs[0], 10) == 0x77).all():
                         code = 3
                     # wait for the parent's write, which must not show here
@@ -245,14 +251,14 @@ def test_os_fork_with_background_scanner_running():
                     if code == 0 and not np.array_equal(arrs[1], expect[1]):
                         code = 4
                     if code == 0 and pool.running:
-                        code = 6                          # a scanner thread in the child?
+                        code = 6  # a scanner thread in the child?
                     if code == 0 and exercise_pool(pool) != "ok":
                         code = 5
                 finally:
                     os._exit(code)
             os.close(rfd)
-            page(arrs[1], 20)[:] = 0x99                   # after the fork
-            expect[1][20 * PAGE:21 * PAGE] = 0x99
+            page(arrs[1], 20)[:] = 0x99  # after the fork
+            expect[1][20 * PAGE : 21 * PAGE] = 0x99
             os.write(wfd, b"x")
             os.close(wfd)
             status = _wait_child(pid, TIMEOUT)

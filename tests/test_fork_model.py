@@ -19,6 +19,7 @@ Everything that forks runs in a child interpreter with a timeout (_isolated)
 and every forked process is waited for with a deadline, so a hang or a
 crash fails the test instead of CI.
 """
+
 import gc
 import multiprocessing
 import os
@@ -41,8 +42,12 @@ from conftest import run_isolated
 
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
-PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
-                               uksm.PageState.SWAPPED)
+PRIVATE, KSM, ZERO, SWAPPED = (
+    uksm.PageState.PRIVATE,
+    uksm.PageState.KSM,
+    uksm.PageState.ZERO,
+    uksm.PageState.SWAPPED,
+)
 COWS = ["kernel", "signal"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEADLINE = 60
@@ -59,8 +64,11 @@ def wait_child(pid: int, timeout: float = DEADLINE) -> int:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) \
+            return (
+                os.waitstatus_to_exitcode(status)
+                if os.WIFEXITED(status)
                 else 128 + os.WTERMSIG(status)
+            )
         if time.monotonic() > end:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -89,7 +97,7 @@ def fork_run(body, *close_in_child) -> int:
                 os.close(fd)
             body()
             code = 0
-        except BaseException:                       # noqa: B902
+        except BaseException:  # noqa: B902
             traceback.print_exc()
             sys.stderr.flush()
         finally:
@@ -102,7 +110,7 @@ def addr_of(a: np.ndarray) -> int:
 
 
 def page(a: np.ndarray, i: int) -> np.ndarray:
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+    return a.view(np.uint8).reshape(-1)[i * PAGE : (i + 1) * PAGE]
 
 
 def states(pool, a) -> np.ndarray:
@@ -110,6 +118,7 @@ def states(pool, a) -> np.ndarray:
 
 
 # --- the model -----------------------------------------------------------------------
+
 
 class Model:
     """A pool and a shadow (plain numpy) of every live buffer."""
@@ -120,11 +129,17 @@ class Model:
         self.rng = random.Random(seed)
         g = np.random.default_rng(seed)
         self.patterns = g.integers(1, 256, (self.NPAT, PAGE), dtype=np.uint8)
-        self.patterns[0] = 0                         # zero pages (use_zero_pages)
+        self.patterns[0] = 0  # zero pages (use_zero_pages)
         self.swap = swap
-        self.pool = uksm.Pool("64MiB", cow=cow, pages_to_scan=4096, sleep_millisecs=0,
-                              use_zero_pages=True, compact_threshold=0,
-                              max_resident="48MiB" if swap else None)
+        self.pool = uksm.Pool(
+            "64MiB",
+            cow=cow,
+            pages_to_scan=4096,
+            sleep_millisecs=0,
+            use_zero_pages=True,
+            compact_threshold=0,
+            max_resident="48MiB" if swap else None,
+        )
         self.live: dict = {}
         self.next_name = 0
         self.max_deferred = 0
@@ -139,13 +154,13 @@ class Model:
         for p in range(npages):
             r = self.rng.random()
             if r < 0.1:
-                continue                             # never written: untouched
+                continue  # never written: untouched
             if r < 0.5:
                 v = self.patterns[self.rng.randrange(self.NPAT)]
             else:
                 v = np.frombuffer(self.rng.randbytes(PAGE), np.uint8)
             page(arr, p)[:] = v
-            shadow[p * PAGE:(p + 1) * PAGE] = v
+            shadow[p * PAGE : (p + 1) * PAGE] = v
         self.live[self.next_name] = (arr, shadow)
         self.log.append(("alloc", self.next_name, npages))
         self.next_name += 1
@@ -169,22 +184,22 @@ class Model:
         name = self.rng.choice(sorted(self.live))
         arr, shadow = self.live[name]
         kind = self.rng.randrange(3)
-        if kind == 0:                                # a whole page, to a pattern
+        if kind == 0:  # a whole page, to a pattern
             p = self.rng.randrange(arr.size // PAGE)
             v = self.patterns[self.rng.randrange(self.NPAT)]
             page(arr, p)[:] = v
-            shadow[p * PAGE:(p + 1) * PAGE] = v
-        elif kind == 1:                              # one byte
+            shadow[p * PAGE : (p + 1) * PAGE] = v
+        elif kind == 1:  # one byte
             i = self.rng.randrange(arr.size)
             v = self.rng.randrange(256)
             arr[i] = v
             shadow[i] = v
-        else:                                        # a span across pages
+        else:  # a span across pages
             i = self.rng.randrange(arr.size)
             n = min(self.rng.randrange(1, 3 * PAGE), arr.size - i)
             v = np.frombuffer(self.rng.randbytes(n), np.uint8)
-            arr[i:i + n] = v
-            shadow[i:i + n] = v
+            arr[i : i + n] = v
+            shadow[i : i + n] = v
         self.log.append(("write", name, kind))
 
     def free(self) -> None:
@@ -211,7 +226,7 @@ class Model:
             self.pool.shrink("1MiB")
             self.shrunk += MiB
             self.log.append(("shrink", "ok"))
-        except (UksmError, PoolFullError) as exc:   # refused: deferred frames up there
+        except (UksmError, PoolFullError) as exc:  # refused: deferred frames up there
             self.log.append(("shrink", type(exc).__name__))
 
     def swapout(self) -> None:
@@ -230,7 +245,8 @@ class Model:
                 raise AssertionError(
                     f"{where} (pid {os.getpid()}): buffer {name} differs from its shadow at "
                     f"{len(bad)} bytes, first {bad[0]} (page {bad[0] // PAGE}, state "
-                    f"{st[bad[0] // PAGE]}); last ops {self.log[-12:]}")
+                    f"{st[bad[0] // PAGE]}); last ops {self.log[-12:]}"
+                )
 
     def check_tables(self) -> dict:
         """The page table of the live buffers against the counters.  The
@@ -238,6 +254,7 @@ class Model:
         khugepaged may collapse a huge-page-advised buffer at any moment,
         turning its untouched (zero) pages into present ones, which the next
         reconcile counts; the counters must match a table that held still."""
+
         def tables():
             return [self.pool.page_states(arr)[:2] for arr, _ in self.live.values()]
 
@@ -245,8 +262,10 @@ class Model:
             before = tables()
             st = self.pool.stats()
             after = tables()
-            if all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-                   for a, b in zip(before, after)):
+            if all(
+                np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                for a, b in zip(before, after)
+            ):
                 break
         pfns, slots = set(), set()
         ksm = zero = swapped = 0
@@ -267,8 +286,17 @@ class Model:
 
 # --- the child's side of the model ---------------------------------------------------------
 
-CHILD_OPS = ["write"] * 5 + ["alloc", "clone", "free", "scan", "scan", "swapout",
-                             "compact", "grandchild", "exec"]
+CHILD_OPS = ["write"] * 5 + [
+    "alloc",
+    "clone",
+    "free",
+    "scan",
+    "scan",
+    "swapout",
+    "compact",
+    "grandchild",
+    "exec",
+]
 
 
 def child_life(m: Model, release_r: int, depth: int, parent_ino: int) -> None:
@@ -292,8 +320,9 @@ def child_life(m: Model, release_r: int, depth: int, parent_ino: int) -> None:
             sub.rng = random.Random(m.rng.random())
             sub.log = list(m.log)
             ino = os.fstat(pool.fd).st_ino
-            kids.append(fork_run(lambda sub=sub, ino=ino:
-                                 child_life(sub, release_r, depth + 1, ino)))
+            kids.append(
+                fork_run(lambda sub=sub, ino=ino: child_life(sub, release_r, depth + 1, ino))
+            )
             m.log.append(("grandchild",))
         elif op == "exec":
             pid = os.fork()
@@ -334,8 +363,21 @@ def child_life(m: Model, release_r: int, depth: int, parent_ino: int) -> None:
 
 # --- the parent's side ----------------------------------------------------------------
 
-PARENT_OPS = ["write"] * 6 + ["alloc", "clone", "clone", "free", "free", "scan", "scan",
-                               "compact", "shrink", "swapout", "fork", "fork", "release"]
+PARENT_OPS = ["write"] * 6 + [
+    "alloc",
+    "clone",
+    "clone",
+    "free",
+    "free",
+    "scan",
+    "scan",
+    "compact",
+    "shrink",
+    "swapout",
+    "fork",
+    "fork",
+    "release",
+]
 
 
 def run_model(seed: int, cow: str, swap: bool, steps: int = 60) -> None:
@@ -346,7 +388,7 @@ def run_model(seed: int, cow: str, swap: bool, steps: int = 60) -> None:
         m.alloc()
     m.scan()
     m.scan()
-    children = []                                   # (pid, release write end)
+    children = []  # (pid, release write end)
     forks = 0
     for step in range(steps):
         op = m.rng.choice(PARENT_OPS)
@@ -380,20 +422,24 @@ def run_model(seed: int, cow: str, swap: bool, steps: int = 60) -> None:
         code = wait_child(pid)
         assert code == 0, f"seed {seed}: child {pid} exited with {code}"
     m.verify("parent at the end")
-    t = m.check_tables()          # a pool call: the epochs are closed, deferred frames back
+    t = m.check_tables()  # a pool call: the epochs are closed, deferred frames back
     st = t["st"]
     assert st["frames_deferred"] == 0, st["frames_deferred"]
-    assert st["fork_detaches"] == 0                 # the parent never detaches
+    assert st["fork_detaches"] == 0  # the parent never detaches
     frames_need = st["pages_shared"] * PAGE
     blocks = os.fstat(pool.fd).st_blocks * 512
     assert st["bytes_frames"] == blocks
-    assert frames_need <= st["bytes_frames"] <= frames_need + 16 * PAGE, \
-        (frames_need, st["bytes_frames"])
+    assert frames_need <= st["bytes_frames"] <= frames_need + 16 * PAGE, (
+        frames_need,
+        st["bytes_frames"],
+    )
     if swap:
         assert st["swap_slots_used"] == t["slots"], (st["swap_slots_used"], t["slots"])
-    print(f"seed {seed} cow {cow} swap {swap}: {forks} forks, {len(m.log)} ops, "
-          f"frames deferred at most {m.max_deferred}, frames {st['pages_shared']}, "
-          f"store {st['bytes_frames']}, slots {t['slots']}")
+    print(
+        f"seed {seed} cow {cow} swap {swap}: {forks} forks, {len(m.log)} ops, "
+        f"frames deferred at most {m.max_deferred}, frames {st['pages_shared']}, "
+        f"store {st['bytes_frames']}, slots {t['slots']}"
+    )
     assert m.max_deferred > 0, "the sequence never freed a frame under a live child"
 
 
@@ -405,6 +451,7 @@ def test_fork_model(cow, seed, swap):
 
 
 # --- fork costs O(mappings) -------------------------------------------------------------
+
 
 def fork_time(_keep_alive) -> float:
     """The parent's time in os.fork(), best of 5 (the child exits at once)."""
@@ -434,13 +481,15 @@ def fork_time_child() -> None:
     b = pool.empty(size // 2, np.uint8)
     b.view(np.uint64)[:] = ~np.arange(b.size // 8, dtype=np.uint64)
     t_private = fork_time(a)
-    b[:] = a                                         # b's pages merge with a's, in runs
+    b[:] = a  # b's pages merge with a's, in runs
     pool.scan(full_scans=2)
     assert (states(pool, b) == KSM).all()
     t_merged = fork_time(a)
-    print(f"fork: numpy {t_numpy * 1e3:.2f} ms, pool private {t_private * 1e3:.2f} ms, "
-          f"pool merged {t_merged * 1e3:.2f} ms")
-    floor = max(t_numpy, 0.002)                      # a fork is never free
+    print(
+        f"fork: numpy {t_numpy * 1e3:.2f} ms, pool private {t_private * 1e3:.2f} ms, "
+        f"pool merged {t_merged * 1e3:.2f} ms"
+    )
+    floor = max(t_numpy, 0.002)  # a fork is never free
     assert t_private < 10 * floor, (t_private, t_numpy)
     assert t_merged < 10 * floor, (t_merged, t_numpy)
     assert np.array_equal(a, b)
@@ -452,6 +501,7 @@ def test_fork_time_is_o_mappings():
 
 
 # --- exec costs nothing ----------------------------------------------------------------------
+
 
 def merged_pool(cow: str = "kernel", n: int = 64, seed: int = 0):
     pool = uksm.Pool("64MiB", cow=cow, pages_to_scan=4096, sleep_millisecs=0)
@@ -485,8 +535,8 @@ def exec_child() -> None:
             time.sleep(0.2)
             assert proc.poll() is None
             pool.stop()
-            a[:] = 1                                 # every frame loses a view ...
-            b[:] = 2                                 # ... and then its last one
+            a[:] = 1  # every frame loses a view ...
+            b[:] = 2  # ... and then its last one
             st2 = pool.stats()
             assert st2["pages_shared"] == 0
             assert st2["frames_deferred"] == 0, "an exec'd child keeps frames deferred"
@@ -505,6 +555,7 @@ def test_exec_child_costs_nothing():
 
 # --- a child that merges detaches -------------------------------------------------------------
 
+
 def merge_detach_child(cow: str) -> None:
     """(isolated) A child merging new contents detaches once (compaction
     after that does not again) and its own store leaves the parent's
@@ -520,22 +571,22 @@ def merge_detach_child(cow: str) -> None:
             os.close(done_r)
             os.close(go_w)
             assert pool.stats()["fork_detaches"] == 0
-            assert os.fstat(pool.fd).st_ino == ino           # an heir: the parent's store
-            c = pool.full(16 * PAGE, 0x3C, np.uint8)         # new content, twice
+            assert os.fstat(pool.fd).st_ino == ino  # an heir: the parent's store
+            c = pool.full(16 * PAGE, 0x3C, np.uint8)  # new content, twice
             d = pool.full(16 * PAGE, 0x3C, np.uint8)
-            a[5 * PAGE:7 * PAGE] = 0x11                      # the child's own writes
+            a[5 * PAGE : 7 * PAGE] = 0x11  # the child's own writes
             st = pool.scan(full_scans=2)
             assert (states(pool, c) == KSM).all() and (states(pool, d) == KSM).all()
             assert st["fork_detaches"] == 1, st["fork_detaches"]
             assert os.fstat(pool.fd).st_ino != ino
             pool.scan(full_scans=1)
             pool.compact()
-            assert pool.stats()["fork_detaches"] == 1        # once only
+            assert pool.stats()["fork_detaches"] == 1  # once only
             exp = src.copy()
-            exp[5 * PAGE:7 * PAGE] = 0x11
+            exp[5 * PAGE : 7 * PAGE] = 0x11
             assert np.array_equal(a, exp) and np.array_equal(b, src)
             os.write(done_w, b"m")
-            assert wait_eof(go_r)                            # the parent writes now
+            assert wait_eof(go_r)  # the parent writes now
             assert np.array_equal(a, exp) and np.array_equal(b, src)
             assert (c == 0x3C).all() and (d == 0x3C).all()
 
@@ -549,11 +600,11 @@ def merge_detach_child(cow: str) -> None:
             st = pool.stats()
             assert st["bytes_frames"] == frames0 and st["fork_detaches"] == 0
             assert (states(pool, a) == KSM).all()
-            b[:] = 0x77                                      # COW every view of b ...
-            a[:PAGE] = 0x78                                  # ... and one of a: its frame
-            st = pool.stats()                                #     is freed, the child
-            assert st["frames_deferred"] == 1                #     may still map it
-            assert st["bytes_frames"] == frames0             # deferred: not punched
+            b[:] = 0x77  # COW every view of b ...
+            a[:PAGE] = 0x78  # ... and one of a: its frame
+            st = pool.stats()  #     is freed, the child
+            assert st["frames_deferred"] == 1  #     may still map it
+            assert st["bytes_frames"] == frames0  # deferred: not punched
         finally:
             os.close(go_w)
             code = wait_child(pid)
@@ -580,7 +631,7 @@ def first_merge_child() -> None:
         ino = os.fstat(pool.fd).st_ino
 
         def child():
-            c = pool.asarray(src[:4 * PAGE])       # equal to frames the parent has
+            c = pool.asarray(src[: 4 * PAGE])  # equal to frames the parent has
             st = pool.scan(full_scans=2)
             assert (states(pool, c) == KSM).all()
             assert st["fork_detaches"] == 1, "merged, but still an heir"
@@ -599,25 +650,34 @@ def test_child_first_merge_into_an_inherited_frame_detaches():
 
 # --- writes on both sides, in every state --------------------------------------------------------
 
+
 def every_state_pool(cow: str):
     """A pool with a buffer in each state: private, KSM (and its twin), zero,
     swapped.  Returns the pool and {name: (array, contents)}."""
-    pool = uksm.Pool("64MiB", cow=cow, pages_to_scan=4096, sleep_millisecs=0,
-                     use_zero_pages=True, max_resident="32MiB")
+    pool = uksm.Pool(
+        "64MiB",
+        cow=cow,
+        pages_to_scan=4096,
+        sleep_millisecs=0,
+        use_zero_pages=True,
+        max_resident="32MiB",
+    )
     g = np.random.default_rng(4)
     n = 8
     sw = g.integers(0, 256, n * PAGE, dtype=np.uint8)
-    s = pool.asarray(sw)                           # first: the clock takes it first
+    s = pool.asarray(sw)  # first: the clock takes it first
     ballast = pool.asarray(g.integers(0, 256, n * PAGE, dtype=np.uint8))
-    pool.max_resident = PAGE                       # all of s goes, most of the ballast
+    pool.max_resident = PAGE  # all of s goes, most of the ballast
     pool.max_resident = "32MiB"
     del ballast
     pr = g.integers(0, 256, n * PAGE, dtype=np.uint8)
     km = g.integers(0, 256, n * PAGE, dtype=np.uint8)
-    bufs = {"private": (pool.asarray(pr), pr.copy()),
-            "ksm": (pool.asarray(km), km.copy()),
-            "twin": (pool.asarray(km), km.copy()),
-            "swapped": (s, sw.copy())}
+    bufs = {
+        "private": (pool.asarray(pr), pr.copy()),
+        "ksm": (pool.asarray(km), km.copy()),
+        "twin": (pool.asarray(km), km.copy()),
+        "swapped": (s, sw.copy()),
+    }
     z = pool.empty(n * PAGE, np.uint8)
     z.fill(1)
     z.fill(0)
@@ -638,7 +698,7 @@ def scribble(bufs: dict, value: int, pages=(1,)) -> dict:
         if name != "twin":
             for p in pages:
                 page(arr, p)[:] = value
-                exp[p * PAGE:(p + 1) * PAGE] = value
+                exp[p * PAGE : (p + 1) * PAGE] = value
             arr[3 * PAGE + 9] = value
             exp[3 * PAGE + 9] = value
         out[name] = exp
@@ -692,7 +752,7 @@ def both_sides_child(cow: str) -> None:
             assert (states(pool, n1) == KSM).all()
             st = pool.stats()
             assert st["frames_deferred"] > 0
-            pool.max_resident = 16 * PAGE              # swaps out fresh pages (new slots)
+            pool.max_resident = 16 * PAGE  # swaps out fresh pages (new slots)
             pool.max_resident = "32MiB"
             assert pool.stats()["pages_swapped"] > 0
             assert np.array_equal(n1, fresh) and np.array_equal(n2, fresh)
@@ -725,10 +785,10 @@ _MP = {}
 def _mp_work(i: int):
     a, b, src = _MP["a"], _MP["b"], _MP["src"]
     ok = np.array_equal(a, src) and np.array_equal(b, src)
-    a[i * PAGE:(i + 1) * PAGE] = i                   # the worker's own COW
-    ok = ok and bool((a[i * PAGE:(i + 1) * PAGE] == i).all()) and np.array_equal(b, src)
+    a[i * PAGE : (i + 1) * PAGE] = i  # the worker's own COW
+    ok = ok and bool((a[i * PAGE : (i + 1) * PAGE] == i).all()) and np.array_equal(b, src)
     total = int(a.sum(dtype=np.int64))
-    a[i * PAGE:(i + 1) * PAGE] = src[i * PAGE:(i + 1) * PAGE]   # a worker runs many tasks
+    a[i * PAGE : (i + 1) * PAGE] = src[i * PAGE : (i + 1) * PAGE]  # a worker runs many tasks
     return i, ok, total
 
 
@@ -741,14 +801,14 @@ def mp_child(cow: str) -> None:
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2) as workers:
         res = workers.map(_mp_work, range(16))
-        for _ in range(3):                           # the parent merges and writes meanwhile
+        for _ in range(3):  # the parent merges and writes meanwhile
             a[31 * PAGE] ^= 1
             a[31 * PAGE] ^= 1
             time.sleep(0.01)
     assert all(ok for _, ok, _ in res), res
     for i, _, total in res:
         exp = src.copy()
-        exp[i * PAGE:(i + 1) * PAGE] = i
+        exp[i * PAGE : (i + 1) * PAGE] = i
         assert total == int(exp.sum(dtype=np.int64))
     assert np.array_equal(a, src) and np.array_equal(b, src)
     assert pool.running

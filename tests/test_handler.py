@@ -1,5 +1,6 @@
 """The NEP 49 handler (csrc/handler.c, uksm/handler.py, uksm/run.py): real
 numpy arrays, made by numpy itself, from a pool."""
+
 import gc
 import json
 import os
@@ -54,7 +55,7 @@ def test_install_uninstall_nesting(hpool):
         assert in_pool(hpool, a) and handler_name() == "uksm"
         uksm.install(other, threshold=2 * THRESHOLD)
         try:
-            b = np.ones(THRESHOLD // 8)     # below other's threshold: hpool's handler
+            b = np.ones(THRESHOLD // 8)  # below other's threshold: hpool's handler
             c = np.ones(2 * THRESHOLD // 8)
             assert in_pool(hpool, b) and in_pool(other, c)
             with hpool.allocating(threshold=PAGE):
@@ -93,7 +94,7 @@ def test_threshold_boundary(hpool):
     assert at.__array_interface__["data"][0] % PAGE == 0
     assert hpool.buffer_stats(above)["pages"] == 5
     with pytest.raises(uksm.ForeignArrayError):
-        hpool.free(at)      # numpy owns it
+        hpool.free(at)  # numpy owns it
     assert hpool.stats()["handler"]["live"] == 2
 
 
@@ -106,7 +107,7 @@ def test_calloc_reads_zero_after_reuse(hpool):
             assert in_pool(hpool, z) and not z.any()
             z[:] = 3.0
             del z
-        hpool.scan()    # drained: the next ranges are reused ones
+        hpool.scan()  # drained: the next ranges are reused ones
         for _ in range(5):
             z = np.zeros((64, PAGE // 8))
             assert not z.any()
@@ -117,17 +118,17 @@ def test_realloc_keeps_contents(hpool):
     with hpool.allocating(threshold=PAGE):
         a = np.arange(10 * PAGE // 8, dtype=np.float64)
         ref = a.copy()
-        hpool.scan()            # the Python side knows it: a real TRIM/FREE later
-        a.resize(40 * PAGE // 8, refcheck=False)    # grow: moved by mremap
+        hpool.scan()  # the Python side knows it: a real TRIM/FREE later
+        a.resize(40 * PAGE // 8, refcheck=False)  # grow: moved by mremap
         assert in_pool(hpool, a)
-        assert (a[:len(ref)] == ref).all() and not a[len(ref):].any()
+        assert (a[: len(ref)] == ref).all() and not a[len(ref) :].any()
         a[-1] = 5
         hpool.scan()
-        a.resize(3 * PAGE // 8, refcheck=False)     # shrink in place
-        assert (a == ref[:len(a)]).all()
-        a.resize(16, refcheck=False)                # below the threshold: copied out
+        a.resize(3 * PAGE // 8, refcheck=False)  # shrink in place
+        assert (a == ref[: len(a)]).all()
+        a.resize(16, refcheck=False)  # below the threshold: copied out
         assert not in_pool(hpool, a) and (a == ref[:16]).all()
-        a.resize(20 * PAGE // 8, refcheck=False)    # and back into the pool
+        a.resize(20 * PAGE // 8, refcheck=False)  # and back into the pool
         assert in_pool(hpool, a) and (a[:16] == ref[:16]).all()
         b = np.resize(ref, 3 * len(ref))
         assert (b == np.tile(ref, 3)).all()
@@ -137,7 +138,7 @@ def test_realloc_keeps_contents(hpool):
         hpool.scan(full_scans=2)
         assert hpool.buffer_stats(c)["pages_ksm"] > 0
         c.resize(30 * PAGE // 8, refcheck=False)
-        assert (c[:8 * PAGE // 8] == 1).all() and not c[8 * PAGE // 8:].any()
+        assert (c[: 8 * PAGE // 8] == 1).all() and not c[8 * PAGE // 8 :].any()
         del d
     st = hpool.stats()["handler"]
     assert st["reallocs"] >= 2 and st["moved"] >= 1
@@ -149,7 +150,7 @@ def test_realloc_keeps_contents(hpool):
 
 
 def test_duplicates_merge_kernel_accounting(hpool, tmp_path):
-    n = 4 << 20     # 4 MiB each
+    n = 4 << 20  # 4 MiB each
     data = np.random.default_rng(1).integers(0, 255, n, dtype=np.uint8)
     path = tmp_path / "data.npy"
     np.save(path, data)
@@ -160,7 +161,7 @@ def test_duplicates_merge_kernel_accounting(hpool, tmp_path):
         d = a.copy()
     for x in (a, b, c, d):
         assert in_pool(hpool, x)
-    hpool.scan()    # the records first, so the merge below is all the scanner's
+    hpool.scan()  # the records first, so the merge below is all the scanner's
     uss0, blocks0 = uss_bytes(), memfd_bytes(hpool)
     st = hpool.scan(full_scans=2)
     pages = n // PAGE
@@ -184,7 +185,7 @@ def _threads_and_gc():
     def churn(seed):
         rng = np.random.default_rng(seed)
         try:
-            with pool.allocating(threshold=PAGE):   # threads start with a fresh context
+            with pool.allocating(threshold=PAGE):  # threads start with a fresh context
                 keep = []
                 while not stop.is_set():
                     keep.append(np.full(int(rng.integers(1, 64)) * PAGE // 8, seed, float))
@@ -193,7 +194,7 @@ def _threads_and_gc():
                         keep.pop(int(rng.integers(0, len(keep))))
                     if rng.random() < 0.05:
                         keep.clear()
-        except BaseException as exc:       # pragma: no cover
+        except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
     class Cycle:
@@ -204,8 +205,8 @@ def _threads_and_gc():
         def __del__(self):
             # inside whatever pool call the collector interrupted
             self.arr = None
-            x = np.zeros(8 * PAGE // 8)     # a nested allocation: C only
-            pool.stats()                    # served nested
+            x = np.zeros(8 * PAGE // 8)  # a nested allocation: C only
+            pool.stats()  # served nested
             del x
 
     threads = [threading.Thread(target=churn, args=(i,)) for i in range(3)]
@@ -254,6 +255,7 @@ def _fork_child():
             os._exit(0)
         except BaseException:
             import traceback
+
             traceback.print_exc()
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -289,8 +291,7 @@ def test_pool_outlives_its_arrays():
         assert native.closed, "the last array took the pool with it"
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
@@ -311,20 +312,40 @@ sys.exit(int(sys.argv[1]))
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "uksm", "run"] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "uksm", "run"] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_runner(tmp_path):
     (tmp_path / "prog.py").write_text(PROG)
-    r = _run(["--pages-to-scan", "5000", "--sleep-millisecs", "0", "--json", "out.json",
-              "prog.py", "3", "--x"], tmp_path)
+    r = _run(
+        [
+            "--pages-to-scan",
+            "5000",
+            "--sleep-millisecs",
+            "0",
+            "--json",
+            "out.json",
+            "prog.py",
+            "3",
+            "--x",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 3, r.stderr
     assert "argv ['3', '--x'] __main__ uksm" in r.stdout
-    assert "thread pool True" in r.stdout       # threads inherit the handler
+    assert "thread pool True" in r.stdout  # threads inherit the handler
     line = r.stderr.strip().splitlines()[-1]
-    assert re.match(r"uksm: saved [0-9.]+ MiB at peak, [0-9.]+ MiB at exit; pages_shared \d+, "
-                    r"pages_sharing \d+; full_scans \d+", line), line
+    assert re.match(
+        r"uksm: saved [0-9.]+ MiB at peak, [0-9.]+ MiB at exit; pages_shared \d+, "
+        r"pages_sharing \d+; full_scans \d+",
+        line,
+    ), line
     st = json.loads((tmp_path / "out.json").read_text())
     assert st["exit_code"] == 3 and st["pages_to_scan"] == 5000
     assert st["handler"]["allocs"] >= 4
@@ -338,10 +359,15 @@ def test_runner(tmp_path):
     assert "runpy" not in r.stderr and "uksm" not in r.stderr
 
     env = dict(os.environ, UKSM_THRESHOLD=str(1 << 30))
-    r = subprocess.run([sys.executable, "-m", "uksm", "run", "--json", "o2.json", "prog.py",
-                        "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert r.returncode == 0, r.stderr      # UKSM_THRESHOLD read: nothing that big
+    r = subprocess.run(
+        [sys.executable, "-m", "uksm", "run", "--json", "o2.json", "prog.py", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr  # UKSM_THRESHOLD read: nothing that big
     st = json.loads((tmp_path / "o2.json").read_text())
     assert st["handler"]["allocs"] == 0 and st["threshold"] == str(1 << 30)
     mod = tmp_path / "pkgmod.py"
@@ -350,9 +376,16 @@ def test_runner(tmp_path):
     assert r.returncode == 0 and "argv ['0'] __main__ uksm" in r.stdout, r.stderr
 
 
-NUMPY_SUBSET = ["--pyargs", "numpy._core.tests.test_multiarray", "-q", "-x",
-                "-p", "no:cacheprovider", "-k",
-                "resize or copy or concatenate or astype or tobytes or fromiter or zeros"]
+NUMPY_SUBSET = [
+    "--pyargs",
+    "numpy._core.tests.test_multiarray",
+    "-q",
+    "-x",
+    "-p",
+    "no:cacheprovider",
+    "-k",
+    "resize or copy or concatenate or astype or tobytes or fromiter or zeros",
+]
 
 
 def test_numpy_suite_subset_under_handler(tmp_path):
@@ -361,15 +394,32 @@ def test_numpy_suite_subset_under_handler(tmp_path):
     pytest.importorskip("numpy._core.tests.test_multiarray")
 
     def outcome(cmd):
-        r = subprocess.run(cmd + NUMPY_SUBSET, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            cmd + NUMPY_SUBSET, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         tail = r.stdout.strip().splitlines()[-1]
         return r.returncode, re.sub(r" in [0-9.]+s.*", "", tail), r
+
     plain = outcome([sys.executable, "-m", "pytest"])
-    under = outcome([sys.executable, "-m", "uksm", "run", "--threshold", "4096",
-                     "--pages-to-scan", "1000", "-m", "pytest"])
-    assert plain[:2] == under[:2], (plain[2].stdout[-3000:], under[2].stdout[-3000:],
-                                    under[2].stderr[-3000:])
+    under = outcome(
+        [
+            sys.executable,
+            "-m",
+            "uksm",
+            "run",
+            "--threshold",
+            "4096",
+            "--pages-to-scan",
+            "1000",
+            "-m",
+            "pytest",
+        ]
+    )
+    assert plain[:2] == under[:2], (
+        plain[2].stdout[-3000:],
+        under[2].stdout[-3000:],
+        under[2].stderr[-3000:],
+    )
     assert "handler buffers" in under[2].stderr
 
 
@@ -393,18 +443,17 @@ def test_closed_pool_goes_with_its_last_array():
         assert native.closed, "the closed pool must go with its last array"
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
 def test_full_queue_and_full_pool_fall_back():
     pool = uksm.Pool("1MiB", sleep_millisecs=0)
     try:
-        pool._native.events_enable(cap=16)      # room for 7 live buffers' events
+        pool._native.events_enable(cap=16)  # room for 7 live buffers' events
         with pool.allocating():
             arrs = [np.full(THRESHOLD // 8, i, float) for i in range(12)]
-            big = np.ones((2 << 20) // 8)       # beyond the pool's capacity
+            big = np.ones((2 << 20) // 8)  # beyond the pool's capacity
         inside = [in_pool(pool, a) for a in arrs]
         assert 0 < sum(inside) < 12 and not in_pool(pool, big)
         assert all((a == i).all() for i, a in enumerate(arrs)) and (big == 1).all()
@@ -453,11 +502,11 @@ def _extents_disjoint(pool):
 def test_shrink_of_a_tracked_buffer_gives_the_tail_back(hpool):
     with hpool.allocating(threshold=PAGE):
         a = np.ones(64 * PAGE // 8)
-        hpool.scan()                                # tracked by the scanner
-        a.resize(8 * PAGE // 8, refcheck=False)     # TRIM: the tail goes
+        hpool.scan()  # tracked by the scanner
+        a.resize(8 * PAGE // 8, refcheck=False)  # TRIM: the tail goes
         hpool.scan()
         assert hpool.buffer_stats(a)["pages"] == 8
-        b = [np.full(8 * PAGE // 8, 2.0) for _ in range(8)]     # may take the tail
+        b = [np.full(8 * PAGE // 8, 2.0) for _ in range(8)]  # may take the tail
         hpool.scan(full_scans=2)
     assert _extents_disjoint(hpool)
     assert (a == 1).all() and all((x == 2).all() for x in b)
@@ -486,7 +535,7 @@ def _stress(seconds):
                     a, v, n = live[i]
                     m = int(rng.integers(1, 80 * PAGE)) // 8 + 1
                     a.resize(m, refcheck=False)
-                    assert (a[:min(n, m)] == v).all() and not a[n:].any(), ("resize", n, m)
+                    assert (a[: min(n, m)] == v).all() and not a[n:].any(), ("resize", n, m)
                     a[n:] = v
                     live[i] = (a, v, m)
                 elif op == 3:
@@ -504,6 +553,7 @@ def _stress(seconds):
     for t in threads:
         t.start()
     import time
+
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         pool.stats()

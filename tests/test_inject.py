@@ -7,6 +7,7 @@ degradation (the pages stay as they were), and no stored byte may change.
 Where the kernel does the work itself (copy-on-write of a merged page with
 cow="kernel", unmerging by MADV_POPULATE_WRITE) uksm makes no call that
 could be failed: those tests check that the work is done regardless."""
+
 import errno
 import gc
 import os
@@ -23,8 +24,12 @@ import uksm
 from uksm import _core
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
-                               uksm.PageState.SWAPPED)
+PRIVATE, KSM, ZERO, SWAPPED = (
+    uksm.PageState.PRIVATE,
+    uksm.PageState.KSM,
+    uksm.PageState.ZERO,
+    uksm.PageState.SWAPPED,
+)
 COWS = ["kernel", "signal"]
 
 
@@ -40,7 +45,7 @@ def pool(request):
     """A small pool in each copy-on-write mode; scans driven by pool.scan()."""
     p = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0, cow=request.param)
     yield p
-    _core.inject("mmap", 0, 0, errno.EIO)       # let close() unmap
+    _core.inject("mmap", 0, 0, errno.EIO)  # let close() unmap
     _core.inject("mprotect", 0, 0, errno.EIO)
     p.close()
 
@@ -83,11 +88,12 @@ def check_counters(pool, arrays):
 
 # ------------------------------------------------------------ allocation
 
+
 def test_allocation_commits_nothing_so_a_full_store_only_stops_merging(pool):
     """Allocation takes no frame: with every fallocate of the frame store
     failing (a full /dev/shm) buffers are still handed out and written; the
     merges that need a frame are skipped, the pages stay private."""
-    hits = _core.inject_hits("fallocate")            # counted since the process began
+    hits = _core.inject_hits("fallocate")  # counted since the process began
     _core.inject("fallocate", 0, -1, errno.ENOSPC)
     data = rand(0, 64)
     a, b = pool.asarray(data), pool.asarray(data)
@@ -117,7 +123,7 @@ def test_alloc_mmap_enomem_is_a_memory_error_naming_the_map_limit(pool):
     assert after["bytes_mapped"] == before["bytes_mapped"]
     assert after["buffers"] == before["buffers"]
     assert (a == 3).all()
-    b = pool.full(8 * PAGE, 4, dtype=np.uint8)      # and then it works again
+    b = pool.full(8 * PAGE, 4, dtype=np.uint8)  # and then it works again
     assert (b == 4).all() and pool.stats()["bytes_mapped"] == 24 * PAGE
 
 
@@ -132,12 +138,13 @@ def test_alloc_mmap_other_errors_name_the_call(pool):
 
 # --------------------------------------------------------------- merging
 
+
 @pytest.mark.parametrize("op", ["mprotect", "mmap"])
 def test_merge_failures_are_counted_skips(pool, op):
     data = rand(0, 64)
     a, b = pool.asarray(data), pool.asarray(data)
     pool.scan(full_scans=1)
-    hits = _core.inject_hits(op)                    # counted since the process began
+    hits = _core.inject_hits(op)  # counted since the process began
     _core.inject(op, 0, -1, errno.ENOMEM)
     s = pool.scan(full_scans=1)
     assert _core.inject_hits(op) > hits
@@ -145,7 +152,7 @@ def test_merge_failures_are_counted_skips(pool, op):
     assert np.array_equal(a, data) and np.array_equal(b, data)
     check_counters(pool, [a, b])
     _core.inject(op, 0, 0, errno.ENOMEM)
-    a[:PAGE] = 1                                    # still writable everywhere
+    a[:PAGE] = 1  # still writable everywhere
     b[-PAGE:] = 2
     check_counters(pool, [a, b])
     a[:PAGE] = data[:PAGE]
@@ -157,6 +164,7 @@ def test_merge_failures_are_counted_skips(pool, op):
 
 
 # ------------------------------------------------------------ unmerging
+
 
 def test_unmerge_needs_no_remap_in_kernel_mode():
     """cow='kernel': unmerge is the kernel's MADV_POPULATE_WRITE, one per
@@ -200,6 +208,7 @@ def test_unmerge_mprotect_failure_raises_and_keeps_the_data_in_signal_mode():
 
 # -------------------------------------------------------- copy-on-write
 
+
 def test_kernel_cow_needs_no_call_of_uksms():
     """cow='kernel': a write into a merged page is the kernel's own COW;
     with every mmap and mprotect of uksm's failing it still goes through,
@@ -237,7 +246,7 @@ def test_signal_cow_mprotect_failure_falls_back_to_the_whole_run():
         a, b = pool.asarray(data), pool.asarray(data)
         pool.scan(full_scans=2)
         hits = _core.inject_hits("mprotect")
-        _core.inject("mprotect", 0, 1, errno.ENOMEM)     # the single-page mprotect fails
+        _core.inject("mprotect", 0, 1, errno.ENOMEM)  # the single-page mprotect fails
         b[10 * PAGE // 8] = -1.0
         assert _core.inject_hits("mprotect") == hits + 1
         assert b[10 * PAGE // 8] == -1.0 and np.array_equal(a, data)
@@ -246,7 +255,7 @@ def test_signal_cow_mprotect_failure_falls_back_to_the_whole_run():
         s = pool.stats()
         assert s["cow_breaks_signal"] == 1 and s["cow_breaks"] == 1
         check_counters(pool, [a, b])
-        b[30 * PAGE // 8] = -3.0                         # writable now: no signal
+        b[30 * PAGE // 8] = -3.0  # writable now: no signal
         assert states(pool, b)[30] == PRIVATE
         s = pool.stats()
         assert s["cow_breaks_signal"] == 1 and s["cow_breaks"] == 2
@@ -273,8 +282,7 @@ def test_signal_cow_that_cannot_be_done_ends_the_process_clearly():
         b[0] = 6
         print("WRONG: the write went on", flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode < 0 and "WRONG" not in proc.stdout, proc.stdout + proc.stderr
     assert "uksm: fatal" in proc.stderr and "copy-on-write" in proc.stderr
 
@@ -284,16 +292,17 @@ def test_cow_needs_no_frame_even_in_a_full_pool(cow):
     """A copy on write takes anonymous memory from the kernel, not a frame
     from the pool: a full pool (capacity spanned, no frame reserve) whose
     merged pages are all written keeps every write."""
-    with uksm.Pool("4MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow,
-                   use_zero_pages=False) as pool:
-        a = pool.full(512 * 512, 1.0)                   # 2 MiB of one page, repeated
+    with uksm.Pool(
+        "4MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow, use_zero_pages=False
+    ) as pool:
+        a = pool.full(512 * 512, 1.0)  # 2 MiB of one page, repeated
         filler = pool.full(pool.capacity - a.nbytes, 7, dtype=np.uint8)
         with pytest.raises(uksm.PoolFullError):
             pool.empty(PAGE, np.uint8)
         pool.scan(full_scans=2)
         assert (states(pool, a) == KSM).all() and (states(pool, filler) == KSM).all()
-        assert pool.stats()["pages_shared"] <= 8          # two contents, a few frames
-        a[:] = 2.0                                      # 512 copies on write
+        assert pool.stats()["pages_shared"] <= 8  # two contents, a few frames
+        a[:] = 2.0  # 512 copies on write
         assert (a == 2.0).all() and (filler == 7).all()
         assert (states(pool, a) == PRIVATE).all()
         s = pool.stats()
@@ -304,6 +313,7 @@ def test_cow_needs_no_frame_even_in_a_full_pool(cow):
 
 # ---------------------------------------------------- compaction, release
 
+
 def test_compaction_with_failing_remaps_rolls_forward():
     with uksm.Pool("128MiB", checksum="xxhash", compact_threshold=0) as pool:
         rng = np.random.default_rng(3)
@@ -311,7 +321,7 @@ def test_compaction_with_failing_remaps_rolls_forward():
         for _ in range(24):
             x = pool.asarray(rng.standard_normal(64 * PAGE // 8))
             keep.append(x)
-            keep.append(pool.asarray(x))             # a twin: KSM frames to move
+            keep.append(pool.asarray(x))  # a twin: KSM frames to move
         pool.scan(full_scans=2)
         del keep[::4]
         gc.collect()
@@ -323,7 +333,7 @@ def test_compaction_with_failing_remaps_rolls_forward():
             for x, s in zip(keep, shadow):
                 assert np.array_equal(x, s)
             check_counters(pool, keep)
-        for x in keep[1::3]:                          # COW on moved frames
+        for x in keep[1::3]:  # COW on moved frames
             x[5] = 1.5
         for x, s in zip(keep, shadow):
             s[5] = x[5]
@@ -360,7 +370,7 @@ def test_release_that_cannot_unmap_keeps_memory_until_retried(pool):
     assert s["pages_shared"] == 8 and s["pages_sharing"] == 8
     _core.inject("mmap", 0, 0, errno.ENOMEM)
     _core.inject("mprotect", 0, 0, errno.ENOMEM)
-    c = pool.full(8 * PAGE, 1, dtype=np.uint8)      # the next call retries
+    c = pool.full(8 * PAGE, 1, dtype=np.uint8)  # the next call retries
     s = pool.stats()
     assert s["bytes_private"] == 24 * PAGE and s["bytes_frames"] == 8 * PAGE
     assert s["pages_shared"] == 8 and s["pages_sharing"] == 0
@@ -381,14 +391,14 @@ def test_failed_punch_keeps_the_memory_but_never_the_old_bytes(pool):
     pool.scan(full_scans=2)
     assert (states(pool, b) == KSM).all() and memfd_bytes(pool) == 32 * PAGE
     hits = _core.inject_hits("fallocate")
-    _core.inject("fallocate", 0, -1, errno.EIO)      # punching fails
+    _core.inject("fallocate", 0, -1, errno.EIO)  # punching fails
     del a, b
     gc.collect()
     s = pool.stats()
     _core.inject("fallocate", 0, 0, errno.EIO)
     assert _core.inject_hits("fallocate") > hits
     assert s["pages_shared"] == 0 and s["bytes_private"] == 0
-    assert s["bytes_frames"] == memfd_bytes(pool) == 32 * PAGE   # kept, and counted
+    assert s["bytes_frames"] == memfd_bytes(pool) == 32 * PAGE  # kept, and counted
     c = pool.empty(32 * PAGE, np.uint8)
     assert not c.any()
     other = rand(5, 16)
@@ -401,6 +411,7 @@ def test_failed_punch_keeps_the_memory_but_never_the_old_bytes(pool):
 
 # ------------------------------------------------------------------ swap
 
+
 @pytest.mark.parametrize("op", ["mprotect", "mmap"])
 def test_swap_out_with_failing_calls_keeps_pages_resident(pool, op):
     """Eviction write-protects a batch (mprotect), writes it, then maps the
@@ -409,8 +420,15 @@ def test_swap_out_with_failing_calls_keeps_pages_resident(pool, op):
     lost; eviction works again once the calls do."""
     swdir = tempfile.mkdtemp(prefix="uksm-injtest-")
     try:
-        sp = uksm.Pool("16MiB", max_resident="8MiB", swap_path=swdir, swap_batch="64KiB",
-                       pages_to_scan=1000, sleep_millisecs=0, cow=pool.cow)
+        sp = uksm.Pool(
+            "16MiB",
+            max_resident="8MiB",
+            swap_path=swdir,
+            swap_batch="64KiB",
+            pages_to_scan=1000,
+            sleep_millisecs=0,
+            cow=pool.cow,
+        )
         shadows = [rand(k, 32) for k in range(4)]
         shadows += [np.tile(rand(9, 1), 8) for _ in range(2)]
         arrs = [sp.asarray(s) for s in shadows]
@@ -419,7 +437,7 @@ def test_swap_out_with_failing_calls_keeps_pages_resident(pool, op):
         hits = _core.inject_hits(op)
         _core.inject(op, 0, -1, errno.ENOMEM)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")              # a clean skip, not an error
+            warnings.simplefilter("error")  # a clean skip, not an error
             sp.max_resident = 64 * 1024
         _core.inject(op, 0, 0, errno.ENOMEM)
         assert _core.inject_hits(op) > hits

@@ -7,6 +7,7 @@ merged page is read-only to the kernel too, and such a syscall fails with
 EFAULT; pool.pin() is the documented way to hand a buffer to that I/O (and
 to I/O that holds pages for longer, as O_DIRECT does, in either mode).
 Writing FROM merged pages (write(2), np.save) works in both modes."""
+
 import errno
 import os
 import socket
@@ -66,7 +67,7 @@ def test_readinto_merged_buffer_kernel_cow(tmp_path):
         assert (pool.page_states(b)[0] == PRIVATE).all()
         assert (pool.page_states(a)[0] == KSM).all()
 
-        c = pool.full(b.size, 5.0)                  # a's twin again
+        c = pool.full(b.size, 5.0)  # a's twin again
         pool.scan(full_scans=2)
         assert (pool.page_states(c)[0] == KSM).all()
         s1, s2 = socket.socketpair()
@@ -130,13 +131,13 @@ def test_pin_nests_and_respects_unmerge(pool):
         with pool.pin(b):
             pass
         pool.scan(full_scans=2)
-        assert (pool.page_states(b)[0] == PRIVATE).all()     # outer pin still holds
+        assert (pool.page_states(b)[0] == PRIVATE).all()  # outer pin still holds
     pool.unmerge(b)
     with pool.pin(b):
         pass
     b[:] = a
     pool.scan(full_scans=2)
-    assert (pool.page_states(b)[0] == PRIVATE).all()         # unmerge() still holds
+    assert (pool.page_states(b)[0] == PRIVATE).all()  # unmerge() still holds
     pool.merge(b)
     pool.scan(full_scans=2)
     assert (pool.page_states(b)[0] == KSM).all()
@@ -172,12 +173,18 @@ def test_kernel_io_on_swapped_pages(cow, tmp_path):
     """A swapped page is a view of its swap slot: write(2) from it reads it
     back through the page cache in both modes; read(2) into it is copied on
     write by the kernel in kernel mode, and is EFAULT in signal mode."""
-    with uksm.Pool("16MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow,
-                   max_resident="1MiB", swap_path=str(tmp_path)) as pool:
+    with uksm.Pool(
+        "16MiB",
+        pages_to_scan=1000,
+        sleep_millisecs=0,
+        cow=cow,
+        max_resident="1MiB",
+        swap_path=str(tmp_path),
+    ) as pool:
         rng = np.random.default_rng(7)
         src = rng.integers(1, 256, 2 << 20, dtype=np.uint8)
-        x = pool.asarray(src)                       # 2 MiB: half must go out
-        pool.max_resident = "1MiB"                  # reclaims now
+        x = pool.asarray(src)  # 2 MiB: half must go out
+        pool.max_resident = "1MiB"  # reclaims now
         assert (pool.page_states(x)[0] == SWAPPED).any()
         path = tmp_path / "out.bin"
         with open(path, "wb") as f:
@@ -185,7 +192,7 @@ def test_kernel_io_on_swapped_pages(cow, tmp_path):
         assert path.read_bytes() == src.tobytes()
         swapped = np.flatnonzero(pool.page_states(x)[0] == SWAPPED)
         i = int(swapped[0])
-        view = memoryview(x)[i * PAGE:(i + 1) * PAGE]
+        view = memoryview(x)[i * PAGE : (i + 1) * PAGE]
         new = bytes(range(256)) * (PAGE // 256)
         fd = os.open(tmp_path / "in.bin", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -195,7 +202,7 @@ def test_kernel_io_on_swapped_pages(cow, tmp_path):
                 with pytest.raises(OSError) as exc:
                     os.readv(fd, [view])
                 assert exc.value.errno == errno.EFAULT
-                assert bytes(view) == src[i * PAGE:(i + 1) * PAGE].tobytes()
+                assert bytes(view) == src[i * PAGE : (i + 1) * PAGE].tobytes()
             else:
                 assert os.readv(fd, [view]) == PAGE
                 assert bytes(view) == new

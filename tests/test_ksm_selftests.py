@@ -19,6 +19,7 @@ read as conftest.pss_bytes reads it (/proc/self/smaps_rollup) less its
 file-backed part: the PSS of shared library pages moves whenever another
 process maps or unmaps the same library, which says nothing about us.
 """
+
 import gc
 import os
 
@@ -32,7 +33,7 @@ from conftest import PAGE, kernel_resident_bytes, memfd_bytes, pss_bytes
 PTE_PRIVATE, PTE_KSM, PTE_ZERO = uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO
 COW_MODES = ["kernel", "signal"]
 MiB = 1 << 20
-PSS_MIN_SIGNAL = 4 * MiB     # below this the PSS check would measure noise
+PSS_MIN_SIGNAL = 4 * MiB  # below this the PSS check would measure noise
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,9 +107,9 @@ def same(x: np.ndarray, y) -> bool:
     step = 16 * PAGE
     for i in range(0, xb.size, step):
         if yb is None:
-            if not (xb[i:i + step] == y).all():
+            if not (xb[i : i + step] == y).all():
                 return False
-        elif not np.array_equal(xb[i:i + step], yb[i:i + step]):
+        elif not np.array_equal(xb[i : i + step], yb[i : i + step]):
             return False
     return True
 
@@ -166,10 +167,15 @@ class KernelView:
         one per KSM page (pages_shared), and its resident bytes all that
         the kernel holds for the pool."""
         s = self.stats_after
-        assert s["bytes_resident"] == self.resident_after, (s["bytes_resident"],
-                                                            self.resident_after)
-        assert s["bytes_frames"] == self.memfd_after == s["pages_shared"] * PAGE, \
-            (s["bytes_frames"], self.memfd_after, s["pages_shared"])
+        assert s["bytes_resident"] == self.resident_after, (
+            s["bytes_resident"],
+            self.resident_after,
+        )
+        assert s["bytes_frames"] == self.memfd_after == s["pages_shared"] * PAGE, (
+            s["bytes_frames"],
+            self.memfd_after,
+            s["pages_shared"],
+        )
 
     def check_saving(self, pages_expected: int, saved_bytes: int) -> None:
         """After merging: the kernel holds @pages_expected pages for the
@@ -181,8 +187,9 @@ class KernelView:
         assert self.resident - resident == saved_bytes
         if saved_bytes >= PSS_MIN_SIGNAL:
             drop = self.pss - self.pss_after
-            assert 0.75 * saved_bytes <= drop <= 1.25 * saved_bytes + MiB, \
+            assert 0.75 * saved_bytes <= drop <= 1.25 * saved_bytes + MiB, (
                 f"PSS fell by {drop / MiB:.2f} MiB, {saved_bytes / MiB:.2f} MiB were merged"
+            )
 
     def check_growth(self, pages_expected: int, grown_bytes: int) -> None:
         """After unmerging or COW: the kernel holds @pages_expected pages
@@ -193,21 +200,25 @@ class KernelView:
         assert resident - self.resident == grown_bytes
         if grown_bytes >= PSS_MIN_SIGNAL:
             rise = self.pss_after - self.pss
-            assert 0.75 * grown_bytes <= rise <= 1.25 * grown_bytes + MiB, \
+            assert 0.75 * grown_bytes <= rise <= 1.25 * grown_bytes + MiB, (
                 f"PSS rose by {rise / MiB:.2f} MiB, {grown_bytes / MiB:.2f} MiB were unmerged"
+            )
 
 
 # -- ksm_tests.c -M: check_ksm_merge ---------------------------------------------
 
 
-@pytest.mark.parametrize("dupl, max_sharing, groups", [
-    (10, 256, 300),      # the selftest's default page count, 300 contents
-    (2048, 256, 1),      # 8 MiB of one content: a chain of 8 dups
-    (2000, 256, 1),      # ... with a partly filled last dup
-    (25, 10, 100),       # more duplicates than max_page_sharing: 3 dups each
-    (21, 10, 100),       # remainder 1: the 21st page cannot merge
-    (20, 10, 100),       # exactly two full dups
-])
+@pytest.mark.parametrize(
+    "dupl, max_sharing, groups",
+    [
+        (10, 256, 300),  # the selftest's default page count, 300 contents
+        (2048, 256, 1),  # 8 MiB of one content: a chain of 8 dups
+        (2000, 256, 1),  # ... with a partly filled last dup
+        (25, 10, 100),  # more duplicates than max_page_sharing: 3 dups each
+        (21, 10, 100),  # remainder 1: the 21st page cannot merge
+        (20, 10, 100),  # exactly two full dups
+    ],
+)
 def test_check_ksm_merge(dupl, max_sharing, groups):
     with make_pool(max_page_sharing=max_sharing) as pool:
         n = dupl * groups
@@ -242,7 +253,7 @@ def test_check_ksm_unmerge_by_write(cow):
     """Merge pairs of equal pages, change one byte in each page: KSM must
     unmerge them all by itself, and one more scan finds nothing to merge."""
     with make_pool(cow=cow) as pool:
-        n = 4096                                   # 16 MiB, 2048 pairs
+        n = 4096  # 16 MiB, 2048 pairs
         a = pool.empty((n, PAGE), dtype=np.uint8)
         fill_groups(a, 2)
         kv = KernelView(pool, a)
@@ -263,16 +274,16 @@ def test_check_ksm_unmerge_by_write(cow):
         assert not range_maps_duplicates(pool, a)
         kv.check_growth(n, n // 2 * PAGE)
         assert (p[0::2, 4] == ord("-")).all() and (p[1::2, 4] == ord("+")).all()
-        assert all((p[i:i + 16, 5:] == ord("*")).all() for i in range(0, n, 16))
+        assert all((p[i : i + 16, 5:] == ord("*")).all() for i in range(0, n, 16))
 
 
 def test_unmerge_api_unmerges_only_that_buffer():
     with make_pool() as pool:
-        n = 2048                                   # 8 MiB each
+        n = 2048  # 8 MiB each
         a = pool.empty((n, PAGE), dtype=np.uint8)
         b = pool.empty((n, PAGE), dtype=np.uint8)
         fill_groups(a, 4)
-        fill_groups(b, 4, base=n)                  # b's contents differ from a's
+        fill_groups(b, 4, base=n)  # b's contents differ from a's
         ref_a, ref_b = a.copy(), b.copy()
         kv = KernelView(pool, a, b)
         s = pool.scan(full_scans=2)
@@ -318,8 +329,8 @@ def test_unmerge_api_unmerges_only_that_buffer():
 def test_check_ksm_zero_page_merge(use_zero_pages, page_count):
     with make_pool(use_zero_pages=use_zero_pages) as pool:
         z = pool.empty((page_count, PAGE), dtype=np.uint8)
-        z[:] = 1                                  # memset(map, 0, ...) over
-        z[:] = 0                                  # pages that were really used
+        z[:] = 1  # memset(map, 0, ...) over
+        z[:] = 0  # pages that were really used
         kv = KernelView(pool, z)
         assert kv.resident == page_count * PAGE and kv.memfd == 0
 
@@ -398,7 +409,7 @@ def test_write_breaks_cow_of_the_written_page_only(cow):
         assert (state0 == PTE_KSM).all() and (mc0 == g).all()
 
         before = pool.stats()
-        k = 5 * g + 3                            # a page in the middle of group 5
+        k = 5 * g + 3  # a page in the middle of group 5
         pages(a)[k, 1000:1004] = 0x77
         pages(ref)[k, 1000:1004] = 0x77
         after = pool.stats()
@@ -413,7 +424,7 @@ def test_write_breaks_cow_of_the_written_page_only(cow):
         assert after["cow_breaks_signal"] == before["cow_breaks_signal"] + (cow == "signal")
         assert after["pages_sharing"] == before["pages_sharing"] - 1
         assert after["pages_shared"] == before["pages_shared"]
-        assert same(a, ref)                      # the copy kept the rest of the page
+        assert same(a, ref)  # the copy kept the rest of the page
         # one private page more; the frames are as they were
         assert memfd_bytes(pool) == n // g * PAGE == after["bytes_frames"]
         assert kernel_resident_bytes(pool) == (n // g + 1) * PAGE == after["bytes_resident"]
@@ -421,12 +432,12 @@ def test_write_breaks_cow_of_the_written_page_only(cow):
         # writing every page of one group leaves no KSM frame for it: the
         # frame goes back to the kernel with its last view, and each page
         # is one private page
-        pages(a)[6 * g:7 * g, 0] = 0x99
-        pages(ref)[6 * g:7 * g, 0] = 0x99
+        pages(a)[6 * g : 7 * g, 0] = 0x99
+        pages(ref)[6 * g : 7 * g, 0] = 0x99
         s = pool.stats()
         assert s["pages_shared"] == n // g - 1
         st, pf, mc = pool.page_states(a)
-        assert (st[6 * g:7 * g] == PTE_PRIVATE).all() and not mc[6 * g:7 * g].any()
+        assert (st[6 * g : 7 * g] == PTE_PRIVATE).all() and not mc[6 * g : 7 * g].any()
         assert pfn0[6 * g] not in pf[st == PTE_KSM]
         assert memfd_bytes(pool) == s["bytes_frames"] == (n // g - 1) * PAGE
         assert s["bytes_private"] == (g + 1) * PAGE
@@ -439,7 +450,7 @@ def test_unmerge_zero_pages(cow):
     """test_unmerge_zero_pages(): ksm_zero_pages after merging, after
     unmerging half of the region, and after write faults on the other half."""
     with make_pool(use_zero_pages=True, cow=cow) as pool:
-        half = 1024                               # 2 x 4 MiB
+        half = 1024  # 2 x 4 MiB
         lo = pool.empty((half, PAGE), dtype=np.uint8)
         hi = pool.empty((half, PAGE), dtype=np.uint8)
         for z in (lo, hi):
@@ -495,7 +506,7 @@ def test_merge_reenables_scanning():
         assert pool.buffer_stats(a)["pages_merged"] == n
         kv.check_saving(n // 4, 3 * n // 4 * PAGE)
         assert same(a, ref)
-        pool.merge(a)                             # already mergeable: no change
+        pool.merge(a)  # already mergeable: no change
         assert pool.stats()["pages_tracked"] == n
 
 
@@ -510,12 +521,12 @@ def test_merge_in_forked_child():
         ref = a.copy()
         r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:                              # the child: no pytest here
+        if pid == 0:  # the child: no pytest here
             code = 1
             try:
                 os.close(r)
                 ok = same(a, ref)
-                pages(a)[0, :] = 0x42             # COW break in the child
+                pages(a)[0, :] = 0x42  # COW break in the child
                 ok &= (pages(a)[0] == 0x42).all() and (pages(a)[1] == pages(ref)[1]).all()
                 b = pool.empty((n, PAGE), dtype=np.uint8)
                 fill_groups(b, 2, base=10 * n)
@@ -534,7 +545,7 @@ def test_merge_in_forked_child():
             child_sharing = f.read()
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, child_sharing)
-        assert same(a, ref)                       # the child's write stayed there
+        assert same(a, ref)  # the child's write stayed there
         s = pool.stats()
         assert (s["pages_shared"], s["pages_sharing"]) == (n // 2, n // 2)
         assert (pool.page_states(a)[0] == PTE_KSM).all()

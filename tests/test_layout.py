@@ -49,7 +49,7 @@ def _resolve(current: str, is_package: bool, level: int, module: Optional[str]) 
     if not is_package:
         base.pop()
     if level > 1:
-        base = base[:len(base) - (level - 1)]
+        base = base[: len(base) - (level - 1)]
     return ".".join(base + ([module] if module else []))
 
 
@@ -58,8 +58,11 @@ def import_graph(root: Path = PACKAGE) -> Dict[str, Set[str]]:
     files = {_module_name(p, root.parent): p for p in root.rglob("*.py")}
     graph: Dict[str, Set[str]] = {name: set() for name in files}
     # extension modules (the C core, uksm._native: its stub or its build)
-    native = {_module_name(p, root.parent).split(".cpython")[0]
-              for pattern in ("*.pyi", "*.so") for p in root.rglob(pattern)}
+    native = {
+        _module_name(p, root.parent).split(".cpython")[0]
+        for pattern in ("*.pyi", "*.so")
+        for p in root.rglob(pattern)
+    }
 
     for name, path in files.items():
         is_package = path.name == "__init__.py"
@@ -90,7 +93,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
         stack.append(n)
         for m in sorted(graph[n]):
             if colour[m] == GREY:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if colour[m] == WHITE:
                 found = visit(m)
                 if found:
@@ -117,9 +120,9 @@ def test_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
     (pkg / "b.py").write_text("def f():\n    from .sub import c\n")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "c.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import A\n")
-    (pkg / "d.py").write_text("from . import A, _native\nfrom ._native import lib\n"
-                              "import os\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import A\n"
+    )
+    (pkg / "d.py").write_text("from . import A, _native\nfrom ._native import lib\nimport os\n")
     (pkg / "_native.pyi").write_text("")
     graph = import_graph(pkg)
     assert graph["uksm"] == {"uksm.a"}
@@ -151,9 +154,11 @@ def _c_functions(src: str) -> Dict[str, Tuple[bool, str]]:
     """{name: (is_static, body)} of the functions defined at file scope in
     @src (comments and literals already blanked).  A macro whose expansion
     says `static` (xxh3.c's AVX2_INLINE) counts as static."""
-    static_macros = {m.group(1) for m in re.finditer(r"^\s*#\s*define\s+(\w+)\b(.*?)(?<!\\)$",
-                                                       src, re.M | re.S)
-                     if "static" in m.group(2).split()}
+    static_macros = {
+        m.group(1)
+        for m in re.finditer(r"^\s*#\s*define\s+(\w+)\b(.*?)(?<!\\)$", src, re.M | re.S)
+        if "static" in m.group(2).split()
+    }
     found: Dict[str, Tuple[bool, str]] = {}
     depth, head_start, body_start = 0, 0, 0
     head = ""
@@ -168,10 +173,12 @@ def _c_functions(src: str) -> Dict[str, Tuple[bool, str]]:
                 lines = [ln for ln in head.splitlines() if not ln.lstrip().startswith("#")]
                 text = "\n".join(lines)
                 m = _FUNC_HEAD.search(text)
-                if m and not re.search(r"[=;]|\b(struct|union|enum)\s+\w+\s*$", text[:m.start()]):
-                    words = set(_IDENT.findall(text[:m.start()]))
-                    found[m.group(1)] = ("static" in words or bool(words & static_macros),
-                                         src[body_start:i + 1])
+                if m and not re.search(r"[=;]|\b(struct|union|enum)\s+\w+\s*$", text[: m.start()]):
+                    words = set(_IDENT.findall(text[: m.start()]))
+                    found[m.group(1)] = (
+                        "static" in words or bool(words & static_macros),
+                        src[body_start : i + 1],
+                    )
                 head_start = i + 1
         elif ch == ";" and depth == 0:
             head_start = i + 1
@@ -182,6 +189,7 @@ def c_call_graph(root: Path = CSRC, skip: FrozenSet[str] = frozenset()) -> Dict[
     """{file: the other files whose non-static functions it names}, over
     @root/*.c less @skip, each header's static inline functions expanded
     into what they name in turn."""
+
     def text(p: Path) -> str:
         return _C_NOISE.sub(lambda m: " " if m.group(0)[0] == "/" else '""', p.read_text())
 
@@ -220,17 +228,20 @@ def test_c_graph_sees_calls_through_header_inlines(tmp_path: Path) -> None:
     inline function, a function named without a call (a pointer), and a
     static function (no edge) are told apart, and a cycle is found."""
     (tmp_path / "x.h").write_text(
-        "/* b() */\nstatic inline int helper(void)\n{\n\treturn b_put(1);\n}\n")
+        "/* b() */\nstatic inline int helper(void)\n{\n\treturn b_put(1);\n}\n"
+    )
     (tmp_path / "a.c").write_text(
-        '#include "x.h"\nint a_entry(void)\n{\n\tconst char *s = "c_fn()";\n'
-        "\treturn helper();\n}\n")
+        '#include "x.h"\nint a_entry(void)\n{\n\tconst char *s = "c_fn()";\n\treturn helper();\n}\n'
+    )
     (tmp_path / "b.c").write_text(
         "#define LOCAL static \\\n\tinline\nstruct s { int x; };\n"
         "LOCAL int b_local(void) { return 0; }\n"
-        "int b_put(int n)\n{\n\treturn n + b_local();\n}\n")
+        "int b_put(int n)\n{\n\treturn n + b_local();\n}\n"
+    )
     (tmp_path / "c.c").write_text(
         "static int c_fn(int (*f)(void))\n{\n\treturn f ? f() : 0;\n}\n"
-        "int c_go(void)\n{\n\treturn c_fn(a_entry) + b_local;\n}\n")
+        "int c_go(void)\n{\n\treturn c_fn(a_entry) + b_local;\n}\n"
+    )
     graph = c_call_graph(tmp_path)
     assert graph == {"a.c": {"b.c"}, "b.c": set(), "c.c": {"a.c"}}
     assert find_cycle(graph) is None
@@ -265,8 +276,7 @@ def test_every_c_function_has_a_caller() -> None:
         for fn, (static, _body) in _c_functions(src).items():
             if static:
                 continue
-            users = {o for o, s in sources.items()
-                     if o != name and re.search(rf"\b{fn}\b", s)}
+            users = {o for o, s in sources.items() if o != name and re.search(rf"\b{fn}\b", s)}
             if re.search(rf"\b{fn}\b", inline_bodies):
                 users.add("a header's inline function")
             graph_users[f"{name}:{fn}"] = users

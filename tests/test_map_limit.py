@@ -10,6 +10,7 @@ these tests need neither root nor a lowered system-wide limit, which would
 starve every other process; the real sysctl is exercised through the
 reserve knob, which makes the real limit bite just as well.
 """
+
 import mmap
 
 import numpy as np
@@ -40,8 +41,14 @@ def scattered(pool, npairs: int, seed: int, value: int = 7):
 
 def child_scattered_fill_budget(cow: str) -> None:
     reserve, want = 256, 600
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, cow=cow,
-                     max_page_sharing=65535, map_count_reserve=reserve)
+    pool = uksm.Pool(
+        "64MiB",
+        pages_to_scan=20000,
+        sleep_millisecs=0,
+        cow=cow,
+        max_page_sharing=65535,
+        map_count_reserve=reserve,
+    )
     a, exp = scattered(pool, 2000, 1)
     sc = pool._scanner
     # a limit that leaves the merges 2 * want mappings beyond what exists
@@ -66,7 +73,7 @@ def child_scattered_fill_budget(cow: str) -> None:
     # the reserve is the program's: it can still map most of it
     held = [mmap.mmap(-1, PAGE) for _ in range(reserve - 32)]
     for m in held:
-        m[0] = 1                        # one VMA each (shared anonymous)
+        m[0] = 1  # one VMA each (shared anonymous)
     # and writes into merged pages lose nothing (signal mode: near the limit
     # the handler makes whole runs writable instead of splitting)
     a[1::4, 5] = 9
@@ -89,14 +96,21 @@ def child_scattered_fill_budget(cow: str) -> None:
 
 @pytest.mark.parametrize("cow", ["kernel", "signal"])
 def test_scattered_duplicates_fill_the_budget(cow):
-    assert "ok" in run_isolated("test_map_limit", "child_scattered_fill_budget", cow,
-                                timeout=120)
+    assert "ok" in run_isolated("test_map_limit", "child_scattered_fill_budget", cow, timeout=120)
 
 
 def child_pools_share_the_budget() -> None:
     reserve, want = 128, 800
-    pools = [uksm.Pool("32MiB", pages_to_scan=20000, sleep_millisecs=0,
-                       max_page_sharing=65535, map_count_reserve=reserve) for _ in range(2)]
+    pools = [
+        uksm.Pool(
+            "32MiB",
+            pages_to_scan=20000,
+            sleep_millisecs=0,
+            max_page_sharing=65535,
+            map_count_reserve=reserve,
+        )
+        for _ in range(2)
+    ]
     arrs = [scattered(p, 1000, 10 + i, value=20 + i) for i, p in enumerate(pools)]
     limit = count_maps() + reserve + 2 * want
     for p in pools:
@@ -109,7 +123,7 @@ def child_pools_share_the_budget() -> None:
     merged = sum(s["pages_sharing"] + s["pages_shared"] for s in st)
     # one budget between them: the first took what it could, the second the rest
     assert want - 8 <= merged <= want, (merged, st)
-    for (a, exp) in arrs:
+    for a, exp in arrs:
         assert np.array_equal(a, exp)
     for p in pools:
         p.close()
@@ -125,8 +139,7 @@ def child_runs_before_singles() -> None:
     the runs and a few singles, the runs (16 pages saved for a handful of
     mappings) must not lose to the singles that come first."""
     reserve = 128
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0,
-                     map_count_reserve=reserve)
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, map_count_reserve=reserve)
     rng = np.random.default_rng(3)
     exp = rng.integers(0, 255, (6100, PAGE), dtype=np.uint8)
     # singles: pages 0..3999, page 2k + 1 a copy of page 2k (2000 pairs)
@@ -134,11 +147,11 @@ def child_runs_before_singles() -> None:
     # runs: 32 runs of 16 pages from page 4000 on, each a copy of the run before
     for r in range(32):
         s = 4000 + 64 * r
-        exp[s + 16:s + 32] = exp[s:s + 16]
+        exp[s + 16 : s + 32] = exp[s : s + 16]
     a = pool.empty(exp.shape, np.uint8)
     a[:] = exp
     sc = pool._scanner
-    limit = count_maps() + reserve + 400     # runs: 32 x at most 4; the rest singles
+    limit = count_maps() + reserve + 400  # runs: 32 x at most 4; the rest singles
     sc.map_count_limit = limit
     sc.recount_maps()
     pool.scan(full_scans=3)
@@ -165,8 +178,7 @@ def child_real_limit() -> None:
     with open("/proc/sys/vm/max_map_count") as f:
         real = int(f.read())
     want = 1000
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0,
-                     max_page_sharing=65535)
+    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, max_page_sharing=65535)
     a, exp = scattered(pool, 3000, 5)
     reserve = real - count_maps() - 2 * want
     assert reserve > 1024, "the test needs a vm.max_map_count of a few thousand"
@@ -196,8 +208,14 @@ def test_map_count_reserve_knob():
         pool.map_count_reserve = 5000
         assert pool.stats()["map_count_reserve"] == 5000
         pool.map_count_reserve = None
-        for bad, exc in [(-1, ValueError), (2**31, ValueError), (1.5, TypeError),
-                         ("1k", TypeError), (True, TypeError), (float("nan"), TypeError)]:
+        for bad, exc in [
+            (-1, ValueError),
+            (2**31, ValueError),
+            (1.5, TypeError),
+            ("1k", TypeError),
+            (True, TypeError),
+            (float("nan"), TypeError),
+        ]:
             with pytest.raises(exc, match="map_count_reserve"):
                 pool.map_count_reserve = bad
             with pytest.raises(exc, match="map_count_reserve"):
@@ -210,9 +228,15 @@ def child_forked_child_keeps_the_count() -> None:
     the whole limit of a process with no mappings at all (which took this
     child some 1400 mappings past its budget, past the limit itself)."""
     import os
+
     reserve, want = 128, 1200
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0,
-                     max_page_sharing=65535, map_count_reserve=reserve)
+    pool = uksm.Pool(
+        "64MiB",
+        pages_to_scan=20000,
+        sleep_millisecs=0,
+        max_page_sharing=65535,
+        map_count_reserve=reserve,
+    )
     a, exp = scattered(pool, 3000, 2)
     # the program's own mappings, which the child inherits
     held = [mmap.mmap(-1, PAGE) for _ in range(1000)]
@@ -221,7 +245,7 @@ def child_forked_child_keeps_the_count() -> None:
     sc = pool._scanner
     pool.scan(full_scans=1)
     with pool._c.section("test"):
-        sc.scan_batch(64)               # merges a few: the count is now in use
+        sc.scan_batch(64)  # merges a few: the count is now in use
     pid = os.fork()
     if pid == 0:
         code = 1

@@ -17,6 +17,7 @@ scanner merges, near-OOM allocations, absurd shapes) run in a child
 interpreter with a timeout (_isolated), so a regression fails the test
 instead of hanging or killing the run.
 """
+
 import errno
 import gc
 import os
@@ -36,8 +37,12 @@ from conftest import run_isolated
 PAGE = uksm.PAGE_SIZE
 MiB = 1 << 20
 HPAGE = 2 * MiB
-PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
-                               uksm.PageState.SWAPPED)
+PRIVATE, KSM, ZERO, SWAPPED = (
+    uksm.PageState.PRIVATE,
+    uksm.PageState.KSM,
+    uksm.PageState.ZERO,
+    uksm.PageState.SWAPPED,
+)
 
 PM_PRESENT = 1 << 63
 PM_SWAP = 1 << 62
@@ -49,6 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --- the kernel's view ------------------------------------------------------------
+
 
 def addr_of(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
@@ -123,7 +129,7 @@ def thp_mode() -> str:
             text = f.read()
     except OSError:
         return "never"
-    return text[text.index("[") + 1:text.index("]")]
+    return text[text.index("[") + 1 : text.index("]")]
 
 
 def states(pool, a) -> np.ndarray:
@@ -131,7 +137,7 @@ def states(pool, a) -> np.ndarray:
 
 
 def page(a: np.ndarray, i: int) -> np.ndarray:
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+    return a.view(np.uint8).reshape(-1)[i * PAGE : (i + 1) * PAGE]
 
 
 def _isolated(fn: str, *args, timeout: float = 60) -> str:
@@ -139,6 +145,7 @@ def _isolated(fn: str, *args, timeout: float = 60) -> str:
 
 
 # --- building pages in a given state ---------------------------------------------
+
 
 def rand_bytes(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
@@ -160,7 +167,7 @@ def make_state(pool, state: int, npages: int = 4, seed: int = 0):
     elif state == ZERO:
         arr = pool.empty(npages * PAGE, np.uint8)
         arr.fill(1)
-        arr.fill(0)                  # written, then all zeroes: zero-page merged
+        arr.fill(0)  # written, then all zeroes: zero-page merged
         shadow = np.zeros(npages * PAGE, np.uint8)
         pool.scan(full_scans=2)
     elif state == SWAPPED:
@@ -168,8 +175,8 @@ def make_state(pool, state: int, npages: int = 4, seed: int = 0):
         arr = pool.asarray(shadow)
         ballast = pool.asarray(rand_bytes(seed + 1, npages * PAGE))
         budget = pool.max_resident
-        pool.max_resident = PAGE     # the clock starts at arr: all of it goes
-        pool.max_resident = budget   # and nothing more is evicted afterwards
+        pool.max_resident = PAGE  # the clock starts at arr: all of it goes
+        pool.max_resident = budget  # and nothing more is evicted afterwards
         del ballast
     else:
         raise ValueError(state)
@@ -182,11 +189,18 @@ STATE_NAMES = {PRIVATE: "private", KSM: "ksm", ZERO: "zero", SWAPPED: "swapped"}
 
 
 def state_pool(cow: str):
-    return uksm.Pool("64MiB", cow=cow, pages_to_scan=4096, sleep_millisecs=0,
-                     use_zero_pages=True, max_resident="32MiB")
+    return uksm.Pool(
+        "64MiB",
+        cow=cow,
+        pages_to_scan=4096,
+        sleep_millisecs=0,
+        use_zero_pages=True,
+        max_resident="32MiB",
+    )
 
 
 # --- 1. the three states, seen from pagemap ------------------------------------------
+
 
 @pytest.mark.parametrize("cow", COWS)
 def test_page_states_as_pagemap_shows_them(cow):
@@ -217,7 +231,7 @@ def test_page_states_as_pagemap_shows_them(cow):
         assert int(a.sum()) == int(src.sum(dtype=np.int64))
         pm = pm_of(a)
         assert bit(pm, PM_PRESENT).all() and bit(pm, PM_FILE).all(), [hex(e) for e in pm]
-        assert bit(pm, PM_EXCLUSIVE).all()           # b's views not mapped in yet
+        assert bit(pm, PM_EXCLUSIVE).all()  # b's views not mapped in yet
         assert int(b.sum()) == int(src.sum(dtype=np.int64))
         pm = pm_of(a)
         assert bit(pm, PM_FILE).all() and not bit(pm, PM_EXCLUSIVE).any()  # two views now
@@ -233,29 +247,34 @@ def test_page_states_as_pagemap_shows_them(cow):
         before = pool.stats()
         frames_before = [os.pread(pool.fd, PAGE, int(p) * PAGE) for p in pfn_a]
         written = [1, 4, 5]
-        page(a, 1)[:] = 0xAB                  # a whole page
-        page(a, 4)[7] ^= 0xFF                 # one byte
-        page(a, 5)[100:3000] = 3              # part of a page
+        page(a, 1)[:] = 0xAB  # a whole page
+        page(a, 4)[7] ^= 0xFF  # one byte
+        page(a, 5)[100:3000] = 3  # part of a page
         expect = src.copy()
-        expect[PAGE:2 * PAGE] = 0xAB
+        expect[PAGE : 2 * PAGE] = 0xAB
         expect[4 * PAGE + 7] ^= 0xFF
-        expect[5 * PAGE + 100:5 * PAGE + 3000] = 3
-        if cow == "signal":                   # our handler counts at once
+        expect[5 * PAGE + 100 : 5 * PAGE + 3000] = 3
+        if cow == "signal":  # our handler counts at once
             c = pool._native.stats()
             assert c["cow_signal"] - before["cow_breaks_signal"] == len(written)
         after = pool.stats()
         assert after["cow_breaks"] - before["cow_breaks"] == len(written)
-        assert after["cow_breaks_signal"] - before["cow_breaks_signal"] == \
-            (len(written) if cow == "signal" else 0)
-        assert after["pages_sharing"] + after["pages_shared"] == \
-            before["pages_sharing"] + before["pages_shared"] - len(written)
+        assert after["cow_breaks_signal"] - before["cow_breaks_signal"] == (
+            len(written) if cow == "signal" else 0
+        )
+        assert after["pages_sharing"] + after["pages_shared"] == before["pages_sharing"] + before[
+            "pages_shared"
+        ] - len(written)
         st = states(pool, a)
         assert (st[written] == PRIVATE).all()
         assert (np.delete(st, written) == KSM).all()
         pm = pm_of(a)
         for i in range(n):
-            anon_excl = bool(pm[i] & np.uint64(PM_PRESENT)) and \
-                not (pm[i] & np.uint64(PM_FILE)) and bool(pm[i] & np.uint64(PM_EXCLUSIVE))
+            anon_excl = (
+                bool(pm[i] & np.uint64(PM_PRESENT))
+                and not (pm[i] & np.uint64(PM_FILE))
+                and bool(pm[i] & np.uint64(PM_EXCLUSIVE))
+            )
             assert anon_excl == (i in written), (i, hex(int(pm[i])))
         # the frames are untouched: the twin and the memfd hold the old bytes
         assert np.array_equal(a, expect)
@@ -277,7 +296,7 @@ def test_page_states_as_pagemap_shows_them(cow):
 
         # SWAPPED: a view of the swap file; read = file page, write = private
         s, s_shadow, _ = make_state(pool, SWAPPED, n, seed=5)
-        assert np.array_equal(s, s_shadow)            # read back by the kernel
+        assert np.array_equal(s, s_shadow)  # read back by the kernel
         pm = pm_of(s)
         assert bit(pm, PM_PRESENT).all() and bit(pm, PM_FILE).all()
         ins = pool.stats()["swap_ins"]
@@ -292,6 +311,7 @@ def test_page_states_as_pagemap_shows_them(cow):
 
 
 # --- 2. kernel I/O into and out of every page state -------------------------------------
+
 
 def _io_into(kind: str, mv: memoryview, data: bytes, tmp_path) -> int:
     if kind == "readv":
@@ -331,7 +351,7 @@ def test_kernel_io_into_every_state(cow, state, kind, tmp_path):
         n = 4
         arr, shadow, twin = make_state(pool, state, n, seed=11)
         twin_copy = None if twin is None else twin.copy()
-        lo, hi = PAGE + 100, 3 * PAGE - 50           # pages 1 and 2, partly
+        lo, hi = PAGE + 100, 3 * PAGE - 50  # pages 1 and 2, partly
         data = rand_bytes(99, hi - lo).tobytes()
         before = pool.stats()
         mv = memoryview(arr).cast("B")[lo:hi]
@@ -350,12 +370,12 @@ def test_kernel_io_into_every_state(cow, state, kind, tmp_path):
         shadow[lo:hi] = np.frombuffer(data, np.uint8)
         assert np.array_equal(arr, shadow)
         if twin is not None:
-            assert np.array_equal(twin, twin_copy)    # the frame is not written
+            assert np.array_equal(twin, twin_copy)  # the frame is not written
         st = states(pool, arr)
         after = pool.stats()
         if cow == "kernel":
             assert (st[1:3] == PRIVATE).all()
-            assert (st[[0, 3]] == state).all()        # the others stay as they were
+            assert (st[[0, 3]] == state).all()  # the others stay as they were
             counter = {KSM: "cow_breaks", ZERO: "zero_page_cows", SWAPPED: "swap_ins"}
             if state in counter:
                 assert after[counter[state]] - before[counter[state]] == 2
@@ -377,19 +397,23 @@ def test_write_and_np_save_from_every_state(cow, tmp_path):
                 assert f.write(memoryview(arr).cast("B")) == arr.nbytes
             fd = os.open(tmp_path / f"out-{state}.raw", os.O_WRONLY | os.O_CREAT, 0o600)
             try:
-                assert os.writev(fd, [memoryview(arr)[:PAGE + 5],
-                                      memoryview(arr)[PAGE + 5:]]) == arr.nbytes
+                assert (
+                    os.writev(fd, [memoryview(arr)[: PAGE + 5], memoryview(arr)[PAGE + 5 :]])
+                    == arr.nbytes
+                )
             finally:
                 os.close(fd)
             np.save(tmp_path / f"out-{state}.npy", arr)
             assert path.read_bytes() == shadow.tobytes(), STATE_NAMES[state]
             assert (tmp_path / f"out-{state}.raw").read_bytes() == shadow.tobytes()
             assert np.array_equal(np.load(tmp_path / f"out-{state}.npy"), shadow)
-            assert (states(pool, arr) == state).all(), \
+            assert (states(pool, arr) == state).all(), (
                 f"{STATE_NAMES[state]}: reading for write(2) changed the state"
+            )
 
 
 # --- 3. lazy commit ---------------------------------------------------------------------
+
 
 def lazy_commit_child() -> None:
     """(isolated) A pool of 4 x MemTotal; an array of 2 x MemTotal is either
@@ -411,7 +435,7 @@ def lazy_commit_child() -> None:
     print("2 x MemTotal:", outcome, f"{took:.3f}s")
     assert took < 2.0, f"allocating 2 x MemTotal took {took:.1f}s: something was committed"
     if big is None:
-        want = (mem_total // 2) // PAGE * PAGE    # the kernel's heuristic takes this
+        want = (mem_total // 2) // PAGE * PAGE  # the kernel's heuristic takes this
         t0 = time.monotonic()
         big = pool.empty(want, np.uint8)
         assert time.monotonic() - t0 < 2.0
@@ -434,8 +458,10 @@ def lazy_commit_child() -> None:
     for off in range(0, want // PAGE, chunk):
         k = min(chunk, want // PAGE - off)
         present += int(np.count_nonzero(bit(pagemap(lo + off * PAGE, k), PM_PRESENT)))
-    print(f"touches={touches} rss+={(rss1 - rss0) / MiB:.1f}MiB huge+={huge / MiB:.1f}MiB "
-          f"present={present} bytes_private={st['bytes_private']}")
+    print(
+        f"touches={touches} rss+={(rss1 - rss0) / MiB:.1f}MiB huge+={huge / MiB:.1f}MiB "
+        f"present={present} bytes_private={st['bytes_private']}"
+    )
     assert present >= touches
     assert st["bytes_private"] == present * PAGE
     # each byte costs its page, or its huge page where THP backs the buffer
@@ -469,11 +495,11 @@ def overflow_child(shape, dtype: str) -> None:
 
 
 def test_overflowing_shape_is_refused_not_a_crash():
-    out = _isolated("overflow_child", (2 ** 62, 16), "float64", timeout=60)
+    out = _isolated("overflow_child", (2**62, 16), "float64", timeout=60)
     assert "refused" in out
 
 
-@pytest.mark.parametrize("shape", [(2 ** 32, 2 ** 32, 2 ** 32), (2 ** 70, 2 ** 10)])
+@pytest.mark.parametrize("shape", [(2**32, 2**32, 2**32), (2**70, 2**10)])
 def test_overflowing_shape_beyond_size_t_is_refused(shape):
     out = _isolated("overflow_child", shape, "uint8", timeout=60)
     assert "refused" in out
@@ -483,7 +509,7 @@ def test_zeros_costs_nothing():
     """pool.zeros(256 MiB) maps and commits nothing: no RSS (the pool's range
     in smaps, and the process), no Shmem (nothing lands in the memfd)."""
     with uksm.Pool("1GiB") as pool:
-        warm = pool.zeros(256 * MiB, np.uint8)    # the metadata's first touch
+        warm = pool.zeros(256 * MiB, np.uint8)  # the metadata's first touch
         pool.free(warm)
         del warm
         gc.collect()
@@ -494,7 +520,7 @@ def test_zeros_costs_nothing():
         assert smaps_of(z)["Rss"] == 0
         assert not bit(pm_of(z), PM_PRESENT).any()
         assert rss1 - rss0 < 2 * MiB, (rss1 - rss0) / MiB
-        assert shm1 - shm0 < 2 * MiB, (shm1 - shm0) / MiB     # system-wide: some slack
+        assert shm1 - shm0 < 2 * MiB, (shm1 - shm0) / MiB  # system-wide: some slack
         st = pool.stats()
         assert st["bytes_private"] == 0 and st["bytes_frames"] == 0
         assert st["rss_bytes"] == 0 and st["bytes_resident"] == 0
@@ -504,13 +530,13 @@ def test_zeros_costs_nothing():
 def _untouched_read_costs_nothing(nbytes: int) -> None:
     with uksm.Pool("1GiB", max_resident="1GiB") as pool:
         z = pool.zeros(nbytes, np.uint8)
-        assert int(z[::PAGE].sum()) == 0            # reads: the kernel's zero page
+        assert int(z[::PAGE].sum()) == 0  # reads: the kernel's zero page
         assert smaps_of(z)["Rss"] == 0
         st = pool.stats()
         assert st["rss_bytes"] == 0, st["rss_bytes"]
         assert st["bytes_private"] == 0, st["bytes_private"]
         assert st["bytes_resident"] == 0
-        pool.max_resident = 64 * PAGE               # nothing resident: nothing to evict
+        pool.max_resident = 64 * PAGE  # nothing resident: nothing to evict
         st = pool.stats()
         assert st["swap_outs"] == 0, st["swap_outs"]
 
@@ -518,7 +544,7 @@ def _untouched_read_costs_nothing(nbytes: int) -> None:
 def test_reading_untouched_pages_costs_nothing():
     """Pages only ever read map the kernel's zero page: no memory, nothing
     for stats() to count and nothing for the reclaim to swap out."""
-    _untouched_read_costs_nothing(64 * PAGE)        # below a huge page: 4 KiB pages
+    _untouched_read_costs_nothing(64 * PAGE)  # below a huge page: 4 KiB pages
 
 
 @pytest.mark.skipif(thp_mode() == "never", reason="no transparent huge pages")
@@ -539,19 +565,19 @@ def _fill_copies(pool, nbytes: int):
         a = pool.empty(nbytes, np.uint8)
         w = a.view(np.uint64)
         w[:] = 0x0123456789ABCDEF
-        w[::PAGE // 8] = np.arange(w.size // (PAGE // 8), dtype=np.uint64)
+        w[:: PAGE // 8] = np.arange(w.size // (PAGE // 8), dtype=np.uint64)
         arrs.append(a)
     return arrs
 
 
 def _read_all(arrs) -> None:
     for a in arrs:
-        assert int(a[::PAGE].sum()) >= 0          # one read per page: views mapped in
+        assert int(a[::PAGE].sum()) >= 0  # one read per page: views mapped in
 
 
 def _cow_tenth(arrs) -> int:
     for a in arrs:
-        a[::10 * PAGE] ^= 1
+        a[:: 10 * PAGE] ^= 1
     return sum(len(range(0, a.size, 10 * PAGE)) for a in arrs)
 
 
@@ -559,7 +585,8 @@ def _close(kernel: int, ours: int, what: str, slack: int = 2 * MiB) -> None:
     tol = 0.05 * max(abs(kernel), abs(ours), 0) + slack
     assert abs(kernel - ours) <= tol, (
         f"{what}: kernel {kernel / MiB:.2f} MiB, stats() {ours / MiB:.2f} MiB "
-        f"(tolerance {tol / MiB:.2f} MiB)")
+        f"(tolerance {tol / MiB:.2f} MiB)"
+    )
 
 
 def _smaps_agree(pool, st, tag: str) -> None:
@@ -569,8 +596,12 @@ def _smaps_agree(pool, st, tag: str) -> None:
     uss = sm.get("Private_Clean", 0) + sm.get("Private_Dirty", 0)
     assert sm["Rss"] == st["rss_bytes"], (tag, "Rss", sm["Rss"], st["rss_bytes"])
     assert uss == st["uss_bytes"], (tag, "USS", uss, st["uss_bytes"])
-    assert abs(sm["Pss"] - st["pss_bytes"]) <= 64 * 1024 + 0.001 * st["pss_bytes"], \
-        (tag, "Pss", sm["Pss"], st["pss_bytes"])
+    assert abs(sm["Pss"] - st["pss_bytes"]) <= 64 * 1024 + 0.001 * st["pss_bytes"], (
+        tag,
+        "Pss",
+        sm["Pss"],
+        st["pss_bytes"],
+    )
 
 
 # Each pool's sentinel pair, alive as long as the pool (a Pool has
@@ -605,7 +636,7 @@ def _warm_baseline(pool, size: int) -> "_Baseline":
     pool.stats()
     del arrs
     gc.collect()
-    assert pool.stats()["bytes_mapped"] == 2 * PAGE       # the sentinel alone
+    assert pool.stats()["bytes_mapped"] == 2 * PAGE  # the sentinel alone
     return _Baseline(pool)
 
 
@@ -626,8 +657,11 @@ def _file_backed(pool) -> dict:
             if "-" in fields[0] and not fields[0].endswith(":"):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 path = fields[5] if len(fields) > 5 else ""
-                cur = (path.startswith("/") and not path.startswith("/memfd:")
-                       and not (start < hi and end > lo))
+                cur = (
+                    path.startswith("/")
+                    and not path.startswith("/memfd:")
+                    and not (start < hi and end > lo)
+                )
             elif cur and len(fields) == 3 and fields[2] == "kB":
                 key, val = fields[0].rstrip(":"), int(fields[1]) * 1024
                 if key in ("Rss", "Pss"):
@@ -653,10 +687,8 @@ class _Baseline:
         _close(full.rss - self.full.rss - noise["Rss"], st["rss_bytes"], f"{tag}: psutil rss")
         _close(full.uss - self.full.uss - noise["USS"], st["uss_bytes"], f"{tag}: psutil uss")
         _close(full.pss - self.full.pss - noise["Pss"], st["pss_bytes"], f"{tag}: psutil pss")
-        _close(roll["Rss"] - self.roll["Rss"] - noise["Rss"], st["rss_bytes"],
-               f"{tag}: rollup Rss")
-        _close(roll["Pss"] - self.roll["Pss"] - noise["Pss"], st["pss_bytes"],
-               f"{tag}: rollup Pss")
+        _close(roll["Rss"] - self.roll["Rss"] - noise["Rss"], st["rss_bytes"], f"{tag}: rollup Rss")
+        _close(roll["Pss"] - self.roll["Pss"] - noise["Pss"], st["pss_bytes"], f"{tag}: rollup Pss")
         _smaps_agree(pool, st, tag)
         return st
 
@@ -694,7 +726,7 @@ def psutil_child(cow: str) -> None:
         cowed = _cow_tenth(arrs)
         st = base.check(pool, "cow 10%")
         assert st["cow_breaks"] - breaks == cowed
-        frames = pages - cowed // N_COPIES         # every copy wrote the same pages
+        frames = pages - cowed // N_COPIES  # every copy wrote the same pages
         assert st["pages_shared"] == frames + 1
         assert st["uss_bytes"] == cowed * PAGE
         assert st["pss_bytes"] == (cowed + frames) * PAGE
@@ -710,8 +742,9 @@ def psutil_swapped_child(cow: str) -> None:
     """(isolated) The same after swapping most of it out, and after reading
     it back (the swap views mapped in, through the page cache)."""
     size = 16 * MiB
-    with uksm.Pool("256MiB", cow=cow, pages_to_scan=20000, sleep_millisecs=0,
-                   max_resident="256MiB") as pool:
+    with uksm.Pool(
+        "256MiB", cow=cow, pages_to_scan=20000, sleep_millisecs=0, max_resident="256MiB"
+    ) as pool:
         base = _warm_baseline(pool, size)
         arrs = _fill_copies(pool, size)
         pool.scan(full_scans=2)
@@ -721,7 +754,7 @@ def psutil_swapped_child(cow: str) -> None:
         pool.max_resident = 8 * MiB
         st = base.check(pool, "swapped out")
         assert st["pages_swapped"] > 0 and st["bytes_resident"] <= 8 * MiB
-        _read_all(arrs)                            # read back through the page cache
+        _read_all(arrs)  # read back through the page cache
         st = pool.stats()
         assert st["pages_swapped"] > 0
         base.check(pool, "swapped, read back")
@@ -748,7 +781,7 @@ def psutil_fork_child(cow: str) -> None:
         st0 = base.check(pool, "before fork")
         r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:                               # the child only sleeps
+        if pid == 0:  # the child only sleeps
             try:
                 os.close(w)
                 os.read(r, 1)
@@ -770,20 +803,32 @@ def psutil_fork_child(cow: str) -> None:
     print("psutil agrees")
 
 
-@pytest.mark.parametrize("cow", [
-    pytest.param("kernel", marks=pytest.mark.xfail(strict=True, reason=(
-        "core bug: after fork, stats()['pss_bytes'] counts each frame with a "
-        "view present as a whole page of this process (frames_present), but a "
-        "child's copied page tables map it too (fork copies the PTEs of a "
-        "writable view VMA once it has an anon_vma) and the kernel's Pss "
-        "splits it: with 4 x 16 MiB merged, read and 10% written, the parent's "
-        "pss_bytes is 17.6 MiB where its smaps say 10.4 MiB"))),
-    "signal"])
+@pytest.mark.parametrize(
+    "cow",
+    [
+        pytest.param(
+            "kernel",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "core bug: after fork, stats()['pss_bytes'] counts each frame with a "
+                    "view present as a whole page of this process (frames_present), but a "
+                    "child's copied page tables map it too (fork copies the PTEs of a "
+                    "writable view VMA once it has an anon_vma) and the kernel's Pss "
+                    "splits it: with 4 x 16 MiB merged, read and 10% written, the parent's "
+                    "pss_bytes is 17.6 MiB where its smaps say 10.4 MiB"
+                ),
+            ),
+        ),
+        "signal",
+    ],
+)
 def test_psutil_agrees_with_stats_after_fork(cow):
     assert "psutil agrees" in _isolated("psutil_fork_child", cow, timeout=120)
 
 
 # --- 5. transparent huge pages --------------------------------------------------------
+
 
 @pytest.mark.parametrize("cow", COWS)
 def test_thp_only_the_merged_pages_huge_page_splits(cow):
@@ -796,10 +841,10 @@ def test_thp_only_the_merged_pages_huge_page_splits(cow):
         assert addr_of(a) % HPAGE == 0
         huge0 = smaps_of(a)["AnonHugePages"]
         assert huge0 > 0, "a written 64 MiB pool buffer got no huge page"
-        picks = [8192 + 17, 3 * 512 + 5, 16383]           # three different huge pages
+        picks = [8192 + 17, 3 * 512 + 5, 16383]  # three different huge pages
         b = pool.empty(len(picks) * PAGE, np.uint8)
         for j, k in enumerate(picks):
-            page(b, j)[:] = src[k * PAGE:(k + 1) * PAGE]
+            page(b, j)[:] = src[k * PAGE : (k + 1) * PAGE]
         pool.scan(full_scans=3)
         st = states(pool, a)
         assert (st[picks] == KSM).all(), st[picks]
@@ -813,6 +858,7 @@ def test_thp_only_the_merged_pages_huge_page_splits(cow):
 
 # --- 6. threads writing while the scanner merges --------------------------------------------
 
+
 def random_writers_child(cow: str, seed: int, seconds: float) -> None:
     """(isolated) Two threads write at random into merged arrays (each its
     own arrays and shadows) while pool.start() merges them and the main
@@ -823,8 +869,7 @@ def random_writers_child(cow: str, seed: int, seconds: float) -> None:
     patterns[0] = 0
     # the default compact_threshold: the scanner compacts after full scans
     # (the store grows 16 MiB at a time, so it is "fragmented" at once)
-    pool = uksm.Pool("128MiB", cow=cow, pages_to_scan=400, sleep_millisecs=0,
-                     use_zero_pages=True)
+    pool = uksm.Pool("128MiB", cow=cow, pages_to_scan=400, sleep_millisecs=0, use_zero_pages=True)
     npages = 192
     arrays, shadows = [], []
     for _ in range(4):
@@ -846,38 +891,38 @@ def random_writers_child(cow: str, seed: int, seconds: float) -> None:
                 k = mine[int(rng.integers(2))]
                 a, s = arrays[k], shadows[k]
                 op = int(rng.integers(4))
-                if op == 0:                         # one byte
+                if op == 0:  # one byte
                     i = int(rng.integers(a.size))
                     v = int(rng.integers(256))
                     a[i] = v
                     s[i] = v
-                elif op == 1:                       # a whole page to a pattern: merges again
+                elif op == 1:  # a whole page to a pattern: merges again
                     p = int(rng.integers(npages))
                     q = patterns[int(rng.integers(len(patterns)))]
                     page(a, p)[:] = q
-                    s[p * PAGE:(p + 1) * PAGE] = q
-                elif op == 2:                       # a span across pages
+                    s[p * PAGE : (p + 1) * PAGE] = q
+                elif op == 2:  # a span across pages
                     i = int(rng.integers(a.size - 3 * PAGE))
                     ln = int(rng.integers(1, 3 * PAGE))
                     v = rng.integers(0, 256, ln, dtype=np.uint8)
-                    a[i:i + ln] = v
-                    s[i:i + ln] = v
-                else:                               # read-your-writes
+                    a[i : i + ln] = v
+                    s[i : i + ln] = v
+                else:  # read-your-writes
                     p = int(rng.integers(npages))
-                    if not np.array_equal(page(a, p), s[p * PAGE:(p + 1) * PAGE]):
+                    if not np.array_equal(page(a, p), s[p * PAGE : (p + 1) * PAGE]):
                         errors.append(f"thread {t}: array {k} page {p} differs mid-run")
                         return
                 n += 1
                 if n % 64 == 0:
-                    time.sleep(0.001)               # give the scanner its turn
-        except BaseException as exc:                # noqa: B902
+                    time.sleep(0.001)  # give the scanner its turn
+        except BaseException as exc:  # noqa: B902
             errors.append(f"thread {t}: {exc!r}")
 
     pool.start()
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(2)]
     for th in threads:
         th.start()
-    while any(th.is_alive() for th in threads):     # and compactions meanwhile
+    while any(th.is_alive() for th in threads):  # and compactions meanwhile
         pool.compact()
         time.sleep(0.1)
     for th in threads:
@@ -888,9 +933,11 @@ def random_writers_child(cow: str, seed: int, seconds: float) -> None:
     for k, (a, s) in enumerate(zip(arrays, shadows)):
         assert np.array_equal(a, s), f"array {k} differs from its shadow"
     merged_during = st["pages_merged_total"] - st0["pages_merged_total"]
-    print(f"cow={cow} merged during the run: {merged_during}, cow_breaks {st['cow_breaks']}, "
-          f"signal {st['cow_breaks_signal']}, zero cows {st['zero_page_cows']}, "
-          f"compactions {st['compactions']}")
+    print(
+        f"cow={cow} merged during the run: {merged_during}, cow_breaks {st['cow_breaks']}, "
+        f"signal {st['cow_breaks_signal']}, zero cows {st['zero_page_cows']}, "
+        f"compactions {st['compactions']}"
+    )
     assert st["compactions"] > 0
     assert merged_during > 0, "the scanner merged nothing while the writers ran"
     assert st["cow_breaks"] > 0
@@ -927,11 +974,11 @@ def compaction_race_child(cow: str, iterations: int) -> None:
     for it in range(iterations):
         a = pool.asarray(src)
         b = pool.asarray(src)
-        pool.scan(full_scans=2)              # a, b: views of n consecutive frames
+        pool.scan(full_scans=2)  # a, b: views of n consecutive frames
         assert (states(pool, a) == KSM).all()
-        a[::PAGE] = 0                        # every page copied on write:
-        b[::PAGE] = 0                        # the frames are free, the copies
-        assert pool.stats()["pages_shared"] == 0    # still in the views' VMAs
+        a[::PAGE] = 0  # every page copied on write:
+        b[::PAGE] = 0  # the frames are free, the copies
+        assert pool.stats()["pages_shared"] == 0  # still in the views' VMAs
         stop = threading.Event()
         last = [0]
 
@@ -944,16 +991,18 @@ def compaction_race_child(cow: str, iterations: int) -> None:
 
         t = threading.Thread(target=writer, args=(stop, a, last))
         t.start()
-        time.sleep(0.001)                    # the writer is filling by now
+        time.sleep(0.001)  # the writer is filling by now
         try:
             res = pool.compact()
         finally:
             stop.set()
             t.join()
-        assert res["memfd_size_after"] < res["memfd_size_before"]   # it did cut
+        assert res["memfd_size_after"] < res["memfd_size_before"]  # it did cut
         lost = np.nonzero((a.reshape(n, PAGE) != last[0]).any(axis=1))[0]
-        assert len(lost) == 0, (f"iteration {it}: {len(lost)} pages lost writes made "
-                                f"during compact() (first: page {lost[0]})")
+        assert len(lost) == 0, (
+            f"iteration {it}: {len(lost)} pages lost writes made "
+            f"during compact() (first: page {lost[0]})"
+        )
         assert np.array_equal(b.reshape(n, PAGE)[:, 1:], src.reshape(n, PAGE)[:, 1:])
         del a, b
     print("no write lost in", iterations, "compactions")

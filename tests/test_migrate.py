@@ -13,6 +13,7 @@ frames off the top of the store for good, moving what lives there below.
 Real fragmentation, real frames moved under real mappings: every check is
 against numpy shadow copies and the kernel's own view (fstat of the memfd,
 /proc/self/maps, /proc/self/pagemap, smaps)."""
+
 import errno
 import gc
 import os
@@ -106,10 +107,10 @@ def fragment(pool, npairs=24, pages=128, seed=0):
         del a, b
     for i in range(1, npairs, 4):
         pairs[i][0][::3, 0] ^= 1
-        pairs[i][1][::3, 0] ^= 2             # both copied, and not equal again
+        pairs[i][1][::3, 0] ^= 2  # both copied, and not equal again
     for i in range(3, npairs, 4):
-        pairs[i][1][::5, 1] ^= 1              # one copied: the frame keeps a view
-    assert npairs % 4 == 0                    # the top pair is one written one-sided
+        pairs[i][1][::5, 1] ^= 1  # one copied: the frame keeps a view
+    assert npairs % 4 == 0  # the top pair is one written one-sided
     live = [x for p in pairs if p is not None for x in p]
     return live, [np.array(x) for x in live], pairs[-1][0]
 
@@ -125,19 +126,19 @@ def snapshot(pool, arrays):
 def test_compact_shrinks_the_memfd_to_the_live_frames(cow):
     with uksm.Pool("64MiB", checksum="xxhash", cow=cow) as pool:
         live, shadow, top = fragment(pool)
-        s = pool.stats()                          # reconciles the kernel's COWs
+        s = pool.stats()  # reconciles the kernel's COWs
         nlive = s["pages_shared"]
         size, blocks = memfd_frames(pool)
-        assert 0 < nlive and size >= 2 * nlive           # really fragmented
-        assert blocks == nlive and s["bytes_frames"] == nlive * PAGE   # holes punched
+        assert 0 < nlive and size >= 2 * nlive  # really fragmented
+        assert blocks == nlive and s["bytes_frames"] == nlive * PAGE  # holes punched
         before = snapshot(pool, live)
         top_pfns = pool.page_states(top)[1]
-        assert int(top_pfns.min()) >= nlive              # the top pair is above the line
+        assert int(top_pfns.min()) >= nlive  # the top pair is above the line
         private = kernel_private_bytes(pool)
 
         result = pool.compact()
 
-        assert memfd_frames(pool) == (nlive, nlive)      # cut to exactly the live frames
+        assert memfd_frames(pool) == (nlive, nlive)  # cut to exactly the live frames
         assert result["memfd_size_before"] == size * PAGE
         assert result["memfd_size_after"] == nlive * PAGE
         assert result["size_released"] == (size - nlive) * PAGE
@@ -175,7 +176,7 @@ def test_stable_nodes_follow_their_frames(cow):
     writes still COW correctly."""
     with uksm.Pool("64MiB", checksum="xxhash", cow=cow) as pool:
         live, shadow, top = fragment(pool)
-        pool.scan(full_scans=1)                   # sweeps the stale nodes out
+        pool.scan(full_scans=1)  # sweeps the stale nodes out
         nodes = pool._scanner.stable.nr_alive
         s = pool.stats()
         shared, sharing = s["pages_shared"], s["pages_sharing"]
@@ -193,7 +194,7 @@ def test_stable_nodes_follow_their_frames(cow):
         k = next(i for i, a in enumerate(live) if a is top)
         copy = pool.asarray(shadow[k])
         s = pool.scan(full_scans=2)
-        assert s["pages_shared"] == shared                 # no new KSM frame
+        assert s["pages_shared"] == shared  # no new KSM frame
         assert s["pages_sharing"] == sharing + copy.nbytes // PAGE
         st2, pfn2, mc2 = pool.page_states(copy)
         assert (st2 == KSM).all() and np.array_equal(pfn2, pfn1)
@@ -234,11 +235,11 @@ def test_stable_node_chains_follow_their_frames(cow):
         s = pool.scan(full_scans=2)
         assert (s["pages_shared"], s["stable_node_dups"]) == (4, 4)
         st, pfn_b, mc_b = pool.page_states(b)
-        room = int(frames[views == 232][0]) - 1024       # the one not full
+        room = int(frames[views == 232][0]) - 1024  # the one not full
         assert (st == KSM).all() and (pfn_b == room).all() and (mc_b == 256).all()
         assert memfd_frames(pool) == (4, 4)
         assert (a == 7).all() and (b == 7).all()
-        a[::3, 0] = 1                                     # COW from the moved frames
+        a[::3, 0] = 1  # COW from the moved frames
         assert (a[::3, 0] == 1).all() and (a[1::3] == 7).all() and (b == 7).all()
 
 
@@ -249,25 +250,25 @@ def test_compact_coalesces_scattered_frames_into_fewer_vmas(cow):
     K = 1024
     with uksm.Pool("64MiB", checksum="xxhash", cow=cow) as pool:
         rng = np.random.default_rng(1)
-        f = merged_pair(pool, rand_pages(rng, K))             # frames [0, K)
-        g = merged_pair(pool, rand_pages(rng, 2 * K))         # frames [K, 3K)
+        f = merged_pair(pool, rand_pages(rng, K))  # frames [0, K)
+        g = merged_pair(pool, rand_pages(rng, 2 * K))  # frames [K, 3K)
         pool.scan(full_scans=2)
         g[0][::2, 0] ^= 1
-        g[1][::2, 0] ^= 2             # every other frame of g freed: 1-frame holes
+        g[1][::2, 0] ^= 2  # every other frame of g freed: 1-frame holes
         assert pool.stats()["pages_shared"] == 2 * K
         data = rand_pages(rng, K)
         a, b = merged_pair(pool, data)
         pool.scan(full_scans=2)
         st, pfn, _ = pool.page_states(a)
         assert (st == KSM).all()
-        assert (np.diff(pfn.astype(np.int64)) == 2).all()     # scattered into the holes
+        assert (np.diff(pfn.astype(np.int64)) == 2).all()  # scattered into the holes
         del f, g
         gc.collect()
         before = maps_count()
         result = pool.compact()
         after = maps_count()
         assert result["frames_moved"] == K and result["frames_skipped"] == 0
-        assert after < before - K, (before, after)            # a and b: a VMA per page before
+        assert after < before - K, (before, after)  # a and b: a VMA per page before
         assert result["vmas_after"] < result["vmas_before"] - K
         st, pfn, mc = pool.page_states(a)
         assert (st == KSM).all() and np.array_equal(pfn, np.arange(K)) and (mc == 2).all()
@@ -284,8 +285,10 @@ def test_writers_during_compaction_lose_nothing(cow):
     with uksm.Pool("64MiB", checksum="xxhash", cow=cow) as pool:
         rng = np.random.default_rng(3)
         words = PAGE // 8
-        pairs = [merged_pair(pool, rng.integers(0, 1 << 62, (64, words), dtype=np.int64))
-                 for _ in range(32)]
+        pairs = [
+            merged_pair(pool, rng.integers(0, 1 << 62, (64, words), dtype=np.int64))
+            for _ in range(32)
+        ]
         assert pool.scan(full_scans=2)["pages_shared"] == 32 * 64
         shadow = [np.array(a) for a, _ in pairs]
         stop = threading.Event()
@@ -299,13 +302,13 @@ def test_writers_during_compaction_lose_nothing(cow):
                 while not stop.is_set():
                     k, i = int(r.integers(len(pairs))), int(r.integers(64))
                     j, v = int(r.integers(words)), int(r.integers(1 << 62))
-                    with lock:                        # shadow and arrays agree
+                    with lock:  # shadow and arrays agree
                         pairs[k][0][i, j] = v
                         pairs[k][1][i, j] = v
                         shadow[k][i, j] = v
                         writes[0] += 1
                     time.sleep(2e-4)
-            except Exception as exc:                  # pragma: no cover
+            except Exception as exc:  # pragma: no cover
                 errors.append(exc)
 
         threads = [threading.Thread(target=writer, args=(s,)) for s in range(2)]
@@ -359,7 +362,7 @@ def test_kernel_writers_during_compaction_lose_nothing():
         with uksm.Pool("64MiB", cow="kernel") as pool:
             rng = np.random.default_rng(9)
             for _ in range(5):
-                a, b, data = high_pair(pool, rng, N, N)        # frames [N, 2N)
+                a, b, data = high_pair(pool, rng, N, N)  # frames [N, 2N)
                 shadow = data.copy()
                 go, stop, errors = threading.Event(), threading.Event(), []
 
@@ -371,8 +374,8 @@ def test_kernel_writers_during_compaction_lose_nothing():
                             break
                         off, n = int(r.integers(PAGE - 64)), int(r.integers(1, 64))
                         try:
-                            got = os.preadv(src, [memoryview(a[i])[off:off + n]], off)
-                            shadow[i, off:off + got] = srcbytes[off:off + got]
+                            got = os.preadv(src, [memoryview(a[i])[off : off + n]], off)
+                            shadow[i, off : off + got] = srcbytes[off : off + got]
                         except OSError as exc:
                             if exc.errno != errno.EFAULT:
                                 errors.append(exc)
@@ -433,24 +436,24 @@ def cut_under_cowed_pages(cow: str, how: str) -> None:
         del filler
         gc.collect()
         expect = data.copy()
-        copied = np.zeros(n, bool)            # a's pages written: private now
+        copied = np.zeros(n, bool)  # a's pages written: private now
         if how.startswith("high"):
-            a[n // 2:, 7] = 0xAB              # COW of the highest frames' views
-            expect[n // 2:, 7] = 0xAB
-            copied[n // 2:] = True
-            if cow == "kernel":               # and a kernel write: the kernel's COW too
+            a[n // 2 :, 7] = 0xAB  # COW of the highest frames' views
+            expect[n // 2 :, 7] = 0xAB
+            copied[n // 2 :] = True
+            if cow == "kernel":  # and a kernel write: the kernel's COW too
                 r, w = os.pipe()
                 os.write(w, b"\x5a" * 100)
                 assert os.readv(r, [memoryview(a[n - 1])[1000:1100]]) == 100
                 os.close(r)
                 os.close(w)
-                expect[n - 1, 1000:1100] = 0x5a
+                expect[n - 1, 1000:1100] = 0x5A
             live, moved = n // 2, n // 2
         elif how == "straddle":
-            a[n // 2 - 1:, 3] = 0x77
-            expect[n // 2 - 1:, 3] = 0x77
-            copied[n // 2 - 1:] = True
-            b[n // 2 - 1, 3] = 0x76           # both copied: that frame is freed too
+            a[n // 2 - 1 :, 3] = 0x77
+            expect[n // 2 - 1 :, 3] = 0x77
+            copied[n // 2 - 1 :] = True
+            b[n // 2 - 1, 3] = 0x76  # both copied: that frame is freed too
             live, moved = n // 2 - 1, 0
         elif how == "sparse":
             a[::2, 3] = 0x55
@@ -468,10 +471,10 @@ def cut_under_cowed_pages(cow: str, how: str) -> None:
             pool.stats()
         result = pool.compact()
         past = store_mappings_past_eof(pool)
-        assert past == [], past               # checked before a is touched
+        assert past == [], past  # checked before a is touched
         assert result["frames_skipped"] == 0
         assert result["frames_moved"] == moved, result
-        assert memfd_frames(pool) == (live, live), result     # the cut was made
+        assert memfd_frames(pool) == (live, live), result  # the cut was made
         assert pool.stats()["pages_shared"] == live
         st, pfn, mc = pool.page_states(a)
         assert (st == KSM).sum() == live and (pfn[st == KSM] < live).all()
@@ -483,7 +486,7 @@ def cut_under_cowed_pages(cow: str, how: str) -> None:
         pool.scan(full_scans=2)
         assert memfd_frames(pool)[1] == live + base + n
         assert np.array_equal(a, expect)
-        a[:, 8] = 0x11                        # the copies are still a's, writable
+        a[:, 8] = 0x11  # the copies are still a's, writable
         expect[:, 8] = 0x11
         assert np.array_equal(a, expect)
         del c
@@ -519,13 +522,13 @@ def test_pinned_pages_are_untouched_by_compaction(cow):
             st, pfn, mc = pool.page_states(a)
             assert (st == PRIVATE).all() and (pfn == 0).all()
             pm = pagemap(a)
-            assert (pm >> 63 == 1).all()                           # present, written
+            assert (pm >> 63 == 1).all()  # present, written
             result = pool.compact()
-            assert result["frames_moved"] == n                     # b's frames moved
+            assert result["frames_moved"] == n  # b's frames moved
             assert np.array_equal(pool.page_states(b)[1], np.arange(n))
             past = store_mappings_past_eof(pool)
-            assert past == [], past               # checked before a is touched
-            assert np.array_equal(pagemap(a), pm)                   # the very same pages
+            assert past == [], past  # checked before a is touched
+            assert np.array_equal(pagemap(a), pm)  # the very same pages
             assert (states(pool, a) == PRIVATE).all()
             assert np.array_equal(a, data) and np.array_equal(b, data)
             # pinned pages are no frames: a shrink neither moves nor refuses them
@@ -533,7 +536,7 @@ def test_pinned_pages_are_untouched_by_compaction(cow):
             assert store_mappings_past_eof(pool) == []
             assert np.array_equal(pagemap(a), pm)
             assert np.array_equal(a, data) and np.array_equal(b, data)
-            a[0, 0] ^= 1                                           # still writable
+            a[0, 0] ^= 1  # still writable
             a[0, 0] ^= 1
         # unpinned and rescanned, a shares b's (moved) frames; then the store
         # can be cut to them
@@ -569,12 +572,12 @@ def high_pair(pool, rng, filler_pages: int, n: int):
 
 @pytest.mark.parametrize("cow", COWS)
 def test_shrink_migrates_shared_frames_out_of_the_removed_range(cow):
-    with uksm.Pool("16MiB", checksum="xxhash", cow=cow) as pool:     # 4096 frames
+    with uksm.Pool("16MiB", checksum="xxhash", cow=cow) as pool:  # 4096 frames
         rng = np.random.default_rng(2)
         n = 128
-        a, b, data = high_pair(pool, rng, 2048, n)        # frames [2048, 2176)
+        a, b, data = high_pair(pool, rng, 2048, n)  # frames [2048, 2176)
         limit = 1024
-        result = pool.shrink(3072 * PAGE)                  # frames [1024, 4096) go
+        result = pool.shrink(3072 * PAGE)  # frames [1024, 4096) go
         st, pfn, mc = pool.page_states(a)
         assert (st == KSM).all() and (pfn < limit).all() and (mc == 2).all()
         assert np.array_equal(pool.page_states(b)[1], pfn)
@@ -591,7 +594,7 @@ def test_shrink_migrates_shared_frames_out_of_the_removed_range(cow):
         s = pool.scan(full_scans=2)
         assert s["pages_shared"] == n
         assert (states(pool, c) == KSM).all() and np.array_equal(pool.page_states(c)[1], pfn)
-        b[0, 0] ^= 0xFF                                   # COW still works
+        b[0, 0] ^= 0xFF  # COW still works
         assert np.array_equal(a, data) and b[0, 0] == data[0, 0] ^ 0xFF
         # the store stays within its new size: merges beyond it find no frame
         # and leave their pages private, intact
@@ -610,7 +613,7 @@ def test_shrink_migrates_shared_frames_out_of_the_removed_range(cow):
 
 @pytest.mark.parametrize("cow", COWS)
 def test_shrink_refuses_what_does_not_fit_and_keeps_everything(cow):
-    with uksm.Pool("32MiB", cow=cow) as pool:                         # 8192 frames
+    with uksm.Pool("32MiB", cow=cow) as pool:  # 8192 frames
         rng = np.random.default_rng(4)
         data = rand_pages(rng, 2560)
         a, b = merged_pair(pool, data)
@@ -620,7 +623,7 @@ def test_shrink_refuses_what_does_not_fit_and_keeps_everything(cow):
         before = snapshot(pool, (a, b))
         size = memfd_frames(pool)
         with pytest.raises(uksm.PoolFullError):
-            pool.shrink("24MiB")                        # 2048 frames left < 2560 live
+            pool.shrink("24MiB")  # 2048 frames left < 2560 live
         assert pool.capacity == cap
         for (st0, pfn0, mc0), (st1, pfn1, mc1) in zip(before, snapshot(pool, (a, b))):
             assert np.array_equal(st0, st1) and np.array_equal(pfn0, pfn1)
@@ -628,14 +631,14 @@ def test_shrink_refuses_what_does_not_fit_and_keeps_everything(cow):
         assert memfd_frames(pool) == size
         assert np.array_equal(a, data) and np.array_equal(b, data)
         with pytest.raises(ValueError):
-            pool.shrink(1000)                          # not page aligned
+            pool.shrink(1000)  # not page aligned
         with pytest.raises(ValueError):
             pool.shrink(-4096)
         # nothing was taken away: 4096 frames may still go (2560 live fit)
         pool.shrink("16MiB")
         assert np.array_equal(a, data) and np.array_equal(b, data)
         with pytest.raises(uksm.PoolFullError):
-            pool.shrink(2048 * PAGE)                   # 2048 left < 2560 live
+            pool.shrink(2048 * PAGE)  # 2048 left < 2560 live
         assert (states(pool, a) == KSM).all() and np.array_equal(a, data)
 
 
@@ -650,7 +653,7 @@ def test_shrink_whose_remaps_fail_is_refused_and_keeps_everything(cow, skip):
     n, limit = 128, 1024
     with uksm.Pool("16MiB", cow=cow) as pool:
         rng = np.random.default_rng(8)
-        a, b, data = high_pair(pool, rng, 2048, n)        # frames [2048, 2176)
+        a, b, data = high_pair(pool, rng, 2048, n)  # frames [2048, 2176)
         try:
             uksm._core.inject("mmap", skip, -1, errno.ENOMEM)
             with pytest.raises(uksm.UksmError):
@@ -661,7 +664,7 @@ def test_shrink_whose_remaps_fail_is_refused_and_keeps_everything(cow, skip):
         sa, pa, ma = pool.page_states(a)
         sb, pb, mb = pool.page_states(b)
         assert (sa == KSM).all() and (sb == KSM).all()
-        assert np.array_equal(pb, np.arange(2048, 2048 + n))     # b could not move
+        assert np.array_equal(pb, np.arange(2048, 2048 + n))  # b could not move
         if skip:
             assert (pa < n).all() and (ma == 1).all() and (mb == 1).all()
         else:
@@ -670,12 +673,12 @@ def test_shrink_whose_remaps_fail_is_refused_and_keeps_everything(cow, skip):
         assert s["pages_shared"] + s["pages_sharing"] == 2 * n
         assert np.array_equal(a, data) and np.array_equal(b, data)
 
-        pool.shrink(3072 * PAGE)                           # nothing was removed before
+        pool.shrink(3072 * PAGE)  # nothing was removed before
         for x in (a, b):
             st, pfn, _ = pool.page_states(x)
             assert (st == KSM).all() and (pfn < limit).all()
         assert memfd_frames(pool)[0] <= limit and store_mappings_past_eof(pool) == []
-        a[0, 0] ^= 0xFF                                   # COW on either sharer
+        a[0, 0] ^= 0xFF  # COW on either sharer
         b[-1, -1] ^= 0xFF
         assert a[0, 0] == data[0, 0] ^ 0xFF and np.array_equal(b[0], data[0])
         assert b[-1, -1] == data[-1, -1] ^ 0xFF and np.array_equal(a[-1], data[-1])
@@ -700,7 +703,7 @@ def test_frames_a_forked_child_may_map_are_neither_cut_nor_offlined(cow):
     frames around them and does not cut the store, shrink refuses a range
     holding one (UksmError, nothing removed), and the child reads its copies
     intact.  Once the child is gone, both go ahead."""
-    with uksm.Pool("16MiB", cow=cow) as pool:                         # 4096 frames
+    with uksm.Pool("16MiB", cow=cow) as pool:  # 4096 frames
         rng = np.random.default_rng(7)
         f1, f2 = merged_pair(pool, rand_pages(rng, 2048))
         pool.scan(full_scans=2)
@@ -717,13 +720,19 @@ def test_frames_a_forked_child_may_map_are_neither_cut_nor_offlined(cow):
         size = memfd_frames(pool)[0]
         rfd, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:                                       # child
+        if pid == 0:  # child
             code = 3
             try:
                 os.close(wfd)
-                os.read(rfd, 1)                            # the parent is done
-                code = 0 if all(np.array_equal(x, d) for x, d in
-                                ((a, data), (b, data), (e, edata), (e2, edata))) else 1
+                os.read(rfd, 1)  # the parent is done
+                code = (
+                    0
+                    if all(
+                        np.array_equal(x, d)
+                        for x, d in ((a, data), (b, data), (e, edata), (e2, edata))
+                    )
+                    else 1
+                )
             finally:
                 os._exit(code)
         try:
@@ -733,15 +742,15 @@ def test_frames_a_forked_child_may_map_are_neither_cut_nor_offlined(cow):
             del a, b
             assert pool.stats()["frames_deferred"] == 128
             with pytest.raises(uksm.UksmError):
-                pool.shrink("8MiB")                        # [2048, 4096) holds deferred frames
-            result = pool.compact()                        # e moves below, around them
+                pool.shrink("8MiB")  # [2048, 4096) holds deferred frames
+            result = pool.compact()  # e moves below, around them
             assert result["frames_moved"] == 64 and result["frames_skipped"] == 0
             st, pfn, mc = pool.page_states(e)
             assert (st == KSM).all() and np.array_equal(pfn, np.arange(64)) and (mc == 2).all()
             assert np.array_equal(e, edata) and np.array_equal(e2, edata)
             s = pool.stats()
-            assert s["frames_deferred"] == 128 + 64        # e's old frames: the child's
-            assert memfd_frames(pool) == (size, 64 + 128 + 64)   # not cut, not punched
+            assert s["frames_deferred"] == 128 + 64  # e's old frames: the child's
+            assert memfd_frames(pool) == (size, 64 + 128 + 64)  # not cut, not punched
         finally:
             os.write(wfd, b"x")
             os.close(wfd)
@@ -752,10 +761,10 @@ def test_frames_a_forked_child_may_map_are_neither_cut_nor_offlined(cow):
         assert memfd_frames(pool)[1] == 64
         pool.compact()
         assert memfd_frames(pool) == (64, 64)
-        pool.shrink("8MiB")                                # nothing was removed before
+        pool.shrink("8MiB")  # nothing was removed before
         pool.shrink("4MiB")
         with pytest.raises(uksm.PoolFullError):
-            pool.shrink(1024 * PAGE - 32 * PAGE)           # 32 frames < 64 live
+            pool.shrink(1024 * PAGE - 32 * PAGE)  # 32 frames < 64 live
         assert store_mappings_past_eof(pool) == []
         assert (states(pool, e) == KSM).all()
         assert np.array_equal(e, edata) and np.array_equal(e2, edata)
@@ -766,11 +775,11 @@ def test_capacity_after_shrink_is_the_limit_allocation_obeys():
     it); shrink() takes frames off the store.  Whatever shrink does to
     capacity, the figure reported afterwards must be the one allocation
     obeys."""
-    with uksm.Pool("1MiB", sleep_millisecs=0) as pool:            # 256 pages
+    with uksm.Pool("1MiB", sleep_millisecs=0) as pool:  # 256 pages
         pool.shrink(128 * PAGE)
         cap = pool.capacity
         assert pool.stats()["capacity"] == cap
-        a = pool.empty(cap - PAGE, np.uint8)                       # fits
+        a = pool.empty(cap - PAGE, np.uint8)  # fits
         with pytest.raises(uksm.PoolFullError):
-            pool.empty(2 * PAGE, np.uint8)                         # does not
+            pool.empty(2 * PAGE, np.uint8)  # does not
         del a

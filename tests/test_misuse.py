@@ -1,6 +1,7 @@
 """Misuse of the public API: each mistake fails at once, with an exception
 that names the argument, the value given and what is allowed, instead of
 being ignored, kept silently or surfacing later as a bare OSError."""
+
 import gc
 import json
 import os
@@ -32,6 +33,7 @@ def raises_naming(exc, name, fn, *args, **kw):
 
 # ------------------------------------------------------------ 1. attributes
 
+
 def test_misspelt_pool_attribute_raises(pool):
     with pytest.raises(AttributeError, match="pages_to_scn"):
         pool.pages_to_scn = 5
@@ -45,7 +47,7 @@ def test_misspelt_pool_attribute_raises(pool):
     assert (st["pages_to_scan"], st["sleep_millisecs"]) == (5, 7)
     assert weakref.ref(pool)() is pool
     with pytest.raises(AttributeError):
-        pool.checksum = "xxhash"            # read-only property
+        pool.checksum = "xxhash"  # read-only property
 
 
 def test_misspelt_group_attribute_raises():
@@ -59,9 +61,14 @@ def test_misspelt_group_attribute_raises():
 
 # -------------------------------------------------- 2. NaN, infinity, negatives
 
-INT_KNOBS = {"pages_to_scan": 1, "sleep_millisecs": 0, "max_page_sharing": 2,
-             "advisor_min_pages_to_scan": 1, "advisor_max_pages_to_scan": 1,
-             "advisor_max_cpu": 1}
+INT_KNOBS = {
+    "pages_to_scan": 1,
+    "sleep_millisecs": 0,
+    "max_page_sharing": 2,
+    "advisor_min_pages_to_scan": 1,
+    "advisor_max_pages_to_scan": 1,
+    "advisor_max_cpu": 1,
+}
 
 
 @pytest.mark.parametrize("knob", sorted(INT_KNOBS))
@@ -81,15 +88,15 @@ def test_int_knob_rejects_out_of_range(knob):
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF, -1.0, 0, -5])
 def test_advisor_target_scan_time_must_be_finite_and_positive(value):
-    msg = raises_naming(ValueError, "advisor_target_scan_time", uksm.Pool, "4MiB",
-                        advisor_target_scan_time=value)
+    msg = raises_naming(
+        ValueError, "advisor_target_scan_time", uksm.Pool, "4MiB", advisor_target_scan_time=value
+    )
     assert "> 0" in msg and repr(value) in msg, msg
 
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF, -1.0, 0.5])
 def test_compact_threshold_must_be_zero_or_a_finite_ratio(value):
-    msg = raises_naming(ValueError, "compact_threshold", uksm.Pool, "4MiB",
-                        compact_threshold=value)
+    msg = raises_naming(ValueError, "compact_threshold", uksm.Pool, "4MiB", compact_threshold=value)
     assert ">= 1" in msg and repr(value) in msg, msg
 
 
@@ -108,8 +115,9 @@ def test_swap_batch_is_checked_without_swap_too(value):
     raises_naming((ValueError, TypeError), "swap_batch", uksm.Pool, "4MiB", swap_batch=value)
 
 
-@pytest.mark.parametrize("knob", ["pages_to_scan", "sleep_millisecs", "max_page_sharing",
-                                  "advisor_max_cpu"])
+@pytest.mark.parametrize(
+    "knob", ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "advisor_max_cpu"]
+)
 def test_knob_setters_reject_bad_values(pool, knob):
     before = getattr(pool, knob)
     for bad in (NAN, INF, 2.0):
@@ -117,7 +125,7 @@ def test_knob_setters_reject_bad_values(pool, knob):
     for bad in (-1, 1 << 40):
         msg = raises_naming(ValueError, knob, setattr, pool, knob, bad)
         assert str(bad) in msg
-    assert getattr(pool, knob) == before     # a refused value changes nothing
+    assert getattr(pool, knob) == before  # a refused value changes nothing
 
 
 def test_advisor_max_cpu_is_a_percentage(pool):
@@ -127,16 +135,16 @@ def test_advisor_max_cpu_is_a_percentage(pool):
 
 # ----------------------------------------------------- 3. max_resident setter
 
+
 def test_max_resident_setter_above_capacity_raises():
     with uksm.Pool("16MiB", max_resident="8MiB") as p:
         msg = raises_naming(ValueError, "max_resident", setattr, p, "max_resident", "1GiB")
         assert "capacity" in msg and str(16 * MiB) in msg and "'1GiB'" in msg, msg
         assert p.max_resident == 8 * MiB
-        p.max_resident = "16MiB"             # up to capacity is fine
+        p.max_resident = "16MiB"  # up to capacity is fine
         assert p.max_resident == 16 * MiB
         for bad in (NAN, -1, 0):
-            raises_naming((ValueError, TypeError), "max_resident", setattr, p,
-                          "max_resident", bad)
+            raises_naming((ValueError, TypeError), "max_resident", setattr, p, "max_resident", bad)
         g = p.group("g", max_resident="4MiB")
         raises_naming(ValueError, "max_resident", setattr, g, "max_resident", "17MiB")
         raises_naming(ValueError, "max_resident", p.group, "h", max_resident="1GiB")
@@ -145,23 +153,67 @@ def test_max_resident_setter_above_capacity_raises():
 
 # ------------------------------------------------------------ 4. size strings
 
-@pytest.mark.parametrize("text,expected", [
-    ("1gb", GiB), ("1GB", GiB), ("1G", GiB), ("1g", GiB), ("1GiB", GiB), ("1gib", GiB),
-    ("1 GiB", GiB), (" 1 G ", GiB), ("1PiB", 1 << 50), ("1PB", 1 << 50), ("1P", 1 << 50),
-    ("1EiB", 1 << 60), ("2TB", 2 << 40), ("2t", 2 << 40), ("512k", 512 * KiB),
-    ("512KB", 512 * KiB), ("512kib", 512 * KiB), ("64MB", 64 * MiB), ("64 mib", 64 * MiB),
-    ("1.5GiB", 3 * GiB // 2), ("1.5 gb", 3 * GiB // 2), ("4096", 4096), ("4096b", 4096),
-    ("4096 B", 4096), (".5k", 512), ("1.k", 1024),
-    # a fraction is rounded up to whole bytes, computed exactly
-    ("0.1k", 103), ("1.5", 2), ("1.1E", -(-11 * (1 << 60) // 10)),
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1gb", GiB),
+        ("1GB", GiB),
+        ("1G", GiB),
+        ("1g", GiB),
+        ("1GiB", GiB),
+        ("1gib", GiB),
+        ("1 GiB", GiB),
+        (" 1 G ", GiB),
+        ("1PiB", 1 << 50),
+        ("1PB", 1 << 50),
+        ("1P", 1 << 50),
+        ("1EiB", 1 << 60),
+        ("2TB", 2 << 40),
+        ("2t", 2 << 40),
+        ("512k", 512 * KiB),
+        ("512KB", 512 * KiB),
+        ("512kib", 512 * KiB),
+        ("64MB", 64 * MiB),
+        ("64 mib", 64 * MiB),
+        ("1.5GiB", 3 * GiB // 2),
+        ("1.5 gb", 3 * GiB // 2),
+        ("4096", 4096),
+        ("4096b", 4096),
+        ("4096 B", 4096),
+        (".5k", 512),
+        ("1.k", 1024),
+        # a fraction is rounded up to whole bytes, computed exactly
+        ("0.1k", 103),
+        ("1.5", 2),
+        ("1.1E", -(-11 * (1 << 60) // 10)),
+    ],
+)
 def test_parse_size_units_are_1024_based(text, expected):
     assert uksm.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["1 gigabyte", "", "   ", "-1G", "1e3G", "nanG", "infG",
-                                  "nan", "G", "1GG", "1iB", "1.2.3k", "1 K B", "0x10M",
-                                  "1_000", "+1G"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1 gigabyte",
+        "",
+        "   ",
+        "-1G",
+        "1e3G",
+        "nanG",
+        "infG",
+        "nan",
+        "G",
+        "1GG",
+        "1iB",
+        "1.2.3k",
+        "1 K B",
+        "0x10M",
+        "1_000",
+        "+1G",
+    ],
+)
 def test_parse_size_rejects_garbage_with_an_example(text):
     msg = raises_naming(ValueError, "capacity", uksm.parse_size, text, "capacity")
     assert repr(text) in msg and "MiB'" in msg, msg
@@ -185,6 +237,7 @@ def test_pool_takes_the_new_size_spellings():
 
 # ------------------------------------------------ 5. more address space than mappable
 
+
 @pytest.mark.parametrize("capacity", [1 << 50, 1 << 60, "1PiB", "8TiB"])
 def test_pool_too_large_for_the_address_space(capacity):
     msg = raises_naming(ValueError, "capacity", uksm.Pool, capacity)
@@ -199,9 +252,10 @@ def test_virtual_size_too_large_for_the_address_space():
 
 def _address_space_limit():
     import resource
+
     resource.setrlimit(resource.RLIMIT_AS, (16 * GiB, resource.RLIM_INFINITY))
     try:
-        uksm.Pool("64GiB")          # 128 GiB of reservation, over the limit
+        uksm.Pool("64GiB")  # 128 GiB of reservation, over the limit
     except MemoryError as exc:
         msg = str(exc)
         assert "address space" in msg and str(128 * GiB) in msg, msg
@@ -217,11 +271,13 @@ def test_reservation_refused_by_rlimit_as_is_a_memory_error():
 
 # ------------------------------------------------------------- 6. too many pools
 
+
 def _too_many_pools():
     import resource
+
     limit = uksm._core.MAX_POOLS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 3 * limit + 64           # each pool holds its memfd and a read-only copy
+    need = 3 * limit + 64  # each pool holds its memfd and a read-only copy
     if soft < need:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
@@ -239,7 +295,7 @@ def _too_many_pools():
         raise AssertionError("the pool past the limit was created")
     pools.pop().close()
     gc.collect()
-    extra = uksm.Pool("64KiB")      # the freed slot is used again
+    extra = uksm.Pool("64KiB")  # the freed slot is used again
     a = extra.asarray(np.arange(10))
     assert a.sum() == 45
     print("limit ok")
@@ -254,33 +310,38 @@ def test_pool_past_the_registry_limit_says_so():
 
 # ------------------------------------------------------------------ 7. swap_path
 
+
 @pytest.mark.parametrize("path", ["/dev/null", "/dev/zero"])
 def test_swap_path_device_is_refused(path):
-    msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
-                        swap_path=path)
+    msg = raises_naming(
+        ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB", swap_path=path
+    )
     assert repr(path) in msg and "not a directory" in msg, msg
 
 
 def test_swap_path_regular_file_is_refused(tmp_path):
     f = tmp_path / "swapfile"
     f.write_bytes(b"keep me")
-    msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
-                        swap_path=str(f))
+    msg = raises_naming(
+        ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB", swap_path=str(f)
+    )
     assert "not a directory" in msg
     assert f.read_bytes() == b"keep me"
 
 
 def test_swap_path_missing_is_refused(tmp_path):
     for path in (tmp_path / "no" / "such", "/nonexistent-uksm-dir/swap"):
-        msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
-                            swap_path=str(path))
+        msg = raises_naming(
+            ValueError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB", swap_path=str(path)
+        )
         assert "does not exist" in msg, msg
 
 
 def test_swap_path_that_cannot_hold_a_file_is_refused():
     # procfs holds no files, for root either
-    msg = raises_naming(OSError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
-                        swap_path="/proc/self")
+    msg = raises_naming(
+        OSError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB", swap_path="/proc/self"
+    )
     assert "/proc/self" in msg
 
 
@@ -294,11 +355,11 @@ def test_swap_path_directory_and_new_name_still_work(tmp_path):
 
 
 def test_swap_path_type_is_checked():
-    raises_naming(TypeError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB",
-                  swap_path=3)
+    raises_naming(TypeError, "swap_path", uksm.Pool, "4MiB", max_resident="1MiB", swap_path=3)
 
 
 # ----------------------------------------------- 8. swap_path needs max_resident
+
 
 def test_swap_path_without_max_resident_raises(tmp_path):
     msg = raises_naming(ValueError, "swap_path", uksm.Pool, "4MiB", swap_path=str(tmp_path))
@@ -316,7 +377,7 @@ def _assert_within(p, limit, tag):
         assert st[key] <= limit + BATCH, (tag, key, st[key] >> 20, limit >> 20)
     # and as the kernel counts the anonymous memory in the pool's range
     assert kernel_private_bytes(p) <= limit + BATCH, tag
-    assert st["full_scans"] == 0        # no scan ran
+    assert st["full_scans"] == 0  # no scan ran
 
 
 def _varied(nbytes, seed=0):
@@ -329,7 +390,7 @@ def test_asarray_reclaims_to_max_resident():
         a = p.asarray(src)
         _assert_within(p, BUDGET, "after asarray")
         assert p.stats()["pages_swapped"] >= (48 * MiB - BATCH) // PAGE
-        assert np.array_equal(a, src)       # nothing lost
+        assert np.array_equal(a, src)  # nothing lost
         del a
         gc.collect()
 
@@ -338,7 +399,7 @@ def test_full_reclaims_to_max_resident():
     with uksm.Pool("256MiB", max_resident=BUDGET, swap_batch=BATCH) as p:
         a = p.full(64 * MiB // 8, 1.5)
         _assert_within(p, BUDGET, "after full")
-        assert (a[::PAGE // 8] == 1.5).all()
+        assert (a[:: PAGE // 8] == 1.5).all()
         del a
         gc.collect()
 
@@ -349,8 +410,11 @@ def test_many_small_arrays_stay_within_max_resident():
     with uksm.Pool("256MiB", max_resident=BUDGET, swap_batch=BATCH) as p:
         arrs = []
         for i in range(64 * MiB // (48 * KiB)):
-            arrs.append(p.asarray(_varied(48 * KiB, seed=i)) if i % 2 else
-                        p.full(48 * KiB, i % 251 + 1, dtype=np.uint8))
+            arrs.append(
+                p.asarray(_varied(48 * KiB, seed=i))
+                if i % 2
+                else p.full(48 * KiB, i % 251 + 1, dtype=np.uint8)
+            )
             if i % 97 == 0:
                 _assert_within(p, BUDGET, f"after {i + 1} small arrays")
         _assert_within(p, BUDGET, "after all the small arrays")
@@ -374,10 +438,15 @@ def test_group_allocation_reclaims_to_its_own_limit(how):
 
 # ---------------------------------------------------------------- 10. the CLI
 
+
 def test_cli_stats_counts_the_merged_workload():
     size, copies = 4 * MiB, 3
-    r = subprocess.run([sys.executable, "-m", "uksm", "stats", "--size", "4MiB",
-                        "--copies", str(copies)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "uksm", "stats", "--size", "4MiB", "--copies", str(copies)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     pages = size // PAGE

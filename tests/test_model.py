@@ -79,6 +79,7 @@ A short profile runs by default (about a minute per mode); UKSM_LONG=1 runs a lo
 one (UKSM_MODEL_EXAMPLES overrides the example count of either) and prints
 the number of steps run (STEPS, also kept when a step fails).
 """
+
 import errno
 import gc
 import hashlib
@@ -111,16 +112,21 @@ PALETTE_SIZE = 5
 KERNEL_IO_MAX = 3 * PAGE
 
 # steps (rules) run, examples (pools) made; quoted in the README
-STEPS = {"steps": 0, "examples": 0, "pool_full": 0, "merge_checks": 0, "cow_breaks": 0,
-         "shrinks": 0}
+STEPS = {
+    "steps": 0,
+    "examples": 0,
+    "pool_full": 0,
+    "merge_checks": 0,
+    "cow_breaks": 0,
+    "shrinks": 0,
+}
 
 
 # -- the kernel's view of a pool, and what the core gets wrong about it ----------------
 
-KPF_ANON, KPF_ZERO_PAGE = 12, 24          # include/uapi/linux/kernel-page-flags.h
+KPF_ANON, KPF_ZERO_PAGE = 12, 24  # include/uapi/linux/kernel-page-flags.h
 PFN_MASK = (1 << 55) - 1
-KERNEL_PAGE_TABLES = all(os.access(p, os.R_OK) for p in ("/proc/kpageflags",
-                                                          "/proc/kpagecount"))
+KERNEL_PAGE_TABLES = all(os.access(p, os.R_OK) for p in ("/proc/kpageflags", "/proc/kpagecount"))
 
 
 def kernel_view(entries) -> dict:
@@ -135,12 +141,13 @@ def kernel_view(entries) -> dict:
     if not KERNEL_PAGE_TABLES:
         return None
     out = {"Rss": 0, "Anonymous": 0, "Uss": 0, "Pss": 0.0, "shared_frames": []}
-    with open("/proc/self/pagemap", "rb", buffering=0) as pm_f, \
-            open("/proc/kpageflags", "rb", buffering=0) as fl_f, \
-            open("/proc/kpagecount", "rb", buffering=0) as ct_f:
+    with (
+        open("/proc/self/pagemap", "rb", buffering=0) as pm_f,
+        open("/proc/kpageflags", "rb", buffering=0) as fl_f,
+        open("/proc/kpagecount", "rb", buffering=0) as ct_f,
+    ):
         for e in entries:
-            pm = np.frombuffer(os.pread(pm_f.fileno(), 8 * e.npages, e.addr // PAGE * 8),
-                               np.uint64)
+            pm = np.frombuffer(os.pread(pm_f.fileno(), 8 * e.npages, e.addr // PAGE * 8), np.uint64)
             for p in np.flatnonzero(pm >> np.uint64(63)).tolist():
                 pfn = int(pm[p]) & PFN_MASK
                 flags = int.from_bytes(os.pread(fl_f.fileno(), 8, pfn * 8), "little")
@@ -170,10 +177,14 @@ def direct_map_rss(pool) -> int:
     with open("/proc/self/smaps") as f:
         for line in f:
             parts = line.split()
-            if not parts[0].endswith(":"):          # a mapping's header line
+            if not parts[0].endswith(":"):  # a mapping's header line
                 lo = int(parts[0].split("-")[0], 16)
-                inside = (len(parts) > 4 and parts[4] == ino and parts[3] == dev
-                          and not lo_va <= lo < hi_va)
+                inside = (
+                    len(parts) > 4
+                    and parts[4] == ino
+                    and parts[3] == dev
+                    and not lo_va <= lo < hi_va
+                )
             elif inside and parts[0] == "Rss:":
                 total += int(parts[1]) * 1024
     return total
@@ -220,8 +231,19 @@ class Entry:
     pages the program has committed, and the page states at the last
     check."""
 
-    __slots__ = ("arr", "view", "shadow", "nbytes", "npages", "dtype",
-                 "mergeable", "unmerge_ok", "addr", "committed", "state")
+    __slots__ = (
+        "arr",
+        "view",
+        "shadow",
+        "nbytes",
+        "npages",
+        "dtype",
+        "mergeable",
+        "unmerge_ok",
+        "addr",
+        "committed",
+        "state",
+    )
 
     def __init__(self, arr, shadow):
         self.arr = arr
@@ -231,7 +253,7 @@ class Entry:
         self.dtype = arr.dtype
         self.shadow = shadow
         self.mergeable = True
-        self.unmerge_ok = False      # last unmerge() made every page private
+        self.unmerge_ok = False  # last unmerge() made every page private
         self.addr = arr.__array_interface__["data"][0]
         self.committed = np.zeros(self.npages, bool)
         self.state = None
@@ -242,7 +264,7 @@ class Entry:
     def touch(self, lo: int, hi: int) -> None:
         """Bytes [lo, hi) were written: their pages are committed."""
         if hi > lo:
-            self.committed[lo // PAGE:(hi - 1) // PAGE + 1] = True
+            self.committed[lo // PAGE : (hi - 1) // PAGE + 1] = True
 
 
 def flat_bytes(a: np.ndarray) -> np.ndarray:
@@ -261,43 +283,60 @@ class PoolModel(RuleBasedStateMachine):
 
     # -- set-up and tear-down ----------------------------------------------------
 
-    @initialize(cap_kib=st.sampled_from([384, 768, 1024, 2048, 4096]),
-                checksum=st.sampled_from(["jhash2", "xxhash"]),
-                max_page_sharing=st.sampled_from([2, 3, 256]),
-                use_zero_pages=st.booleans(), smart_scan=st.sampled_from([False, False, True]),
-                cow_reserve=st.sampled_from([None, "1MiB"]),
-                seed=st.integers(0, 2**32 - 1))
-    def make_pool(self, cap_kib, checksum, max_page_sharing, use_zero_pages,
-                  smart_scan, cow_reserve, seed):
+    @initialize(
+        cap_kib=st.sampled_from([384, 768, 1024, 2048, 4096]),
+        checksum=st.sampled_from(["jhash2", "xxhash"]),
+        max_page_sharing=st.sampled_from([2, 3, 256]),
+        use_zero_pages=st.booleans(),
+        smart_scan=st.sampled_from([False, False, True]),
+        cow_reserve=st.sampled_from([None, "1MiB"]),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def make_pool(
+        self, cap_kib, checksum, max_page_sharing, use_zero_pages, smart_scan, cow_reserve, seed
+    ):
         STEPS["examples"] += 1
         # a failing example's traceback keeps its arrays, hence its pool,
         # alive until collected; pools are a limited resource
         gc.collect()
         # cow_reserve is accepted and unused: a COW takes nothing from the pool
-        self.pool = uksm.Pool(cap_kib << 10, pages_to_scan=1000, sleep_millisecs=0,
-                              checksum=checksum, max_page_sharing=max_page_sharing,
-                              use_zero_pages=use_zero_pages, smart_scan=smart_scan,
-                              cow=self.COW, cow_reserve=cow_reserve, compact_threshold=0)
+        self.pool = uksm.Pool(
+            cap_kib << 10,
+            pages_to_scan=1000,
+            sleep_millisecs=0,
+            checksum=checksum,
+            max_page_sharing=max_page_sharing,
+            use_zero_pages=use_zero_pages,
+            smart_scan=smart_scan,
+            cow=self.COW,
+            cow_reserve=cow_reserve,
+            compact_threshold=0,
+        )
         assert self.pool.cow == self.COW
         self.cap_pages = self.pool.capacity // PAGE
-        self.frames_online = self.cap_pages      # the frame store: a frame per page
+        self.frames_online = self.cap_pages  # the frame store: a frame per page
         self.iofd = os.memfd_create("uksm-model-io", os.MFD_CLOEXEC)
         self.rng = np.random.default_rng(seed)
         self.palette = self.rng.integers(1, 256, (PALETTE_SIZE, PAGE), dtype=np.uint8)
-        self.palette[0] = 0                    # the zero page is a palette entry too
+        self.palette[0] = 0  # the zero page is a palette entry too
         self.max_sharing = max_page_sharing
         self.zero_pages = use_zero_pages
         self.smart = smart_scan
-        self.populated = False                 # this step unmerged or pinned
+        self.populated = False  # this step unmerged or pinned
         self.cow_seen = self.zero_cow_seen = self.signal_seen = 0
         signal.signal(signal.SIGALRM, self._alarm)
         signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
         # start with a few buffers, some of them copies, so that every rule
         # has something to work on from the first step
         for k in range(int(self.rng.integers(2, 6))):
-            self._allocate(kind=("palette", "copy", "random", "full")[k % 4],
-                           dtype="float64", pages=int(self.rng.integers(1, 40)),
-                           extra=0, two_d=False, value=k)
+            self._allocate(
+                kind=("palette", "copy", "random", "full")[k % 4],
+                dtype="float64",
+                pages=int(self.rng.integers(1, 40)),
+                extra=0,
+                two_d=False,
+                value=k,
+            )
 
     def _alarm(self, signum, frame):
         pool = self.pool
@@ -368,7 +407,7 @@ class PoolModel(RuleBasedStateMachine):
         if kind == "random":
             return self.rng.integers(0, 256, nbytes, dtype=np.uint8)
         if kind == "copy" and self.entries:
-            src = self._pick(value).shadow           # what the array holds (checked)
+            src = self._pick(value).shadow  # what the array holds (checked)
             out = np.zeros(nbytes, np.uint8)
             n = min(nbytes, src.size)
             out[:n] = src[:n]
@@ -378,12 +417,16 @@ class PoolModel(RuleBasedStateMachine):
     # -- rules --------------------------------------------------------------------
 
     @precondition(lambda self: len(self.entries) < MAX_LIVE)
-    @rule(kind=st.sampled_from(["zeros", "empty", "full", "palette", "copy",
-                                "copy", "asarray_self", "random"]),
-          dtype=st.sampled_from(DTYPES),
-          pages=st.one_of(st.integers(0, 4), st.integers(0, 120)),
-          extra=st.sampled_from([0, 0, 8, 1000, PAGE - 16]),
-          two_d=st.booleans(), value=st.integers(0, 1000))
+    @rule(
+        kind=st.sampled_from(
+            ["zeros", "empty", "full", "palette", "copy", "copy", "asarray_self", "random"]
+        ),
+        dtype=st.sampled_from(DTYPES),
+        pages=st.one_of(st.integers(0, 4), st.integers(0, 120)),
+        extra=st.sampled_from([0, 0, 8, 1000, PAGE - 16]),
+        two_d=st.booleans(),
+        value=st.integers(0, 1000),
+    )
     def allocate(self, kind, dtype, pages, extra, two_d, value):
         self._step()
         self._allocate(kind, dtype, pages, extra, two_d, value)
@@ -423,8 +466,10 @@ class PoolModel(RuleBasedStateMachine):
                 arr = pool.asarray(host.view(dt).reshape(shape))
         except uksm.PoolFullError:
             STEPS["pool_full"] += 1
-            assert full, (f"PoolFullError with room: {mapped} + {need} pages mapped, "
-                          f"capacity {self.cap_pages}")
+            assert full, (
+                f"PoolFullError with room: {mapped} + {need} pages mapped, "
+                f"capacity {self.cap_pages}"
+            )
             assert pool.stats()["bytes_mapped"] == mapped * PAGE
             return
         except uksm.VirtualSpaceError:
@@ -443,16 +488,20 @@ class PoolModel(RuleBasedStateMachine):
         e = Entry(arr, shadow)
         assert e.nbytes == nbytes and e.npages == need
         if kind not in ("zeros", "empty"):
-            e.touch(0, nbytes)                 # filled or copied: every byte written
+            e.touch(0, nbytes)  # filled or copied: every byte written
         if not np.array_equal(flat_bytes(arr), shadow[:nbytes]):
-            raise AssertionError(f"new {kind} buffer does not hold what was put in"
-                                 + (" (old contents?)" if kind in ("zeros", "empty") else ""))
+            raise AssertionError(
+                f"new {kind} buffer does not hold what was put in"
+                + (" (old contents?)" if kind in ("zeros", "empty") else "")
+            )
         assert arr.__array_interface__["data"][0] % PAGE == 0
         self.entries.append(e)
 
     @precondition(lambda self: self.entries)
-    @rule(i=st.integers(0, 1000), how=st.sampled_from(["free", "drop", "drop_nogc",
-                                                       "finalizer", "finalizer_nested"]))
+    @rule(
+        i=st.integers(0, 1000),
+        how=st.sampled_from(["free", "drop", "drop_nogc", "finalizer", "finalizer_nested"]),
+    )
     def free(self, i, how):
         self._step()
         e = self._pick(i)
@@ -466,12 +515,13 @@ class PoolModel(RuleBasedStateMachine):
             core = self.pool._c
             nested = how == "finalizer_nested" and not core.enter()
             try:
-                gc.collect()        # the finalizer runs here
+                gc.collect()  # the finalizer runs here
                 if nested:
                     # the pages went back at once; the bookkeeping waits
                     # for the lock's holder: this very section
-                    assert self.pool._native.stats()["pages_mapped"] * PAGE == \
-                        before - e.npages * PAGE
+                    assert (
+                        self.pool._native.stats()["pages_mapped"] * PAGE == before - e.npages * PAGE
+                    )
                     assert core.pending
             finally:
                 if nested:
@@ -562,27 +612,32 @@ class PoolModel(RuleBasedStateMachine):
             else:
                 src = self._pick(src_i)
                 q = value % src.npages
-                data = src.shadow[q * PAGE:(q + 1) * PAGE].copy()
-            b[p * PAGE:(p + 1) * PAGE] = data
-            e.shadow[p * PAGE:(p + 1) * PAGE] = data
+                data = src.shadow[q * PAGE : (q + 1) * PAGE].copy()
+            b[p * PAGE : (p + 1) * PAGE] = data
+            e.shadow[p * PAGE : (p + 1) * PAGE] = data
             e.touch(p * PAGE, (p + 1) * PAGE)
         elif kind == "page_u64":
             # a whole page written word by word, through a typed view
             if n < PAGE:
                 return
             p = pos % (n // PAGE)
-            w = b[p * PAGE:(p + 1) * PAGE].view(np.uint64)
+            w = b[p * PAGE : (p + 1) * PAGE].view(np.uint64)
             w[:] = value
-            e.shadow[p * PAGE:(p + 1) * PAGE].view(np.uint64)[:] = value
+            e.shadow[p * PAGE : (p + 1) * PAGE].view(np.uint64)[:] = value
             e.touch(p * PAGE, (p + 1) * PAGE)
 
     WRITE_KINDS = ["byte", "slice", "page_palette", "page_copy", "page_zero", "page_u64"]
 
     @precondition(lambda self: self.entries)
-    @rule(i=st.integers(0, 1000), kind=st.sampled_from(WRITE_KINDS),
-          pos=st.integers(0, 1 << 30), length=st.integers(0, 1 << 20),
-          value=st.integers(0, 1 << 16), src_i=st.integers(0, 1000),
-          times=st.integers(1, 4))
+    @rule(
+        i=st.integers(0, 1000),
+        kind=st.sampled_from(WRITE_KINDS),
+        pos=st.integers(0, 1 << 30),
+        length=st.integers(0, 1 << 20),
+        value=st.integers(0, 1 << 16),
+        src_i=st.integers(0, 1000),
+        times=st.integers(1, 4),
+    )
     def write(self, i, kind, pos, length, value, src_i, times):
         self._step()
         e = self._pick(i)
@@ -607,9 +662,14 @@ class PoolModel(RuleBasedStateMachine):
         assert memoryview(e.obj()).nbytes == e.nbytes
 
     @precondition(lambda self: self.entries)
-    @rule(i=st.integers(0, 1000), pos=st.integers(0, 1 << 30),
-          length=st.integers(0, KERNEL_IO_MAX), value=st.integers(0, 1 << 16),
-          into=st.booleans(), pinned=st.booleans())
+    @rule(
+        i=st.integers(0, 1000),
+        pos=st.integers(0, 1 << 30),
+        length=st.integers(0, KERNEL_IO_MAX),
+        value=st.integers(0, 1 << 16),
+        into=st.booleans(),
+        pinned=st.booleans(),
+    )
     def kernel_io(self, i, pos, length, value, into, pinned):
         """The kernel reading or writing a buffer: write(2) from it works
         from any page in both modes; read(2) into it works everywhere in
@@ -631,7 +691,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         if value % 3:
             data = np.tile(self.palette[value % PALETTE_SIZE], -(-(hi - lo) // PAGE) + 1)
-            data = data[lo % PAGE:lo % PAGE + hi - lo]     # page-aligned palette content
+            data = data[lo % PAGE : lo % PAGE + hi - lo]  # page-aligned palette content
         else:
             data = self.rng.integers(0, 256, hi - lo, dtype=np.uint8)
         os.ftruncate(fd, 0)
@@ -650,7 +710,7 @@ class PoolModel(RuleBasedStateMachine):
             if self.COW == "signal" and len(readonly):
                 first = p0 + int(readonly[0])
                 if first > p0:
-                    hi = first * PAGE              # the private pages before it
+                    hi = first * PAGE  # the private pages before it
                 else:
                     try:
                         os.preadv(fd, [memoryview(b[lo:hi])], 0)
@@ -660,7 +720,7 @@ class PoolModel(RuleBasedStateMachine):
                     raise AssertionError("read(2) into a read-only merged page succeeded")
             got = os.preadv(fd, [memoryview(b[lo:hi])], 0)
             assert got == hi - lo, (got, hi - lo)
-        e.shadow[lo:hi] = data[:hi - lo]
+        e.shadow[lo:hi] = data[: hi - lo]
         e.touch(lo, hi)
 
     @rule(full_scans=st.sampled_from([1, 2, 2]))
@@ -703,10 +763,16 @@ class PoolModel(RuleBasedStateMachine):
         e.unmerge_ok = False
 
     @precondition(lambda self: self.entries)
-    @rule(i=st.integers(0, 1000), kind=st.sampled_from(WRITE_KINDS),
-          pos=st.integers(0, 1 << 30), length=st.integers(0, 1 << 20),
-          value=st.integers(0, 1 << 16), src_i=st.integers(0, 1000),
-          scan=st.booleans(), compact=st.booleans())
+    @rule(
+        i=st.integers(0, 1000),
+        kind=st.sampled_from(WRITE_KINDS),
+        pos=st.integers(0, 1 << 30),
+        length=st.integers(0, 1 << 20),
+        value=st.integers(0, 1 << 16),
+        src_i=st.integers(0, 1000),
+        scan=st.booleans(),
+        compact=st.booleans(),
+    )
     def pin(self, i, kind, pos, length, value, src_i, scan, compact):
         """Inside one pin() block: all pages private, a scan merges none of
         them, compaction moves none of them, writes and reads work."""
@@ -727,13 +793,17 @@ class PoolModel(RuleBasedStateMachine):
                 self.pool.compact()
                 assert (self.pool.page_states(a)[0] == PRIVATE).all()
             self._write(e, kind, pos, length, value, src_i)
-            assert np.array_equal(flat_bytes(a), e.shadow[:e.nbytes])
+            assert np.array_equal(flat_bytes(a), e.shadow[: e.nbytes])
             del a
         if not e.mergeable:
             e.unmerge_ok = True
 
-    @rule(i=st.integers(0, 1000), pos=st.integers(0, 1 << 30), value=st.integers(0, 255),
-          write_after=st.booleans())
+    @rule(
+        i=st.integers(0, 1000),
+        pos=st.integers(0, 1 << 30),
+        value=st.integers(0, 255),
+        write_after=st.booleans(),
+    )
     def compact(self, i, pos, value, write_after):
         self._step()
         r = self.pool.compact()
@@ -756,7 +826,7 @@ class PoolModel(RuleBasedStateMachine):
         self._step()
         online = self.frames_online
         if online - pages < 64:
-            return                                   # keep frames to merge into
+            return  # keep frames to merge into
         live = self.pool.stats()["pages_shared"]
         fits = live <= online - pages
         try:
@@ -794,8 +864,9 @@ class PoolModel(RuleBasedStateMachine):
         pfn = np.concatenate([x[1] for x in info])
         frames = pfn[state == KSM]
         if len(frames):
-            assert int(frames.max()) < live, \
+            assert int(frames.max()) < live, (
                 f"a frame at {int(frames.max())} after compaction, {live} live"
+            )
 
     def _check_merged(self):
         """After two full scans without smart_scan (see the module doc)."""
@@ -811,7 +882,7 @@ class PoolModel(RuleBasedStateMachine):
                 # is not scanned (_check_cow: never merged)
                 if not e.mergeable or (state[p] == PRIVATE and not e.committed[p]):
                     continue
-                data = e.shadow[p * PAGE:(p + 1) * PAGE]
+                data = e.shadow[p * PAGE : (p + 1) * PAGE]
                 key = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
                 g = groups.setdefault(key, [not data.any(), [], set()])
                 g[1].append(int(state[p]))
@@ -821,21 +892,24 @@ class PoolModel(RuleBasedStateMachine):
         store_full = self.pool.stats()["pages_shared"] >= self.frames_online
         for zero, states_, frames in groups.values():
             if zero and self.zero_pages:
-                assert all(s == ZERO for s in states_), \
+                assert all(s == ZERO for s in states_), (
                     f"zero pages left unmerged after 2 full scans: {states_}"
+                )
                 continue
             if len(states_) < 2 or store_full:
                 continue
             private = states_.count(PRIVATE)
-            assert private <= 1, \
+            assert private <= 1, (
                 f"{private} pages of one content left unmerged after 2 full scans: {states_}"
+            )
             if private == 1 and self.max_sharing >= 256:
                 # (with a small max_page_sharing a content has several KSM
                 # frames, and a page can be left over for one more scan:
                 # see test_leftover_page_finds_a_dup_with_room)
-                assert all(frame_mc[f] >= self.max_sharing for f in frames), \
-                    (f"a page left unmerged while a KSM frame of its content has room: "
-                     f"{[frame_mc[f] for f in frames]} < {self.max_sharing}")
+                assert all(frame_mc[f] >= self.max_sharing for f in frames), (
+                    f"a page left unmerged while a KSM frame of its content has room: "
+                    f"{[frame_mc[f] for f in frames]} < {self.max_sharing}"
+                )
 
     @invariant()
     def contents_and_counters(self):
@@ -845,15 +919,17 @@ class PoolModel(RuleBasedStateMachine):
         for e in self.entries:
             b = flat_bytes(e.obj())
             assert b.size == e.nbytes
-            if not np.array_equal(b, e.shadow[:e.nbytes]):
-                bad = np.flatnonzero(b != e.shadow[:e.nbytes])
+            if not np.array_equal(b, e.shadow[: e.nbytes]):
+                bad = np.flatnonzero(b != e.shadow[: e.nbytes])
                 raise AssertionError(
                     f"buffer at {e.addr:#x} differs from its shadow at {len(bad)} bytes, "
                     f"pages {sorted(set((bad // PAGE).tolist()))[:10]}; states "
-                    f"{pool.page_states(e.obj())[0][:20]}")
+                    f"{pool.page_states(e.obj())[0][:20]}"
+                )
         s = pool.stats()
-        assert (s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"]
-                + s["pages_volatile"]) == s["pages_tracked"], s
+        assert (
+            s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"] + s["pages_volatile"]
+        ) == s["pages_tracked"], s
         mapped_pages = sum(e.npages for e in self.entries)
         assert s["bytes_mapped"] == mapped_pages * PAGE, (s["bytes_mapped"], mapped_pages)
         assert s["buffers"] == len(self.entries)
@@ -861,8 +937,10 @@ class PoolModel(RuleBasedStateMachine):
         assert s["bytes_mapped"] <= s["capacity"]
         assert s["frames_deferred"] == 0 and s["fork_detaches"] == 0, s
         assert s["pages_shared"] <= self.frames_online
-        assert s["memfd_size"] <= self.frames_online * PAGE, (s["memfd_size"] // PAGE,
-                                                              self.frames_online)
+        assert s["memfd_size"] <= self.frames_online * PAGE, (
+            s["memfd_size"] // PAGE,
+            self.frames_online,
+        )
         es, info = self._tables()
         if es:
             state = np.concatenate([x[0] for x in info])
@@ -873,16 +951,19 @@ class PoolModel(RuleBasedStateMachine):
         assert not (state == uksm.PageState.NONE).any(), "a live buffer has an unmapped page"
         assert not np.isin(state, (PRIVATE, KSM, ZERO), invert=True).any(), state
         ksm = state == KSM
-        assert s["pages_shared"] == len(np.unique(pfn[ksm])), \
-            (s["pages_shared"], len(np.unique(pfn[ksm])))
+        assert s["pages_shared"] == len(np.unique(pfn[ksm])), (
+            s["pages_shared"],
+            len(np.unique(pfn[ksm])),
+        )
         assert s["pages_shared"] + s["pages_sharing"] == int(np.count_nonzero(ksm))
         assert s["ksm_zero_pages"] == int(np.count_nonzero(state == ZERO))
         # each frame's mapcount is the number of ptes mapping it, at most
         # max_page_sharing; private and zero pages have no frame
         uniq, counts = np.unique(pfn[ksm], return_counts=True)
         mc_of = dict(zip(pfn[ksm].tolist(), mc[ksm].tolist()))
-        assert all(mc_of[f] == c for f, c in zip(uniq.tolist(), counts.tolist())), \
+        assert all(mc_of[f] == c for f, c in zip(uniq.tolist(), counts.tolist())), (
             "frame mapcount differs from the ptes mapping it"
+        )
         assert (mc[ksm] <= self.max_sharing).all()
         assert not pfn[~ksm].any() and not mc[~ksm].any(), "a private or zero page with a frame"
         # tracked pages: those of mergeable buffers, less their zero pages
@@ -911,10 +992,13 @@ class PoolModel(RuleBasedStateMachine):
                 merged = np.flatnonzero((e.state == PRIVATE) & ~e.committed & (st_ != PRIVATE))
                 assert not len(merged), f"pages never written were merged: {merged[:10]}"
             e.state = st_.copy()
-            e.committed &= st_ == PRIVATE           # merged away, or given back as zero
+            e.committed &= st_ == PRIVATE  # merged away, or given back as zero
         assert s["cow_breaks"] - self.cow_seen == broke, (s["cow_breaks"], self.cow_seen, broke)
-        assert s["zero_page_cows"] - self.zero_cow_seen == zero_broke, \
-            (s["zero_page_cows"], self.zero_cow_seen, zero_broke)
+        assert s["zero_page_cows"] - self.zero_cow_seen == zero_broke, (
+            s["zero_page_cows"],
+            self.zero_cow_seen,
+            zero_broke,
+        )
         signal = s["cow_breaks_signal"] - self.signal_seen
         if self.COW == "kernel":
             assert s["cow_breaks_signal"] == 0
@@ -929,8 +1013,10 @@ class PoolModel(RuleBasedStateMachine):
         pool = self.pool
         blocks = os.fstat(pool.fd).st_blocks * 512
         assert s["bytes_frames"] == blocks == s["memfd_bytes"], (s["bytes_frames"], blocks)
-        assert s["bytes_frames"] == s["pages_shared"] * PAGE, \
-            (s["bytes_frames"] // PAGE, s["pages_shared"])
+        assert s["bytes_frames"] == s["pages_shared"] * PAGE, (
+            s["bytes_frames"] // PAGE,
+            s["pages_shared"],
+        )
         assert s["bytes_swap_cached"] == 0
         assert s["bytes_resident"] == s["bytes_private"] + s["bytes_frames"], s
         # the model's committed pages are what the kernel holds as anonymous
@@ -939,8 +1025,7 @@ class PoolModel(RuleBasedStateMachine):
         # in USS (nothing else maps a frame: the direct map is zapped)
         committed = sum(int(np.count_nonzero(e.committed)) for e in es)
         n_ksm = s["pages_shared"] + s["pages_sharing"]
-        single = sum(int(np.count_nonzero((st_ == KSM) & (mc == 1)))
-                     for st_, _, mc in info)
+        single = sum(int(np.count_nonzero((st_ == KSM) & (mc == 1))) for st_, _, mc in info)
         rss = (committed + n_ksm) * PAGE
         uss = (committed + single) * PAGE
         pss = (committed + s["pages_shared"]) * PAGE
@@ -982,9 +1067,17 @@ HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_to
 @pytest.mark.parametrize("cow", ["kernel", "signal"])
 def test_model_short(cow):
     before = STEPS.get("alarm_stats", 0)
-    _run(cow, settings(max_examples=int(os.environ.get("UKSM_MODEL_EXAMPLES", 70)),
-                       stateful_step_count=60, deadline=None, suppress_health_check=HEALTH,
-                       database=None, print_blob=True))
+    _run(
+        cow,
+        settings(
+            max_examples=int(os.environ.get("UKSM_MODEL_EXAMPLES", 70)),
+            stateful_step_count=60,
+            deadline=None,
+            suppress_health_check=HEALTH,
+            database=None,
+            print_blob=True,
+        ),
+    )
     assert STEPS.get("alarm_stats", 0) > before, "the SIGALRM handler never called the pool"
 
 
@@ -993,21 +1086,31 @@ def test_model_short(cow):
 def test_model_long(cow):
     before = dict(STEPS)
     try:
-        _run(cow, settings(max_examples=int(os.environ.get("UKSM_MODEL_EXAMPLES", 600)),
-                           stateful_step_count=100, deadline=None,
-                           suppress_health_check=HEALTH, database=None, print_blob=True))
+        _run(
+            cow,
+            settings(
+                max_examples=int(os.environ.get("UKSM_MODEL_EXAMPLES", 600)),
+                stateful_step_count=100,
+                deadline=None,
+                suppress_health_check=HEALTH,
+                database=None,
+                print_blob=True,
+            ),
+        )
     finally:
         # printed even when a step fails (the count then includes the
         # failing example's shrinking)
-        print(f"\nuksm model test (long profile, cow={cow}): "
-              f"{STEPS['steps'] - before['steps']} steps "
-              f"in {STEPS['examples'] - before['examples']} examples, "
-              f"{STEPS['pool_full'] - before['pool_full']} PoolFullErrors as predicted, "
-              f"{STEPS['merge_checks'] - before['merge_checks']} merge checks, "
-              f"{STEPS['shrinks'] - before['shrinks']} shrinks, "
-              f"{STEPS['cow_breaks'] - before['cow_breaks']} COW breaks, "
-              f"{STEPS.get('alarm_stats', 0) - before.get('alarm_stats', 0)} stats() "
-              f"from the SIGALRM handler")
+        print(
+            f"\nuksm model test (long profile, cow={cow}): "
+            f"{STEPS['steps'] - before['steps']} steps "
+            f"in {STEPS['examples'] - before['examples']} examples, "
+            f"{STEPS['pool_full'] - before['pool_full']} PoolFullErrors as predicted, "
+            f"{STEPS['merge_checks'] - before['merge_checks']} merge checks, "
+            f"{STEPS['shrinks'] - before['shrinks']} shrinks, "
+            f"{STEPS['cow_breaks'] - before['cow_breaks']} COW breaks, "
+            f"{STEPS.get('alarm_stats', 0) - before.get('alarm_stats', 0)} stats() "
+            f"from the SIGALRM handler"
+        )
 
 
 # -- deterministic regressions for what the model found --------------------------------
@@ -1020,9 +1123,10 @@ def test_unmerge_at_capacity_keeps_the_counters_consistent(cow):
     write) and leaves shared + sharing + unshared + volatile == tracked with
     the buffer off the scanner."""
     with uksm.Pool("1MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow) as pool:
-        a = pool.full((200, PAGE), 7, dtype=np.uint8)      # 200 equal pages
-        b = pool.asarray(np.random.default_rng(3).integers(
-            0, 256, (56, PAGE), dtype=np.uint8))            # 56 unique: 256 mapped
+        a = pool.full((200, PAGE), 7, dtype=np.uint8)  # 200 equal pages
+        b = pool.asarray(
+            np.random.default_rng(3).integers(0, 256, (56, PAGE), dtype=np.uint8)
+        )  # 56 unique: 256 mapped
         with pytest.raises(uksm.PoolFullError):
             pool.zeros(PAGE, np.uint8)
         pool.scan(full_scans=2)
@@ -1033,10 +1137,20 @@ def test_unmerge_at_capacity_keeps_the_counters_consistent(cow):
         s = pool.stats()
         assert s["pages_shared"] == 0 and s["pages_sharing"] == 0 and s["bytes_frames"] == 0
         assert s["cow_breaks"] == 200 and s["cow_breaks_signal"] == 0
-        assert (s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"]
-                + s["pages_volatile"]) == s["pages_tracked"] == 56, {
-            k: s[k] for k in ("pages_shared", "pages_sharing", "pages_unshared",
-                              "pages_volatile", "pages_tracked")}
+        assert (
+            (s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"] + s["pages_volatile"])
+            == s["pages_tracked"]
+            == 56
+        ), {
+            k: s[k]
+            for k in (
+                "pages_shared",
+                "pages_sharing",
+                "pages_unshared",
+                "pages_volatile",
+                "pages_tracked",
+            )
+        }
         del a, b
 
 
@@ -1048,15 +1162,16 @@ def test_leftover_page_finds_a_dup_with_room():
     at once and sends every page of one content to the same first dup with
     room; the ones refused as full (MERGE_FULL) do not try the next dup, so
     after two full scans a page is still unmerged next to a dup with room."""
-    with uksm.Pool("4MiB", pages_to_scan=1000, sleep_millisecs=0,
-                   max_page_sharing=2, smart_scan=False) as pool:
+    with uksm.Pool(
+        "4MiB", pages_to_scan=1000, sleep_millisecs=0, max_page_sharing=2, smart_scan=False
+    ) as pool:
         x = np.random.default_rng(4).integers(1, 256, PAGE, dtype=np.uint8)
         old = [pool.asarray(x) for _ in range(6)]
         pool.scan(full_scans=2)
         frames = {int(pool.page_states(a)[1][0]) for a in old}
         assert len(frames) == 3 and all((pool.page_states(a)[0] == KSM).all() for a in old)
         for a in old[1::2]:
-            a[0] ^= 0xFF                                    # each dup keeps one mapper
+            a[0] ^= 0xFF  # each dup keeps one mapper
         new = [pool.asarray(x) for _ in range(3)]
         pool.scan(full_scans=2)
         st = [int(pool.page_states(a)[0][0]) for a in new]
@@ -1065,13 +1180,16 @@ def test_leftover_page_finds_a_dup_with_room():
             s, p, m = pool.page_states(a)
             if s[0] == KSM:
                 mc[int(p[0])] = int(m[0])
-        assert st == [KSM, KSM, KSM], (f"new pages' states {st}; mappers of the "
-                                       f"content's KSM frames {sorted(mc.values())} "
-                                       f"(max_page_sharing 2)")
+        assert st == [KSM, KSM, KSM], (
+            f"new pages' states {st}; mappers of the "
+            f"content's KSM frames {sorted(mc.values())} "
+            f"(max_page_sharing 2)"
+        )
 
 
-@pytest.mark.parametrize("pages, how", [(16, "fresh"), (16, "given_back"),
-                                        (4096, "fresh"), (4096, "given_back")])
+@pytest.mark.parametrize(
+    "pages, how", [(16, "fresh"), (16, "given_back"), (4096, "fresh"), (4096, "given_back")]
+)
 def test_reading_untouched_pages_costs_nothing(pages, how):
     """Reading a page never written maps the kernel's shared zero page (a
     huge one where the buffer is big enough), a fresh buffer's or one the
@@ -1089,9 +1207,12 @@ def test_reading_untouched_pages_costs_nothing(pages, how):
         k = kernel_view([Entry(a, None)])
         if k is not None:
             assert k["Anonymous"] == 0 and k["Rss"] == 0, k
-        assert (s["bytes_private"], s["bytes_resident"], s["rss_bytes"], s["pss_bytes"]) == \
-            (0, 0, 0, 0), {key: s[key] for key in ("bytes_private", "bytes_resident",
-                                                    "rss_bytes", "pss_bytes")}
+        assert (s["bytes_private"], s["bytes_resident"], s["rss_bytes"], s["pss_bytes"]) == (
+            0,
+            0,
+            0,
+            0,
+        ), {key: s[key] for key in ("bytes_private", "bytes_resident", "rss_bytes", "pss_bytes")}
         del a
 
 
@@ -1100,8 +1221,7 @@ def test_untouched_pages_are_not_merged(pages):
     """A private page never written is not scanned or merged, read or not:
     it is the kernel's zero page already.  Merging it (use_zero_pages off)
     allocates a frame for nothing and counts pages_sharing never saved."""
-    with uksm.Pool("4MiB", pages_to_scan=1000, sleep_millisecs=0,
-                   use_zero_pages=False) as pool:
+    with uksm.Pool("4MiB", pages_to_scan=1000, sleep_millisecs=0, use_zero_pages=False) as pool:
         a = pool.zeros(pages * PAGE, np.uint8)
         assert int(a.sum()) == 0
         s = pool.scan(full_scans=2)
@@ -1119,27 +1239,28 @@ def test_shrink_takes_frames_and_leaves_capacity():
     capacity, the span of live buffers, is unchanged, and a merge that
     would need a frame beyond the new top waits, its pages left private,
     until frames are given back."""
-    with uksm.Pool("1MiB", pages_to_scan=1000, sleep_millisecs=0,
-                   smart_scan=False) as pool:                      # 256 pages, 256 frames
+    with uksm.Pool(
+        "1MiB", pages_to_scan=1000, sleep_millisecs=0, smart_scan=False
+    ) as pool:  # 256 pages, 256 frames
         rng = np.random.default_rng(5)
         a = pool.asarray(rng.integers(0, 256, (100, PAGE), dtype=np.uint8))
         b = pool.asarray(a)
         pool.scan(full_scans=2)
         assert pool.stats()["pages_shared"] == 100
         with pytest.raises(uksm.PoolFullError):
-            pool.shrink(157 * PAGE)                                # 100 frames > 99 left
-        r = pool.shrink(156 * PAGE)                                # 100 frames, 100 left
+            pool.shrink(157 * PAGE)  # 100 frames > 99 left
+        r = pool.shrink(156 * PAGE)  # 100 frames, 100 left
         s = pool.stats()
         assert pool.capacity == 256 * PAGE and s["capacity"] == 256 * PAGE
         assert s["pages_shared"] == 100 and s["memfd_size"] == 100 * PAGE, (r, s)
         assert np.array_equal(a, b)
         c = pool.asarray(rng.integers(0, 256, (28, PAGE), dtype=np.uint8))
-        d = pool.asarray(c)                                        # 256 pages mapped
+        d = pool.asarray(c)  # 256 pages mapped
         with pytest.raises(uksm.PoolFullError):
             pool.zeros(PAGE, np.uint8)
         s = pool.scan(full_scans=2)
         assert s["pages_shared"] == 100 and s["bytes_frames"] == 100 * PAGE
-        assert (pool.page_states(c)[0] == PRIVATE).all()           # no frame to merge into
+        assert (pool.page_states(c)[0] == PRIVATE).all()  # no frame to merge into
         del a, b
         s = pool.scan(full_scans=2)
         assert s["pages_shared"] == 28 and s["bytes_frames"] == 28 * PAGE

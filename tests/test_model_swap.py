@@ -8,6 +8,7 @@ not leave (locked pages and their frames) is left.
 
 Short profile by default; UKSM_LONG=1 runs a long one and prints the steps.
 """
+
 import gc
 import os
 
@@ -27,25 +28,37 @@ from hypothesis.stateful import (
 import uksm
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
-                               uksm.PageState.SWAPPED)
+PRIVATE, KSM, ZERO, SWAPPED = (
+    uksm.PageState.PRIVATE,
+    uksm.PageState.KSM,
+    uksm.PageState.ZERO,
+    uksm.PageState.SWAPPED,
+)
 BATCH = 32 * 1024
 LONG = os.environ.get("UKSM_LONG") == "1"
 STEPS = {"steps": 0, "examples": 0, "swap_outs": 0, "swap_ins": 0}
 
 
 class SwapModel(RuleBasedStateMachine):
-
-    @initialize(budget_pages=st.sampled_from([16, 48, 128]),
-                checksum=st.sampled_from(["jhash2", "xxhash"]),
-                cow=st.sampled_from(["kernel", "signal"]),
-                seed=st.integers(0, 2**32 - 1))
+    @initialize(
+        budget_pages=st.sampled_from([16, 48, 128]),
+        checksum=st.sampled_from(["jhash2", "xxhash"]),
+        cow=st.sampled_from(["kernel", "signal"]),
+        seed=st.integers(0, 2**32 - 1),
+    )
     def make_pool(self, budget_pages, checksum, cow, seed):
         STEPS["examples"] += 1
         gc.collect()
-        self.pool = uksm.Pool("4MiB", max_resident=budget_pages * PAGE, swap_batch=BATCH,
-                              checksum=checksum, sleep_millisecs=0, pages_to_scan=1000,
-                              compact_threshold=0, cow=cow)
+        self.pool = uksm.Pool(
+            "4MiB",
+            max_resident=budget_pages * PAGE,
+            swap_batch=BATCH,
+            checksum=checksum,
+            sleep_millisecs=0,
+            pages_to_scan=1000,
+            compact_threshold=0,
+            cow=cow,
+        )
         self.rng = np.random.default_rng(seed)
         self.palette = self.rng.integers(1, 256, (4, PAGE), dtype=np.uint8)
         self.arrs, self.shadows, self.locked = [], [], []
@@ -105,15 +118,19 @@ class SwapModel(RuleBasedStateMachine):
         gc.collect()
 
     @precondition(lambda self: self.arrs)
-    @rule(i=st.integers(0, 100), pos=st.integers(0, 1 << 20), n=st.integers(1, 3 * PAGE),
-          v=st.integers(0, 255))
+    @rule(
+        i=st.integers(0, 100),
+        pos=st.integers(0, 1 << 20),
+        n=st.integers(1, 3 * PAGE),
+        v=st.integers(0, 255),
+    )
     def write(self, i, pos, n, v):
         self._step()
         i %= len(self.arrs)
         a, s = self.arrs[i], self.shadows[i]
         pos %= a.size
-        a[pos:pos + n] = v
-        s[pos:pos + n] = v
+        a[pos : pos + n] = v
+        s[pos : pos + n] = v
 
     @precondition(lambda self: self.arrs)
     @rule(i=st.integers(0, 100))
@@ -167,8 +184,7 @@ class SwapModel(RuleBasedStateMachine):
         # over budget: only what may not leave is left (every page here has
         # been written, so a private page is a resident one)
         infos = [pool.page_states(a) for a in self.arrs]
-        held = {int(p) for (s, pfn, _), lk in zip(infos, self.locked) if lk
-                for p in pfn[s == KSM]}
+        held = {int(p) for (s, pfn, _), lk in zip(infos, self.locked) if lk for p in pfn[s == KSM]}
         for (s, pfn, _), lk in zip(infos, self.locked):
             if lk:
                 continue
@@ -202,28 +218,50 @@ class SwapModel(RuleBasedStateMachine):
         # zero pages read are counted too (a core bug: see test_swap.py's
         # test_pages_reading_as_the_zero_page_cost_nothing), hence the range
         zero = sum(int((x[0] == ZERO).sum()) for x in states)
-        assert private * PAGE <= st_["bytes_private"] <= (private + zero) * PAGE, \
-            (st_["bytes_private"], private, zero)
-        assert st_["bytes_frames"] == os.fstat(pool.fd).st_blocks * 512 == len(frames) * PAGE, \
-            (st_["bytes_frames"], len(frames))
-        assert st_["bytes_resident"] == (st_["bytes_private"] + st_["bytes_frames"]
-                                         + st_["bytes_swap_cached"])
-        assert (st_["pages_shared"] + st_["pages_sharing"] + st_["pages_unshared"]
-                + st_["pages_volatile"]) == st_["pages_tracked"]
+        assert private * PAGE <= st_["bytes_private"] <= (private + zero) * PAGE, (
+            st_["bytes_private"],
+            private,
+            zero,
+        )
+        assert st_["bytes_frames"] == os.fstat(pool.fd).st_blocks * 512 == len(frames) * PAGE, (
+            st_["bytes_frames"],
+            len(frames),
+        )
+        assert st_["bytes_resident"] == (
+            st_["bytes_private"] + st_["bytes_frames"] + st_["bytes_swap_cached"]
+        )
+        assert (
+            st_["pages_shared"]
+            + st_["pages_sharing"]
+            + st_["pages_unshared"]
+            + st_["pages_volatile"]
+        ) == st_["pages_tracked"]
 
 
 def _run(n, steps, **kw):
-    run_state_machine_as_test(SwapModel, settings=settings(
-        max_examples=n, stateful_step_count=steps, deadline=None, database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **kw))
+    run_state_machine_as_test(
+        SwapModel,
+        settings=settings(
+            max_examples=n,
+            stateful_step_count=steps,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            **kw,
+        ),
+    )
 
 
 def test_swap_model_short():
     """The same examples every run (derandomized), and no shrinking: the
     short profile is a regression check that passes or fails the same way
     every time; the long profile explores new examples (and shrinks)."""
-    _run(int(os.environ.get("UKSM_MODEL_EXAMPLES", 25)), 40, derandomize=True,
-         phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    _run(
+        int(os.environ.get("UKSM_MODEL_EXAMPLES", 25)),
+        40,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    )
 
 
 @pytest.mark.skipif(not LONG, reason="long profile: UKSM_LONG=1")
@@ -232,7 +270,9 @@ def test_swap_model_long():
     try:
         _run(int(os.environ.get("UKSM_MODEL_EXAMPLES", 300)), 80)
     finally:
-        print(f"\nuksm swap model (long profile): {STEPS['steps'] - before['steps']} steps in "
-              f"{STEPS['examples'] - before['examples']} examples, "
-              f"{STEPS['swap_outs'] - before['swap_outs']} swap-outs, "
-              f"{STEPS['swap_ins'] - before['swap_ins']} swap-ins")
+        print(
+            f"\nuksm swap model (long profile): {STEPS['steps'] - before['steps']} steps in "
+            f"{STEPS['examples'] - before['examples']} examples, "
+            f"{STEPS['swap_outs'] - before['swap_outs']} swap-outs, "
+            f"{STEPS['swap_ins'] - before['swap_ins']} swap-ins"
+        )

@@ -6,6 +6,7 @@ blocks (conftest.memfd_bytes) for the merged frames, and the anonymous
 memory smaps shows in the pool's range (conftest.kernel_private_bytes) for
 the private pages.
 """
+
 import gc
 import time
 
@@ -17,12 +18,31 @@ import uksm
 from conftest import PAGE, kernel_private_bytes, kernel_resident_bytes, memfd_bytes, uss_bytes
 
 STATS_KEYS = (
-    "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-    "pages_scanned", "pages_skipped", "full_scans", "stable_node_chains",
-    "stable_node_dups", "ksm_zero_pages", "general_profit", "bytes_resident",
-    "bytes_private", "bytes_frames", "bytes_swap_cached", "rss_bytes", "uss_bytes",
-    "pss_bytes", "bytes_mapped", "frames_deferred", "fork_detaches", "transit_faults",
-    "cow_breaks", "cow_breaks_signal", "zero_page_cows",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
+    "general_profit",
+    "bytes_resident",
+    "bytes_private",
+    "bytes_frames",
+    "bytes_swap_cached",
+    "rss_bytes",
+    "uss_bytes",
+    "pss_bytes",
+    "bytes_mapped",
+    "frames_deferred",
+    "fork_detaches",
+    "transit_faults",
+    "cow_breaks",
+    "cow_breaks_signal",
+    "zero_page_cows",
 )
 # counters of the old model's mechanisms, which no longer exist
 GONE_KEYS = ("cow_reserve_used_max", "swap_cache_hits", "reference_hint_faults")
@@ -46,13 +66,16 @@ def check_invariants(pool) -> dict:
     frames are the memfd's blocks, its private pages the anonymous memory
     in the pool's range."""
     s = pool.stats()
-    assert (s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"]
-            + s["pages_volatile"]) == s["pages_tracked"], s
+    assert (
+        s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"] + s["pages_volatile"]
+    ) == s["pages_tracked"], s
     assert s["bytes_frames"] == memfd_bytes(pool), (s["bytes_frames"], memfd_bytes(pool))
-    assert s["bytes_private"] == kernel_private_bytes(pool), \
-        (s["bytes_private"], kernel_private_bytes(pool))
+    assert s["bytes_private"] == kernel_private_bytes(pool), (
+        s["bytes_private"],
+        kernel_private_bytes(pool),
+    )
     assert s["bytes_resident"] == s["bytes_private"] + s["bytes_frames"] + s["bytes_swap_cached"]
-    assert s["bytes_swap_cached"] == 0                  # no swap area here
+    assert s["bytes_swap_cached"] == 0  # no swap area here
     return s
 
 
@@ -62,6 +85,7 @@ def check_invariants(pool) -> dict:
 def test_native_module_is_built():
     # No skip on ImportError: a wheel built without its C core must fail here.
     import uksm._native as native
+
     assert hasattr(native, "ffi") and hasattr(native, "lib")
     assert callable(native.lib.uksm_merge)
     assert native.lib.UKSM_PAGE_SIZE == uksm.PAGE_SIZE == 4096
@@ -71,9 +95,15 @@ def test_native_module_is_built():
 
 
 def test_constructor_takes_the_ksm_knobs():
-    with uksm.Pool(capacity="8MiB", pages_to_scan=123, sleep_millisecs=7,
-                   max_page_sharing=256, use_zero_pages=True, smart_scan=True,
-                   checksum="jhash2") as p:
+    with uksm.Pool(
+        capacity="8MiB",
+        pages_to_scan=123,
+        sleep_millisecs=7,
+        max_page_sharing=256,
+        use_zero_pages=True,
+        smart_scan=True,
+        checksum="jhash2",
+    ) as p:
         assert p.capacity == 8 << 20
         assert (p.pages_to_scan, p.sleep_millisecs, p.max_page_sharing) == (123, 7, 256)
         assert p.use_zero_pages is True and p.smart_scan is True
@@ -91,23 +121,27 @@ def test_constructor_takes_the_ksm_knobs():
         assert p.pages_to_scan == 50
 
 
-@pytest.mark.parametrize("size, expected", [
-    (40960, 40960),
-    (np.int64(8192), 8192),
-    ("512MiB", 512 << 20),
-    ("64KiB", 64 << 10),
-    ("2M", 2 << 20),
-    ("1GiB", 1 << 30),
-    (" 3 MiB ", 3 << 20),
-])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        (40960, 40960),
+        (np.int64(8192), 8192),
+        ("512MiB", 512 << 20),
+        ("64KiB", 64 << 10),
+        ("2M", 2 << 20),
+        ("1GiB", 1 << 30),
+        (" 3 MiB ", 3 << 20),
+    ],
+)
 def test_capacity_int_or_size_string(size, expected):
     with uksm.Pool(size) as p:
         assert p.capacity == expected
         assert uksm.parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", [0, -4096, 4097, 100, "0MiB", "-1MiB", "1.5KiB",
-                                  "abc", "12 parsecs", ""])
+@pytest.mark.parametrize(
+    "size", [0, -4096, 4097, 100, "0MiB", "-1MiB", "1.5KiB", "abc", "12 parsecs", ""]
+)
 def test_capacity_bad_values(size):
     with pytest.raises(ValueError):
         uksm.Pool(size)
@@ -126,16 +160,19 @@ def test_unknown_checksum_is_named():
         uksm.Pool("1MiB", checksum=3)
 
 
-@pytest.mark.parametrize("kwargs, exc", [
-    ({"pages_to_scan": 0}, ValueError),
-    ({"pages_to_scan": "100"}, TypeError),
-    ({"pages_to_scan": 1.0}, TypeError),
-    ({"sleep_millisecs": -1}, ValueError),
-    ({"max_page_sharing": 1}, ValueError),
-    ({"max_page_sharing": None}, TypeError),
-    ({"use_zero_pages": "yes"}, TypeError),
-    ({"smart_scan": None}, TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"pages_to_scan": 0}, ValueError),
+        ({"pages_to_scan": "100"}, TypeError),
+        ({"pages_to_scan": 1.0}, TypeError),
+        ({"sleep_millisecs": -1}, ValueError),
+        ({"max_page_sharing": 1}, ValueError),
+        ({"max_page_sharing": None}, TypeError),
+        ({"use_zero_pages": "yes"}, TypeError),
+        ({"smart_scan": None}, TypeError),
+    ],
+)
 def test_bad_knobs(kwargs, exc):
     with pytest.raises(exc):
         uksm.Pool("1MiB", **kwargs)
@@ -197,16 +234,23 @@ def _check_array(arr, shape, dtype):
     assert arr.__array_interface__["data"][0] % PAGE == 0
 
 
-@pytest.mark.parametrize("shape, dtype", [
-    (10, np.float64), ((3, 5), np.int16), ((2, 3, 4096), np.uint8),
-    (5000, np.complex128), ((1024, 1024), np.float32), (0, np.int64),
-])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        (10, np.float64),
+        ((3, 5), np.int16),
+        ((2, 3, 4096), np.uint8),
+        (5000, np.complex128),
+        ((1024, 1024), np.float32),
+        (0, np.int64),
+    ],
+)
 def test_empty_and_zeros(pool, shape, dtype):
     norm = shape if isinstance(shape, tuple) else (shape,)
     for make in (pool.empty, pool.zeros):
         arr = make(shape, dtype)
         _check_array(arr, norm, dtype)
-        assert not arr.any()        # no old contents, and zeros are zeros
+        assert not arr.any()  # no old contents, and zeros are zeros
         if arr.size:
             arr.reshape(-1)[-1] = 1  # writeable in fact, to the last byte
             assert arr.reshape(-1)[-1] == 1
@@ -232,14 +276,14 @@ def test_asarray_copies(pool):
     _check_array(a, src.shape, np.int32)
     assert (a == src).all()
     assert not np.shares_memory(a, src)
-    b = pool.asarray(a)                    # a copy even of a pool array
+    b = pool.asarray(a)  # a copy even of a pool array
     assert not np.shares_memory(a, b)
     b[0, 0] = -1
     assert a[0, 0] == 0
     c = pool.asarray([[1, 2], [3, 4]], dtype=np.int16)
     _check_array(c, (2, 2), np.int16)
     assert c.tolist() == [[1, 2], [3, 4]]
-    d = pool.asarray(src[:, ::2])          # non-contiguous source
+    d = pool.asarray(src[:, ::2])  # non-contiguous source
     _check_array(d, (3, 2048), np.int32)
     assert (d == src[:, ::2]).all()
 
@@ -288,22 +332,28 @@ def test_fresh_allocation_never_shows_old_contents():
 
 
 def test_memory_returns_when_array_and_views_are_collected(pool):
-    n = 1024                                   # 4 MiB
+    n = 1024  # 4 MiB
     gc.collect()
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == 0
     a = pool.full((n, PAGE // 8), 3.0)
     # written pages are private anonymous memory: none of it is in the memfd
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == n * PAGE
     assert memfd_bytes(pool) == 0
-    views = [a[1:], a.reshape(-1), a.view(np.uint8), a.T, memoryview(a),
-             np.frombuffer(a, dtype=np.uint8)]
+    views = [
+        a[1:],
+        a.reshape(-1),
+        a.view(np.uint8),
+        a.T,
+        memoryview(a),
+        np.frombuffer(a, dtype=np.uint8),
+    ]
     del a
     gc.collect()
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == n * PAGE
-    assert (views[0] == 3.0).all()              # the views still work
+    assert (views[0] == 3.0).all()  # the views still work
     views.pop(0)
     gc.collect()
-    assert kernel_resident_bytes(pool) == n * PAGE     # the others still hold it
+    assert kernel_resident_bytes(pool) == n * PAGE  # the others still hold it
     del views
     gc.collect()
     s = pool.stats()
@@ -314,7 +364,7 @@ def test_memory_returns_when_array_and_views_are_collected(pool):
 def test_allocation_commits_nothing(pool):
     """Like numpy's own arrays, a pool's buffer costs nothing until written;
     then exactly the pages written are resident, by the kernel's count."""
-    n = 4096                                   # 16 MiB
+    n = 4096  # 16 MiB
     uss0 = uss_bytes()
     big = pool.empty((n, PAGE), dtype=np.uint8)
     s = pool.stats()
@@ -324,7 +374,7 @@ def test_allocation_commits_nothing(pool):
     # below a huge page, so that the kernel allocates page by page
     m = 384
     a = pool.empty((m, PAGE), dtype=np.uint8)
-    a[::4, 0] = np.arange(1, m // 4 + 1)       # one page in four, all different
+    a[::4, 0] = np.arange(1, m // 4 + 1)  # one page in four, all different
     s = check_invariants(pool)
     assert s["bytes_resident"] == s["bytes_private"] == m // 4 * PAGE
     assert s["bytes_frames"] == 0
@@ -335,13 +385,17 @@ def test_allocation_commits_nothing(pool):
     assert check_invariants(pool)["bytes_resident"] == m // 4 * PAGE
 
 
-@pytest.mark.parametrize("n, merged", [
-    (256, False),
-    (256, True),
-    # big enough for huge pages: a read maps the kernel's huge zero page
-    (1024, False),
-    (1024, True),
-], ids=["fresh", "zero-merged", "fresh-huge", "zero-merged-huge"])
+@pytest.mark.parametrize(
+    "n, merged",
+    [
+        (256, False),
+        (256, True),
+        # big enough for huge pages: a read maps the kernel's huge zero page
+        (1024, False),
+        (1024, True),
+    ],
+    ids=["fresh", "zero-merged", "fresh-huge", "zero-merged-huge"],
+)
 def test_reading_zero_pages_commits_nothing(pool, n, merged):
     """A read of a fresh page, or of a page merged with the zero page, maps
     the kernel's shared zero page: no memory is allocated (smaps shows no
@@ -353,7 +407,7 @@ def test_reading_zero_pages_commits_nothing(pool, n, merged):
         a.fill(0)
         assert pool.scan(full_scans=2)["ksm_zero_pages"] == n
     assert pool.stats()["bytes_resident"] == 0
-    assert not a.any()                         # reads every page
+    assert not a.any()  # reads every page
     assert kernel_private_bytes(pool) == 0
     s = pool.stats()
     assert s["bytes_private"] == s["bytes_resident"] == 0, s
@@ -368,10 +422,10 @@ def test_free_returns_memory_now(pool):
     # at once, with no garbage collection in between
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == 256 * PAGE
     assert (b == 2).all()
-    with pytest.raises(uksm.ForeignArrayError):   # not a live buffer any more
+    with pytest.raises(uksm.ForeignArrayError):  # not a live buffer any more
         pool.free(a)
     del a
-    gc.collect()                                  # no double release
+    gc.collect()  # no double release
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == 256 * PAGE
     # merged pages too: the frames go with their last view
     c = pool.full((256, PAGE), 2, dtype=np.uint8)
@@ -382,10 +436,17 @@ def test_free_returns_memory_now(pool):
     assert pool.stats()["bytes_resident"] == kernel_resident_bytes(pool) == 0
 
 
-@pytest.mark.parametrize("make_view", [
-    lambda a: a[1:], lambda a: a.view(np.int8), lambda a: a.reshape(64, 64),
-    lambda a: memoryview(a), lambda a: np.frombuffer(a, dtype=np.uint8),
-], ids=["slice", "view", "reshape", "memoryview", "frombuffer"])
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda a: a[1:],
+        lambda a: a.view(np.int8),
+        lambda a: a.reshape(64, 64),
+        lambda a: memoryview(a),
+        lambda a: np.frombuffer(a, dtype=np.uint8),
+    ],
+    ids=["slice", "view", "reshape", "memoryview", "frombuffer"],
+)
 def test_free_with_live_view_raises(pool, make_view):
     a = pool.full(PAGE, 9, dtype=np.uint8)
     view = make_view(a)
@@ -409,7 +470,7 @@ def test_free_with_live_view_raises(pool, make_view):
 def test_foreign_and_non_arrays(pool):
     ops = [pool.free, pool.unmerge, pool.merge, pool.buffer_stats, pool.page_states]
     own = pool.empty((4, PAGE), dtype=np.uint8)
-    own[:, 0] = 0                                  # written: resident
+    own[:, 0] = 0  # written: resident
     with uksm.Pool("1MiB") as other:
         theirs = other.empty(10)
         for op in ops:
@@ -439,7 +500,7 @@ def test_pool_full_keeps_stored_data():
         assert (a == a_copy).all() and (b == b_copy).all()
         assert after["bytes_resident"] == before["bytes_resident"] == 3 * frames // 4 * PAGE
         assert after["buffers"] == before["buffers"]
-        c = p.empty((frames // 4, PAGE), dtype=np.uint8)   # what does fit, fits
+        c = p.empty((frames // 4, PAGE), dtype=np.uint8)  # what does fit, fits
         c[:] = 1
         with pytest.raises(uksm.PoolFullError):
             p.empty(1)
@@ -466,7 +527,7 @@ def test_buffer_stats(pool):
     n = 256
     a = pool.empty((n, PAGE), dtype=np.uint8)
     z = pool.empty((n, PAGE), dtype=np.uint8)
-    odd = pool.empty(10000, dtype=np.uint8)          # 3 pages, the last partly used
+    odd = pool.empty(10000, dtype=np.uint8)  # 3 pages, the last partly used
     fill_pairs(a)
     z[:] = 1
     z[:] = 0
@@ -480,7 +541,7 @@ def test_buffer_stats(pool):
     pool.scan(full_scans=2)
     bs = pool.buffer_stats(a)
     assert bs["pages_ksm"] == bs["pages_merged"] == n and bs["pages_zero"] == 0
-    assert bs["bytes_saved"] == n // 2 * PAGE        # each frame serves 2 pages
+    assert bs["bytes_saved"] == n // 2 * PAGE  # each frame serves 2 pages
     bz = pool.buffer_stats(z)
     assert bz["pages_zero"] == bz["pages_merged"] == n and bz["pages_ksm"] == 0
     assert bz["bytes_saved"] == n * PAGE
@@ -498,7 +559,7 @@ def test_stats_keys(pool):
         assert isinstance(s[k], int), k
     assert not [k for k in GONE_KEYS if k in s]
     assert s["cow"] == pool.cow == "kernel"
-    assert s["general_profit"] <= 0                  # nothing merged yet
+    assert s["general_profit"] <= 0  # nothing merged yet
 
 
 def test_stats_invariants_through_a_lifecycle(cow_pool):
@@ -523,11 +584,11 @@ def test_stats_invariants_through_a_lifecycle(cow_pool):
     # only the frames are left: every private page went back to the kernel
     assert s["bytes_resident"] == s["bytes_frames"] == n // 2 * PAGE
     assert s["bytes_private"] == 0
-    assert s["bytes_mapped"] == 3 * n // 2 * PAGE    # every page still mapped
+    assert s["bytes_mapped"] == 3 * n // 2 * PAGE  # every page still mapped
     assert s["general_profit"] > 0
     assert s["general_profit"] <= (s["pages_sharing"] + s["ksm_zero_pages"]) * PAGE
-    a[0, 0] = 0xEE                                   # COW break
-    b[0, 0] = 0xEE                                   # zero-page COW
+    a[0, 0] = 0xEE  # COW break
+    b[0, 0] = 0xEE  # zero-page COW
     s = check_invariants(pool)
     assert s["pages_sharing"] == n // 2 - 1 and s["ksm_zero_pages"] == n // 2 - 1
     assert s["cow_breaks"] == 1 and s["zero_page_cows"] == 1
@@ -587,7 +648,7 @@ def test_background_scanner_merges_within_a_bounded_wait():
         ref = a.copy()
         assert not p.running
         p.start()
-        p.start()                                  # idempotent
+        p.start()  # idempotent
         assert p.running
         deadline = time.monotonic() + 20.0
         while time.monotonic() < deadline:
@@ -604,6 +665,6 @@ def test_background_scanner_merges_within_a_bounded_wait():
         assert not p.running
         scans = p.stats()["full_scans"]
         time.sleep(0.05)
-        assert p.stats()["full_scans"] == scans    # stopped means stopped
+        assert p.stats()["full_scans"] == scans  # stopped means stopped
         assert (a == ref).all()
         check_invariants(p)

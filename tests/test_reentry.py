@@ -11,6 +11,7 @@ ReentrantCallError there.  Every scenario that could hang runs in a fresh
 interpreter under a timeout (conftest.run_isolated), so a regression fails
 instead of stalling the suite.
 """
+
 import gc
 import os
 import signal
@@ -57,14 +58,14 @@ def finalizers_free_inside_pool_calls(seconds: float) -> None:
         n = 0
         while time.monotonic() < end:
             a = pool.asarray(pal[rng.integers(0, 8, 4)])
-            _Holder(pool, a, log)           # garbage at once: a cycle
+            _Holder(pool, a, log)  # garbage at once: a cycle
             del a
             b = pool.asarray(pal[rng.integers(0, 8, 2)])
             keep.append((b, b.copy()))
             if len(keep) > 40:
                 keep.pop(0)
             if n % 16 == 0:
-                pool.scan(full_scans=1)     # batches in this thread too
+                pool.scan(full_scans=1)  # batches in this thread too
                 pool.stats()
             n += 1
         pool.stop()
@@ -105,6 +106,7 @@ def signal_handlers_call_the_pool(seconds: float, cow: str) -> None:
     threading.Thread(target=stop.wait, daemon=True).start()
 
     with uksm.Pool("64MiB", pages_to_scan=256, sleep_millisecs=0, cow=cow) as pool:
+
         def handler(signum, frame):
             counts["calls"] += 1
             if pool._c.owned():
@@ -177,12 +179,15 @@ def test_nested_calls_that_would_wait_raise():
         core = pool._c
         assert core.enter() is False
         try:
-            for call, name in [(lambda: pool.scan(), "pool.scan()"),
-                               (lambda: pool.compact(), "pool.compact()"),
-                               (lambda: pool.unmerge(a), "pool.unmerge()"),
-                               (lambda: pool.merge(a), "pool.merge()")]:
-                with pytest.raises(uksm.ReentrantCallError, match=name.replace("(", r"\(")
-                                   .replace(")", r"\)")):
+            for call, name in [
+                (lambda: pool.scan(), "pool.scan()"),
+                (lambda: pool.compact(), "pool.compact()"),
+                (lambda: pool.unmerge(a), "pool.unmerge()"),
+                (lambda: pool.merge(a), "pool.merge()"),
+            ]:
+                with pytest.raises(
+                    uksm.ReentrantCallError, match=name.replace("(", r"\(").replace(")", r"\)")
+                ):
                     call()
             c = pool.asarray(np.arange(PAGE, dtype=np.uint8))
             assert pool.stats()["buffers"] == 3
@@ -215,7 +220,7 @@ def test_free_never_waits_for_another_threads_section():
         t0 = time.monotonic()
         pool.free(a)
         waited = time.monotonic() - t0
-        assert pool._native.stats()["pages_mapped"] == 0   # the pages went back
+        assert pool._native.stats()["pages_mapped"] == 0  # the pages went back
         done.set()
         t.join()
         assert waited < 5, waited
@@ -253,7 +258,7 @@ def dropped_running_pool_is_collected() -> None:
         for fd in os.listdir("/proc/self/fd"):
             try:
                 n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
-            except FileNotFoundError:   # listdir's own descriptor
+            except FileNotFoundError:  # listdir's own descriptor
                 pass
         return n
 
@@ -321,6 +326,7 @@ def handler_exceptions_tear_sections(seconds: float, background: bool) -> None:
     blocks, so handlers do run inside sections.  The lock is never left held,
     the scanner's state is rebuilt when torn, the data never changes."""
     import random
+
     rnd = random.Random(7)
     rng = np.random.default_rng(7)
     pal = rng.integers(0, 256, (32, PAGE), dtype=np.uint8)
@@ -336,8 +342,9 @@ def handler_exceptions_tear_sections(seconds: float, background: bool) -> None:
     pool = uksm.Pool("128MiB", pages_to_scan=2000, sleep_millisecs=0)
     keep = []
     for _ in range(100):
-        src = np.concatenate([pal[rng.integers(0, 32, 4)],
-                              rng.integers(0, 256, (4, PAGE), dtype=np.uint8)])
+        src = np.concatenate(
+            [pal[rng.integers(0, 32, 4)], rng.integers(0, 256, (4, PAGE), dtype=np.uint8)]
+        )
         keep.append((pool.asarray(src), src))
     if background:
         pool.start()
@@ -354,8 +361,12 @@ def handler_exceptions_tear_sections(seconds: float, background: bool) -> None:
                 elif r < 0.5:
                     pool.stats()
                 elif r < 0.8:
-                    src = np.concatenate([pal[rng.integers(0, 32, 4)],
-                                          rng.integers(0, 256, (2, PAGE), dtype=np.uint8)])
+                    src = np.concatenate(
+                        [
+                            pal[rng.integers(0, 32, 4)],
+                            rng.integers(0, 256, (2, PAGE), dtype=np.uint8),
+                        ]
+                    )
                     keep.append((pool.asarray(src), src))
                 elif len(keep) > 40:
                     a, _ = keep.pop(rnd.randrange(len(keep)))
@@ -377,8 +388,9 @@ def handler_exceptions_tear_sections(seconds: float, background: bool) -> None:
     pool.stop()
     gc.collect()
     s = pool.scan(full_scans=2)
-    assert (s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"]
-            + s["pages_volatile"]) == s["pages_tracked"], s
+    assert (
+        s["pages_shared"] + s["pages_sharing"] + s["pages_unshared"] + s["pages_volatile"]
+    ) == s["pages_tracked"], s
     sc = pool._scanner
     assert len(sc.starts) == len(sc.extents) and len(sc.u_sum) == len(sc.u_vpn)
     assert len(sc.stable.idx_sum) == len(sc.stable.idx_node)
@@ -396,8 +408,7 @@ def test_handler_exceptions_tear_sections(background):
     of any pool call: no lock is leaked (before, every run leaked one and
     the next call hung or raised), the scanner's state is rebuilt, the data
     and the counters stay right."""
-    run_isolated("test_reentry", "handler_exceptions_tear_sections", 4.0, background,
-                 timeout=120)
+    run_isolated("test_reentry", "handler_exceptions_tear_sections", 4.0, background, timeout=120)
 
 
 def handler_compacts_another_pool_inside_the_map_budget() -> None:
@@ -439,6 +450,6 @@ def handler_compacts_another_pool_inside_the_map_budget() -> None:
 
 
 def test_handler_takes_the_map_budget_inside_it():
-    assert "ok" in run_isolated("test_reentry",
-                                "handler_compacts_another_pool_inside_the_map_budget",
-                                timeout=30)
+    assert "ok" in run_isolated(
+        "test_reentry", "handler_compacts_another_pool_inside_the_map_budget", timeout=30
+    )

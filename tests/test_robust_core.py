@@ -5,6 +5,7 @@ process that has used up vm.max_map_count on its own.
 Anything that can crash or hang runs in a fresh interpreter with a timeout;
 the functions named child_* are what those interpreters run.
 """
+
 import os
 import signal
 import subprocess
@@ -24,11 +25,13 @@ KSM, PRIVATE, SWAPPED = uksm.PageState.KSM, uksm.PageState.PRIVATE, uksm.PageSta
 def run_child(fn: str, *args, timeout: float = 60):
     """Run this module's @fn(*args) in a fresh interpreter; a hang fails the
     test.  Returns (returncode, stdout, stderr): the caller judges the exit."""
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_robust_core as m; "
-            f"m.{fn}(*{args!r})")
+    code = (
+        f"import sys; sys.path.insert(0, {HERE!r}); import test_robust_core as m; m.{fn}(*{args!r})"
+    )
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{fn}{args} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}")
     return r.returncode, r.stdout, r.stderr
@@ -47,32 +50,45 @@ def merged_pair(pool, npages=4, value=7):
 
 def child_python_handler_then_cow(foreign: str):
     import warnings
+
     warnings.simplefilter("always")
     pool = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0, cow="signal")
     a = merged_pair(pool)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         signal.signal(signal.SIGSEGV, lambda *_: None)
-    assert any(issubclass(x.category, RuntimeWarning) and "uksm" in str(x.message)
-               and "SIGSEGV" in str(x.message) for x in w), [str(x.message) for x in w]
+    assert any(
+        issubclass(x.category, RuntimeWarning)
+        and "uksm" in str(x.message)
+        and "SIGSEGV" in str(x.message)
+        for x in w
+    ), [str(x.message) for x in w]
     # the Python handler is still what Python reports, but ours is on top
     assert signal.getsignal(signal.SIGSEGV) is not signal.SIG_DFL
     assert uksm._core.handler_installed()
-    a[1, 0] = 9                     # a COW by our handler: would spin for ever
+    a[1, 0] = 9  # a COW by our handler: would spin for ever
     assert a[1, 0] == 9 and a[0, 0] == 7 and (a[1, 1:] == 7).all()
     assert pool.page_states(a)[0][1] == PRIVATE
     assert pool.stats()["cow_breaks_signal"] >= 1
     print("cow done", flush=True)
     if foreign == "null":
         import ctypes
-        ctypes.string_at(0)         # not uksm's: must reach the chain and die
+
+        ctypes.string_at(0)  # not uksm's: must reach the chain and die
     elif foreign == "protnone":
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        p = libc.mmap(None, PAGE, 0, 0x22, -1, 0)       # PROT_NONE, private anon
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        p = libc.mmap(None, PAGE, 0, 0x22, -1, 0)  # PROT_NONE, private anon
         assert p not in (None, ctypes.c_void_p(-1).value)
         ctypes.string_at(p, 1)
     print("survived a foreign fault", flush=True)
@@ -90,11 +106,12 @@ def test_signal_signal_foreign_fault_still_reaches_the_chain(foreign):
     assert "cow done" in out, err
     assert "survived" not in out
     assert rc == -signal.SIGSEGV, (rc, err)
-    assert "uksm:" not in err, err      # not uksm's fault: nothing said for it
+    assert "uksm:" not in err, err  # not uksm's fault: nothing said for it
 
 
 def child_signal_bus_handler():
     import warnings
+
     pool = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -114,6 +131,7 @@ def test_signal_signal_sigbus_is_put_back_too():
 
 def child_view_after_free(fh: str):
     import faulthandler
+
     if fh == "faulthandler":
         faulthandler.enable()
     pool = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0)
@@ -121,14 +139,14 @@ def child_view_after_free(fh: str):
     lst[0][:] = 3
     view = lst[0][1:]
     addr = view.__array_interface__["data"][0]
-    pool.free(lst.pop())            # passes the refcount heuristic: a known gap
+    pool.free(lst.pop())  # passes the refcount heuristic: a known gap
     # the virtual range is not handed out again while the array object lives
     # (the view holds it): a new buffer must not land under the view
     b = pool.empty((4, PAGE), np.uint8)
     lo = b.__array_interface__["data"][0]
     assert not (lo <= addr < lo + 4 * PAGE), "freed range reused under a live view"
     print(f"addr {addr:#x}", flush=True)
-    print(view[0, 0], flush=True)   # use after free
+    print(view[0, 0], flush=True)  # use after free
     print("survived", flush=True)
 
 
@@ -140,8 +158,10 @@ def test_view_after_free_dies_saying_why(fh):
     addr = out.split("addr ")[1].split()[0]
     lines = [ln for ln in err.splitlines() if ln.startswith("uksm: SIGSEGV")]
     assert len(lines) == 1, err
-    assert "a buffer released by pool.free() while a view of it was still alive, " \
-           "or memory outside any live buffer" in lines[0]
+    assert (
+        "a buffer released by pool.free() while a view of it was still alive, "
+        "or memory outside any live buffer" in lines[0]
+    )
     assert addr in lines[0], (addr, lines[0])
     if fh == "faulthandler":
         assert "Fatal Python error: Segmentation fault" in err
@@ -158,9 +178,14 @@ def child_truncated_store(how: str):
     else:
         # another process, through /proc/<pid>/fd: it needs no inherited fd
         path = f"/proc/{os.getpid()}/fd/{pool.fd}"
-        subprocess.run([sys.executable, "-c",
-                        f"import os; fd = os.open({path!r}, os.O_RDWR); os.ftruncate(fd, 0)"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import os; fd = os.open({path!r}, os.O_RDWR); os.ftruncate(fd, 0)",
+            ],
+            check=True,
+        )
     assert os.fstat(pool.fd).st_size == 0
     print("truncated", flush=True)
     print(int(a[1, 0]), flush=True)
@@ -184,16 +209,19 @@ ABSURD = [2**62, 2**63 - 1, 2**64 - 1, 2**64 - 200]
 
 def child_absurd_sizes(tmp):
     import errno
-    pool = uksm.Pool("64MiB", pages_to_scan=1000, sleep_millisecs=0,
-                     max_resident="32MiB", swap_path=tmp)
-    a = merged_pair(pool)           # frames in use
+
+    pool = uksm.Pool(
+        "64MiB", pages_to_scan=1000, sleep_millisecs=0, max_resident="32MiB", swap_path=tmp
+    )
+    a = merged_pair(pool)  # frames in use
     n = pool._native
     for x in ABSURD:
-        for fn in (lambda x=x: pool.empty((x, PAGE), np.uint8),
-                   lambda: pool.empty((2**64 - 200, 4096), np.uint8),
-                   lambda x=x: pool.empty(x // PAGE, np.uint8) if x // PAGE < 2**63 else
-                   pool.empty(2**50),
-                   lambda x=x: n.alloc(x)):
+        for fn in (
+            lambda x=x: pool.empty((x, PAGE), np.uint8),
+            lambda: pool.empty((2**64 - 200, 4096), np.uint8),
+            lambda x=x: pool.empty(x // PAGE, np.uint8) if x // PAGE < 2**63 else pool.empty(2**50),
+            lambda x=x: n.alloc(x),
+        ):
             with pytest.raises(MemoryError):
                 fn()
         with pytest.raises(ValueError):
@@ -206,24 +234,33 @@ def child_absurd_sizes(tmp):
         for vpn, cnt in ((x, 4), (1, x), (x, 2**64 - x + 1), (4, 2**64 - 2)):
             if cnt >= 2**64:
                 continue
-            for call in (n.release, n.va_free, n.memory, n.reconcile, n.swap_in_range,
-                         n.unmerge):
+            for call in (n.release, n.va_free, n.memory, n.reconcile, n.swap_in_range, n.unmerge):
                 with pytest.raises(OSError) as ei:
                     call(vpn, cnt)
                 assert ei.value.errno == errno.EINVAL, (call, vpn, cnt)
-            for call in (lambda v, c: n.set_locked(v, c, True),
-                         lambda v, c: n.set_group(v, c, 0),
-                         lambda v, c: n.set_pinned(v, c, True)):
+            for call in (
+                lambda v, c: n.set_locked(v, c, True),
+                lambda v, c: n.set_group(v, c, 0),
+                lambda v, c: n.set_pinned(v, c, True),
+            ):
                 with pytest.raises(OSError) as ei:
                     call(vpn, cnt)
                 assert ei.value.errno == errno.EINVAL
         if x < 2**63:
-            for call in (lambda x=x: n.merge(np.array([x], np.int64), np.array([0], np.int64),
-                                             np.zeros(1, np.uint32), np.zeros(1, np.uint32),
-                                             256, 100),
-                         lambda x=x: n.merge_zero(np.array([x], np.int64), 100),
-                         lambda x=x: n.checksum_range(x, None, np.zeros(4, np.uint64),
-                                                      np.zeros(4, np.uint8), 0)):
+            for call in (
+                lambda x=x: n.merge(
+                    np.array([x], np.int64),
+                    np.array([0], np.int64),
+                    np.zeros(1, np.uint32),
+                    np.zeros(1, np.uint32),
+                    256,
+                    100,
+                ),
+                lambda x=x: n.merge_zero(np.array([x], np.int64), 100),
+                lambda x=x: n.checksum_range(
+                    x, None, np.zeros(4, np.uint64), np.zeros(4, np.uint8), 0
+                ),
+            ):
                 with pytest.raises(OSError) as ei:
                     call()
                 assert ei.value.errno == errno.EINVAL
@@ -256,11 +293,18 @@ class MapFiller:
 
     def __init__(self):
         import ctypes
+
         self.ctypes = ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self.libc = libc
         self.buf = bytearray(16 << 20)
@@ -280,10 +324,10 @@ class MapFiller:
     def fill(self, spare: int) -> int:
         libc, failed = self.libc, self.ctypes.c_void_p(-1).value
         npg = 1 << 14
-        self.split = [0] * (self.limit // 2 + 16)   # no allocation while full
+        self.split = [0] * (self.limit // 2 + 16)  # no allocation while full
         k = 0
         while True:
-            base = libc.mmap(None, npg * PAGE, 1, 0x22, -1, 0)    # PROT_READ
+            base = libc.mmap(None, npg * PAGE, 1, 0x22, -1, 0)  # PROT_READ
             if base in (None, failed):
                 break
             for i in range(1, npg - 1, 2):
@@ -294,7 +338,7 @@ class MapFiller:
             else:
                 continue
             break
-        for _ in range(spare):      # each undo turns three VMAs into one
+        for _ in range(spare):  # each undo turns three VMAs into one
             k -= 1
             assert libc.mprotect(self.split[k], PAGE, 1) == 0
         del self.split[k:]
@@ -306,7 +350,7 @@ class MapFiller:
         other), so that from now on every mmap fails, merged or not."""
         libc, failed = self.libc, self.ctypes.c_void_p(-1).value
         for _ in range(64):
-            p = libc.mmap(None, PAGE, 5, 0x22, -1, 0)     # PROT_READ|PROT_EXEC
+            p = libc.mmap(None, PAGE, 5, 0x22, -1, 0)  # PROT_READ|PROT_EXEC
             if p in (None, failed):
                 return
         raise AssertionError("mmap keeps succeeding past vm.max_map_count")
@@ -315,25 +359,34 @@ class MapFiller:
 def chunked_equal(a, b, rows=16) -> bool:
     """a == b without a temporary the size of a (no mapping to spare)."""
     for i in range(0, len(a), rows):
-        if not np.array_equal(a[i:i + rows], b[i:i + rows]):
+        if not np.array_equal(a[i : i + rows], b[i : i + rows]):
             return False
     return True
 
 
 def child_map_count_exhausted(path: str, cow: str, spare: int):
     import tempfile
+
     tmp = tempfile.mkdtemp()
-    pool = uksm.Pool("256MiB", pages_to_scan=1000, sleep_millisecs=0, cow=cow,
-                     max_resident="16MiB", swap_path=tmp)
-    ref = (np.arange(16 * PAGE, dtype=np.uint8).reshape(16, PAGE)
-           ^ np.arange(16, dtype=np.uint8)[:, None])
-    rep = np.tile(ref[:8], (8, 1))      # 64 pages, 8 distinct contents
+    pool = uksm.Pool(
+        "256MiB",
+        pages_to_scan=1000,
+        sleep_millisecs=0,
+        cow=cow,
+        max_resident="16MiB",
+        swap_path=tmp,
+    )
+    ref = (
+        np.arange(16 * PAGE, dtype=np.uint8).reshape(16, PAGE)
+        ^ np.arange(16, dtype=np.uint8)[:, None]
+    )
+    rep = np.tile(ref[:8], (8, 1))  # 64 pages, 8 distinct contents
     a = pool.asarray(rep)
     pool.scan(full_scans=2)
-    pool.lock(a)                        # its views stay views, not swapped
+    pool.lock(a)  # its views stay views, not swapped
     assert (pool.page_states(a)[0] == KSM).all()
     exp = np.random.default_rng(1).integers(0, 255, (8192, PAGE), dtype=np.uint8)
-    big = pool.asarray(exp)             # 32 MiB over a 16 MiB budget
+    big = pool.asarray(exp)  # 32 MiB over a 16 MiB budget
     pool._reclaim()
     assert (pool.page_states(big)[0] == SWAPPED).sum() > 2048
     more = np.random.default_rng(2).integers(0, 255, (2048, PAGE), dtype=np.uint8)
@@ -343,14 +396,14 @@ def child_map_count_exhausted(path: str, cow: str, spare: int):
         expect_a[i, 0] = 255
     expect_big = exp.copy()
     expect_big[::5, 0] = 1
-    target = np.empty_like(exp)         # np.copyto's destination, made now
+    target = np.empty_like(exp)  # np.copyto's destination, made now
     filler = MapFiller()
     left = filler.fill(spare)
     if not spare:
-        filler.overfill()   # from here on no mmap can succeed at all
+        filler.overfill()  # from here on no mmap can succeed at all
     print("maps left", left, flush=True)
     if path == "stats":
-        pass                # only the figures, below
+        pass  # only the figures, below
     elif path == "cow":
         for i in range(0, 64, 3):
             a[i, 0] = 255
@@ -367,7 +420,7 @@ def child_map_count_exhausted(path: str, cow: str, spare: int):
         big[::5, 0] = 1
         assert chunked_equal(big, expect_big)
     elif path == "copy":
-        b = big.copy()      # numpy's own 32 MiB: one mapping
+        b = big.copy()  # numpy's own 32 MiB: one mapping
         assert chunked_equal(b, exp)
     elif path == "copyto":
         np.copyto(target, big)
@@ -386,8 +439,10 @@ def child_map_count_exhausted(path: str, cow: str, spare: int):
         pool.scan(full_scans=2)
         assert chunked_equal(c, rep2)
         # merged within what is left, or skipped and counted
-        assert pool._native.stats()["pages_merged"] > merged or \
-            pool._scanner.merges_skipped_vma > skipped
+        assert (
+            pool._native.stats()["pages_merged"] > merged
+            or pool._scanner.merges_skipped_vma > skipped
+        )
         c[::3, 1] = 9
         rep2[::3, 1] = 9
         assert chunked_equal(c, rep2)
@@ -396,17 +451,38 @@ def child_map_count_exhausted(path: str, cow: str, spare: int):
     full = pool.stats()
     assert full["pages_sharing"] + full["pages_shared"] > 0, full
     st = pool._native.stats()
-    print("ok", path, cow, {k: st[k] for k in ("cow_signal", "cow_wide", "pages_swapped",
-                                              "swap_errors", "pages_merged")}, flush=True)
-    os._exit(0)     # no teardown at the limit: what is checked is above
+    print(
+        "ok",
+        path,
+        cow,
+        {
+            k: st[k]
+            for k in ("cow_signal", "cow_wide", "pages_swapped", "swap_errors", "pages_merged")
+        },
+        flush=True,
+    )
+    os._exit(0)  # no teardown at the limit: what is checked is above
 
 
-MAP_PATHS = [("cow", "kernel", 0), ("cow", "signal", 0), ("swapin", "kernel", 0),
-             ("stats", "kernel", 0)] + [
-    (path, cow, 3) for path, cow in [
-        ("cow", "kernel"), ("cow", "signal"), ("swapin", "kernel"), ("swapin", "signal"),
-        ("copy", "kernel"), ("copyto", "kernel"), ("evict", "kernel"),
-        ("merge", "kernel"), ("merge", "signal")]]
+MAP_PATHS = [
+    ("cow", "kernel", 0),
+    ("cow", "signal", 0),
+    ("swapin", "kernel", 0),
+    ("stats", "kernel", 0),
+] + [
+    (path, cow, 3)
+    for path, cow in [
+        ("cow", "kernel"),
+        ("cow", "signal"),
+        ("swapin", "kernel"),
+        ("swapin", "signal"),
+        ("copy", "kernel"),
+        ("copyto", "kernel"),
+        ("evict", "kernel"),
+        ("merge", "kernel"),
+        ("merge", "signal"),
+    ]
+]
 
 
 # spare 0: not one mapping left (Python itself then fails to allocate large
@@ -427,11 +503,13 @@ def count_maps() -> int:
 
 def child_swapped_copy_maps(tmp: str, into: str):
     import time
-    pool = uksm.Pool("256MiB", max_resident="16MiB", swap_path=tmp, pages_to_scan=1000,
-                     sleep_millisecs=20)
+
+    pool = uksm.Pool(
+        "256MiB", max_resident="16MiB", swap_path=tmp, pages_to_scan=1000, sleep_millisecs=20
+    )
     exp = np.random.default_rng(1).integers(0, 255, (16384, PAGE), dtype=np.uint8)
-    a = pool.asarray(exp)                           # 64 MiB
-    pool._native.reclaim(16384)                     # every page of it to swap
+    a = pool.asarray(exp)  # 64 MiB
+    pool._native.reclaim(16384)  # every page of it to swap
     assert (pool.page_states(a)[0] == SWAPPED).all()
     dst = pool.empty(a.shape, a.dtype) if into == "pool" else None
     before = count_maps()

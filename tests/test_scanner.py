@@ -6,6 +6,7 @@ the scan-time advisor, max_page_sharing chains, unmerge, the metadata
 budget, and the VMA budget.  All on real pools; the only thing ever changed
 behind the scanner's back is the map count limit (a test's lower one).
 """
+
 import struct
 import time
 
@@ -48,7 +49,7 @@ def test_page_rewritten_every_scan_never_merges(gate_pool):
     a = pool.zeros(PAGE, np.uint8)
     b = pool.zeros(PAGE, np.uint8)
     for v in range(1, 7):
-        a[:] = v          # both change, identically, between every two scans
+        a[:] = v  # both change, identically, between every two scans
         b[:] = v
         st = pool.scan(full_scans=1)
         assert st["pages_shared"] == 0 and st["pages_sharing"] == 0
@@ -99,8 +100,8 @@ def test_volatile_page_never_merges_even_when_equal_at_scan_time(gate_pool):
             assert sb[1] == NORMAL and sa[1] == NORMAL, (k, sa, sb)
             assert sb[0] == KSM and sb[2] == KSM
     st = pool.stats()
-    assert st["pages_unshared"] == 1, st      # a's stable page 1 waits in the tree
-    assert st["pages_volatile"] == 1, st      # b's page 1
+    assert st["pages_unshared"] == 1, st  # a's stable page 1 waits in the tree
+    assert st["pages_volatile"] == 1, st  # b's page 1
 
 
 @pytest.mark.parametrize("checksum", ["jhash2", "xxhash"])
@@ -158,8 +159,14 @@ def test_jhash2_and_xxhash_merge_identically():
             assert len(np.unique(pfn[ksm])) == len(np.unique(content_id[ksm]))
             for a, c in zip(arrs, copies):
                 assert np.array_equal(a, c)
-            results[checksum] = (st_, mc, {k: st[k] for k in (
-                "pages_shared", "pages_sharing", "ksm_zero_pages", "pages_unshared")})
+            results[checksum] = (
+                st_,
+                mc,
+                {
+                    k: st[k]
+                    for k in ("pages_shared", "pages_sharing", "ksm_zero_pages", "pages_unshared")
+                },
+            )
     (s1, m1, k1), (s2, m2, k2) = results["jhash2"], results["xxhash"]
     assert np.array_equal(s1, s2)
     assert np.array_equal(m1, m2)
@@ -347,7 +354,7 @@ def test_stale_node_found_at_lookup_does_not_merge_wrong_content():
         pool.scan(full_scans=2)
         pfn = pool.page_states(a)[1][0]
         page(a, 0)[0] ^= 1
-        page(b, 0)[0] ^= 2   # the frame's last mapper: reused in place, new key
+        page(b, 0)[0] ^= 2  # the frame's last mapper: reused in place, new key
         assert pool.page_states(b)[1][0] == pfn and states(pool, b)[0] == NORMAL
         # a page with the node's old checksum: the node is found, and stale
         c = pool.asarray(content)
@@ -385,13 +392,18 @@ def test_smart_scan_skips_unique_pages(smart):
 
 def test_advisor_scan_time_tunes_pages_to_scan():
     lo, hi = 200, 5000
-    with uksm.Pool("16MiB", pages_to_scan=1000, advisor_mode="scan-time",
-                   advisor_target_scan_time=0.001,
-                   advisor_min_pages_to_scan=lo, advisor_max_pages_to_scan=hi) as pool:
-        data = pool.asarray(random_pages(64, seed=10))   # keep it alive: it is the scan
+    with uksm.Pool(
+        "16MiB",
+        pages_to_scan=1000,
+        advisor_mode="scan-time",
+        advisor_target_scan_time=0.001,
+        advisor_min_pages_to_scan=lo,
+        advisor_max_pages_to_scan=hi,
+    ) as pool:
+        data = pool.asarray(random_pages(64, seed=10))  # keep it alive: it is the scan
         seen = []
         for _ in range(6):
-            time.sleep(0.03)          # the scanner used little CPU: it may speed up
+            time.sleep(0.03)  # the scanner used little CPU: it may speed up
             pool.scan(full_scans=1)
             seen.append(pool.pages_to_scan)
         assert all(lo <= p <= hi for p in seen), seen
@@ -400,9 +412,15 @@ def test_advisor_scan_time_tunes_pages_to_scan():
         assert pool.stats()["pages_to_scan"] == seen[-1]
         assert pool.stats()["pages_scanned"] >= 6 * 64 and data.any()
 
-    with uksm.Pool("16MiB", pages_to_scan=1000, advisor_mode="scan-time",
-                   advisor_target_scan_time=1000.0, smart_scan=False,
-                   advisor_min_pages_to_scan=lo, advisor_max_pages_to_scan=hi) as pool:
+    with uksm.Pool(
+        "16MiB",
+        pages_to_scan=1000,
+        advisor_mode="scan-time",
+        advisor_target_scan_time=1000.0,
+        smart_scan=False,
+        advisor_min_pages_to_scan=lo,
+        advisor_max_pages_to_scan=hi,
+    ) as pool:
         # back-to-back full scans of real pages: the scanner is busy (high
         # CPU share), so the advisor's 10% CPU floor does not hold it up
         data = pool.asarray(random_pages(1024, seed=10))
@@ -620,10 +638,10 @@ def test_freed_buffers_give_their_rmap_slots_back():
     tables' resident size at what the live buffers need."""
     with uksm.Pool("1GiB", pages_to_scan=100000, sleep_millisecs=0) as pool:
         sc = pool._scanner
-        keep = pool.zeros(1 << 17)          # 256 pages stay
+        keep = pool.zeros(1 << 17)  # 256 pages stay
         keep[:] = 5
         for _ in range(3):
-            big = pool.zeros(32 << 20)      # 65536 pages (256 MiB): 512 KiB of checksums
+            big = pool.zeros(32 << 20)  # 65536 pages (256 MiB): 512 KiB of checksums
             big[:] = 7
             pool.scan(full_scans=1)
             assert _rss_of(sc.oldchecksum) >= 65536 * 8
@@ -648,15 +666,15 @@ def test_idle_backoff_slows_a_pool_at_rest_and_wakes_on_change():
         b = pool.asarray(a)
         pool.scan(full_scans=2)
         assert sc.sleep_factor() == 1
-        pool.scan(full_scans=3)             # nothing changes
+        pool.scan(full_scans=3)  # nothing changes
         assert sc.idle_scans == 3
         assert sc.sleep_factor() == uksm.scanner.IDLE_FACTOR_MAX
-        b[0] = 1 - b[0]                     # a COW break and a changed page
+        b[0] = 1 - b[0]  # a COW break and a changed page
         pool.scan(full_scans=1)
         assert sc.idle_scans == 0 and sc.sleep_factor() == 1
         pool.scan(full_scans=2)
         assert sc.idle_scans >= 1
-        c = pool.asarray(a)                 # a new buffer: at once
+        c = pool.asarray(a)  # a new buffer: at once
         assert sc.idle_scans == 0
         pool.scan(full_scans=2)
         assert np.array_equal(a, c)

@@ -24,6 +24,7 @@
 * fork, forkserver and spawn children never see the parent's later writes
   (and vice versa): tests/test_fork.py covers that, for all three methods.
 """
+
 import gc
 import os
 import stat
@@ -65,12 +66,14 @@ def pool_maps(pool):
 def test_two_pools_never_merge_with_each_other():
     rng = np.random.default_rng(11)
     data = rng.integers(1, 256, 256 * PAGE, dtype=np.uint8)
-    with uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p, \
-            uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q:
+    with (
+        uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p,
+        uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q,
+    ):
         a1, a2 = p.asarray(data), p.asarray(data)
         b1, b2 = q.asarray(data), q.asarray(data)
-        lone_p = p.asarray(data[:64 * PAGE][::-1])      # one copy in each pool only
-        lone_q = q.asarray(data[:64 * PAGE][::-1])
+        lone_p = p.asarray(data[: 64 * PAGE][::-1])  # one copy in each pool only
+        lone_q = q.asarray(data[: 64 * PAGE][::-1])
         p.scan(full_scans=2)
         q.scan(full_scans=2)
         p.scan(full_scans=2)
@@ -107,13 +110,16 @@ def test_two_pools_never_merge_with_each_other():
 def test_two_pools_with_background_scanners_stay_apart():
     rng = np.random.default_rng(12)
     data = rng.integers(1, 256, 128 * PAGE, dtype=np.uint8)
-    with uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p, \
-            uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q:
+    with (
+        uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as p,
+        uksm.Pool("16MiB", pages_to_scan=5000, sleep_millisecs=0) as q,
+    ):
         xs = [p.asarray(data) for _ in range(3)]
         ys = [q.asarray(data) for _ in range(3)]
         p.start()
         q.start()
         import time
+
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if p.stats()["pages_sharing"] == 256 and q.stats()["pages_sharing"] == 256:
@@ -174,7 +180,7 @@ def test_fresh_allocations_never_show_old_contents_through_merges_cow_and_compac
             bufs = [pool.asarray(_marked(rng, int(rng.integers(8, 96)))) for _ in range(3)]
             bufs += [pool.asarray(b) for b in bufs[:2]]
             z = pool.zeros((32, PAGE), np.uint8)
-            z[:, 7] = MARK                              # touched, then back to zero
+            z[:, 7] = MARK  # touched, then back to zero
             z[:, 7] = 0
             pool.scan(full_scans=2)
             assert pool.stats()["pages_sharing"] > 0
@@ -229,8 +235,8 @@ def test_memfd_is_anonymous_and_close_on_exec():
         link = os.readlink(f"/proc/self/fd/{fd}")
         assert link == "/memfd:uksm (deleted)", link
         st = os.fstat(fd)
-        assert st.st_nlink == 0                          # no name anywhere
-        assert not os.get_inheritable(fd)                # FD_CLOEXEC
+        assert st.st_nlink == 0  # no name anywhere
+        assert not os.get_inheritable(fd)  # FD_CLOEXEC
         # /proc/self/fd itself is private to the process (dr-x------)
         assert os.stat("/proc/self/fd").st_mode & 0o077 == 0
 
@@ -239,10 +245,12 @@ def test_memfd_of_an_exec_child_is_absent():
     with uksm.Pool("4MiB") as pool:
         a = pool.full(PAGE, 0x5A, np.uint8)
         fd = pool.fd
-        code = (f"import os, sys\n"
-                f"try:\n    os.fstat({fd})\nexcept OSError:\n    sys.exit(0)\n"
-                f"link = os.readlink('/proc/self/fd/{fd}')\n"
-                f"sys.exit(3 if 'uksm' in link else 0)\n")
+        code = (
+            f"import os, sys\n"
+            f"try:\n    os.fstat({fd})\nexcept OSError:\n    sys.exit(0)\n"
+            f"link = os.readlink('/proc/self/fd/{fd}')\n"
+            f"sys.exit(3 if 'uksm' in link else 0)\n"
+        )
         r = subprocess.run([sys.executable, "-c", code], close_fds=False, timeout=60)
         assert r.returncode == 0, "an exec'd child inherited the pool's memfd"
         assert (a == 0x5A).all()
@@ -258,10 +266,19 @@ def test_other_users_cannot_open_the_memfd():
         assert memfd_bytes(pool) == PAGE
         path = f"/proc/{os.getpid()}/fd/{pool.fd}"
         # another user (nobody) cannot follow the process's fd link ...
-        r = subprocess.run(["/bin/cat", path], user=65534, group=65534, extra_groups=[],
-                           timeout=60, capture_output=True)
-        assert r.returncode != 0 and b"Permission denied" in r.stderr, \
-            (r.returncode, r.stdout[:16], r.stderr[-300:])
+        r = subprocess.run(
+            ["/bin/cat", path],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            timeout=60,
+            capture_output=True,
+        )
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, (
+            r.returncode,
+            r.stdout[:16],
+            r.stderr[-300:],
+        )
         assert not r.stdout
         # ... which does work for the owner: the check above means something
         r = subprocess.run(["/bin/cat", path], timeout=60, capture_output=True)
@@ -297,7 +314,7 @@ def test_proc_self_mem_cannot_write_a_shared_frame(cow):
         assert s["cow_breaks"] == 1 and s["bytes_private"] == kernel_private_bytes(pool) == PAGE
         a[PAGE + 20] = 7
         assert a[PAGE + 20] == 7 and (b == 0x5A).all()
-        assert a[PAGE:2 * PAGE].sum() == 0x5A * (PAGE - 3) + 1 + 2 + 7
+        assert a[PAGE : 2 * PAGE].sum() == 0x5A * (PAGE - 3) + 1 + 2 + 7
 
 
 def _swap_files(before, directory):
@@ -321,8 +338,9 @@ def test_swap_file_is_unlinked_private_and_close_on_exec(tmp_path):
     back itself): what keeps them from other eyes is the file.  It lives in
     swap_path, has no name there, is 0600 and close-on-exec."""
     before = {int(n) for n in os.listdir("/proc/self/fd")}
-    with uksm.Pool("4MiB", pages_to_scan=1000, sleep_millisecs=0, max_resident="1MiB",
-                   swap_path=str(tmp_path)) as pool:
+    with uksm.Pool(
+        "4MiB", pages_to_scan=1000, sleep_millisecs=0, max_resident="1MiB", swap_path=str(tmp_path)
+    ) as pool:
         a = pool.asarray(np.random.default_rng(3).integers(1, 256, 2 << 20, dtype=np.uint8))
         pool.max_resident = "1MiB"
         assert pool.stats()["pages_swapped"] > 0
@@ -335,7 +353,7 @@ def test_swap_file_is_unlinked_private_and_close_on_exec(tmp_path):
             st = os.fstat(fd)
             assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
             assert st.st_nlink == 0 and st.st_dev == os.stat(tmp_path).st_dev
-            assert st.st_blocks > 0                      # the slots are in it
+            assert st.st_blocks > 0  # the slots are in it
             assert not os.get_inheritable(fd)
         assert os.listdir(tmp_path) == []
         del a

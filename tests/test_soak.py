@@ -40,6 +40,7 @@ Duration: 4 s per mode by default, UKSM_SOAK_SECONDS overrides.  The
 figures go to the module-level SOAK record, by mode (printed; see it with
 pytest -s).
 """
+
 import faulthandler
 import gc
 import os
@@ -57,12 +58,12 @@ PAGE = uksm.PAGE_SIZE
 SWAPPED = uksm.PageState.SWAPPED  # pool.page_states() value
 THREADS = 8
 ARRAYS = 6
-PAGES = 256                      # per array: 1 MiB
+PAGES = 256  # per array: 1 MiB
 PALETTE = 6
 STALL = 20.0
 SECONDS = float(os.environ.get("UKSM_SOAK_SECONDS", "4"))
 
-SOAK = {}                        # the record of the last run of each mode
+SOAK = {}  # the record of the last run of each mode
 
 
 class _Junk:
@@ -106,8 +107,9 @@ class Worker(threading.Thread):
     def run(self):
         try:
             self._run()
-        except BaseException:                 # reported by the test
+        except BaseException:  # reported by the test
             import traceback
+
             self.error = traceback.format_exc()
 
     def _run(self):
@@ -118,30 +120,30 @@ class Worker(threading.Thread):
             p = int(self.pages[rng.integers(len(self.pages))])
             a, s = arrays[k], shadows[k]
             op = int(rng.integers(10))
-            if op < 4:                          # read the page back
+            if op < 4:  # read the page back
                 if not np.array_equal(a[p], s[p]):
                     bad = np.flatnonzero(a[p] != s[p])
                     self.mismatches.append((k, p, len(bad), int(bad[0])))
                 self.reads += 1
-            elif op < 7:                        # a whole page from the palette
+            elif op < 7:  # a whole page from the palette
                 v = int(rng.integers(PALETTE))
                 a[p] = palette[v]
                 s[p] = palette[v]
                 self.writes += 1
-            elif op < 8:                        # one byte
+            elif op < 8:  # one byte
                 i = int(rng.integers(PAGE))
                 b = int(rng.integers(256))
                 a[p, i] = b
                 s[p, i] = b
                 self.writes += 1
-            elif op < 9:                        # a slice, through a float64 view
+            elif op < 9:  # a slice, through a float64 view
                 lo = int(rng.integers(PAGE // 8))
                 hi = min(PAGE // 8, lo + int(rng.integers(1, 64)))
                 val = float(rng.integers(1 << 20))
                 a[p].view(np.float64)[lo:hi] = val
                 s[p].view(np.float64)[lo:hi] = val
                 self.writes += 1
-            else:                               # copy one of its own pages to another
+            else:  # copy one of its own pages to another
                 q = int(self.pages[rng.integers(len(self.pages))])
                 j = int(rng.integers(ARRAYS))
                 a[p] = arrays[j][q]
@@ -161,9 +163,15 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
     # a tight budget: about a third of the data resident, the rest swapped,
     # so writers, readers, the scanner, kswapd and compaction all collide
     budget = max(ARRAYS * PAGES * PAGE // 3, 1 << 20)
-    pool = uksm.Pool("64MiB", pages_to_scan=20000, sleep_millisecs=0, checksum="xxhash",
-                     cow=cow, max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
-                     swap_batch="64KiB")
+    pool = uksm.Pool(
+        "64MiB",
+        pages_to_scan=20000,
+        sleep_millisecs=0,
+        checksum="xxhash",
+        cow=cow,
+        max_resident=os.environ.get("UKSM_SOAK_BUDGET", budget),
+        swap_batch="64KiB",
+    )
     threads = []
     stop = threading.Event()
     lr_file = open(last_resort, "w")
@@ -242,8 +250,10 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         stop.set()
         if stalled:
-            pytest.fail(f"no progress for {STALL:.0f} s in {', '.join(stalled[0])}; "
-                        f"all thread stacks:\n{stalled[1]}")
+            pytest.fail(
+                f"no progress for {STALL:.0f} s in {', '.join(stalled[0])}; "
+                f"all thread stacks:\n{stalled[1]}"
+            )
         elapsed = time.monotonic() - t0
         pool.stop()
         errors = [t.error for t in threads if t.error]
@@ -293,21 +303,30 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
         assert counts["freed"] > 0 and counts["alarms"] > 0, counts
         assert st["swap_outs"] > 0 and st["swap_ins"] > 0
         # the accounting still holds after all that
-        assert (st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"]
-                + st["pages_volatile"]) == st["pages_tracked"], st
+        assert (
+            st["pages_shared"] + st["pages_sharing"] + st["pages_unshared"] + st["pages_volatile"]
+        ) == st["pages_tracked"], st
         assert st["bytes_frames"] == os.fstat(pool.fd).st_blocks * 512 == st["memfd_bytes"]
         assert st["bytes_frames"] <= st["pages_shared"] * PAGE
         assert st["frames_deferred"] == 0 and st["fork_detaches"] == 0
-        assert st["bytes_resident"] == (st["bytes_private"] + st["bytes_frames"]
-                                        + st["bytes_swap_cached"]), st
+        assert st["bytes_resident"] == (
+            st["bytes_private"] + st["bytes_frames"] + st["bytes_swap_cached"]
+        ), st
         # the budget holds again once reclaim has caught up with the writers
         # (and with the final reads, which brought swapped pages back into
         # the page cache)
         pool._reclaim()
         st = pool.stats()
-        assert st["bytes_resident"] <= st["max_resident"], \
-            {k: st[k] for k in ("bytes_resident", "bytes_private", "bytes_frames",
-                                "bytes_swap_cached", "max_resident")}
+        assert st["bytes_resident"] <= st["max_resident"], {
+            k: st[k]
+            for k in (
+                "bytes_resident",
+                "bytes_private",
+                "bytes_frames",
+                "bytes_swap_cached",
+                "max_resident",
+            )
+        }
         del junk, arrays
         gc.collect()
     finally:
@@ -330,13 +349,14 @@ def test_soak_threads_scanner_compaction(tmp_path, cow):
 def test_signal_counts_only_cow_breaks(tmp_path):
     """cow_breaks_signal is the part of cow_breaks that uksm's handler did:
     a write into a swapped page is a swap-in (swap_ins), not a COW break."""
-    with uksm.Pool("4MiB", sleep_millisecs=0, cow="signal", max_resident="1MiB",
-                   swap_path=str(tmp_path)) as pool:
-        a = pool.full(16 * PAGE, 7, np.uint8)                 # 16 private pages
+    with uksm.Pool(
+        "4MiB", sleep_millisecs=0, cow="signal", max_resident="1MiB", swap_path=str(tmp_path)
+    ) as pool:
+        a = pool.full(16 * PAGE, 7, np.uint8)  # 16 private pages
         pool.max_resident = 4 * PAGE
         swapped = int(np.count_nonzero(pool.page_states(a)[0] == SWAPPED))
         assert swapped >= 12
-        a[::PAGE] = 8                                          # write each one
+        a[::PAGE] = 8  # write each one
         st = pool.stats()
         assert st["swap_ins"] == swapped and st["cow_breaks"] == 0
         assert st["cow_breaks_signal"] <= st["cow_breaks"], st["cow_breaks_signal"]

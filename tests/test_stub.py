@@ -19,8 +19,7 @@ CDEF = os.path.join(ROOT, "csrc", "uksm_cdef.h")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, GEN, *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, GEN, *args], capture_output=True, text=True, timeout=120)
 
 
 def _stub_lib() -> tuple[Set[str], Dict[str, int]]:
@@ -28,10 +27,16 @@ def _stub_lib() -> tuple[Set[str], Dict[str, int]]:
     with open(STUB) as f:
         tree = ast.parse(f.read())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "_Lib")
-    consts = {n.target.id for n in cls.body
-              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    funcs = {n.name: len(n.args.posonlyargs) + len(n.args.args) for n in cls.body
-             if isinstance(n, ast.FunctionDef)}
+    consts = {
+        n.target.id
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+    funcs = {
+        n.name: len(n.args.posonlyargs) + len(n.args.args)
+        for n in cls.body
+        if isinstance(n, ast.FunctionDef)
+    }
     return consts, funcs
 
 
@@ -48,8 +53,10 @@ def test_check_reports_drift(tmp_path: pathlib.Path) -> None:
     with open(CDEF) as f:
         text = f.read()
     with open(cdef, "w") as f:
-        f.write(text + "\nint uksm_added_since(struct uksm_pool *pool, size_t npages);\n"
-                       "#define UKSM_ADDED_SINCE ...\n")
+        f.write(
+            text + "\nint uksm_added_since(struct uksm_pool *pool, size_t npages);\n"
+            "#define UKSM_ADDED_SINCE ...\n"
+        )
     with open(STUB) as f, open(stub, "w") as g:
         g.write(f.read())
     r = _run("--check", "--cdef", cdef, "--stub", stub)
@@ -69,7 +76,8 @@ def test_stub_matches_built_module() -> None:
     built = set(dir(lib))
     assert built == consts | set(funcs), (
         f"only built: {sorted(built - consts - set(funcs))}, "
-        f"only in the stub: {sorted((consts | set(funcs)) - built)}")
+        f"only in the stub: {sorted((consts | set(funcs)) - built)}"
+    )
     for name in consts:
         assert isinstance(getattr(lib, name), int), name
     for name, nparams in funcs.items():

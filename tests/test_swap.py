@@ -18,6 +18,7 @@ Reads of swapped pages fill the page cache, which counts as resident until
 the next reclaim pass (the background scanner's kswapd, here ``kswapd()``)
 drops it; allocation commits nothing, so it reclaims nothing either.
 """
+
 import errno
 import gc
 import json
@@ -39,16 +40,28 @@ import uksm
 from uksm import _core
 
 PAGE = uksm.PAGE_SIZE
-PRIVATE, KSM, ZERO, SWAPPED = (uksm.PageState.PRIVATE, uksm.PageState.KSM, uksm.PageState.ZERO,
-                               uksm.PageState.SWAPPED)
+PRIVATE, KSM, ZERO, SWAPPED = (
+    uksm.PageState.PRIVATE,
+    uksm.PageState.KSM,
+    uksm.PageState.ZERO,
+    uksm.PageState.SWAPPED,
+)
 KiB, MiB = 1 << 10, 1 << 20
 COWS = ["kernel", "signal"]
 
 # --------------------------------------------------------------------------- helpers
 
+
 def make_pool(directory, capacity="16MiB", max_resident="8MiB", batch="64KiB", **kw):
-    return uksm.Pool(capacity, max_resident=max_resident, swap_path=str(directory),
-                     swap_batch=batch, pages_to_scan=1000, sleep_millisecs=0, **kw)
+    return uksm.Pool(
+        capacity,
+        max_resident=max_resident,
+        swap_path=str(directory),
+        swap_batch=batch,
+        pages_to_scan=1000,
+        sleep_millisecs=0,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -61,7 +74,7 @@ def swdir():
 
 
 def page(a, i):
-    return a.view(np.uint8).reshape(-1)[i * PAGE:(i + 1) * PAGE]
+    return a.view(np.uint8).reshape(-1)[i * PAGE : (i + 1) * PAGE]
 
 
 def states(pool, a):
@@ -130,16 +143,22 @@ def rand_pages(rng, n):
 
 
 def run_py(code, timeout=60, env=None):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def assert_within_budget(pool, budget, batch, where):
     st = pool.stats()
     memfd = os.fstat(pool.fd).st_blocks * 512
     assert st["bytes_resident"] <= budget + batch, (where, st["bytes_resident"], budget, batch)
-    assert st["bytes_resident"] == (st["bytes_private"] + st["bytes_frames"]
-                                    + st["bytes_swap_cached"]), (where, st)
+    assert st["bytes_resident"] == (
+        st["bytes_private"] + st["bytes_frames"] + st["bytes_swap_cached"]
+    ), (where, st)
     assert st["bytes_frames"] == memfd, (where, "memfd blocks", memfd, st["bytes_frames"])
     assert st["pss_bytes"] <= budget + batch, (where, "pss", st["pss_bytes"])
 
@@ -152,12 +171,13 @@ def kernel_mem():
 
 # ---------------------------------------------------- 1. four times the budget
 
+
 @pytest.mark.parametrize("cow", COWS)
 def test_workload_four_times_budget_shadow_and_residency(swdir, cow):
     budget, batch = 1 * MiB, 128 * KiB
     pool = make_pool(swdir, capacity="32MiB", max_resident=budget, batch=batch, cow=cow)
     rng = np.random.default_rng(1234)
-    narr, npg = 32, 32                      # 32 x 128 KiB = 4 MiB = 4 x budget
+    narr, npg = 32, 32  # 32 x 128 KiB = 4 MiB = 4 x budget
     popular = [rand_pages(rng, 1) for _ in range(6)]
     arrs, shadows = [], []
 
@@ -172,7 +192,7 @@ def test_workload_four_times_budget_shadow_and_residency(swdir, cow):
     for k in range(narr):
         s = rand_pages(rng, npg)
         for j in range(0, npg, 4):
-            s[j * PAGE:(j + 1) * PAGE] = popular[rng.integers(len(popular))]
+            s[j * PAGE : (j + 1) * PAGE] = popular[rng.integers(len(popular))]
         a = pool.empty(npg * PAGE, np.uint8)
         a[:] = s
         arrs.append(a)
@@ -212,9 +232,9 @@ def test_workload_four_times_budget_shadow_and_residency(swdir, cow):
             k, j = int(rng.integers(narr)), int(rng.integers(npg))
             off = j * PAGE + int(rng.integers(PAGE - 64))
             v = rng.integers(1, 256, 64, dtype=np.uint8)
-            arrs[k][off:off + 64] = v
-            shadows[k][off:off + 64] = v
-        for _ in range(20):     # whole pages made duplicates again
+            arrs[k][off : off + 64] = v
+            shadows[k][off : off + 64] = v
+        for _ in range(20):  # whole pages made duplicates again
             k, j = int(rng.integers(narr)), int(rng.integers(npg))
             p = popular[rng.integers(len(popular))]
             page(arrs[k], j)[:] = p
@@ -245,9 +265,9 @@ def test_residency_by_the_kernels_own_count(swdir, cow):
     the budget: 8 MiB written through a 1 MiB budget costs about 1 MiB, and
     reading it all back costs page cache only until the next pass."""
     budget, batch = 1 * MiB, 128 * KiB
-    slack = 768 * KiB                       # the interpreter's own churn
+    slack = 768 * KiB  # the interpreter's own churn
     pool = make_pool(swdir, capacity="16MiB", max_resident=budget, batch=batch, cow=cow)
-    npg, narr = 64, 32                      # 32 x 256 KiB = 8 MiB
+    npg, narr = 64, 32  # 32 x 256 KiB = 8 MiB
     arrs = [pool.empty(npg * PAGE, np.uint8) for _ in range(narr)]
     gc.collect()
     pss0, rss0 = kernel_mem()
@@ -261,7 +281,7 @@ def test_residency_by_the_kernels_own_count(swdir, cow):
     assert rss1 - rss0 <= budget + batch + slack, (rss1 - rss0, st)
     assert st["pages_swapped"] >= (narr * npg * PAGE - budget - batch) // PAGE
 
-    for k, a in enumerate(arrs):            # every byte read back
+    for k, a in enumerate(arrs):  # every byte read back
         assert np.array_equal(a, rand_pages(np.random.default_rng(k), npg)), k
     st = pool.stats()
     assert st["swap_ins"] == 0 and st["bytes_swap_cached"] > budget
@@ -272,6 +292,7 @@ def test_residency_by_the_kernels_own_count(swdir, cow):
 
 
 # ------------------------------------------ 2. a shared frame: one slot, one write
+
 
 @pytest.mark.parametrize("cow", COWS)
 @pytest.mark.parametrize("nmappers", [2, 40])
@@ -297,7 +318,7 @@ def test_shared_frame_one_slot_one_write(swdir, nmappers, cow):
     assert len(slots) == 1, f"mappers of one frame on several slots: {slots}"
     assert after["swap_slots_used"] == 1
     assert after["pages_swapped"] == nmappers
-    assert after["bytes_resident"] == PAGE            # the ballast only
+    assert after["bytes_resident"] == PAGE  # the ballast only
     assert after["bytes_frames"] == 0
     assert after["pages_shared"] == 0 and after["pages_sharing"] == 0
     assert states(pool, ball)[0] == PRIVATE
@@ -357,7 +378,7 @@ def test_swapped_shared_page_read_back_counts_once_for_the_kernel(swdir, cow):
     assert len(set(pool.page_states(a)[1].tolist())) == 1
     gc.collect()
     pss0, rss0 = kernel_mem()
-    assert int(a[::PAGE].sum()) == 512 * 0x5A      # one byte of each page
+    assert int(a[::PAGE].sum()) == 512 * 0x5A  # one byte of each page
     pss1, rss1 = kernel_mem()
     assert rss1 - rss0 >= 500 * PAGE, rss1 - rss0
     assert pss1 - pss0 <= 32 * PAGE, ("one shared slot counted per view", pss1 - pss0)
@@ -393,7 +414,7 @@ def test_writes_to_a_swapped_shared_page_make_the_writers_private(swdir, cow):
     pool.scan(full_scans=2)
     squeeze(pool)
     assert all(states(pool, a)[0] == SWAPPED for a in arrs)
-    for k in (2, 4):                                # two writers touch first
+    for k in (2, 4):  # two writers touch first
         arrs[k][100 + k] = content[100 + k] ^ 0x55
     for k in (2, 4):
         assert states(pool, arrs[k])[0] == PRIVATE
@@ -409,7 +430,7 @@ def test_writes_to_a_swapped_shared_page_make_the_writers_private(swdir, cow):
     st = pool.stats()
     assert st["swap_outs"] == 1 and st["swap_ins"] == 2
     assert st["swap_slots_used"] == 1 and st["pages_swapped"] == 3
-    assert st["bytes_private"] == 3 * PAGE          # ballast and the two writers
+    assert st["bytes_private"] == 3 * PAGE  # ballast and the two writers
     assert ball[0] == 0xB1
     # the last readers written too: the slot is freed
     for a in readers:
@@ -462,8 +483,8 @@ def test_a_reclaim_batch_never_takes_a_page_twice(swdir):
     ball = pool.full(16 * PAGE, 1, dtype=np.uint8)
     pool.lock(ball)
     z = pool.asarray(rand_pages(np.random.default_rng(14), 4))
-    pool.max_resident = 18 * PAGE       # z's first two pages: the hand stops on the third
-    pool.max_resident = PAGE            # the rest, in one batch
+    pool.max_resident = 18 * PAGE  # z's first two pages: the hand stops on the third
+    pool.max_resident = PAGE  # the rest, in one batch
     st = pool.stats()
     assert (states(pool, z) == SWAPPED).all()
     assert st["pages_swapped"] == 4 and st["swap_slots_used"] == 4, st
@@ -496,6 +517,7 @@ def test_pages_reading_as_the_zero_page_cost_nothing(swdir):
 
 # ------------------------------------------------- 3. writers racing reclaim
 
+
 def _background_workload(pool, rng, seconds):
     """The scanner thread merges and reclaims while this thread reads and
     writes at random, checking every page against its shadow after each
@@ -505,9 +527,9 @@ def _background_workload(pool, rng, seconds):
     for _ in range(8):
         s = rand_pages(rng, 64)
         for j in range(0, 64, 3):
-            s[j * PAGE:(j + 1) * PAGE] = popular[j % 4]
+            s[j * PAGE : (j + 1) * PAGE] = popular[j % 4]
         shadows.append(s)
-    arrs = [pool.asarray(s) for s in shadows]       # 2 MiB, 4 x the budget below
+    arrs = [pool.asarray(s) for s in shadows]  # 2 MiB, 4 x the budget below
     pool.max_resident = 512 * KiB
     pool.start()
     try:
@@ -519,8 +541,8 @@ def _background_workload(pool, rng, seconds):
                 if rng.integers(2):
                     off = j * PAGE + int(rng.integers(PAGE - 8))
                     v = rng.integers(1, 256, 8, dtype=np.uint8)
-                    arrs[k][off:off + 8] = v
-                    shadows[k][off:off + 8] = v
+                    arrs[k][off : off + 8] = v
+                    shadows[k][off : off + 8] = v
                 else:
                     assert np.array_equal(page(arrs[k], j), page(shadows[k], j)), (k, j)
             for k, (a, s) in enumerate(zip(arrs, shadows)):
@@ -536,9 +558,7 @@ def _background_workload(pool, rng, seconds):
 RACE_SECONDS = {"kernel": 6.0, "signal": 1.5}
 
 
-@pytest.mark.parametrize("cow", [
-    "kernel",
-    "signal"])
+@pytest.mark.parametrize("cow", ["kernel", "signal"])
 def test_background_scanner_swaps_while_a_thread_writes(swdir, cow):
     """kswapd: the scanner thread merges and reclaims while the test thread
     reads and writes at random; the shadows agree throughout."""
@@ -551,9 +571,7 @@ def test_background_scanner_swaps_while_a_thread_writes(swdir, cow):
     assert st["full_scans"] > 0
 
 
-@pytest.mark.parametrize("cow", [
-    "kernel",
-    "signal"])
+@pytest.mark.parametrize("cow", ["kernel", "signal"])
 def test_write_after_read_of_a_swapped_page_survives_concurrent_reclaim(swdir, cow):
     """A page read back (its view maps the cached slot) and then written:
     the write must survive reclaim passes running in another thread."""
@@ -568,6 +586,7 @@ def test_write_after_read_of_a_swapped_page_survives_concurrent_reclaim(swdir, c
     def reclaimer():
         while not stop.is_set():
             kswapd(pool)
+
     t = threading.Thread(target=reclaimer)
     t.start()
     try:
@@ -577,9 +596,9 @@ def test_write_after_read_of_a_swapped_page_survives_concurrent_reclaim(swdir, c
                 j = int(rng.integers(n))
                 off = j * PAGE + int(rng.integers(PAGE - 8))
                 v = rng.integers(1, 256, 8, dtype=np.uint8)
-                assert a[j * PAGE + 4000] == shadow[j * PAGE + 4000]    # read first
-                a[off:off + 8] = v
-                shadow[off:off + 8] = v
+                assert a[j * PAGE + 4000] == shadow[j * PAGE + 4000]  # read first
+                a[off : off + 8] = v
+                shadow[off : off + 8] = v
             lost = np.flatnonzero((a.reshape(n, PAGE) != shadow.reshape(n, PAGE)).any(axis=1))
             assert lost.size == 0, f"writes lost on {lost.size} pages, e.g. {lost[:8].tolist()}"
     finally:
@@ -590,6 +609,7 @@ def test_write_after_read_of_a_swapped_page_survives_concurrent_reclaim(swdir, c
 
 # --------------------------------------------------------------- 4. mlock
 
+
 def test_locked_pages_never_leave_memory(swdir):
     budget, batch = 512 * KiB, 64 * KiB
     pool = make_pool(swdir, max_resident=budget, batch=batch)
@@ -598,7 +618,7 @@ def test_locked_pages_never_leave_memory(swdir):
     locked = pool.asarray(lk_data)
     pool.lock(locked)
     others, shadows = [], []
-    for _ in range(16):                     # 2 MiB through a 512 KiB budget
+    for _ in range(16):  # 2 MiB through a 512 KiB budget
         s = rand_pages(rng, 32)
         others.append(pool.asarray(s))
         shadows.append(s)
@@ -609,7 +629,7 @@ def test_locked_pages_never_leave_memory(swdir):
     assert (states(pool, locked) == PRIVATE).all()
     assert all((states(pool, a) == SWAPPED).all() for a in others)
     assert pool.stats()["bytes_resident"] == locked.nbytes
-    for a, s in zip(others, shadows):       # pressure from reads too
+    for a, s in zip(others, shadows):  # pressure from reads too
         assert np.array_equal(a, s)
         kswapd(pool)
         assert not (states(pool, locked) == SWAPPED).any()
@@ -692,18 +712,19 @@ def test_lock_then_merge_into_an_existing_shared_frame(swdir):
 
 # --------------------------------------------------------------- 5. groups
 
+
 def test_group_limit_swaps_its_own_pages_only(swdir):
     glimit, batch = 256 * KiB, 64 * KiB
     pool = make_pool(swdir, capacity="32MiB", max_resident="16MiB", batch=batch)
     rng = np.random.default_rng(11)
     other_data = rand_pages(rng, 256)
-    other = pool.asarray(other_data)                # 1 MiB, default group
+    other = pool.asarray(other_data)  # 1 MiB, default group
     g = pool.group("g", max_resident=glimit)
-    h = pool.group("h")                             # no limit of its own
+    h = pool.group("h")  # no limit of its own
     h_data = rand_pages(rng, 64)
     harr = h.asarray(h_data)
     garrs, gsh = [], []
-    for _ in range(8):                              # 1 MiB through 256 KiB
+    for _ in range(8):  # 1 MiB through 256 KiB
         s = rand_pages(rng, 32)
         garrs.append(g.asarray(s))
         gsh.append(s)
@@ -712,7 +733,7 @@ def test_group_limit_swaps_its_own_pages_only(swdir):
         gs = g.stats()
         assert gs["bytes_resident"] <= glimit + batch + s.nbytes, gs
     assert g.stats()["pages_swapped"] > 0
-    for a, s in zip(garrs, gsh):                    # reads charge no group
+    for a, s in zip(garrs, gsh):  # reads charge no group
         assert np.array_equal(a, s)
     assert g.stats()["swap_ins"] == 0
     assert not (states(pool, other) == SWAPPED).any(), "another group's pages were swapped"
@@ -745,7 +766,7 @@ def test_reclaim_pass_brings_a_written_group_back_under_its_limit(swdir):
     rng = np.random.default_rng(12)
     other = pool.asarray(rand_pages(rng, 64))
     g = pool.group("g", max_resident=glimit)
-    arrs = [g.empty(64 * PAGE, np.uint8) for _ in range(4)]    # 1 MiB, nothing yet
+    arrs = [g.empty(64 * PAGE, np.uint8) for _ in range(4)]  # 1 MiB, nothing yet
     for a in arrs:
         a[:] = rand_pages(rng, 64)
     kswapd(pool)
@@ -760,7 +781,7 @@ def test_group_charging_of_cow_breaks_and_swapped_writes(swdir, cow):
     ball = ballast(pool)
     g1, g2 = pool.group("g1"), pool.group("g2")
     content = rand_pages(np.random.default_rng(12), 1)
-    same = np.tile(content, 4)                      # 4 identical pages
+    same = np.tile(content, 4)  # 4 identical pages
     a1 = g1.asarray(same)
     a2 = g2.asarray(same)
     assert g1.stats()["bytes_resident"] == 4 * PAGE
@@ -768,7 +789,7 @@ def test_group_charging_of_cow_breaks_and_swapped_writes(swdir, cow):
     pool.scan(full_scans=2)
     assert (states(pool, a1) == KSM).all() and (states(pool, a2) == KSM).all()
     r1, r2 = g1.stats()["bytes_resident"], g2.stats()["bytes_resident"]
-    assert r1 + r2 == PAGE, (r1, r2)                # one frame for eight pages
+    assert r1 + r2 == PAGE, (r1, r2)  # one frame for eight pages
 
     # COW breaks: the private copies are charged to the group that wrote
     page(a2, 0)[0] ^= 1
@@ -804,6 +825,7 @@ def test_group_charging_of_cow_breaks_and_swapped_writes(swdir, cow):
 
 # ------------------------------------------------ 6. freed while swapped
 
+
 def test_buffers_freed_while_swapped_release_slots_and_frames(swdir):
     pool = make_pool(swdir, max_resident="1MiB")
     rng = np.random.default_rng(13)
@@ -822,7 +844,7 @@ def test_buffers_freed_while_swapped_release_slots_and_frames(swdir):
     page(private[0], 3)[0] ^= 1
     shared[2][0] ^= 1
     assert int(private[1][5 * PAGE]) >= 1
-    pool.free(private[2])                   # explicitly, while swapped
+    pool.free(private[2])  # explicitly, while swapped
     private[2] = None
     pool.free(shared[5])
     shared[5] = None
@@ -853,6 +875,7 @@ def test_buffers_freed_while_swapped_release_slots_and_frames(swdir):
 
 # ---------------------------------------------- 7. full disks and failed writes
 
+
 def _workload_with_errors(pool, rng, narr, npg):
     """Allocate and fill @narr arrays of @npg pages each under a budget the
     swap file cannot hold, a reclaim pass after each; return (arrays,
@@ -880,8 +903,9 @@ def _assert_nothing_lost(pool, arrs, shadows):
 def test_enospc_small_tmpfs_loses_nothing(swdir):
     mnt = os.path.join(swdir, "mnt")
     os.mkdir(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", mnt],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", mnt], capture_output=True, text=True
+    )
     if r.returncode:
         os.rmdir(mnt)
         pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
@@ -893,13 +917,13 @@ def test_enospc_small_tmpfs_loses_nothing(swdir):
             st = pool.stats()
             assert st["swap_errors"] > 0
             assert st["last_swap_errno"] == errno.ENOSPC
-            assert st["swap_slots_used"] <= 256          # 1 MiB of tmpfs
+            assert st["swap_slots_used"] <= 256  # 1 MiB of tmpfs
             # a tmpfs swap file is memory itself: it counts as resident
             assert st["bytes_swap_cached"] == st["swap_slots_used"] * PAGE
             assert st["bytes_private"] > budget, "eviction should have stopped"
             errors_in_fill = st["swap_errors"]
             _assert_nothing_lost(pool, arrs, shadows)
-            time.sleep(0.25)                        # past the core's retry backoff
+            time.sleep(0.25)  # past the core's retry backoff
             with pytest.warns(uksm.UksmSwapWarning):
                 pool.max_resident = budget
             _assert_nothing_lost(pool, arrs, shadows)
@@ -915,8 +939,10 @@ def test_enospc_small_tmpfs_loses_nothing(swdir):
             gc.collect()
             assert pool.stats()["swap_slots_used"] == 0
             # the passes that hit the full disk must have said so
-            assert warned, ("swap writes failed during the reclaim passes (swap_errors="
-                            f"{errors_in_fill}) but no UksmSwapWarning was issued")
+            assert warned, (
+                "swap writes failed during the reclaim passes (swap_errors="
+                f"{errors_in_fill}) but no UksmSwapWarning was issued"
+            )
         finally:
             pool.close()
             del pool
@@ -969,8 +995,10 @@ def test_efbig_rlimit_fsize_loses_nothing(swdir):
     assert out["errno"] == errno.EFBIG, out
     assert out["file"] <= 512 * KiB and out["slots"] <= 128
     assert out["resident"] > 512 * KiB
-    assert out["pass_warned"] > 0, ("swap writes failed with EFBIG in the reclaim passes "
-                                    f"but no UksmSwapWarning was issued: {out}")
+    assert out["pass_warned"] > 0, (
+        "swap writes failed with EFBIG in the reclaim passes "
+        f"but no UksmSwapWarning was issued: {out}"
+    )
     assert out["set_warned"] > 0, f"lowering the budget onto a full file did not warn: {out}"
 
 
@@ -980,7 +1008,7 @@ def test_eio_injected_pwrite_loses_nothing(swdir, cow):
     pool = make_pool(swdir, max_resident="8MiB", batch=batch, cow=cow)
     rng = np.random.default_rng(23)
     arrs, shadows = [], []
-    for _ in range(8):                              # 2 MiB, all resident
+    for _ in range(8):  # 2 MiB, all resident
         s = rand_pages(rng, 64)
         arrs.append(pool.asarray(s))
         shadows.append(s)
@@ -999,7 +1027,7 @@ def test_eio_injected_pwrite_loses_nothing(swdir, cow):
         assert not any((states(pool, a) == SWAPPED).any() for a in arrs)
         _assert_nothing_lost(pool, arrs, shadows)
         # more pressure while the disk is "broken": allocations, writes, passes
-        time.sleep(0.25)                            # past the core's retry backoff
+        time.sleep(0.25)  # past the core's retry backoff
         more, more_sh, warned = _workload_with_errors(pool, rng, 4, 32)
         arrs += more
         shadows += more_sh
@@ -1009,7 +1037,7 @@ def test_eio_injected_pwrite_loses_nothing(swdir, cow):
         _assert_nothing_lost(pool, arrs, shadows)
         assert pool.stats()["swap_outs"] == before["swap_outs"]
     finally:
-        _core.inject("pwrite", 0, 0, errno.EIO)     # fail=0: disarmed
+        _core.inject("pwrite", 0, 0, errno.EIO)  # fail=0: disarmed
     # healed: eviction works again, data intact
     time.sleep(0.25)
     pool.max_resident = "8MiB"
@@ -1024,7 +1052,7 @@ def test_eio_injected_pwrite_loses_nothing(swdir, cow):
 def test_eio_in_the_middle_of_a_batch_keeps_the_written_part_safe(swdir):
     """The first writes succeed, a later one fails: what was swapped reads
     back, what was not stays resident."""
-    pool = make_pool(swdir, max_resident="8MiB", batch="16KiB")     # 4-page batches
+    pool = make_pool(swdir, max_resident="8MiB", batch="16KiB")  # 4-page batches
     rng = np.random.default_rng(24)
     shadows = [rand_pages(rng, 16) for _ in range(8)]
     arrs = [pool.asarray(s) for s in shadows]
@@ -1040,11 +1068,12 @@ def test_eio_in_the_middle_of_a_batch_keeps_the_written_part_safe(swdir):
         assert st["pages_swapped"] == st["swap_outs"]
         assert st["bytes_private"] == (8 * 16 - st["swap_outs"]) * PAGE
     finally:
-        _core.inject("pwrite", 0, 0, errno.EIO)     # fail=0: disarmed
+        _core.inject("pwrite", 0, 0, errno.EIO)  # fail=0: disarmed
     _assert_nothing_lost(pool, arrs, shadows)
 
 
 # ------------------------------------------------------------ 8. the file
+
 
 def test_swap_file_is_private_nameless_and_in_swap_path(swdir):
     before = set(os.listdir(swdir))
@@ -1053,7 +1082,7 @@ def test_swap_file_is_private_nameless_and_in_swap_path(swdir):
     assert len(files) == 1, files
     fds = next(iter(files.values()))
     for _fd, link in swap_fds(swdir):
-        assert link.endswith("(deleted)"), link        # O_TMPFILE '#ino' or unlinked
+        assert link.endswith("(deleted)"), link  # O_TMPFILE '#ino' or unlinked
         assert os.path.dirname(link.split(" (deleted)")[0]) == os.path.realpath(swdir)
     fd = fds[0]
     st = os.fstat(fd)
@@ -1112,7 +1141,7 @@ def test_swap_file_is_not_readable_by_another_user(swdir):
 
 def test_swap_path_file_name_and_default_directory(swdir):
     target = os.path.join(swdir, "swapfile")
-    pool = make_pool(target)            # a path in a directory: that directory
+    pool = make_pool(target)  # a path in a directory: that directory
     assert len(swap_files(swdir)) == 1 and not os.path.exists(target)
     pool.close()
     del pool
@@ -1121,8 +1150,11 @@ def test_swap_path_file_name_and_default_directory(swdir):
     before = {fd for fd, _ in swap_fds(tmp)}
     p2 = uksm.Pool("4MiB", max_resident="1MiB")
     new = [(fd, link) for fd, link in swap_fds(tmp) if fd not in before]
-    new = [(fd, link) for fd, link in new if link.endswith("(deleted)")
-           and not link.startswith("/memfd:")]
+    new = [
+        (fd, link)
+        for fd, link in new
+        if link.endswith("(deleted)") and not link.startswith("/memfd:")
+    ]
     inodes = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd, _ in new}
     assert len(inodes) == 1, new
     assert all(os.fstat(fd).st_mode & 0o777 == 0o600 for fd, _ in new)
@@ -1130,6 +1162,7 @@ def test_swap_path_file_name_and_default_directory(swdir):
 
 
 # --------------------------------------------- 9. syscalls and swapped pages
+
 
 @pytest.mark.parametrize("cow", COWS)
 def test_syscalls_on_swapped_pages(swdir, cow):
@@ -1156,7 +1189,7 @@ def test_syscalls_on_swapped_pages(swdir, cow):
     npy = os.path.join(swdir, "out.npy")
     np.save(npy, a)
     got = np.fromfile(out, np.uint8)
-    assert np.array_equal(got[:a.nbytes], data) and np.array_equal(got[a.nbytes:], data)
+    assert np.array_equal(got[: a.nbytes], data) and np.array_equal(got[a.nbytes :], data)
     assert np.array_equal(np.load(npy), data)
     assert (states(pool, a) == SWAPPED).all(), "kernel reads brought pages in"
     assert pool.stats()["swap_ins"] == 0
@@ -1304,7 +1337,11 @@ FORK_CHILD = """
 
 @pytest.mark.parametrize("cow", COWS)
 def test_fork_child_has_its_own_swap(swdir, cow):
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(FORK_CHILD), swdir, cow],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORK_CHILD), swdir, cow],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "CHILD ok 0" in r.stdout, (r.stdout, r.stderr)
     assert r.returncode == 0 and "PARENT ok" in r.stdout, (r.returncode, r.stdout, r.stderr)

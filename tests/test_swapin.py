@@ -11,6 +11,7 @@ back, written or swapped in explicitly is counted as what it is.  Speed is a
 benchmark's business; the swapin script quoted in the swap benchmarks
 measures it.
 """
+
 import gc
 import os
 import tempfile
@@ -38,8 +39,9 @@ def swdir():
 def make_pool(directory, cow="kernel", capacity="256MiB", batch="2MiB"):
     """A pool with a locked one-page ballast (kept on it): with the budget
     squeezed to one page, the ballast takes it and every other page goes."""
-    pool = uksm.Pool(capacity, max_resident=capacity, swap_path=str(directory),
-                     swap_batch=batch, cow=cow)
+    pool = uksm.Pool(
+        capacity, max_resident=capacity, swap_path=str(directory), swap_batch=batch, cow=cow
+    )
     ballast = pool.full(PAGE, 0xB1, dtype=np.uint8)
     pool.lock(ballast)
     return pool, ballast
@@ -111,7 +113,7 @@ def test_run_read_back_stays_swapped_and_cached_then_writes_cow(swdir, cow):
     swap_out(pool, arr)
     st0 = pool.stats()
     assert st0["bytes_swap_cached"] == 0
-    assert np.array_equal(arr, src)          # the sequential read: swap-in
+    assert np.array_equal(arr, src)  # the sequential read: swap-in
     st = pool.stats()
     assert st["pages_swapped"] == st0["pages_swapped"] == n
     assert st["swap_ins"] == st0["swap_ins"]
@@ -155,7 +157,7 @@ def test_swapped_out_again_after_writes_reuses_a_run_of_slots(swdir):
     src = fill(arr, 3)
     swap_out(pool, arr)
     pool.max_resident = pool.capacity
-    arr += 1                                 # every page copied: every slot freed
+    arr += 1  # every page copied: every slot freed
     src += 1
     assert pool.stats()["swap_slots_used"] == 0
     swap_out(pool, arr)
@@ -180,7 +182,7 @@ def test_lock_swaps_a_run_in_private(swdir, cow):
     arr = pool.empty(n * PAGE, np.uint8)
     src = fill(arr, 4)
     swap_out(pool, arr)
-    assert arr[::PAGE * 4].sum() > 0         # a quarter of the slots cached
+    assert arr[:: PAGE * 4].sum() > 0  # a quarter of the slots cached
     st0 = pool.stats()
     pool.lock(arr)
     st = pool.stats()

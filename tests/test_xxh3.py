@@ -12,6 +12,7 @@ where the CPU has it, else the SSE2 one), the SSE2 loop on its own, the
 plain 64-bit loop every other architecture gets, and that one again with
 the 128-bit multiply done in 32-bit halves, for compilers without __int128.
 """
+
 import ctypes
 import os
 import random
@@ -80,8 +81,22 @@ def build(variant: str, outdir):
     if cc is None:
         pytest.skip("no C compiler found (cc, gcc, clang or $CC) to build csrc/xxh3.c")
     out = outdir / f"libxxh3-{variant}.so"
-    cmd = [cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-           *VARIANTS[variant], "-I", CSRC, os.path.join(CSRC, "xxh3.c"), "-o", str(out)]
+    cmd = [
+        cc,
+        "-O2",
+        "-std=gnu11",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-shared",
+        "-fPIC",
+        *VARIANTS[variant],
+        "-I",
+        CSRC,
+        os.path.join(CSRC, "xxh3.c"),
+        "-o",
+        str(out),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
     fn = ctypes.CDLL(str(out)).uksm_xxh3_64

@@ -24,9 +24,21 @@ from .pool import Pool
 from .swap import Group
 
 __all__ = [
-    "Pool", "PAGE_SIZE", "PageState", "parse_size", "UksmError", "PoolFullError",
-    "PoolClosedError", "ForeignArrayError", "BufferInUseError", "VirtualSpaceError",
-    "ReentrantCallError", "TooManyPoolsError", "UksmSwapWarning", "Group", "install",
+    "Pool",
+    "PAGE_SIZE",
+    "PageState",
+    "parse_size",
+    "UksmError",
+    "PoolFullError",
+    "PoolClosedError",
+    "ForeignArrayError",
+    "BufferInUseError",
+    "VirtualSpaceError",
+    "ReentrantCallError",
+    "TooManyPoolsError",
+    "UksmSwapWarning",
+    "Group",
+    "install",
     "uninstall",
 ]
 __version__ = "0.2.0"

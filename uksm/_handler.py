@@ -50,4 +50,3 @@ DEFAULT = _get()
 
 # set once a pool has made a handler: until then nobody pays for the switch
 active = False
-

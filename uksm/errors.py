@@ -58,8 +58,13 @@ class UksmSwapWarning(UserWarning):
     stay resident, nothing was lost; stats() counts them in swap_errors."""
 
 
-def error(rc: Optional[int], what: str, special: Optional[Mapping[int, Exception]] = None,
-          *, detail: str = "") -> Exception:
+def error(
+    rc: Optional[int],
+    what: str,
+    special: Optional[Mapping[int, Exception]] = None,
+    *,
+    detail: str = "",
+) -> Exception:
     """The exception for the failure @rc of @what: the core's -errno return
     (an OSError's positive errno is taken too).  @special maps an errno to
     the exception to raise instead of the OSError; @detail is appended to
@@ -72,8 +77,9 @@ def error(rc: Optional[int], what: str, special: Optional[Mapping[int, Exception
     return OSError(err, f"uksm: {what}: {os.strerror(err)}{'; ' + detail if detail else ''}")
 
 
-def check(rc: int, what: str, special: Optional[Mapping[int, Exception]] = None,
-          *, detail: str = "") -> int:
+def check(
+    rc: int, what: str, special: Optional[Mapping[int, Exception]] = None, *, detail: str = ""
+) -> int:
     """@rc itself if it is not negative, else raise error(rc, what, ...):
     wraps every call into the core that returns 0, a count or -errno."""
     if rc >= 0:

@@ -24,7 +24,7 @@ from .policy import live_pools as _live_pools
 # collector takes during another fork hook must not take its lock away
 # (its __del__ defers to the lock's release instead: see Pool.__del__).
 _fork_held: List[_Core] = []
-_fork_tid = 0       # the forking thread, as the parent knew it
+_fork_tid = 0  # the forking thread, as the parent knew it
 
 
 def _before_fork() -> None:
@@ -66,5 +66,6 @@ def _after_fork_child() -> None:
         core.leave()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                    after_in_child=_after_fork_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+)

@@ -61,8 +61,9 @@ def default_capacity() -> int:
     return max(total // PAGE_SIZE, 1 << 14) * PAGE_SIZE
 
 
-def install(pool: Optional[Pool] = None, *, threshold: Any = DEFAULT_THRESHOLD,
-            start: bool = True) -> Pool:
+def install(
+    pool: Optional[Pool] = None, *, threshold: Any = DEFAULT_THRESHOLD, start: bool = True
+) -> Pool:
     """Send every numpy array of at least @threshold bytes (default 4
     pages) made in this context from now on to @pool (default: a new pool
     spanning the machine's memory, its scanner started).  Returns the pool.
@@ -102,7 +103,8 @@ def threads_inherit(on: bool = True) -> None:
     it allocates with the handler its starter had.  `python -m uksm run`
     turns this on (--no-thread-inherit: off)."""
     threading.Thread.start = (  # type: ignore[method-assign]
-        _start_in_copied_context if on else _thread_start)
+        _start_in_copied_context if on else _thread_start
+    )
 
 
 def current_pool_address() -> Optional[int]:
@@ -113,10 +115,10 @@ def current_pool_address() -> Optional[int]:
 
 def handler_name() -> str:
     import numpy as np
+
     try:
         from numpy._core.multiarray import get_handler_name
-    except ImportError:     # numpy 1.x
+    except ImportError:  # numpy 1.x
         from numpy.core.multiarray import get_handler_name  # type: ignore[no-redef]
     # None only for an array that does not own its data
     return str(get_handler_name(np.empty(0)))
-

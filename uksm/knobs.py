@@ -27,9 +27,11 @@ import numpy as np
 # read memory sizes: a user writing "1GB" for a memory limit means 1 GiB far
 # more often than 10**9 bytes, and one reading keeps "1G" and "1GB" equal.
 _UNIT_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*",
-                      re.IGNORECASE)
+_SIZE_RE = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgtpe])(?:i?b)?|b)?\s*", re.IGNORECASE
+)
 _SIZE_EXAMPLES = "e.g. 4096, '512k', '64MiB', '1.5GiB' or '2 TB'"
+
 
 class Knobs(TypedDict):
     """A pool's knobs, checked: what Pool keeps and the scanner reads (the
@@ -65,30 +67,34 @@ def parse_size(value: Any, what: str = "size") -> int:
     ("1.5k" is 1536, "0.1k" is 103).  The result must be positive.
     """
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
-                        f"not bool {value!r}")
+        raise TypeError(
+            f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), not bool {value!r}"
+        )
     if isinstance(value, (int, np.integer)):
         size = int(value)
     elif isinstance(value, str):
         m = _SIZE_RE.fullmatch(value)
         if not m:
-            raise ValueError(f"{what}: cannot parse {value!r} as a size: give a positive "
-                             f"number of bytes and an optional unit B, K, M, G, T, P or E "
-                             f"(KB and KiB alike are 1024), {_SIZE_EXAMPLES}")
+            raise ValueError(
+                f"{what}: cannot parse {value!r} as a size: give a positive "
+                f"number of bytes and an optional unit B, K, M, G, T, P or E "
+                f"(KB and KiB alike are 1024), {_SIZE_EXAMPLES}"
+            )
         shift = _UNIT_SHIFT[(m.group(2) or "").lower()]
         # exact arithmetic: float would round "1.1E" to a few hundred bytes off
         size = math.ceil(fractions.Fraction(m.group(1)) * (1 << shift))
     else:
-        raise TypeError(f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
-                        f"not {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{what} must be an int or a size string ({_SIZE_EXAMPLES}), "
+            f"not {type(value).__name__} {value!r}"
+        )
     if size <= 0:
         raise ValueError(f"{what} must be a positive number of bytes, got {value!r}")
     return size
 
 
 def _int_knob(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
-    allowed = (f"an int in [{minimum}, {maximum}]" if maximum is not None
-               else f"an int >= {minimum}")
+    allowed = f"an int in [{minimum}, {maximum}]" if maximum is not None else f"an int >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         # floats too, NaN and infinity among them: a page count is whole
         raise TypeError(f"{name} must be {allowed}, not {type(value).__name__} {value!r}")

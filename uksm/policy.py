@@ -49,19 +49,29 @@ live_pools: "weakref.WeakSet[LivePool]" = weakref.WeakSet()
 class _Buffer:
     """One allocation: a run of virtual pages (no per-page objects)."""
 
-    __slots__ = ("vpn", "npages", "nbytes", "mergeable", "released", "collected",
-                 "va_freed", "pins", "handler", "__weakref__")
+    __slots__ = (
+        "vpn",
+        "npages",
+        "nbytes",
+        "mergeable",
+        "released",
+        "collected",
+        "va_freed",
+        "pins",
+        "handler",
+        "__weakref__",
+    )
 
     def __init__(self, vpn: int, npages: int, nbytes: int) -> None:
         self.vpn = vpn
         self.npages = npages
         self.nbytes = nbytes
-        self.mergeable = True       # MADV_MERGEABLE (wanted, once unpinned)
-        self.released = False      # its frames and pages given back
-        self.collected = False     # no array reaches it any more
+        self.mergeable = True  # MADV_MERGEABLE (wanted, once unpinned)
+        self.released = False  # its frames and pages given back
+        self.collected = False  # no array reaches it any more
         self.va_freed = False
         self.pins = 0
-        self.handler = False        # made by the NEP 49 handler: numpy frees it
+        self.handler = False  # made by the NEP 49 handler: numpy frees it
 
 
 _lock = _core.lib.uksm_plock_lock
@@ -89,8 +99,12 @@ class _Section:
         self.nested = self.core.enter(self.what)
         return self.nested
 
-    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         if not self.nested:
             try:
                 if exc is not None:
@@ -110,8 +124,12 @@ class _TrySection:
         self.got = self.core.try_enter()
         return self.got
 
-    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         if not self.got:
             return
         try:
@@ -140,8 +158,20 @@ class _Core:
     next holder drains in reap().  Waiting for a lock another thread holds
     is safe: that thread never needs this one to finish its section."""
 
-    __slots__ = ("native", "scanner", "buffers", "pending", "failed", "adds", "word",
-                 "on_exit", "closed", "recheck", "saved_handler", "__weakref__")
+    __slots__ = (
+        "native",
+        "scanner",
+        "buffers",
+        "pending",
+        "failed",
+        "adds",
+        "word",
+        "on_exit",
+        "closed",
+        "recheck",
+        "saved_handler",
+        "__weakref__",
+    )
 
     def __init__(self, native: "_core.NativePool", scanner: Scanner) -> None:
         self.native = native
@@ -154,8 +184,8 @@ class _Core:
         # run once, right after the lock is next given back
         self.on_exit: Optional[Callable[[], None]] = None
         self.closed = False
-        self.recheck = False    # a handler capsule went: reap once more at leave()
-        self.saved_handler: object = None   # the section's caller's numpy handler
+        self.recheck = False  # a handler capsule went: reap once more at leave()
+        self.saved_handler: object = None  # the section's caller's numpy handler
 
     # -- the policy lock ------------------------------------------------------------
 
@@ -196,13 +226,21 @@ class _Core:
                     f"uksm: {what} was called from a finalizer or signal handler that "
                     f"interrupted this thread inside the same pool; only allocation, "
                     f"free(), stats() and close() are served there (the others would "
-                    f"wait for the interrupted call)")
+                    f"wait for the interrupted call)"
+                )
             return True
-        raise _core.error(r, "the pool's lock", {errno.EDEADLK: UksmError(
-                            "uksm: waiting for this pool's lock would deadlock: another "
-                            "thread holds it and waits for a pool whose section this "
-                            "thread is in (a finalizer or signal handler calling one pool "
-                            "from inside another's)")})
+        raise _core.error(
+            r,
+            "the pool's lock",
+            {
+                errno.EDEADLK: UksmError(
+                    "uksm: waiting for this pool's lock would deadlock: another "
+                    "thread holds it and waits for a pool whose section this "
+                    "thread is in (a finalizer or signal handler calling one pool "
+                    "from inside another's)"
+                )
+            },
+        )
 
     def try_enter(self) -> bool:
         """Take the policy lock if nobody holds it (not nested either)."""
@@ -246,21 +284,23 @@ class _Core:
         left for its holder: a close deferred by a finalizer, the reaping of
         a closed pool."""
         self._unlock()
-        while self.on_exit is not None or self.recheck or \
-                (self.closed and (self.pending or self.adds or self.events_queued())):
+        while (
+            self.on_exit is not None
+            or self.recheck
+            or (self.closed and (self.pending or self.adds or self.events_queued()))
+        ):
             hook, self.on_exit = self.on_exit, None
             if hook is not None:
                 hook()
                 continue
             with _TrySection(self, hooks=False) as got:
                 if not got:
-                    return      # its holder reaps when it leaves
+                    return  # its holder reaps when it leaves
                 self.reap()
 
     def events_queued(self) -> bool:
         native = self.native
-        return (not native.closed and native.events_enabled
-                and native.events_stats()["queued"] > 0)
+        return not native.closed and native.events_enabled and native.events_stats()["queued"] > 0
 
     def owned(self) -> bool:
         return bool(_owned(self.word))
@@ -273,8 +313,13 @@ class _Core:
         argument) cost nothing."""
         if not self.scanner.dirty or self.native.closed:
             return
-        self.scanner.recover([(r.vpn, r.npages) for r in list(self.buffers.values())
-                              if r.mergeable and not r.pins and not r.released])
+        self.scanner.recover(
+            [
+                (r.vpn, r.npages)
+                for r in list(self.buffers.values())
+                if r.mergeable and not r.pins and not r.released
+            ]
+        )
 
     def served(self) -> "_Section":
         """The policy lock for a call that is served nested too: `with`
@@ -328,9 +373,13 @@ class _Core:
                 self.native.va_free(rec.vpn, rec.npages)
             self.pending.popleft()
         if freed and not self.native.closed:
-            self.native.swap_trim()     # freed buffers' slots: disk back now
-        if self.closed and not self.buffers and not self.native.closed and \
-                (not self.native.events_enabled or self.native.events_idle()):
+            self.native.swap_trim()  # freed buffers' slots: disk back now
+        if (
+            self.closed
+            and not self.buffers
+            and not self.native.closed
+            and (not self.native.events_enabled or self.native.events_idle())
+        ):
             self.native.destroy()
 
     def drain_events(self) -> None:
@@ -353,7 +402,7 @@ class _Core:
                     continue
                 rec = self.buffers.get(vpn)
                 if rec is None or not rec.handler:
-                    continue    # cannot happen: the range stayed reserved
+                    continue  # cannot happen: the range stayed reserved
                 if kind == _core.EV_FREE:
                     rec.released = bool(released)
                     self.on_release(rec, collected=True)
@@ -369,7 +418,7 @@ class _Core:
                         if not released:
                             native.release(tail, ntail)
                     except OSError:
-                        pass    # left mapped and reserved: the buffer's end
+                        pass  # left mapped and reserved: the buffer's end
                     else:
                         native.va_free(tail, ntail)
                     rec.npages = npages

@@ -80,7 +80,7 @@ def _ksmd_nice() -> None:
         nice = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(nice + KSMD_NICE, 19))
     except (AttributeError, OSError):
-        pass        # not Linux's per-thread nice: the scanner runs as it is
+        pass  # not Linux's per-thread nice: the scanner runs as it is
 
 
 def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
@@ -90,7 +90,7 @@ def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
     because of this thread."""
     _core.lib.uksm_block_async_signals()
     _ksmd_nice()
-    rest: Optional[Tuple[float, float]] = None    # (slept, the pause asked for)
+    rest: Optional[Tuple[float, float]] = None  # (slept, the pause asked for)
     while not stop.is_set():
         pool = ref()
         if pool is None:
@@ -100,14 +100,14 @@ def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
         except PoolClosedError:
             return
         finally:
-            del pool    # the last reference may go here: the pool closes
+            del pool  # the last reference may go here: the pool closes
         if pause is None:
             return
         t = time.monotonic()
         if pause:
             stop.wait(pause)
         else:
-            time.sleep(0)   # let the other threads have the GIL
+            time.sleep(0)  # let the other threads have the GIL
         rest = (time.monotonic() - t, pause)
 
 
@@ -174,37 +174,69 @@ class Pool:
 
     # A typo such as pool.pages_to_scn = 5 must fail, not make an attribute
     # the pool never reads.  '__weakref__': pools are kept in a WeakSet.
-    __slots__ = ("_closed", "capacity", "page_size", "_cow", "_native", "_max_resident",
-                 "_groups", "_swap_errors_seen", "_knobs", "_scanner", "_c", "_buffers",
-                 "_stop_event", "_thread", "_compactions",
-                 "_compact_gave_nothing_at", "_frames_migrated", "_pid", "_settle_bytes",
-                 "_unsettled", "_saved_peak", "__weakref__")
+    __slots__ = (
+        "_closed",
+        "capacity",
+        "page_size",
+        "_cow",
+        "_native",
+        "_max_resident",
+        "_groups",
+        "_swap_errors_seen",
+        "_knobs",
+        "_scanner",
+        "_c",
+        "_buffers",
+        "_stop_event",
+        "_thread",
+        "_compactions",
+        "_compact_gave_nothing_at",
+        "_frames_migrated",
+        "_pid",
+        "_settle_bytes",
+        "_unsettled",
+        "_saved_peak",
+        "__weakref__",
+    )
 
-    def __init__(self, capacity: Any = "1GiB", *, pages_to_scan: int = 1000,
-                 sleep_millisecs: int = 20, max_page_sharing: int = 256,
-                 use_zero_pages: bool = True, smart_scan: bool = True,
-                 checksum: str = "xxhash", advisor_mode: str = "none",
-                 advisor_target_scan_time: float = 200.0,
-                 advisor_min_pages_to_scan: int = 500,
-                 advisor_max_pages_to_scan: int = 30000,
-                 advisor_max_cpu: int = 70,
-                 cow: str = "kernel", virtual_size: Any = None, cow_reserve: Any = None,
-                 compact_threshold: float = 2.0, max_resident: Any = None,
-                 swap_path: Optional[str] = None, swap_batch: Any = "2MiB",
-                 map_count_reserve: Optional[int] = None) -> None:
-        self._closed = True     # until fully built, for __del__/close
+    def __init__(
+        self,
+        capacity: Any = "1GiB",
+        *,
+        pages_to_scan: int = 1000,
+        sleep_millisecs: int = 20,
+        max_page_sharing: int = 256,
+        use_zero_pages: bool = True,
+        smart_scan: bool = True,
+        checksum: str = "xxhash",
+        advisor_mode: str = "none",
+        advisor_target_scan_time: float = 200.0,
+        advisor_min_pages_to_scan: int = 500,
+        advisor_max_pages_to_scan: int = 30000,
+        advisor_max_cpu: int = 70,
+        cow: str = "kernel",
+        virtual_size: Any = None,
+        cow_reserve: Any = None,
+        compact_threshold: float = 2.0,
+        max_resident: Any = None,
+        swap_path: Optional[str] = None,
+        swap_batch: Any = "2MiB",
+        map_count_reserve: Optional[int] = None,
+    ) -> None:
+        self._closed = True  # until fully built, for __del__/close
         cap = parse_size(capacity, "capacity")
         if cap % PAGE_SIZE:
-            raise ValueError(f"capacity must be a multiple of the page size "
-                             f"({PAGE_SIZE}), got {cap}")
+            raise ValueError(
+                f"capacity must be a multiple of the page size ({PAGE_SIZE}), got {cap}"
+            )
         if not isinstance(checksum, str):
             raise TypeError(f"checksum must be a str, not {type(checksum).__name__}")
         if checksum not in _core.CHECKSUMS:
-            raise ValueError(f"unknown checksum {checksum!r}: choose one of "
-                             f"{sorted(_core.CHECKSUMS)}")
+            raise ValueError(
+                f"unknown checksum {checksum!r}: choose one of {sorted(_core.CHECKSUMS)}"
+            )
         if advisor_mode not in ("none", "scan-time"):
-            raise ValueError(f"unknown advisor_mode {advisor_mode!r}: "
-                             "'none' or 'scan-time'")
+            raise ValueError(f"unknown advisor_mode {advisor_mode!r}: 'none' or 'scan-time'")
         knobs: Knobs = {
             "pages_to_scan": _uint_knob("pages_to_scan", pages_to_scan, 1),
             "sleep_millisecs": _uint_knob("sleep_millisecs", sleep_millisecs, 0),
@@ -213,17 +245,18 @@ class Pool:
             "smart_scan": _bool_knob("smart_scan", smart_scan),
             "checksum": checksum,
             "advisor_mode": advisor_mode,
-            "advisor_target_scan_time": _scan_time_knob("advisor_target_scan_time",
-                                                        advisor_target_scan_time),
-            "advisor_min_pages_to_scan": _uint_knob("advisor_min_pages_to_scan",
-                                                    advisor_min_pages_to_scan, 1),
-            "advisor_max_pages_to_scan": _uint_knob("advisor_max_pages_to_scan",
-                                                    advisor_max_pages_to_scan, 1),
+            "advisor_target_scan_time": _scan_time_knob(
+                "advisor_target_scan_time", advisor_target_scan_time
+            ),
+            "advisor_min_pages_to_scan": _uint_knob(
+                "advisor_min_pages_to_scan", advisor_min_pages_to_scan, 1
+            ),
+            "advisor_max_pages_to_scan": _uint_knob(
+                "advisor_max_pages_to_scan", advisor_max_pages_to_scan, 1
+            ),
             "advisor_max_cpu": _cpu_knob("advisor_max_cpu", advisor_max_cpu),
-            "compact_threshold": _compact_threshold_knob("compact_threshold",
-                                                         compact_threshold),
-            "map_count_reserve": _map_count_reserve_knob("map_count_reserve",
-                                                         map_count_reserve),
+            "compact_threshold": _compact_threshold_knob("compact_threshold", compact_threshold),
+            "map_count_reserve": _map_count_reserve_knob("map_count_reserve", map_count_reserve),
         }
         if not isinstance(cow, str) or cow not in _core.COW_MODES:
             raise ValueError(f"unknown cow mode {cow!r}: 'kernel' or 'signal'")
@@ -231,8 +264,9 @@ class Pool:
         va = parse_size(virtual_size, "virtual_size") if virtual_size is not None else 2 * cap
         va_pages = -(-va // PAGE_SIZE)
         if va_pages < frames:
-            raise ValueError(f"virtual_size must be at least capacity ({cap} bytes), "
-                             f"got {virtual_size!r}")
+            raise ValueError(
+                f"virtual_size must be at least capacity ({cap} bytes), got {virtual_size!r}"
+            )
         if cow_reserve is not None:
             parse_size(cow_reserve, "cow_reserve")
 
@@ -244,8 +278,10 @@ class Pool:
             resident = self._resident_frames(max_resident, cap)
         elif swap_path is not None:
             # the pool would swap nothing and the path would be ignored
-            raise ValueError(f"swap_path={swap_path!r} needs max_resident=: without a "
-                             f"resident budget the pool has no swap file")
+            raise ValueError(
+                f"swap_path={swap_path!r} needs max_resident=: without a "
+                f"resident budget the pool has no swap file"
+            )
         self.capacity = cap
         self.page_size = PAGE_SIZE
         self._cow = cow
@@ -295,6 +331,7 @@ class Pool:
 
         def set_(self: Pool, value: Any) -> None:
             cast(Dict[str, Any], self._knobs)[name] = check(name, value)
+
         return property(get, set_, doc=f"The {name} knob (as in /sys/kernel/mm/ksm).")
 
     pages_to_scan = _knob_property("pages_to_scan", lambda n, v: _uint_knob(n, v, 1))
@@ -312,8 +349,10 @@ class Pool:
         nbytes = parse_size(value, "max_resident")
         if nbytes > capacity:
             # more than the pool can ever hold would never swap anything
-            raise ValueError(f"max_resident must be between 1 byte and capacity "
-                             f"({capacity} bytes), got {value!r} ({nbytes} bytes)")
+            raise ValueError(
+                f"max_resident must be between 1 byte and capacity "
+                f"({capacity} bytes), got {value!r} ({nbytes} bytes)"
+            )
         return -(-nbytes // PAGE_SIZE)
 
     @property
@@ -356,10 +395,14 @@ class Pool:
         n = self._native.stats()["swap_errors"]
         if n > self._swap_errors_seen:
             self._swap_errors_seen = n
-            warnings.warn(UksmSwapWarning(
-                f"uksm: swap writes failed ({n} so far; errno "
-                f"{self._native.stats()['last_swap_errno']}): eviction stopped, "
-                f"pages stay resident, nothing lost"), stacklevel=3)
+            warnings.warn(
+                UksmSwapWarning(
+                    f"uksm: swap writes failed ({n} so far; errno "
+                    f"{self._native.stats()['last_swap_errno']}): eviction stopped, "
+                    f"pages stay resident, nothing lost"
+                ),
+                stacklevel=3,
+            )
 
     def group(self, name: str, max_resident: Any = None) -> Group:
         """A group of buffers with its own resident limit (memcg): it has
@@ -447,10 +490,10 @@ class Pool:
             self._closed = True
             core.closed = True
             if nested:
-                core.on_exit = self._close     # finished when the section is left
+                core.on_exit = self._close  # finished when the section is left
             else:
                 if self._native.events_enabled and not self._native.closed:
-                    self._native.events_close()     # the handler's requests go elsewhere
+                    self._native.events_close()  # the handler's requests go elsewhere
                 core.reap()
 
     def __del__(self) -> None:
@@ -467,8 +510,7 @@ class Pool:
 
     # -- allocation ---------------------------------------------------------------
 
-    def _new_array(self, shape: Any, dtype: npt.DTypeLike,
-                   group: int = 0) -> npt.NDArray[Any]:
+    def _new_array(self, shape: Any, dtype: npt.DTypeLike, group: int = 0) -> npt.NDArray[Any]:
         self._check_open()
         dtype = np.dtype(dtype)
         if dtype.hasobject:
@@ -481,21 +523,22 @@ class Pool:
             try:
                 shape = tuple(operator.index(d) for d in shape)
             except TypeError:
-                raise TypeError(f"shape must be an int or a tuple of ints, "
-                                f"not {shape!r}") from None
+                raise TypeError(f"shape must be an int or a tuple of ints, not {shape!r}") from None
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimensions are not allowed: {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > sys.maxsize:
-            raise MemoryError(f"uksm: an array of shape {shape} and dtype {dtype} would "
-                              f"take {nbytes} bytes, more than any address space holds")
+            raise MemoryError(
+                f"uksm: an array of shape {shape} and dtype {dtype} would "
+                f"take {nbytes} bytes, more than any address space holds"
+            )
         npages = max(1, -(-nbytes // PAGE_SIZE))
         core = self._c
         # Served nested too (a finalizer or handler allocating inside this
         # thread's own section): the C core has its own lock, and the
         # scanner learns of the buffer at the next reap().
         with core.served() as nested:
-            if self._closed:        # again: close() may have won the race
+            if self._closed:  # again: close() may have won the race
                 raise PoolClosedError("uksm pool is closed")
             if not nested:
                 self._reap()
@@ -511,18 +554,19 @@ class Pool:
 
             def release(_cdata: object, rec: _Buffer = rec) -> None:
                 core.on_release(rec, True)
+
             buf = self._native.buffer(vpn, max(nbytes, 1), release)
         if self._max_resident is not None:
             if group:
                 self._reclaim(group)
-            self._note_swap_errors()    # the allocation's own reclaim may have failed
+            self._note_swap_errors()  # the allocation's own reclaim may have failed
         # (numpy's stubs list no cffi buffer, though it exports the buffer protocol)
         arr: npt.NDArray[Any] = np.ndarray(shape, dtype=dtype, buffer=cast(Any, buf))
         return arr
 
     def _reap(self) -> None:
         self._c.reap()
-        _core.fork_poll()       # frames a child held go back once it is gone
+        _core.fork_poll()  # frames a child held go back once it is gone
 
     def empty(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """A new array from the pool.  Its pages are fresh anonymous memory,
@@ -534,8 +578,9 @@ class Pool:
         """A new array of zeroes (fresh pages are zero: nothing is written)."""
         return self._new_array(shape, dtype)
 
-    def full(self, shape: Any, fill_value: Any,
-             dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
+    def full(
+        self, shape: Any, fill_value: Any, dtype: Optional[npt.DTypeLike] = None
+    ) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
         arr = self._new_array(shape, dtype)
@@ -569,8 +614,7 @@ class Pool:
 
     def _record(self, arr: Any) -> _Buffer:
         if not isinstance(arr, np.ndarray):
-            raise TypeError(f"expected a numpy.ndarray from this pool, not "
-                            f"{type(arr).__name__}")
+            raise TypeError(f"expected a numpy.ndarray from this pool, not {type(arr).__name__}")
         va = self._native.va
         # A view of an array numpy made under the handler stands for its
         # base, whose data pointer is the buffer's start (numpy has no other
@@ -583,8 +627,12 @@ class Pool:
             addr = base.__array_interface__["data"][0]
             vpn = (addr - va) // PAGE_SIZE
             rec = self._buffers.get(vpn) if va <= addr else None
-            if rec is not None and rec.handler and not rec.released \
-                    and addr == va + vpn * PAGE_SIZE:
+            if (
+                rec is not None
+                and rec.handler
+                and not rec.released
+                and addr == va + vpn * PAGE_SIZE
+            ):
                 return rec
         addr = arr.__array_interface__["data"][0]
         if not (va <= addr < va + self._native.va_pages * PAGE_SIZE):
@@ -592,9 +640,11 @@ class Pool:
         vpn = (addr - va) // PAGE_SIZE
         rec = self._buffers.get(vpn)
         if rec is None or rec.released or addr != va + vpn * PAGE_SIZE:
-            raise ForeignArrayError("array is not a live buffer of this pool "
-                                    "(pass the array the pool returned, not a view "
-                                    "into the middle of it)")
+            raise ForeignArrayError(
+                "array is not a live buffer of this pool "
+                "(pass the array the pool returned, not a view "
+                "into the middle of it)"
+            )
         return rec
 
     def free(self, arr: npt.NDArray[Any]) -> None:
@@ -611,9 +661,11 @@ class Pool:
         self._check_open()
         rec = self._record(arr)
         if rec.handler:
-            raise ForeignArrayError("this array was made by numpy under the pool's "
-                                    "handler (install()/allocating()): numpy frees it "
-                                    "when its last reference goes")
+            raise ForeignArrayError(
+                "this array was made by numpy under the pool's "
+                "handler (install()/allocating()): numpy frees it "
+                "when its last reference goes"
+            )
         # A view of arr (slice, reshape, memoryview, frombuffer) holds a
         # reference to arr itself.  Expected references: the caller's, this
         # frame's argument, getrefcount's own; more may be a view, and
@@ -624,9 +676,11 @@ class Pool:
         extra = max(sys.getrefcount(arr) - 3, sys.getrefcount(base) - 3)
         del base
         if extra > 0:
-            del arr     # the traceback must not hold one more reference
-            raise BufferInUseError(f"cannot free: {extra} other reference(s) to this "
-                                   "buffer (views of it, or other names) are alive")
+            del arr  # the traceback must not hold one more reference
+            raise BufferInUseError(
+                f"cannot free: {extra} other reference(s) to this "
+                "buffer (views of it, or other names) are alive"
+            )
         core = self._c
         core.on_release(rec, collected=False)
         core.reap_if_free()
@@ -746,10 +800,11 @@ class Pool:
             return False
         c = self._native.stats()
         if c["frames_used"] == self._compact_gave_nothing_at:
-            return False        # the last try could not cut the store: nothing new
+            return False  # the last try could not cut the store: nothing new
         slack = c["frames_file"] - c["frames_used"]
-        return (c["frames_file"] > ratio * max(c["frames_used"], 1)
-                and slack * PAGE_SIZE >= (16 << 20))
+        return c["frames_file"] > ratio * max(c["frames_used"], 1) and slack * PAGE_SIZE >= (
+            16 << 20
+        )
 
     def compact(self) -> Dict[str, Any]:
         """Move frames so the memfd shrinks to the live data and each buffer's
@@ -776,17 +831,27 @@ class Pool:
         self._check_open()
         n = parse_size(nbytes, "shrink size")
         if n % PAGE_SIZE:
-            raise ValueError(f"shrink size must be a multiple of the page size "
-                             f"({PAGE_SIZE}), got {n}")
+            raise ValueError(
+                f"shrink size must be a multiple of the page size ({PAGE_SIZE}), got {n}"
+            )
         with self._c.section("pool.shrink()"):
             self._check_open()
             result, err = self._compact_locked(n // PAGE_SIZE)
-            _core.check(err, "shrink", {
-                errno.ENOSPC: PoolFullError(f"uksm: cannot shrink by {n} bytes: the live data "
-                                            f"would not fit in what remains"),
-                errno.EBUSY: UksmError("uksm: cannot shrink: a frame in the range cannot move "
-                                       "(a forked child may still map it, or a remap failed: "
-                                       "vm.max_map_count?); nothing was removed")})
+            _core.check(
+                err,
+                "shrink",
+                {
+                    errno.ENOSPC: PoolFullError(
+                        f"uksm: cannot shrink by {n} bytes: the live data "
+                        f"would not fit in what remains"
+                    ),
+                    errno.EBUSY: UksmError(
+                        "uksm: cannot shrink: a frame in the range cannot move "
+                        "(a forked child may still map it, or a remap failed: "
+                        "vm.max_map_count?); nothing was removed"
+                    ),
+                },
+            )
         return result
 
     # -- the scanner ------------------------------------------------------------------
@@ -815,8 +880,9 @@ class Pool:
         # The thread holds the pool weakly, and strongly only for a batch:
         # a started pool that its program drops is collected (and closed)
         # like any other, instead of living on with its thread and memfd.
-        self._thread = threading.Thread(target=_ksmd, args=(weakref.ref(self), self._stop_event),
-                                        name="uksm-ksmd", daemon=True)
+        self._thread = threading.Thread(
+            target=_ksmd, args=(weakref.ref(self), self._stop_event), name="uksm-ksmd", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -845,8 +911,12 @@ class Pool:
             if self._closed:
                 return None
             if rest is not None:
-                self._scanner.note_rest(rest[0], rest[1] * 1000.0 / self._knobs["sleep_millisecs"]
-                                        if self._knobs["sleep_millisecs"] else 1.0)
+                self._scanner.note_rest(
+                    rest[0],
+                    rest[1] * 1000.0 / self._knobs["sleep_millisecs"]
+                    if self._knobs["sleep_millisecs"]
+                    else 1.0,
+                )
             self._reap()
             scans = self._scanner.full_scans
             self._scanner.scan_batch(self._knobs["pages_to_scan"])
@@ -856,9 +926,10 @@ class Pool:
                 # a store the cut cannot reach (pages the kernel copied
                 # live above it) is not tried again until frames change
                 self._compact_gave_nothing_at = (
-                    -1 if result["size_released"] else self._native.stats()["frames_used"])
+                    -1 if result["size_released"] else self._native.stats()["frames_used"]
+                )
         if self._max_resident is not None:
-            self._reclaim()     # kswapd: back under the budget
+            self._reclaim()  # kswapd: back under the budget
             self._native.swap_trim(256)
         if not _core.handler_installed():
             _core.install_handler()
@@ -883,8 +954,7 @@ class Pool:
         """A new handler capsule on this pool: arrays of at least @threshold
         bytes from the pool, smaller ones from the handler current now."""
         self._check_open()
-        t = _handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold,
-                                                                             "threshold")
+        t = _handler.DEFAULT_THRESHOLD if threshold is None else parse_size(threshold, "threshold")
         # under the lock, open: a close() racing in could otherwise find the
         # pool idle and destroy it under the new capsule
         with self._c.served():
@@ -956,8 +1026,12 @@ class Pool:
             tracked = max(sc.rmap_items - c["zero_pages"], 0)
             mapped = c["pages_mapped"]
             st = os.fstat(self._native.fd)
-            meta_total = (meta + mapped * _core.PTE_BYTES + c["frames_used"] * _core.FRAME_BYTES
-                          + c["frames_used"] * sc.node1_of_pfn.itemsize)
+            meta_total = (
+                meta
+                + mapped * _core.PTE_BYTES
+                + c["frames_used"] * _core.FRAME_BYTES
+                + c["frames_used"] * sc.node1_of_pfn.itemsize
+            )
             pages_shared = c["ksm_frames"]
             pages_sharing = c["ksm_mappings"] - c["ksm_frames"]
             unshared = sc.pages_unshared
@@ -985,10 +1059,17 @@ class Pool:
                 # the pool's part of psutil's memory_full_info() figures
                 "rss_bytes": (private + mem["views_present"] + mem["swap_views_present"])
                 * PAGE_SIZE,
-                "uss_bytes": (private - mem["private_shared"] + mem["frames_single"]
-                              + mem["slots_single"]) * PAGE_SIZE,
-                "pss_bytes": (private - mem["private_shared"] // 2 + mem["frames_present"]
-                              + mem["slots_present"]) * PAGE_SIZE,
+                "uss_bytes": (
+                    private - mem["private_shared"] + mem["frames_single"] + mem["slots_single"]
+                )
+                * PAGE_SIZE,
+                "pss_bytes": (
+                    private
+                    - mem["private_shared"] // 2
+                    + mem["frames_present"]
+                    + mem["slots_present"]
+                )
+                * PAGE_SIZE,
                 "bytes_mapped": mapped * PAGE_SIZE,
                 "memfd_bytes": st.st_blocks * 512,
                 "memfd_size": st.st_size,
@@ -1037,8 +1118,7 @@ class Pool:
                 "pages_unmerged_map_limit": sc.unmerged_map_limit(),
                 "bytes_saved": self._note_saved(c),
                 "bytes_saved_peak": self._saved_peak,
-                "handler": (self._native.events_stats() if self._native.events_enabled
-                            else None),
+                "handler": (self._native.events_stats() if self._native.events_enabled else None),
             }
         return out
 
@@ -1049,7 +1129,7 @@ class Pool:
         self._check_open()
         with self._c.served() as nested:
             if not nested:
-                self._c.drain_events()     # the handler's newest buffers
+                self._c.drain_events()  # the handler's newest buffers
             rec = self._record(arr)
             self._native.reconcile(rec.vpn, rec.npages)
             state, _, mapcount = self._native.pages_info(rec.vpn, rec.npages)
@@ -1067,9 +1147,9 @@ class Pool:
             "handler": rec.handler,
         }
 
-    def page_states(self, arr: npt.NDArray[Any]) -> Tuple[npt.NDArray[np.uint8],
-                                                          npt.NDArray[np.uint32],
-                                                          npt.NDArray[np.uint32]]:
+    def page_states(
+        self, arr: npt.NDArray[Any]
+    ) -> Tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
         """(state, pfn, mapcount) arrays for each page of @arr: the page table,
         for tests and tools.  States (uksm.PageState): 1 private, 2 KSM (pfn:
         its frame), 3 zero page, 4 swapped (pfn: its slot).  The kernel's
@@ -1085,4 +1165,3 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self.running else "idle")
         return f"<uksm.Pool capacity={self.capacity} buffers={len(self._buffers)} {state}>"
-

@@ -26,9 +26,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # option name -> (Pool keyword or None, type); env var is UKSM_<NAME>
 _KNOBS = {
-    "capacity": str, "virtual-size": str, "pages-to-scan": int, "sleep-millisecs": int,
-    "max-page-sharing": int, "use-zero-pages": int, "smart-scan": int, "checksum": str,
-    "advisor-mode": str, "cow": str, "max-resident": str, "threshold": str,
+    "capacity": str,
+    "virtual-size": str,
+    "pages-to-scan": int,
+    "sleep-millisecs": int,
+    "max-page-sharing": int,
+    "use-zero-pages": int,
+    "smart-scan": int,
+    "checksum": str,
+    "advisor-mode": str,
+    "cow": str,
+    "max-resident": str,
+    "threshold": str,
 }
 _VALUED = {"--" + k for k in _KNOBS} | {"--json"}
 
@@ -42,7 +51,7 @@ def _split(argv: List[str]) -> Tuple[List[str], Optional[str], Optional[str], Li
         if a == "-m":
             if i + 1 >= len(argv):
                 raise SystemExit("python -m uksm run: -m needs a module name")
-            return own, argv[i + 1], None, argv[i + 2:]
+            return own, argv[i + 1], None, argv[i + 2 :]
         if a == "--":
             i += 1
             break
@@ -57,23 +66,29 @@ def _split(argv: List[str]) -> Tuple[List[str], Optional[str], Optional[str], Li
             continue
         break
     if i >= len(argv):
-        raise SystemExit("usage: python -m uksm run [options] script.py args... "
-                         "| -m module args...")
-    return own, None, argv[i], argv[i + 1:]
+        raise SystemExit(
+            "usage: python -m uksm run [options] script.py args... | -m module args..."
+        )
+    return own, None, argv[i], argv[i + 1 :]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m uksm run",
-                                description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m uksm run", description=__doc__.split("\n\n")[1] if __doc__ else None
+    )
     for name, typ in _KNOBS.items():
         env = "UKSM_" + name.upper().replace("-", "_")
-        p.add_argument("--" + name, type=typ, default=None,
-                       help=f"Pool's {name.replace('-', '_')} (env {env})")
+        p.add_argument(
+            "--" + name, type=typ, default=None, help=f"Pool's {name.replace('-', '_')} (env {env})"
+        )
     p.add_argument("--quiet", action="store_true", help="no summary line")
-    p.add_argument("--no-thread-inherit", action="store_true",
-                   help="threads start with numpy's default handler, as Python makes "
-                        "them (by default a thread inherits its starter's context, as "
-                        "with Python 3.14's -X thread_inherit_context=1)")
+    p.add_argument(
+        "--no-thread-inherit",
+        action="store_true",
+        help="threads start with numpy's default handler, as Python makes "
+        "them (by default a thread inherits its starter's context, as "
+        "with Python 3.14's -X thread_inherit_context=1)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the final stats() as JSON")
     return p
 
@@ -86,8 +101,10 @@ def _strip_runner(tb: Optional[TracebackType]) -> Optional[TracebackType]:
     """The program's traceback, as python would print it: without the
     frames of this runner and runpy."""
     here = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
-    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")
-                              or os.path.abspath(tb.tb_frame.f_code.co_filename) in here):
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")
+        or os.path.abspath(tb.tb_frame.f_code.co_filename) in here
+    ):
         tb = tb.tb_next
     return tb
 
@@ -98,6 +115,7 @@ def main(argv: Sequence[str]) -> int:
     from . import handler
     from .knobs import parse_size
     from .pool import Pool
+
     kw: Dict[str, Any] = {}
     for name, typ in _KNOBS.items():
         attr = name.replace("-", "_")
@@ -113,8 +131,9 @@ def main(argv: Sequence[str]) -> int:
         if flag in kw:
             kw[flag] = bool(kw[flag])
     capacity = kw.pop("capacity", None)
-    pool = Pool(parse_size(capacity, "--capacity") if capacity else handler.default_capacity(),
-                **kw)
+    pool = Pool(
+        parse_size(capacity, "--capacity") if capacity else handler.default_capacity(), **kw
+    )
     pool.start()
     handler.install(pool, threshold=parse_size(threshold, "--threshold"))
     if not opts.no_thread_inherit:
@@ -123,7 +142,7 @@ def main(argv: Sequence[str]) -> int:
     if module is not None:
         sys.argv = [module] + args
     else:
-        assert script is not None   # _split gives one of the two
+        assert script is not None  # _split gives one of the two
         sys.argv = [script] + args
         sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0
@@ -155,14 +174,16 @@ def main(argv: Sequence[str]) -> int:
         pass
     st = pool.stats()
     if not opts.quiet:
-        print(f"uksm: saved {_fmt(st['bytes_saved_peak'])} at peak, "
-              f"{_fmt(st['bytes_saved'])} at exit; pages_shared {st['pages_shared']}, "
-              f"pages_sharing {st['pages_sharing']}; full_scans {st['full_scans']}; "
-              f"handler buffers {st['handler']['allocs']} "
-              f"({st['handler']['fallbacks']} fell back)", file=sys.stderr)
+        print(
+            f"uksm: saved {_fmt(st['bytes_saved_peak'])} at peak, "
+            f"{_fmt(st['bytes_saved'])} at exit; pages_shared {st['pages_shared']}, "
+            f"pages_sharing {st['pages_sharing']}; full_scans {st['full_scans']}; "
+            f"handler buffers {st['handler']['allocs']} "
+            f"({st['handler']['fallbacks']} fell back)",
+            file=sys.stderr,
+        )
     if opts.json:
-        out = dict(st, exit_code=code, seconds=seconds, threshold=threshold,
-                   argv=sys.argv)
+        out = dict(st, exit_code=code, seconds=seconds, threshold=threshold, argv=sys.argv)
         with open(opts.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
     del kept

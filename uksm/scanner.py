@@ -149,8 +149,8 @@ IDLE_FACTOR_MAX = 32
 ADVISOR_MIN_CPU = 1
 ADVISOR_MAX_STEP = 4.0
 MAP_COUNT_RESERVE_MIN = 1024
-MAP_COUNT_RESERVE_SHARE = 32        # default reserve: 1/32 of the limit, >= the above
-RECOUNT_INTERVAL = 1.0              # seconds between two counts of a short budget
+MAP_COUNT_RESERVE_SHARE = 32  # default reserve: 1/32 of the limit, >= the above
+RECOUNT_INTERVAL = 1.0  # seconds between two counts of a short budget
 
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -163,8 +163,9 @@ def _table(n: int, dtype: Type[_S]) -> npt.NDArray[_S]:
     would be calloc, lazy too, but counted whole against the overcommit
     heuristic: a table for a pool of many terabytes would be refused."""
     dt = np.dtype(dtype)
-    m = mmap.mmap(-1, max(n * dt.itemsize, 1),
-                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    m = mmap.mmap(
+        -1, max(n * dt.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    )
     return np.frombuffer(m, dt, count=n)
 
 
@@ -289,11 +290,13 @@ def _mutating(method: _F) -> _F:
     """A method that updates the scanner's state in several steps: while it
     runs the state is marked torn, and stays so if an exception (a signal
     handler's) leaves it half way; the pool then calls recover()."""
+
     def wrapper(self: Scanner, *args: Any, **kwargs: Any) -> Any:
-        self.dirty += 1         # a depth: these methods call one another
+        self.dirty += 1  # a depth: these methods call one another
         result = method(self, *args, **kwargs)
         self.dirty -= 1
         return result
+
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
     return cast(_F, wrapper)
@@ -381,8 +384,7 @@ class StableTree:
         return int(len(multi)), int(multi.sum())
 
     def nbytes(self) -> int:
-        per_node = (self.sum.itemsize + self.pfn.itemsize + self.key.itemsize
-                    + self.alive.itemsize)
+        per_node = self.sum.itemsize + self.pfn.itemsize + self.key.itemsize + self.alive.itemsize
         return self.n * per_node + self.idx_sum.nbytes + self.idx_node.nbytes
 
 
@@ -406,18 +408,17 @@ class Scanner:
         # a table filled with -1) only the frames ever merged cost memory,
         # however large the frame store may grow
         self.node1_of_pfn = _table(native.nr_frames, np.int32)
-        self.extents: List[List[int]] = []   # sorted [start, npages], mergeable
+        self.extents: List[List[int]] = []  # sorted [start, npages], mergeable
         self.starts: List[int] = []
         self.rmap_items = 0
-        self.dirty = 0              # > 0: an update was torn half way (_mutating)
+        self.dirty = 0  # > 0: an update was torn half way (_mutating)
         self.cursor = 0
         self.cur_tag = 1
         self.u_sum: _U64 = np.zeros(0, np.uint64)
         self.u_vpn: _U32 = np.zeros(0, np.uint32)
         self.stable = StableTree()
         self.algo = _core.CHECKSUMS[knobs["checksum"]]
-        self.zero_sum = np.uint64(_core.calc_checksum(bytes(_core.PAGE_SIZE),
-                                                      knobs["checksum"]))
+        self.zero_sum = np.uint64(_core.calc_checksum(bytes(_core.PAGE_SIZE), knobs["checksum"]))
         # counters, named as in /sys/kernel/mm/ksm
         self.pages_scanned = 0
         self.pages_skipped = 0
@@ -430,10 +431,10 @@ class Scanner:
         self.idle_scans = 0
         # VMA budget
         self.max_map_count = _read_max_map_count()
-        self.map_count_limit: Optional[int] = None   # tests: a limit below the sysctl's
+        self.map_count_limit: Optional[int] = None  # tests: a limit below the sysctl's
         self._maps: Optional[int] = None
         self.recount_maps()
-        self._maps = None       # and again at the first merge: buffers came since
+        self._maps = None  # and again at the first merge: buffers came since
         # pages left private for lack of mappings: in this full scan (a
         # flag per vpn, calloc'ed; the set ones listed to clear them), and
         # in the last one
@@ -444,13 +445,13 @@ class Scanner:
         # advisor: what this full scan cost, as a full scan at full speed
         # would take it (see _scan_time_advisor)
         self._scan_start = time.monotonic()
-        self._adv_busy = 0.0        # wall seconds inside scan_batch()
-        self._adv_cpu = 0.0         # thread CPU seconds inside scan_batch()
-        self._adv_rest = 0.0        # seconds between batches, backoff taken out
-        self._adv_rests = 0         # ... over how many pauses
-        self._adv_pages = 0         # pages visited
-        self._batch_end = 0.0       # when the last batch ended
-        self._rested: Optional[float] = None    # note_rest(): backoff's share
+        self._adv_busy = 0.0  # wall seconds inside scan_batch()
+        self._adv_cpu = 0.0  # thread CPU seconds inside scan_batch()
+        self._adv_rest = 0.0  # seconds between batches, backoff taken out
+        self._adv_rests = 0  # ... over how many pauses
+        self._adv_pages = 0  # pages visited
+        self._batch_end = 0.0  # when the last batch ended
+        self._rested: Optional[float] = None  # note_rest(): backoff's share
         self.last_full_scan_seconds = 0.0
 
     # -- rmap items: buffers come and go ------------------------------------
@@ -470,7 +471,7 @@ class Scanner:
         self.starts.insert(i, start)
         self.extents.insert(i, [start, npages])
         self.rmap_items += npages
-        self.idle_scans = 0         # new pages to look at: full speed
+        self.idle_scans = 0  # new pages to look at: full speed
 
     @_mutating
     def remove_range(self, start: int, npages: int) -> bool:
@@ -542,8 +543,12 @@ class Scanner:
             o = 0
             for s, k in ranges:
                 self.native.checksum_range(
-                    s, None if skip is None else skip[o:o + k],
-                    sums[o:o + k], states[o:o + k], self.algo)
+                    s,
+                    None if skip is None else skip[o : o + k],
+                    sums[o : o + k],
+                    states[o : o + k],
+                    self.algo,
+                )
                 o += k
             self._cmp_and_merge(vpns, sums, states, skip)
         self._batch_end = time.monotonic()
@@ -606,8 +611,7 @@ class Scanner:
         and when short, at most once a RECOUNT_INTERVAL: the count costs a
         line of text per mapping, which at the limit is megabytes."""
         limit = self._map_budget_limit()
-        if self._maps is None or (limit - _MAPS.estimate() < 4 * _core.RUN_MAX
-                                  and _MAPS.stale()):
+        if self._maps is None or (limit - _MAPS.estimate() < 4 * _core.RUN_MAX and _MAPS.stale()):
             self.recount_maps()
         return _MAPS.take(limit)
 
@@ -663,8 +667,7 @@ class Scanner:
         it already found more."""
         return max(self.pages_unmerged_map_limit, self._novma_now)
 
-    def _merge_order(self, src: _I64, dst_vpn: _I64,
-                     dst_pfn: _U32) -> Tuple[_IntP, _IntP, _I64]:
+    def _merge_order(self, src: _I64, dst_vpn: _I64, dst_pfn: _U32) -> Tuple[_IntP, _IntP, _I64]:
         """Units of merging and their order by benefit, for a budget too short
         for all of them.  A unit is a run of sources onto consecutive frames
         (or consecutive tree pages): one remap.  It saves a page per source,
@@ -692,8 +695,9 @@ class Scanner:
         order = np.lexsort((np.arange(nu), -gain, -ratio))
         return unit, order, ucost
 
-    def _merge(self, src: _I64, dst_vpn: _I64, dst_pfn: _U32,
-               dst_key: _U32) -> Tuple[_U8, _U32, _U32]:
+    def _merge(
+        self, src: _I64, dst_vpn: _I64, dst_pfn: _U32, dst_key: _U32
+    ) -> Tuple[_U8, _U32, _U32]:
         """uksm_merge() within the VMA budget.  When the budget cannot cover
         every unit at its worst, the units go in order of pages saved per
         mapping (_merge_order), as many at a time as the budget left covers
@@ -713,8 +717,9 @@ class Scanner:
                 batches = []
             sharing = self.knobs["max_page_sharing"]
             for sel in batches:
-                r, p, k, budget = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
-                                                    dst_key[sel], sharing, budget)
+                r, p, k, budget = self.native.merge(
+                    src[sel], dst_vpn[sel], dst_pfn[sel], dst_key[sel], sharing, budget
+                )
                 res[sel], opfn[sel], okey[sel] = r, p, k
             if not batches:
                 start = np.searchsorted(unit, np.arange(len(ucost)))
@@ -725,10 +730,12 @@ class Scanner:
                     take, todo = todo[fits], todo[~fits]
                     if not len(take):
                         break
-                    sel = np.sort(np.concatenate([np.arange(start[u], stop[u])
-                                                  for u in take.tolist()]))
-                    r, p, k, budget = self.native.merge(src[sel], dst_vpn[sel], dst_pfn[sel],
-                                                        dst_key[sel], sharing, budget)
+                    sel = np.sort(
+                        np.concatenate([np.arange(start[u], stop[u]) for u in take.tolist()])
+                    )
+                    r, p, k, budget = self.native.merge(
+                        src[sel], dst_vpn[sel], dst_pfn[sel], dst_key[sel], sharing, budget
+                    )
                     res[sel], opfn[sel], okey[sel] = r, p, k
         finally:
             self._vma_settle(taken, budget)
@@ -746,8 +753,7 @@ class Scanner:
         self._note_novma(vpns, res)
         return res
 
-    def _cmp_and_merge(self, vpns: _I64, sums: _U64, states: _U8,
-                       skip: Optional[_U8]) -> None:
+    def _cmp_and_merge(self, vpns: _I64, sums: _U64, states: _U8, skip: Optional[_U8]) -> None:
         self.pages_scanned += len(vpns)
         # remove_rmap_item_from_tree(): a visited page leaves the old tree
         self.pages_unshared -= int(np.count_nonzero(self.tag[vpns]))
@@ -772,8 +778,12 @@ class Scanner:
         hit = np.flatnonzero(node >= 0)
         if len(hit):
             nodes = node[hit]
-            res, _, _ = self._merge(v[hit], np.full(len(hit), -1, np.int64),
-                                    self.stable.pfn[nodes], self.stable.key[nodes])
+            res, _, _ = self._merge(
+                v[hit],
+                np.full(len(hit), -1, np.int64),
+                self.stable.pfn[nodes],
+                self.stable.key[nodes],
+            )
             done[hit[res == _core.MERGE_OK]] = True
             stale = res == _core.MERGE_STALE
             if stale.any():
@@ -835,8 +845,7 @@ class Scanner:
             nodes = st.idx_node[p[idx]]
             alive = st.alive[nodes]
             mc, key, flags = self.native.frames_info(st.pfn[nodes])
-            fits = (alive & (key == st.key[nodes]) & ((flags & _core.FRAME_KSM) != 0)
-                    & (mc > 0))
+            fits = alive & (key == st.key[nodes]) & ((flags & _core.FRAME_KSM) != 0) & (mc > 0)
             stale = alive & ~fits
             if stale.any():
                 st.prune(nodes[stale])
@@ -902,7 +911,7 @@ class Scanner:
         # rank of each page in its group; a tree page, if any, holds rank 0
         rank = np.arange(n) - starts[group] + has_tree[group]
         chunk = rank // self.knobs["max_page_sharing"]
-        head = rank % self.knobs["max_page_sharing"] == 0     # a chunk's anchor
+        head = rank % self.knobs["max_page_sharing"] == 0  # a chunk's anchor
         # the anchor page of each page's chunk: the tree page for chunk 0 of
         # a group that has one, else the batch page holding the chunk's rank 0
         head_pos = np.flatnonzero(head)
@@ -918,8 +927,9 @@ class Scanner:
             src, dst, ssum = v[is_src], anchor[is_src], s[is_src]
             o = np.argsort(src, kind="stable")
             src, dst, ssum = src[o], dst[o], ssum[o]
-            res, opfn, okey = self._merge(src, dst, np.zeros(len(src), np.uint32),
-                                          np.zeros(len(src), np.uint32))
+            res, opfn, okey = self._merge(
+                src, dst, np.zeros(len(src), np.uint32), np.zeros(len(src), np.uint32)
+            )
             ok = res == _core.MERGE_OK
             if ok.any():
                 self._news += int(np.count_nonzero(ok))
@@ -938,14 +948,16 @@ class Scanner:
                 keys = okey[ok][first_ok]
                 known = self.node1_of_pfn[pfns] - 1
                 has = known >= 0
-                has[has] = (self.stable.alive[known[has]]
-                            & (self.stable.key[known[has]] == keys[has]))
+                has[has] = self.stable.alive[known[has]] & (
+                    self.stable.key[known[has]] == keys[has]
+                )
                 new = ~has
                 if new.any():
                     base = self.stable.n
                     self.stable.insert(ssum[ok][first_ok][new], pfns[new], keys[new])
-                    self.node1_of_pfn[pfns[new]] = np.arange(base + 1, self.stable.n + 1,
-                                                             dtype=np.int32)
+                    self.node1_of_pfn[pfns[new]] = np.arange(
+                        base + 1, self.stable.n + 1, dtype=np.int32
+                    )
         # chunk anchors from this batch that merged nothing join the tree
         ins = head & ~anchor_merged
         if ins.any():
@@ -966,7 +978,7 @@ class Scanner:
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
         self.prune_stable()
-        self.max_map_count = _read_max_map_count()     # the sysctl may have moved
+        self.max_map_count = _read_max_map_count()  # the sysctl may have moved
         self._maps = None
         self._map_limit_full_scan()
         now = time.monotonic()
@@ -1003,7 +1015,7 @@ class Scanner:
         self.cur_tag = self.cur_tag % 65535 + 1
         self.u_sum = np.zeros(0, np.uint64)
         self.u_vpn = np.zeros(0, np.uint32)
-        self.tag = _table(len(self.tag), np.uint16)       # commits nothing
+        self.tag = _table(len(self.tag), np.uint16)  # commits nothing
         self.pages_unshared = 0
         ranges = sorted(ranges)
         self.starts = [start for start, _ in ranges]
@@ -1016,7 +1028,7 @@ class Scanner:
             setattr(st, name, getattr(st, name)[:cap].copy())
         st.n = min(st.n, cap)
         live = np.flatnonzero(st.alive[: st.n])
-        st.alive[st.n:] = False
+        st.alive[st.n :] = False
         st.nr_alive = len(live)
         order = np.argsort(st.sum[live], kind="stable")
         st.idx_sum = st.sum[live][order]
@@ -1071,7 +1083,7 @@ class Scanner:
         background = self._adv_rests > 0
         if background:
             rest = self._adv_rest / self._adv_rests
-        else:           # pool.scan() only: the background's nominal rest
+        else:  # pool.scan() only: the background's nominal rest
             rest = k["sleep_millisecs"] / 1000.0
         rest = max(rest, 1e-4)
 
@@ -1099,7 +1111,12 @@ class Scanner:
 
     def metadata_bytes(self) -> int:
         """Bytes of scanner state in use (the arrays' used parts)."""
-        per_page = (self.oldchecksum.itemsize + self.tag.itemsize + self.age.itemsize
-                    + self.skips.itemsize)
-        return (self.rmap_items * per_page + self.u_sum.nbytes + self.u_vpn.nbytes
-                + self.stable.nbytes())
+        per_page = (
+            self.oldchecksum.itemsize + self.tag.itemsize + self.age.itemsize + self.skips.itemsize
+        )
+        return (
+            self.rmap_items * per_page
+            + self.u_sum.nbytes
+            + self.u_vpn.nbytes
+            + self.stable.nbytes()
+        )

@@ -47,17 +47,24 @@ from .policy import live_pools as _live_pools
 # the GIL the re-install needs.
 
 _glue = ctypes.PyDLL(_core.native_path()).uksm_py_call_then_install
-_glue.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.py_object, ctypes.c_int,
-                  ctypes.py_object]
+_glue.argtypes = [
+    ctypes.py_object,
+    ctypes.py_object,
+    ctypes.py_object,
+    ctypes.c_int,
+    ctypes.py_object,
+]
 _glue.restype = ctypes.c_int
 
 
-def _call_then_install(fn: Callable[..., Any], args: Sequence[Any],
-                       kwargs: Optional[Dict[str, Any]]) -> Tuple[Any, bool]:
+def _call_then_install(
+    fn: Callable[..., Any], args: Sequence[Any], kwargs: Optional[Dict[str, Any]]
+) -> Tuple[Any, bool]:
     """(fn(*args, **kwargs), whether ours was re-installed), atomically."""
     out: List[Any] = []
     _glue(fn, tuple(args), dict(kwargs) if kwargs else None, 1 if _live_pools else 0, out)
     return out[0], out[1] > 0
+
 
 _fh_enable = faulthandler.enable
 _fh_disable = faulthandler.disable
@@ -106,7 +113,10 @@ def _signal_then_reinstall(signalnum: int, handler: _Handler) -> Any:
             f"uksm: a {name} handler was installed over uksm's while uksm pools "
             f"are live; uksm put its own handler back on top (merged pages "
             f"need it) and passes the {name}s that are not uksm's on to the "
-            f"new handler", RuntimeWarning, stacklevel=2)
+            f"new handler",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return old
 
 

@@ -44,8 +44,7 @@ class GroupOwner(Protocol):
 
     def _resident_frames(self, value: Any, capacity: int) -> int: ...
 
-    def _new_array(self, shape: Any, dtype: npt.DTypeLike,
-                   group: int = 0) -> npt.NDArray[Any]: ...
+    def _new_array(self, shape: Any, dtype: npt.DTypeLike, group: int = 0) -> npt.NDArray[Any]: ...
 
     def _settle(self, nbytes: int) -> None: ...
 
@@ -62,8 +61,10 @@ def _swap_directory(swap_path: Optional[str]) -> str:
     try:
         path = os.fspath(swap_path)
     except TypeError:
-        raise TypeError(f"swap_path must be a directory path (str), not "
-                        f"{type(swap_path).__name__} {swap_path!r}") from None
+        raise TypeError(
+            f"swap_path must be a directory path (str), not "
+            f"{type(swap_path).__name__} {swap_path!r}"
+        ) from None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if not path:
@@ -77,16 +78,27 @@ def _swap_directory(swap_path: Optional[str]) -> str:
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             return path
-        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else
-                "a block device" if stat.S_ISBLK(st.st_mode) else
-                "a FIFO" if stat.S_ISFIFO(st.st_mode) else
-                "a socket" if stat.S_ISSOCK(st.st_mode) else "a file")
-        raise ValueError(f"swap_path {path!r} is {kind}, not a directory: swap_path names "
-                         f"the directory the pool's nameless swap file is made in")
+        kind = (
+            "a character device"
+            if stat.S_ISCHR(st.st_mode)
+            else "a block device"
+            if stat.S_ISBLK(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a file"
+        )
+        raise ValueError(
+            f"swap_path {path!r} is {kind}, not a directory: swap_path names "
+            f"the directory the pool's nameless swap file is made in"
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ValueError(f"swap_path {path!r} does not exist: it must be an existing "
-                         f"directory (or a new name in one)")
+        raise ValueError(
+            f"swap_path {path!r} does not exist: it must be an existing "
+            f"directory (or a new name in one)"
+        )
     return parent
 
 
@@ -115,8 +127,9 @@ def open_swap_file(swap_path: Optional[str]) -> Tuple[int, int]:
         except OSError as exc:
             # read-only, full, or a file system such as /proc that holds no
             # files: say which path the caller should change
-            raise error(exc.errno, f"swap_path {directory!r}: cannot make the swap file "
-                                   f"there") from None
+            raise error(
+                exc.errno, f"swap_path {directory!r}: cannot make the swap file there"
+            ) from None
         os.fchmod(fd, 0o600)
     except BaseException:
         os.close(dir_fd)
@@ -134,8 +147,7 @@ class Group:
     # as Pool's: a misspelt attribute must fail, not be set and ignored
     __slots__ = ("pool", "name", "gid", "_max")
 
-    def __init__(self, pool: GroupOwner, name: str, gid: int,
-                 max_resident: Any) -> None:
+    def __init__(self, pool: GroupOwner, name: str, gid: int, max_resident: Any) -> None:
         self.pool = pool
         self.name = name
         self.gid = gid
@@ -161,8 +173,9 @@ class Group:
     def zeros(self, shape: Any, dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         return self.pool._new_array(shape, dtype, group=self.gid)
 
-    def full(self, shape: Any, fill_value: Any,
-             dtype: Optional[npt.DTypeLike] = None) -> npt.NDArray[Any]:
+    def full(
+        self, shape: Any, fill_value: Any, dtype: Optional[npt.DTypeLike] = None
+    ) -> npt.NDArray[Any]:
         if dtype is None:
             dtype = np.array(fill_value).dtype
         arr = self.pool._new_array(shape, dtype, group=self.gid)
@@ -181,9 +194,13 @@ class Group:
         """bytes_resident (private pages and frames charged, at the last
         count), pages_swapped, swap_ins, max_resident."""
         s = self.pool._native.group_stats(self.gid)
-        return {"name": self.name, "bytes_resident": s["pages"] * self.pool.page_size,
-                "pages_swapped": s["pages_swapped"], "swap_ins": s["swap_ins"],
-                "max_resident": self.max_resident}
+        return {
+            "name": self.name,
+            "bytes_resident": s["pages"] * self.pool.page_size,
+            "pages_swapped": s["pages_swapped"],
+            "swap_ins": s["swap_ins"],
+            "max_resident": self.max_resident,
+        }
 
     def __repr__(self) -> str:
         return f"<uksm.Group {self.name!r} max_resident={self.max_resident}>"
