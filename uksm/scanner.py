@@ -570,7 +570,16 @@ class Scanner:
 
     def sleep_factor(self) -> int:
         """How many sleep_millisecs the background scanner sleeps after a
-        batch: 1, four times more with each idle full scan in a row."""
+        batch: 1, four times more with each idle full scan in a row.
+
+        Not under the scan-time advisor: its target is a promise of how
+        stale a page may get before the scanner looks at it again, and it
+        holds whether or not the pool is at rest.  A pool at rest costs the
+        advisor little anyway: smart scan skips the pages that keep failing
+        to merge, so its full scans do less work, and the advisor lowers
+        pages_to_scan to match."""
+        if self.knobs["advisor_mode"] == "scan-time":
+            return 1
         factor: int = 4 ** min(self.idle_scans, 3)
         return min(factor, IDLE_FACTOR_MAX)
 
