@@ -583,6 +583,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     """Log-log: each cost per page against pool size, both sides."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
     fig = Figure(figsize=(14, 8.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -607,7 +608,12 @@ def plot(results: Dict[str, Any], path: str) -> None:
         ax.set_yscale("log")
         ax.set_xticks([r["bytes"] / MiB for r in done])
         ax.set_xticklabels([_size(r["bytes"]) for r in done], fontsize=7, rotation=30)
-        ax.minorticks_off()
+        # 1-2-5 steps on the cost axis, printed plainly: a panel whose
+        # costs stay within one decade still has numbers to read
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_title(f"{label}\n({unit}; lower is better)", fontsize=9)
         ax.set_xlabel("pool size", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
