@@ -392,7 +392,9 @@ def plot_ratios(results: Dict[str, Any], path: str) -> None:
     items = []
     for key, s in results.get("suites", {}).items():
         for m in s.get("metrics", []):
-            if m["ratio"] is not None and m["ratio"] > 0:  # log scale
+            # a ratio on the log scale, of a metric with a better side (a
+            # setting such as the pages_to_scan an advisor chose has none)
+            if m["ratio"] is not None and m["ratio"] > 0 and m.get("better"):
                 items.append((s["number"], key, m))
     title = "uksm against the kernel's KSM, per metric (same content, same run)"
     if not items:
