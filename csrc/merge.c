@@ -463,7 +463,7 @@ static void merge_release(struct uksm_pool *pool, size_t i, size_t len,
  * the KSM frame, for the scanner's stable node.  *vma_budget is charged
  * per protection change or remap that could split a mapping; entries
  * beyond it are skipped with UKSM_MERGE_NOVMA, never failing anyone's mmap
- * later.
+ * later.  -EBUSY, every entry BUSY and nothing done, if the pool is an heir.
  */
 int uksm_merge_runs(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		    const int64_t *dst_vpn, const uint32_t *dst_pfn,
@@ -501,13 +501,15 @@ int uksm_merge_runs(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 
 		uksm_lock(pool);
 		/*
-		 * An heir's store is its parent's: pool.c's uksm_merge()
-		 * detached it first, and one that could not stays BUSY.
+		 * An heir's store is its parent's, never written: every entry
+		 * stays BUSY, and -EBUSY tells pool.c's uksm_merge() to detach
+		 * and call again.  Only a fork makes an heir, and the child has
+		 * none of our threads: a pool found no heir at the first run
+		 * stays one of its own.
 		 */
 		if (pool->heir) {
 			uksm_unlock(pool);
-			i = j;
-			continue;	/* BUSY: the next scan tries again */
+			return -EBUSY;
 		}
 		/* a run's sources are consecutive, and so are its tree pages */
 		d0 = stable ? 1 : (size_t)dst_vpn[i];

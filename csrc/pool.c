@@ -927,8 +927,10 @@ fail:
 /*
  * A forked child's first merge, compaction or reclaim takes a frame store
  * and a swap file of its own (uksm_detach): its parent's are never written.
- * The entry points below do it here, the top of the core, and then call
- * merge.c, migrate.c or swap.c, which leave a pool still an heir alone.
+ * The entry points below do it here, the top of the core: merge.c,
+ * migrate.c and swap.c leave a pool still an heir alone.  Merge and reclaim
+ * ask first (-EBUSY), so that a call they refuse, or a reclaim sitting out
+ * a failed swap write's backoff, costs the heir no copy of the store.
  */
 static int pool_own_store(struct uksm_pool *pool)
 {
@@ -941,17 +943,27 @@ static int pool_own_store(struct uksm_pool *pool)
 	return err;
 }
 
-/* A failed detach leaves every entry BUSY: the next scan tries again. */
+/*
+ * The heir detaches once uksm_merge_runs() has taken the call (a bad one
+ * is refused first, and costs no copy of the store) and found it an heir.
+ * A failed detach leaves every entry BUSY: the next scan tries again.
+ */
 int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
 	       const uint32_t *dst_key, uint32_t max_sharing,
 	       int64_t *vma_budget, uint32_t *out_pfn, uint32_t *out_key,
 	       uint8_t *result)
 {
-	if (n)
-		(void)pool_own_store(pool);
-	return uksm_merge_runs(pool, n, src_vpn, dst_vpn, dst_pfn, dst_key, max_sharing,
-			       vma_budget, out_pfn, out_key, result);
+	int ret = uksm_merge_runs(pool, n, src_vpn, dst_vpn, dst_pfn, dst_key, max_sharing,
+				  vma_budget, out_pfn, out_key, result);
+
+	if (ret != -EBUSY)
+		return ret;
+	if (pool_own_store(pool))
+		return 0;	/* all BUSY */
+	ret = uksm_merge_runs(pool, n, src_vpn, dst_vpn, dst_pfn, dst_key, max_sharing,
+			      vma_budget, out_pfn, out_key, result);
+	return ret == -EBUSY ? 0 : ret;
 }
 
 int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
@@ -969,14 +981,24 @@ int uksm_compact(struct uksm_pool *pool, uint64_t shrink_frames,
 	return uksm_compact_frames(pool, shrink_frames, log_from, log_to, log_cap, log_n, out);
 }
 
-/* Only a pool with a swap area reclaims: uksm_swap_reclaim() says so. */
+/*
+ * Reclaim detaches only when it is about to write: uksm_swap_reclaim()
+ * first refuses a bad call and sits out a swap write's backoff, as it did
+ * before it learnt to leave an heir alone (-EBUSY), and only then does the
+ * heir pay for a store of its own.  heir is read unlocked: only this
+ * process's detach clears it, and pool_own_store() looks again under
+ * pool->lock.
+ */
 int uksm_reclaim(struct uksm_pool *pool, size_t nr_pages, int group)
 {
-	if (pool->swap_fd >= 0) {
+	int ret = uksm_swap_reclaim(pool, nr_pages, group);
+
+	if (ret == -EBUSY && __atomic_load_n(&pool->heir, __ATOMIC_RELAXED)) {
 		int err = pool_own_store(pool);
 
 		if (err)
 			return err;
+		ret = uksm_swap_reclaim(pool, nr_pages, group);
 	}
-	return uksm_swap_reclaim(pool, nr_pages, group);
+	return ret;
 }

@@ -440,7 +440,7 @@ void uksm_swap_destroy(struct uksm_pool *pool);
 size_t uksm_swap_cached_pages(struct uksm_pool *pool);
 int uksm_swap_reclaim(struct uksm_pool *pool, size_t nr_pages, int group);	/* no lock */
 
-/* merge.c - pool.c only: its uksm_merge() detaches an heir, then calls */
+/* merge.c - pool.c only: its uksm_merge() detaches an heir found here (-EBUSY) */
 int uksm_merge_runs(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 		    const int64_t *dst_vpn, const uint32_t *dst_pfn,
 		    const uint32_t *dst_key, uint32_t max_sharing,

@@ -20,6 +20,7 @@ and every forked process is waited for with a deadline, so a hang or a
 crash fails the test instead of CI.
 """
 
+import errno
 import gc
 import multiprocessing
 import os
@@ -646,6 +647,61 @@ def first_merge_child() -> None:
 
 def test_child_first_merge_into_an_inherited_frame_detaches():
     assert "first merge ok" in _isolated("first_merge_child", timeout=90)
+
+
+def refused_call_child(swap_dir: str) -> None:
+    """(isolated) A call the core refuses, or a reclaim sitting out a failed
+    swap write's backoff, does nothing in a forked child: it must not cost
+    the child a copy of the store and of the swap file (a detach), which
+    only a merge, a compaction or an eviction that will write needs."""
+    pool = uksm.Pool(
+        "64MiB", pages_to_scan=4096, sleep_millisecs=0, max_resident="32MiB", swap_path=swap_dir
+    )
+    try:
+        src = np.random.default_rng(5).integers(0, 256, 16 * PAGE, dtype=np.uint8)
+        a = pool.asarray(src)
+        b = pool.asarray(src)
+        pool.scan(full_scans=2)
+        assert (states(pool, a) == KSM).all()
+        nat = pool._native
+        # a swap write fails just before the fork: the child inherits the
+        # backoff (uksm_swap_reclaim() waits 200 ms after a failed write)
+        uksm._core.inject("pwrite", 0, -1, errno.ENOSPC)
+        try:
+            with pytest.raises(OSError):
+                nat.reclaim(4)
+        finally:
+            uksm._core.inject("pwrite", 0, 0, errno.ENOSPC)
+        failed_at = time.monotonic()
+
+        def child():
+            in_backoff = nat.reclaim(0) == 0 and time.monotonic() - failed_at < 0.15
+            with pytest.raises(OSError) as exc:
+                nat.reclaim(0, 1 << 20)  # no such group
+            assert exc.value.errno == errno.EINVAL
+            with pytest.raises(OSError) as exc:  # sources out of order
+                nat.merge([5, 3], [-1, -1], [0, 0], [0, 0], 64, 1000)
+            assert exc.value.errno == errno.EINVAL
+            assert pool.stats()["fork_detaches"] == 0, "a refused call detached"
+            if in_backoff:
+                print("backoff checked")
+            # an eviction that writes detaches, and loses nothing
+            time.sleep(0.25)
+            assert nat.reclaim(4) > 0
+            assert pool.stats()["fork_detaches"] == 1
+            assert np.array_equal(a, src) and np.array_equal(b, src)
+
+        pid = fork_run(child)
+        assert wait_child(pid) == 0
+        assert np.array_equal(a, src) and np.array_equal(b, src)
+        assert pool.stats()["fork_detaches"] == 0
+    finally:
+        pool.close()
+    print("refused ok")
+
+
+def test_child_refused_call_does_not_detach(tmp_path):
+    assert "refused ok" in _isolated("refused_call_child", str(tmp_path), timeout=90)
 
 
 # --- writes on both sides, in every state --------------------------------------------------------
