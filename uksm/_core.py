@@ -39,9 +39,6 @@ from .errors import error as error  # noqa: E402
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-# the name call sites written before errors.check used
-_check = check
-
 PAGE_SIZE: int = lib.UKSM_PAGE_SIZE
 RUN_MAX: int = lib.UKSM_RUN_MAX
 
