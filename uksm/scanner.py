@@ -109,7 +109,6 @@ if TYPE_CHECKING:
 # against whole uint8 arrays, a batch at a time.
 _U64 = npt.NDArray[np.uint64]
 _U32 = npt.NDArray[np.uint32]
-_U16 = npt.NDArray[np.uint16]
 _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 _I32 = npt.NDArray[np.int32]
