@@ -82,7 +82,6 @@ from . import kernelksm
 PAGE = _core.PAGE_SIZE
 MiB = 1 << 20
 IOV_BATCH = 256  # csrc/swap.c: pages per pwritev
-SPARSE = 16  # latency samples are at least this many pages apart
 DEFAULT_SAMPLES = 2000  # latency samples per measurement
 SWAP_DIR = "/var/tmp"  # where the kernel's swap file goes
 NAME = "uksm-swapbench"
