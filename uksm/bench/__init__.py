@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 from typing import List
 
-EXTRA = "bench"
 INSTALL_HINT = 'pip install "uksm[bench]"'
 
 
