@@ -6,7 +6,7 @@ each copy-on-write mode.  With cow="kernel" (the default) a merged page is
 a MAP_PRIVATE view of its frame and the kernel copies it in its own fault
 path; its floor is that fault alone, on a memfd mapped MAP_PRIVATE
 (micro.private_file_cow).  With cow="signal" uksm's SIGSEGV handler makes
-the view writable and forces the copy; bench/floor.c, compiled here with
+the view writable and forces the copy; uksm/bench/floor.c, compiled here with
 the system cc, gives the SIGSEGV round trip alone and a whole userspace COW
 break (fault, copy through the linear alias, MAP_FIXED remap of a fresh
 memfd frame).  Target: uksm <= 1.5 x the full userspace COW floor.  The
@@ -32,7 +32,7 @@ def test_cow_floor(benchmark, shared):
     n = pairs(benchmark)
     exe = shared.get("floor_exe", lambda: micro.compile_floor(shared.tmpdir))
     if exe is None:
-        pytest.skip("no C compiler (cc) for bench/floor.c")
+        pytest.skip("no C compiler (cc) for uksm/bench/floor.c")
     results = []
 
     def target():

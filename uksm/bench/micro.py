@@ -41,7 +41,7 @@ FLOOR_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.c
 
 
 def compile_floor(workdir: str) -> Optional[str]:
-    """Build bench/floor.c with the system cc into @workdir; None without cc."""
+    """Build uksm/bench/floor.c with the system cc into @workdir; None without cc."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None

@@ -31,9 +31,8 @@ and suite 5 of uksm.bench.harness (``python -m uksm bench``) both call:
                 the same directory): pwritev of 256 pages a call
                 (csrc/swap.c's IOV_BATCH) then fdatasync; pread of one page
                 a call, in order and at the same sparse random pages, cold
-                and warm.  A small C helper (compiled at run time, like
-                bench/floor.c) does it; Python's os.pwritev/os.pread without
-                a C compiler.
+                and warm.  A small C helper (csrc/bench/swaphelper.c, built
+                with the package as uksm.bench._swaphelper) does it.
   KernelSwap    the kernel's swap, where root allows it: a swap file (dd,
                 mkswap, swapon) and a memory cgroup for a child process
                 (the same C helper) that touches N bytes; lowering the
