@@ -286,7 +286,7 @@ int uksm_checksum_range(struct uksm_pool *pool, size_t vpn, size_t npages,
 			int algo, const uint8_t *skip, uint64_t *sums,
 			uint8_t *state);
 
-/* merge.c; uksm_merge() enters through pool.c, which detaches an heir first */
+/* pool.c, over merge.c's uksm_merge_runs(): an heir detaches once the call is taken */
 int uksm_merge(struct uksm_pool *pool, size_t n, const int64_t *src_vpn,
 	       const int64_t *dst_vpn, const uint32_t *dst_pfn,
 	       const uint32_t *dst_key, uint32_t max_sharing,

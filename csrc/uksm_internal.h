@@ -106,7 +106,7 @@ static inline int pm_anon_present(uint64_t e)
 	return (e & (PM_PRESENT | PM_FILE)) == PM_PRESENT || (e & PM_SWAP);
 }
 
-/* Scratch for one run of uksm_merge(); used only under pool->lock. */
+/* Scratch for one run of uksm_merge_runs(); used only under pool->lock. */
 struct uksm_run_ctx {
 	int64_t target[UKSM_RUN_MAX];	/* frame each src maps, or a TARGET_* */
 	uint8_t wp[UKSM_RUN_MAX];	/* src write-protected here */
