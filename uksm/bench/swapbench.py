@@ -941,23 +941,6 @@ class KernelSwap:
         }
 
 
-def kernel_swap(
-    nbytes: int,
-    budget: Optional[int] = None,
-    samples: int = DEFAULT_SAMPLES,
-    directory: str = SWAP_DIR,
-) -> Dict[str, Any]:
-    """KernelSwap's measurement in a block of its own; the result also
-    carries what was restored."""
-    ks = KernelSwap(nbytes, directory)
-    with ks:
-        res = ks.measure(nbytes, budget, samples)
-    res["restored"] = ks.restored
-    res["setup_s"] = ks.setup_s
-    res["stale_cleaned"] = ks.stale_cleaned
-    return res
-
-
 # -- the figures side by side -----------------------------------------------------------------
 
 # (key, label, uksm key, floor key, kernel key, unit, better)
