@@ -356,10 +356,21 @@ class MapFiller:
         raise AssertionError("mmap keeps succeeding past vm.max_map_count")
 
 
+# chunked_equal's comparisons land here, made at import: with no mapping to
+# spare, even a 64 KiB temporary can fail (malloc may need a mapping to find
+# room for it, depending on what the heap holds by then)
+_EQUAL_SCRATCH = np.empty(16 * PAGE, dtype=bool)
+
+
 def chunked_equal(a, b, rows=16) -> bool:
-    """a == b without a temporary the size of a (no mapping to spare)."""
+    """a == b with no temporary array (no mapping to spare): rows of pages
+    at a time, compared into a scratch array made in advance."""
+    assert rows * a.shape[-1] <= _EQUAL_SCRATCH.size
     for i in range(0, len(a), rows):
-        if not np.array_equal(a[i : i + rows], b[i : i + rows]):
+        x, y = a[i : i + rows], b[i : i + rows]
+        out = _EQUAL_SCRATCH[: x.size].reshape(x.shape)
+        np.equal(x, y, out=out)
+        if not out.all():
             return False
     return True
 
