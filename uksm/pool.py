@@ -90,25 +90,24 @@ def _ksmd(ref: "weakref.ref[Pool]", stop: threading.Event) -> None:
     because of this thread."""
     _core.lib.uksm_block_async_signals()
     _ksmd_nice()
-    rest: Optional[Tuple[float, float]] = None  # (slept, the pause asked for)
+    rested = False  # the first batch follows no pause
     while not stop.is_set():
         pool = ref()
         if pool is None:
             return
         try:
-            pause = pool._ksmd_batch(rest)
+            pause = pool._ksmd_batch(rested)
         except PoolClosedError:
             return
         finally:
             del pool  # the last reference may go here: the pool closes
         if pause is None:
             return
-        t = time.monotonic()
         if pause:
             stop.wait(pause)
         else:
             time.sleep(0)  # let the other threads have the GIL
-        rest = (time.monotonic() - t, pause)
+        rested = True
 
 
 class Pool:
@@ -902,21 +901,15 @@ class Pool:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _ksmd_batch(self, rest: Optional[Tuple[float, float]] = None) -> Optional[float]:
-        """One batch of the background scanner, after @rest (the seconds
-        slept since the last one, and the pause it asked for; None for the
-        first batch); the seconds to sleep after it, or None once the pool
-        is closed."""
+    def _ksmd_batch(self, rested: bool = False) -> Optional[float]:
+        """One batch of the background scanner, @rested if it paused since
+        the last one (not before the first); the seconds to sleep after it,
+        or None once the pool is closed."""
         with self._c.section("the scanner"):
             if self._closed:
                 return None
-            if rest is not None:
-                self._scanner.note_rest(
-                    rest[0],
-                    rest[1] * 1000.0 / self._knobs["sleep_millisecs"]
-                    if self._knobs["sleep_millisecs"]
-                    else 1.0,
-                )
+            if rested:
+                self._scanner.note_rest()
             self._reap()
             scans = self._scanner.full_scans
             self._scanner.scan_batch(self._knobs["pages_to_scan"])

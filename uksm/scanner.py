@@ -446,11 +446,11 @@ class Scanner:
         self._scan_start = time.monotonic()
         self._adv_busy = 0.0  # wall seconds inside scan_batch()
         self._adv_cpu = 0.0  # thread CPU seconds inside scan_batch()
-        self._adv_rest = 0.0  # seconds between batches, backoff taken out
+        self._adv_rest = 0.0  # seconds between batches
         self._adv_rests = 0  # ... over how many pauses
         self._adv_pages = 0  # pages visited
         self._batch_end = 0.0  # when the last batch ended
-        self._rested: Optional[float] = None  # note_rest(): backoff's share
+        self._rested = False  # note_rest(): the background scanner paused
         self.last_full_scan_seconds = 0.0
 
     # -- rmap items: buffers come and go ------------------------------------
@@ -518,19 +518,20 @@ class Scanner:
     def scan_batch(self, want: int) -> int:
         """ksm_do_scan(): visit up to @want pages; returns pages visited."""
         t0, c0 = time.monotonic(), time.thread_time()
-        if not self._adv_pages and self._rested is None:
+        if not self._adv_pages and not self._rested:
             # a full scan starts with its first batch, unless the background
             # scanner just rested after the last one: a scanner started long
             # after the pool was made, or stopped for a while, or driven by
             # pool.scan() now and then, was not scanning all that time
             self._scan_start = t0
-        if self._rested is not None:
+        if self._rested:
             # the background scanner's rest since the last batch: all the
-            # time between the two, lock and GIL waits included, less what
-            # the idle backoff added to its sleep
-            self._adv_rest += max(t0 - self._batch_end - self._rested, 0.0)
+            # time between the two, lock and GIL waits included (the idle
+            # backoff never stretches it: sleep_factor() is 1 under the
+            # advisor, the only reader)
+            self._adv_rest += max(t0 - self._batch_end, 0.0)
             self._adv_rests += 1
-            self._rested = None
+            self._rested = False
         self.maybe_recount_maps()
         ranges, wrapped = self._next_ranges(want)
         n = sum(r[1] for r in ranges)
@@ -558,14 +559,11 @@ class Scanner:
             self._end_full_scan()
         return n
 
-    def note_rest(self, slept: float, factor: float) -> None:
-        """The background scanner slept @slept seconds since its last batch,
-        at @factor times sleep_millisecs (idle backoff); the next batch
-        counts the rest for the advisor as it would have been at full
-        speed: a pool at rest is looked at less often by choice, not because
-        its scans are slow, and must not make the advisor think it has to
-        scan faster."""
-        self._rested = slept * (1.0 - 1.0 / max(factor, 1.0))
+    def note_rest(self) -> None:
+        """The background scanner paused since its last batch: the next
+        batch counts the pause as the advisor's rest, and continues the
+        full scan rather than starting its clock afresh."""
+        self._rested = True
 
     def sleep_factor(self) -> int:
         """How many sleep_millisecs the background scanner sleeps after a
@@ -1070,7 +1068,7 @@ class Scanner:
         which p hardly changes.  So the pages that make the target T are
         N*r / (T - W), from what the last full scan measured: its work, and
         its rest per batch as slept (a loaded machine oversleeps), with the
-        idle backoff taken out (note_rest).  Where the kernel scales
+        idle backoff never in it (sleep_factor).  Where the kernel scales
         pages_to_scan by the scan time's ratio to the target and to the last
         scan time, this solves for it: a scan of few pages whose time is
         mostly rest, and one whose work nearly fills the target, land on it
